@@ -1,0 +1,148 @@
+"""Machinery shared by the batched decoders: ragged prefill, additive masks, KV compaction, row bookkeeping.
+
+The KV cache is a transformers ``DynamicCache`` of shape [B, heads, T, head_dim] per layer. Rows are ragged:
+row b's valid KV columns are given by a bool map ``kv_valid`` [B, T]; everything else in the row is a hole,
+hidden by the attention mask. New tokens are always appended at columns T.. by the model; positions are
+per row (``position_ids``), so holes never shift a row's positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from decoding.results import FinishReason, RowResult
+
+
+def additive_mask(kv_valid: torch.Tensor, attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D float mask for N new tokens over T cached columns: [B, 1, N, T + N].
+
+    kv_valid [B, T] bool: cached columns each row may see (all new tokens see the same prefix).
+    attend [B, N, N] bool: which new tokens see which (the tree, or causal).
+    A float mask, not bool: a 4D bool mask is silently wrong on the eager attention path.
+    """
+    B, N, _ = attend.shape
+    assert kv_valid.shape[0] == B
+    visible = torch.cat([kv_valid[:, None, :].expand(B, N, -1), attend], dim=-1)  # [B, N, T+N]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=attend.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]  # [B, 1, N, T+N]
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Run ragged prompts, right-padded, into ``cache``; returns kv_valid [B, P] bool.
+
+    No logits are computed: a row's last prompt token is fed by the first decode step as its root.
+    """
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+    P = int(lens.max()) if B else 0
+    if P == 0:  # all prompts were a single token: nothing to prefill
+        return torch.zeros(B, 0, dtype=torch.bool, device=device)
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    cols = torch.arange(P, device=device)
+    kv_valid = cols[None, :] < lens[:, None]  # [B, P]
+    causal = cols[None, :, None] >= cols[None, None, :]  # [1, P, P]: query i sees key j <= i
+    # Padding queries see themselves only, so no attention row is empty.
+    attend = (causal & kv_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # [B, P, P]
+    mask = additive_mask(torch.zeros(B, 0, dtype=torch.bool, device=device), attend, model.dtype)
+    positions = cols[None, :].expand(B, P)
+    model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+    return kv_valid
+
+
+def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """For every layer and row b, copy KV columns ``src[b]`` to ``dst[b]`` (both [B, L] long).
+
+    Sources are read before anything is written, so overlapping source and destination columns are safe.
+    """
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)  # [B, H, T, D]
+            B, H, _, D = t.shape
+            src_i = src[:, None, :, None].expand(B, H, -1, D)
+            dst_i = dst[:, None, :, None].expand(B, H, -1, D)
+            t.scatter_(2, dst_i, t.gather(2, src_i))
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Drop KV columns from ``length`` on (no-op when the cache is not longer)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:  # crop(-0) would not be a no-op
+        cache.crop(-excess)
+
+
+class ActiveRows:
+    """Bookkeeping for the rows still decoding: their results, limits and stop conditions.
+
+    ``index[b]`` is the input position of active row b. Rows leave the batch once finished, so a finished
+    row stops costing compute.
+    """
+
+    def __init__(self, num_rows: int, max_new_tokens: int | Sequence[int], eos_token_ids: Sequence[int],
+                 device: torch.device):
+        limits = [max_new_tokens] * num_rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != num_rows:
+            raise ValueError(f"max_new_tokens has {len(limits)} entries for {num_rows} prompts")
+        if any(m < 0 for m in limits):
+            raise ValueError("max_new_tokens must be >= 0")
+        self.limits = limits
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.results = [RowResult() for _ in range(num_rows)]
+        for r, limit in zip(self.results, limits):
+            if limit == 0:
+                r.finish_reason = FinishReason.LENGTH
+        self.index = torch.tensor([i for i in range(num_rows) if limits[i] > 0], dtype=torch.long, device=device)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.numel())
+
+    def commit(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens[b, :counts[b]]`` to each active row, honouring EOS and max_new_tokens exactly.
+
+        tokens [B, L] long, counts [B] long. Returns keep [B] bool: rows still decoding.
+        """
+        tokens_l, counts_l, rows = tokens.tolist(), counts.tolist(), self.index.tolist()  # one device sync
+        keep = []
+        for row, toks, count in zip(rows, tokens_l, counts_l):
+            res = self.results[row]
+            room = self.limits[row] - len(res.token_ids)
+            new = toks[: min(count, room)]
+            for i, t in enumerate(new):
+                if t in self.eos:
+                    new = new[: i + 1]
+                    res.finish_reason = FinishReason.STOP
+                    break
+            res.token_ids.extend(new)
+            res.num_steps += 1
+            res.accepted_per_step.append(len(new))
+            if res.finish_reason is None and len(res.token_ids) >= self.limits[row]:
+                res.finish_reason = FinishReason.LENGTH
+            keep.append(res.finish_reason is None)
+        return torch.tensor(keep, dtype=torch.bool, device=self.index.device)
+
+    def drop_finished(self, keep: torch.Tensor, cache: DynamicCache, *row_tensors: torch.Tensor):
+        """Remove finished rows from the index, the cache and every per-row tensor (leading axis B)."""
+        if bool(keep.all()):
+            return row_tensors
+        idx = keep.nonzero().squeeze(1)
+        self.index = self.index[idx]
+        if cache.get_seq_length() > 0:
+            cache.batch_select_indices(idx)
+        return tuple(t[idx] for t in row_tensors)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a decoder needs at least one prompt token")

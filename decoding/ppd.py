@@ -1,0 +1,146 @@
+"""Batched Parallel Prompt Decoding, greedy and lossless.
+
+Each step, for every active row, one forward pass over the row's tree: the root (last emitted token), the
+candidate nodes (guessed by the prompt tokens of the previous step) and the prompt tokens attached to the
+nodes. Verification accepts the longest chain of candidates that equal the model's own argmax at their
+parent; the row emits those tokens plus the argmax at the deepest accepted node (the bonus token, next root).
+The prompt tokens of that node guess the next step's candidates; their count is the next depth state.
+Only the KV of the root and the accepted candidates is kept, moved to sit right after the row's prefix.
+
+Rows are ragged (own prompt length, own KV length, own depth state); each uses its own state's tree, padded
+to the widest tree in the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from decoding.batch import ActiveRows, additive_mask, check_prompts, crop_cache, move_kv, new_cache, prefill
+from decoding.prompt_tokens import PromptTokens
+from decoding.results import RowResult
+from decoding.tree import CANDIDATE, PROMPT, TreeSet, default_tree_set, tree_set_buffers
+
+
+class PPDDecoder:
+    def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, tree_set: TreeSet | None = None,
+                 eos_token_ids: Sequence[int] = ()):
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.tree_set = tree_set or default_tree_set(k=prompt_tokens.k)
+        if self.tree_set.k != prompt_tokens.k:
+            raise ValueError(f"tree set is for k={self.tree_set.k} prompt tokens, the prompt tokens have "
+                             f"k={prompt_tokens.k}")
+        if prompt_tokens.hidden_size != model.config.hidden_size:
+            raise ValueError(f"prompt tokens have hidden size {prompt_tokens.hidden_size}, the model "
+                             f"{model.config.hidden_size}: they were made for another model")
+        self.eos_token_ids = list(eos_token_ids)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
+        check_prompts(prompts)
+        device, dtype = self.device, self.embed.weight.dtype
+        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
+        if rows.size == 0:
+            return rows.results
+        active = [prompts[i] for i in rows.index.tolist()]
+        cache = new_cache(self.model)
+        kv_valid = prefill(self.model, cache, [p[:-1] for p in active], device)  # [B, T]
+        kv_len = kv_valid.sum(1)  # [B]: rows are contiguous after prefill
+        root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
+        ts = self.tree_set
+        guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
+        state = torch.zeros(rows.size, dtype=torch.long, device=device)  # [B]: no guesses yet
+        buffers = tree_set_buffers(ts, self.prompt_tokens.n, device)
+        prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
+
+        while rows.size > 0:
+            tokens, counts, root, prompt_logits, state, kv_len = self._step(
+                cache, buffers, prompt_table, kv_len, root, guesses, state)
+            keep = rows.commit(tokens, counts)
+            root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
+            if rows.size:
+                crop_cache(cache, int(kv_len.max()))
+                guesses = self.propose(prompt_logits, rows)
+        return rows.results
+
+    def propose(self, prompt_logits: torch.Tensor, rows: ActiveRows) -> torch.Tensor:
+        """Next step's candidates from the prompt tokens' logits [B, k, V]: their top_k tokens [B, k, top_k].
+
+        Called after the step's tokens are committed; ``rows`` says which input row each batch entry is.
+        """
+        return prompt_logits.topk(self.tree_set.top_k, dim=-1).indices
+
+    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
+        """One guess-and-verify pass.
+
+        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):
+        row b emits ``tokens[b, :counts[b]]``.
+        """
+        sb = buffers.stacked
+        B, H = root.shape[0], prompt_table.shape[-1]
+        N = int(buffers.num_slots[state].max())  # widest tree among the rows
+        C = int(buffers.num_nodes[state].max())  # most nodes (root included)
+        D = int(buffers.depth[state].max())  # deepest tree
+        T = cache.get_seq_length()
+
+        kind = sb.slot_kind[state, :N]  # [B, N]
+        cand = guesses.flatten(1).gather(1, sb.guess_index[state, :N])  # [B, N]
+        ids = torch.where(kind == CANDIDATE, cand, root[:, None])  # [B, N]; prompt/pad slots replaced below
+        embeds = self.embed(ids)  # [B, N, H]
+        prompt_embeds = prompt_table[sb.prompt_index[state, :N]]  # [B, N, H]
+        embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
+        positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [B, N]
+        kv_valid = torch.arange(T, device=root.device)[None, :] < kv_len[:, None]  # [B, T]
+        mask = additive_mask(kv_valid, sb.attend[state, :N, :N], embeds.dtype)  # [B, 1, N, T+N]
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True).last_hidden_state  # [B, N, H]
+
+        # Verify: nodes are the leading C slots of every tree.
+        node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]
+        depth = sb.node_depth[state, :C]  # [B, C]
+        best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], sb.node_valid[state, :C],
+                             sb.ancestor_or_self[state, :C, :C], depth)  # [B]
+        n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
+        path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
+        bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
+        tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
+        tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
+
+        # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
+        # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).
+        n_prompt = sb.node_prompt_count[state, best]  # [B]
+        slots = sb.node_prompt_slots[state, best]  # [B, k, n]
+        k, n = slots.shape[1:]
+        prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, k*n, H]
+        prompt_logits = self.lm_head(prompt_hidden).view(B, k, n, -1).float().mean(2)  # [B, k, V]
+
+        # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
+        move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
+        return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv_len + n_acc + 1
+
+
+def greedy_accept(node_tokens: torch.Tensor, node_argmax: torch.Tensor, node_parent: torch.Tensor,
+                  node_valid: torch.Tensor, ancestor_or_self: torch.Tensor, node_depth: torch.Tensor) -> torch.Tensor:
+    """Greedy verification: the deepest node whose whole root path matches the model's argmax.
+
+    node_tokens [B, C]: the token each node holds (node 0 is the root); node_argmax [B, C]: the model's argmax
+    at each node; node_parent, node_depth [B, C] long; node_valid [B, C] bool; ancestor_or_self [B, C, C] bool.
+    A candidate is accepted when it equals the argmax at its parent and its parent is accepted. Returns the
+    index of the deepest accepted node [B] (0, the root, when nothing is accepted).
+    """
+    parent_argmax = node_argmax.gather(1, node_parent)  # [B, C]
+    match = (node_tokens == parent_argmax) & node_valid  # [B, C]
+    match[:, 0] = True  # the root is already committed
+    accepted = (match[:, None, :] | ~ancestor_or_self).all(-1)  # [B, C]: the node and all its ancestors match
+    # Accepted nodes form one chain (siblings hold distinct tokens), so the deepest is unique.
+    return torch.where(accepted, node_depth, -1).argmax(-1)  # [B]

@@ -1,0 +1,49 @@
+"""Plain batched greedy decoding with the same ragged-cache handling as PPD: the baseline.
+
+One token per row per step. Rows keep the holes their prefill padding left (hidden by the mask) instead of
+moving KV every step: every row advances by exactly one column, so nothing ever needs compacting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from decoding.batch import ActiveRows, additive_mask, check_prompts, new_cache, prefill
+from decoding.results import RowResult
+
+
+class VanillaDecoder:
+    def __init__(self, model: nn.Module, eos_token_ids: Sequence[int] = ()):
+        self.model = model
+        self.eos_token_ids = list(eos_token_ids)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
+        check_prompts(prompts)
+        device = self.lm_head.weight.device
+        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
+        if rows.size == 0:
+            return rows.results
+        active = [prompts[i] for i in rows.index.tolist()]
+        cache = new_cache(self.model)
+        kv_valid = prefill(self.model, cache, [p[:-1] for p in active], device)  # [B, T]
+        position = kv_valid.sum(1)  # [B]: the root's position
+        root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
+        self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
+
+        while rows.size > 0:
+            B = root.shape[0]
+            mask = additive_mask(kv_valid, self_only.expand(B, 1, 1), self.lm_head.weight.dtype)  # [B,1,1,T+1]
+            hidden = self.decoder(input_ids=root[:, None], attention_mask=mask, position_ids=position[:, None],
+                                  past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
+            root = self.lm_head(hidden[:, -1]).argmax(-1)  # [B]
+            kv_valid = torch.cat([kv_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+            position = position + 1
+            keep = rows.commit(root[:, None], torch.ones_like(root))
+            root, position, kv_valid = rows.drop_finished(keep, cache, root, position, kv_valid)
+        return rows.results
