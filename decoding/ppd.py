@@ -80,22 +80,18 @@ class PPDDecoder:
         """
         return prompt_logits.topk(self.tree_set.top_k, dim=-1).indices
 
-    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
-        """One guess-and-verify pass.
+    def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
+        """Run every row's tree through the model. Returns (slot token ids [B, N], hidden states [B, N, H]).
 
-        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):
-        row b emits ``tokens[b, :counts[b]]``.
+        Row b uses the tree of its depth state ``state[b]``, padded to the widest tree among the rows (N slots).
+        Prompt slots take the prompt-token embeddings; their entry in the returned ids is the root (unused).
         """
         sb = buffers.stacked
-        B, H = root.shape[0], prompt_table.shape[-1]
-        N = int(buffers.num_slots[state].max())  # widest tree among the rows
-        C = int(buffers.num_nodes[state].max())  # most nodes (root included)
-        D = int(buffers.depth[state].max())  # deepest tree
+        N = int(buffers.num_slots[state].max())
         T = cache.get_seq_length()
-
         kind = sb.slot_kind[state, :N]  # [B, N]
         cand = guesses.flatten(1).gather(1, sb.guess_index[state, :N])  # [B, N]
-        ids = torch.where(kind == CANDIDATE, cand, root[:, None])  # [B, N]; prompt/pad slots replaced below
+        ids = torch.where(kind == CANDIDATE, cand, root[:, None])  # [B, N]
         embeds = self.embed(ids)  # [B, N, H]
         prompt_embeds = prompt_table[sb.prompt_index[state, :N]]  # [B, N, H]
         embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
@@ -104,6 +100,20 @@ class PPDDecoder:
         mask = additive_mask(kv_valid, sb.attend[state, :N, :N], embeds.dtype)  # [B, 1, N, T+N]
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                               past_key_values=cache, use_cache=True).last_hidden_state  # [B, N, H]
+        return ids, hidden
+
+    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
+        """One guess-and-verify pass.
+
+        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):
+        row b emits ``tokens[b, :counts[b]]``.
+        """
+        sb = buffers.stacked
+        B, H = root.shape[0], prompt_table.shape[-1]
+        C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
+        D = int(buffers.depth[state].max())  # deepest tree among the rows
+        T = cache.get_seq_length()
+        ids, hidden = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state)
 
         # Verify: nodes are the leading C slots of every tree.
         node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]

@@ -1,0 +1,275 @@
+"""Greedy PPD is lossless: token for token equal to transformers' greedy generate and to the naive oracle.
+
+Tiny random Llama models in float64 (no near-tie flips between different matmul shapes). Untrained prompt
+tokens rarely guess right, so a second proposer feeds the true continuation at chosen ranks (sometimes not
+at all): that forces deep acceptance, KV compaction of long accepted paths, and depth-state changes.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from decoding import (
+    FinishReason,
+    PPDDecoder,
+    PromptTokens,
+    TreeSet,
+    TreeSpec,
+    VanillaDecoder,
+    chain_tree_set,
+    default_tree_set,
+    reference_greedy,
+    vanilla_tree_set,
+)
+from decoding.batch import new_cache, prefill
+from decoding.ppd import greedy_accept
+from decoding.tree import tree_buffers, tree_set_buffers
+
+VOCAB, K = 64, 3
+MAX_NEW = 24
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.3, tie_word_embeddings=False)
+    with torch.random.fork_rng():  # no global seed leaks out of the fixture
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def ragged_prompts(batch: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 13, (batch,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                         pad_token_id=0, top_k=None, top_p=None, temperature=None)
+    return out[0, len(prompt):].tolist()
+
+
+def prompt_tokens(model, n=1, seed=0):
+    return PromptTokens.from_token_embeddings(model, k=K, n=n, base_model_id="tiny", base_model_hash="0",
+                                              generator=torch.Generator().manual_seed(seed))
+
+
+class OracleGuessDecoder(PPDDecoder):
+    """Guesses the true continuation (from the oracle) at random ranks, or misses it on purpose."""
+
+    def __init__(self, *args, truth, seed=0, miss_prob=0.15, max_rank=3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.truth = truth
+        self.g = torch.Generator().manual_seed(seed)
+        self.miss_prob, self.max_rank = miss_prob, max_rank
+
+    def propose(self, prompt_logits, rows):
+        guesses = super().propose(prompt_logits, rows).clone()  # [B, k, top_k]: filler
+        for b, row in enumerate(rows.index.tolist()):
+            done = len(rows.results[row].token_ids)
+            for d in range(guesses.shape[1]):
+                true = self.truth[row][done + d]  # the token at depth d+1 beyond the next root
+                filler = [t for t in guesses[b, d].tolist() if t != true]
+                if torch.rand(1, generator=self.g).item() >= self.miss_prob:
+                    rank = int(torch.randint(0, self.max_rank, (1,), generator=self.g))
+                    filler.insert(rank, true)
+                guesses[b, d] = torch.tensor(filler[: guesses.shape[2]] + [t for t in range(VOCAB)
+                                             if t not in filler][: max(0, guesses.shape[2] - len(filler))])
+        return guesses
+
+
+WIDE = TreeSet(k=K, top_k=10, trees=tuple(
+    TreeSpec.build({(): K, **({(r,): K for r in range(8)} if m else {})}) for m in range(K + 1)))
+DEEP = TreeSet(k=K, top_k=10, trees=tuple(TreeSpec.build(
+    {p: c for p, c in {(): K, (0,): K, (1,): 1, (0, 0): K, (0, 1): 2, (0, 0, 0): K, (0, 0, 1): 1,
+                       (1, 0): 2}.items() if len(p) <= m}) for m in range(K + 1)))
+TREES = {"chain": chain_tree_set(K), "wide": WIDE, "deep": DEEP, "default": default_tree_set(K),
+         "root_only": vanilla_tree_set(K)}
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_ppd_matches_transformers_generate(model, tree, batch):
+    prompts = ragged_prompts(batch, seed=batch)
+    eos = [5]
+    expected = [hf_greedy(model, p, MAX_NEW, eos) for p in prompts]
+    dec = PPDDecoder(model, prompt_tokens(model), TREES[tree], eos_token_ids=eos)
+    got = dec.generate(prompts, MAX_NEW)
+    assert [r.token_ids for r in got] == expected
+
+
+@pytest.fixture(scope="module")
+def truth(model):
+    """Oracle continuations long enough for any guess (no EOS: guesses may look past one)."""
+    prompts = ragged_prompts(8, seed=42)
+    return prompts, [reference_greedy(model, p, MAX_NEW + K + 1).token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("tree", ["chain", "deep", "default", "wide"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_deep_acceptance_stays_lossless(model, truth, tree, n):
+    prompts, full = truth
+    max_rank = 1 if tree == "chain" else 3  # a chain holds rank 0 only
+    dec = OracleGuessDecoder(model, prompt_tokens(model, n=n), TREES[tree], truth=full, seed=n, max_rank=max_rank)
+    got = dec.generate(prompts, MAX_NEW)
+    assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full]
+    total_tokens, total_steps = sum(r.num_tokens for r in got), sum(r.num_steps for r in got)
+    # The oracle makes deep trees accept several tokens per step; a wide tree accepts at most 2.
+    assert total_tokens / total_steps > (1.5 if tree != "wide" else 1.3)
+    assert all(sum(r.accepted_per_step) == r.num_tokens for r in got)
+
+
+def test_eos_mid_generation_and_per_row_limits(model, truth):
+    prompts, full = truth
+    eos = full[0][6]  # a token row 0 emits mid-way: every row stops at its first occurrence of it
+    limits = [MAX_NEW, 1, 0, 7, MAX_NEW, 2, MAX_NEW, 13]
+    dec = OracleGuessDecoder(model, prompt_tokens(model), default_tree_set(K), truth=full,
+                             eos_token_ids=[eos])
+    got = dec.generate(prompts, limits)
+    for r, t, limit in zip(got, full, limits):
+        cut = t[: t.index(eos) + 1] if eos in t[:limit] else t[:limit]
+        assert r.token_ids == cut
+        assert r.finish_reason == (FinishReason.STOP if eos in t[:limit] else FinishReason.LENGTH)
+        assert r.num_steps == (0 if limit == 0 else r.num_steps) and (limit == 0) == (r.num_steps == 0)
+    assert got[0].finish_reason == FinishReason.STOP and len(got[0].token_ids) <= 7
+
+
+def test_max_new_tokens_one_and_single_token_prompts(model):
+    prompts = [[3], [7], [1, 2, 3]]
+    expected = [hf_greedy(model, p, 1, []) for p in prompts]
+    for dec in (PPDDecoder(model, prompt_tokens(model), default_tree_set(K)), VanillaDecoder(model)):
+        got = dec.generate(prompts, 1)
+        assert [r.token_ids for r in got] == expected
+        assert all(r.num_steps == 1 and r.finish_reason == FinishReason.LENGTH for r in got)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_vanilla_matches_oracle(model, batch):
+    prompts = ragged_prompts(batch, seed=7)
+    got = VanillaDecoder(model, eos_token_ids=[9]).generate(prompts, MAX_NEW)
+    for r, p in zip(got, prompts):
+        ref = reference_greedy(model, p, MAX_NEW, [9])
+        assert r.token_ids == ref.token_ids and r.finish_reason == ref.finish_reason
+        assert r.num_steps == r.num_tokens  # tau is exactly 1
+
+
+def test_empty_prompt_is_refused(model):
+    with pytest.raises(ValueError, match="empty"):
+        VanillaDecoder(model).generate([[1], []], 3)
+
+
+def test_prompt_tokens_for_another_model_are_refused(model):
+    other = PromptTokens.from_token_embeddings(tiny_llama(seed=1), k=K, base_model_id="x", base_model_hash="1")
+    other.embeddings.data = torch.zeros(K, 1, 16)
+    other.meta.k = K
+    with pytest.raises(ValueError, match="another model"):
+        PPDDecoder(model, PromptTokens(torch.zeros(K, 1, 16, dtype=torch.float64), other.meta))
+
+
+def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
+    """Each node's hidden state from one tree pass equals a sequential pass over its root path; each prompt
+    slot's equals a sequential pass over the path followed by its own chain of prompt tokens."""
+    tree = TreeSpec.build({(): 2, (0,): 2, (1,): 1, (0, 0): 1, (0, 1): 0, (1, 0): 2, (0, 0, 0): 1})
+    ts = TreeSet(k=K, top_k=4, trees=(TreeSpec.build({(): 1}), TreeSpec.build({(): 1}),
+                                      TreeSpec.build({(): 1}), tree))
+    n = 2
+    pt = prompt_tokens(model, n=n)
+    dec = PPDDecoder(model, pt, ts)
+    prompts = [[4, 8, 15, 16], [23, 42]]
+    g = torch.Generator().manual_seed(3)
+    guesses = torch.randint(0, VOCAB, (2, K, 4), generator=g)
+    cache = new_cache(model)
+    kv_valid = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    root = torch.tensor([p[-1] for p in prompts])
+    buffers = tree_set_buffers(ts, n=n)
+    with torch.inference_mode():
+        ids, hidden = dec._forward_tree(cache, buffers, pt.flat(), kv_valid.sum(1), root, guesses,
+                                        torch.full((2,), K))
+    b = tree_buffers(tree, k=K, top_k=4, n=n)
+    nodes = [()] + list(tree.paths)
+    embed = model.get_input_embeddings()
+    for row, prompt in enumerate(prompts):
+        for i, path in enumerate(nodes):
+            slots = b.node_path[i, : len(path) + 1].tolist()
+            seq = embed(torch.tensor(prompt[:-1] + ids[row, slots].tolist()))  # prefix, root, path
+            with torch.inference_mode():
+                ref = model.get_decoder()(inputs_embeds=seq[None]).last_hidden_state[0]
+            torch.testing.assert_close(hidden[row, i], ref[-1], rtol=0, atol=1e-9)
+            for j in range(tree.prompt_counts[i]):
+                for e in range(n):
+                    chain = torch.stack([pt.embeddings[jj, e] for jj in range(j + 1)])
+                    with torch.inference_mode():
+                        ref_p = model.get_decoder()(inputs_embeds=torch.cat([seq, chain])[None]).last_hidden_state[0]
+                    s = int(b.node_prompt_slots[i, j, e])
+                    torch.testing.assert_close(hidden[row, s], ref_p[-1], rtol=0, atol=1e-9)
+
+
+def test_compacted_cache_equals_a_sequential_prefill(model, truth):
+    """After a step that accepts a deep path, each row's kept KV equals a fresh prefill of the same tokens."""
+    prompts, full = truth
+    prompts, full = prompts[:3], full[:3]
+    ts = DEEP
+    dec = OracleGuessDecoder(model, prompt_tokens(model), ts, truth=full, miss_prob=0.0, max_rank=1)
+    cache = new_cache(model)
+    kv_valid = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    root = torch.tensor([p[-1] for p in prompts])
+    # Guesses: the true next K tokens at rank 0 for every row.
+    guesses = torch.zeros(3, K, 10, dtype=torch.long)
+    for b, t in enumerate(full):
+        guesses[b, :, 0] = torch.tensor(t[1: K + 1])
+        guesses[b, :, 1:] = torch.tensor([x for x in range(VOCAB) if x not in t[1: K + 1]][:9])
+    first = torch.tensor([t[0] for t in full])  # the first new token plays the root here
+    with torch.inference_mode():
+        # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
+        kv_len = kv_valid.sum(1)
+        _, counts0, root, _, _, kv_len = dec._step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(), kv_len,
+                                                   root, guesses, torch.zeros(3, dtype=torch.long))
+        assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
+        tokens, counts, _, _, _, kv_len = dec._step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
+                                                    kv_len, root, guesses, torch.full((3,), K))
+    assert counts.tolist() == [K + 1] * 3  # three accepted candidates plus the bonus
+    for b, (p, t) in enumerate(zip(prompts, full)):
+        assert tokens[b].tolist() == t[1: K + 2]
+        kept = p + t[: K + 1]  # prompt, the root t[0], the accepted t[1..K] (the bonus is the next root)
+        assert int(kv_len[b]) == len(kept)
+        ref = new_cache(model)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([kept]), past_key_values=ref, use_cache=True)
+        for layer, ref_layer in zip(cache.layers, ref.layers):
+            torch.testing.assert_close(layer.keys[b, :, : len(kept)], ref_layer.keys[0], rtol=0, atol=1e-9)
+            torch.testing.assert_close(layer.values[b, :, : len(kept)], ref_layer.values[0], rtol=0, atol=1e-9)
+
+
+SMALL = TreeSpec.build({(): 2, (0,): 1, (1,): 0, (0, 0): 1})
+
+
+@pytest.mark.parametrize("argmax, tokens, expected", [
+    # nodes: 0 root, 1 (0), 2 (1), 3 (0,0); argmax is the model's choice after each node
+    ([10, 99, 99, 99], [0, 11, 12, 13], 0),  # nothing matches: root only
+    ([12, 99, 99, 99], [0, 11, 12, 13], 2),  # rank-1 child accepted
+    ([11, 13, 99, 99], [0, 11, 12, 13], 3),  # chain (0) -> (0,0)
+    ([12, 13, 99, 99], [0, 11, 12, 13], 2),  # (0,0) would match under (0), but (0) itself is rejected
+    ([11, 77, 99, 99], [0, 11, 12, 13], 1),  # (0) accepted, (0,0) rejected
+])
+def test_greedy_accept_on_synthetic_logits(argmax, tokens, expected):
+    b = tree_buffers(SMALL, k=2, top_k=4)
+    best = greedy_accept(torch.tensor([tokens]), torch.tensor([argmax]), b.node_parent[None], b.node_valid[None],
+                         b.ancestor_or_self[None], b.node_depth[None])
+    assert best.tolist() == [expected]
+
+
+def test_greedy_accept_ignores_padded_nodes():
+    b = tree_buffers(SMALL, k=2, top_k=4)
+    valid = b.node_valid.clone()
+    valid[3] = False  # a padded node, even when its token happens to match, is never accepted
+    best = greedy_accept(torch.tensor([[0, 11, 12, 13]]), torch.tensor([[11, 13, 99, 99]]), b.node_parent[None],
+                         valid[None], b.ancestor_or_self[None], b.node_depth[None])
+    assert best.tolist() == [1]
