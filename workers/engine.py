@@ -1,0 +1,222 @@
+"""Row -> result logic for the batch job, free of Ray (and of pyarrow) so it can be tested alone.
+
+A `DecodeEngine` owns one loaded model and one decoder. `run_batch(rows)` validates and encodes each
+row, decodes the valid ones together, and returns one `RowOutput` per input row, in input order.
+A bad row never fails the batch: it comes back with `error` set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder, default_tree_set
+from workers.models import LoadedModel, ModelConfig, encode_row, load_model
+
+log = logging.getLogger(__name__)
+
+DecodingMethod = Literal["ppd", "vanilla"]
+
+
+class DecodingConfig(BaseModel):
+    """How each worker decodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: DecodingMethod = Field(
+        default="ppd",
+        description="'ppd' (parallel prompt decoding: guess and verify a token tree per step) or "
+        "'vanilla' (one token per forward pass). Both are greedy and give identical outputs.",
+    )
+    max_new_tokens: int = Field(
+        default=64,
+        ge=1,
+        description="Most new tokens generated per row (fewer when the prompt leaves less room "
+        "in the model's context).",
+    )
+    prompts: str | None = Field(
+        default=None,
+        description="Directory of a trained prompt-token artifact for the model. When absent, "
+        "PPD's prompt tokens are initialised from the model's own token embeddings.",
+    )
+    num_prompt_tokens: int = Field(
+        default=3,
+        ge=1,
+        le=8,
+        description="k, the number of prompt tokens, when they are initialised from token "
+        "embeddings (an artifact brings its own k).",
+    )
+
+
+@dataclass
+class RowOutput:
+    """One output record; the field names are the output Parquet columns (see jobs/output.py)."""
+
+    id: str
+    output_text: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_output_tokens: int = 0
+    num_steps: int = 0
+    tau: float | None = None
+    prompt_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    decoding: str = ""
+    model_id: str = ""
+    latency_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+def row_error(row: Any) -> str | None:
+    """Why a row cannot be decoded as given (before encoding), or None when it is well formed."""
+    if not isinstance(row, dict):
+        return f"row must be an object, got {type(row).__name__}"
+    has_messages = not _absent(row.get("messages"))
+    has_prompt = not _absent(row.get("prompt"))
+    if has_messages == has_prompt:
+        return (
+            "row has both 'messages' and 'prompt'; give exactly one"
+            if has_messages
+            else "row has neither 'messages' nor 'prompt'; give exactly one"
+        )
+    if has_prompt:
+        if not isinstance(row["prompt"], str):
+            return f"'prompt' must be a string, got {type(row['prompt']).__name__}"
+        return None
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object, got {type(message).__name__}"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                return f"messages[{i}].{key} must be a string"
+    return None
+
+
+class DecodeEngine:
+    """A loaded model plus a decoder; turns rows into `RowOutput`s."""
+
+    def __init__(self, loaded: LoadedModel, decoding: DecodingConfig | None = None):
+        self.loaded = loaded
+        self.config = decoding or DecodingConfig()
+        self.decoder = self._build_decoder()
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, decoding: DecodingConfig) -> DecodeEngine:
+        return cls(load_model(model), decoding)
+
+    def _build_decoder(self):
+        lm = self.loaded
+        if self.config.method == "vanilla":
+            return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
+        if self.config.prompts:
+            from workers.artifacts import load_prompt_tokens
+
+            prompt_tokens = load_prompt_tokens(
+                self.config.prompts, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype
+            )
+        else:
+            prompt_tokens = PromptTokens.from_token_embeddings(
+                lm.model,
+                k=self.config.num_prompt_tokens,
+                n=1,
+                base_model_id=lm.model_id,
+                base_model_hash=lm.content_hash,
+            )
+        return PPDDecoder(
+            lm.model,
+            prompt_tokens,
+            tree_set=default_tree_set(k=prompt_tokens.k),
+            eos_token_ids=lm.eos_token_ids,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        lm = self.loaded
+        return {
+            "model_id": lm.model_id,
+            "model_hash": lm.content_hash,
+            "device": str(lm.device),
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "max_context": lm.max_context,
+            "decoding": self.config.method,
+        }
+
+    def _encode(self, row: dict) -> list[int]:
+        kwargs = {"messages": row["messages"]} if not _absent(row.get("messages")) else {"prompt": row["prompt"]}
+        return list(encode_row(self.loaded.tokenizer, **kwargs))
+
+    def _generate(self, prompts: list[list[int]], budgets: list[int]) -> list[RowResult | Exception]:
+        """Decode the prompts together; if the batch fails, decode row by row so one bad row
+        does not take its neighbours down."""
+        try:
+            return list(self.decoder.generate(prompts, max_new_tokens=budgets))
+        except Exception as exc:  # noqa: BLE001 - isolated per row below
+            if len(prompts) == 1:
+                return [exc]
+            log.warning("batch of %d failed (%r); retrying row by row", len(prompts), exc)
+        results: list[RowResult | Exception] = []
+        for prompt, budget in zip(prompts, budgets):
+            try:
+                results.append(self.decoder.generate([prompt], max_new_tokens=[budget])[0])
+            except Exception as exc:  # noqa: BLE001
+                results.append(exc)
+        return results
+
+    def run_batch(self, rows: list[dict]) -> list[RowOutput]:
+        lm = self.loaded
+        outputs: list[RowOutput] = []
+        pending: list[tuple[RowOutput, list[int], int]] = []  # (output, prompt ids, budget)
+        for row in rows:
+            row_id = row.get("id") if isinstance(row, dict) else None
+            out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id)
+            outputs.append(out)
+            error = row_error(row)
+            if error is None:
+                try:
+                    ids = self._encode(row)
+                except Exception as exc:  # noqa: BLE001 - any encoding failure is this row's error
+                    error = f"could not encode the row: {exc}"
+                else:
+                    out.prompt_tokens = len(ids)
+                    if not ids:
+                        error = "prompt is empty after encoding"
+                    elif len(ids) >= lm.max_context:
+                        error = (
+                            f"prompt has {len(ids)} tokens, which leaves no room in the model's "
+                            f"max context of {lm.max_context}"
+                        )
+            if error is not None:
+                out.error = error
+                continue
+            budget = min(self.config.max_new_tokens, lm.max_context - len(ids))
+            pending.append((out, ids, budget))
+
+        if not pending:
+            return outputs
+        start = time.perf_counter()
+        results = self._generate([p for _, p, _ in pending], [b for _, _, b in pending])
+        latency = time.perf_counter() - start
+        for (out, _, _), result in zip(pending, results):
+            out.latency_s = latency
+            if isinstance(result, Exception):
+                out.error = f"decoding failed: {type(result).__name__}: {result}"
+                continue
+            out.output_token_ids = [int(t) for t in result.token_ids]
+            out.num_output_tokens = result.num_tokens
+            out.num_steps = result.num_steps
+            out.tau = result.tau
+            out.finish_reason = getattr(result.finish_reason, "value", result.finish_reason)
+            out.output_text = lm.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
+        return outputs
