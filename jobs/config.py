@@ -37,7 +37,7 @@ class WorkersConfig(BaseModel):
 class JobConfig(BaseModel):
     """Everything one run of `jobs/run.py` needs."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid")
 
     input: str | None = Field(
         default=None,

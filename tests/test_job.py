@@ -8,6 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jobs.config import DEMO_INPUT, build_config
 from jobs.inputs import InputError, make_batches, read_rows
@@ -110,6 +112,22 @@ def test_batches_are_sorted_by_id():
     rows = [{"id": i, "prompt": "x"} for i in ["d", "a", "c", "b", "e"]]
     batches = make_batches(rows, 2)
     assert [[r["id"] for r in b] for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    ids=st.lists(st.one_of(st.text(min_size=1).filter(str.strip), st.integers()), unique_by=str, min_size=1, max_size=30),
+    batch_size=st.integers(1, 8),
+    text=st.text(),
+)
+def test_jsonl_round_trip_and_batches_cover_every_row_once(tmp_path_factory, ids, batch_size, text):
+    path = write_jsonl(tmp_path_factory.mktemp("prop") / "in.jsonl", [{"id": i, "prompt": text} for i in ids])
+    rows = read_rows(path)
+    assert [r["id"] for r in rows] == [str(i) for i in ids] and all(r["prompt"] == text for r in rows)
+    batches = make_batches(rows, batch_size)
+    flat = [r["id"] for b in batches for r in b]
+    assert flat == sorted(str(i) for i in ids)
+    assert all(1 <= len(b) <= batch_size for b in batches) and all(len(b) == batch_size for b in batches[:-1])
 
 
 def test_demo_input_is_valid():
