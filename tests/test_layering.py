@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,9 +20,8 @@ def _loaded_after_import(module: str) -> set[str]:
     return set(done.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["decoding"])
-def test_decoding_imports_neither_ray_nor_pyarrow(module):
-    assert _loaded_after_import(module) == set()
+def test_decoding_imports_neither_ray_nor_pyarrow():
+    assert _loaded_after_import("decoding") == set()
 
 
 def test_engine_does_not_import_ray():

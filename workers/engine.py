@@ -73,16 +73,12 @@ class RowOutput:
         return asdict(self)
 
 
-def _absent(value: Any) -> bool:
-    return value is None
-
-
 def row_error(row: Any) -> str | None:
     """Why a row cannot be decoded as given (before encoding), or None when it is well formed."""
     if not isinstance(row, dict):
         return f"row must be an object, got {type(row).__name__}"
-    has_messages = not _absent(row.get("messages"))
-    has_prompt = not _absent(row.get("prompt"))
+    has_messages = row.get("messages") is not None
+    has_prompt = row.get("prompt") is not None
     if has_messages == has_prompt:
         return (
             "row has both 'messages' and 'prompt'; give exactly one"
@@ -154,8 +150,7 @@ class DecodeEngine:
         }
 
     def _encode(self, row: dict) -> list[int]:
-        kwargs = {"messages": row["messages"]} if not _absent(row.get("messages")) else {"prompt": row["prompt"]}
-        return list(encode_row(self.loaded.tokenizer, **kwargs))
+        return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
 
     def _generate(self, prompts: list[list[int]], budgets: list[int]) -> list[RowResult | Exception]:
         """Decode the prompts together; if the batch fails, decode row by row so one bad row
