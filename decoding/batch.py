@@ -35,29 +35,35 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Run ragged prompts, right-padded, into ``cache``; returns kv_valid [B, P] bool.
+def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device):
+    """Right-pad ragged prompts. Returns (ids [B, P], valid [B, P] bool, attend [B, P, P] bool, positions [B, P]).
 
-    No logits are computed: a row's last prompt token is fed by the first decode step as its root.
+    ``attend`` is causal over each row's real tokens; padding queries see themselves only, so no attention
+    row is empty. Padding positions are 0 (never seen by a real token).
     """
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
     P = int(lens.max()) if B else 0
-    if P == 0:  # all prompts were a single token: nothing to prefill
-        return torch.zeros(B, 0, dtype=torch.bool, device=device)
     ids = torch.zeros(B, P, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     cols = torch.arange(P, device=device)
-    kv_valid = cols[None, :] < lens[:, None]  # [B, P]
+    valid = cols[None, :] < lens[:, None]  # [B, P]
     causal = cols[None, :, None] >= cols[None, None, :]  # [1, P, P]: query i sees key j <= i
-    # Padding queries see themselves only, so no attention row is empty.
-    attend = (causal & kv_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # [B, P, P]
-    mask = additive_mask(torch.zeros(B, 0, dtype=torch.bool, device=device), attend, model.dtype)
-    positions = cols[None, :].expand(B, P)
-    model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True)
-    return kv_valid
+    attend = (causal & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)  # [B, P, P]
+    positions = torch.where(valid, cols[None, :], 0)  # [B, P]
+    return ids, valid, attend, positions
+
+
+def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device: torch.device):
+    """Run ragged prompts, right-padded, into an empty ``cache``. Returns (kv_valid [B, P], hidden [B, P, H])."""
+    ids, valid, attend, positions = pad_prompts(prompts, device)
+    if ids.shape[1] == 0:
+        return valid, None
+    mask = additive_mask(torch.zeros(len(prompts), 0, dtype=torch.bool, device=device), attend, model.dtype)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+    return valid, hidden
 
 
 def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, additive_mask, check_prompts, crop_cache, move_kv, new_cache, prefill
+from decoding.batch import ActiveRows, additive_mask, check_prompts, crop_cache, move_kv, new_cache, pad_prompts
 from decoding.prompt_tokens import PromptTokens
 from decoding.results import RowResult
 from decoding.tree import CANDIDATE, PROMPT, TreeSet, default_tree_set, tree_set_buffers
@@ -54,8 +54,10 @@ class PPDDecoder:
             return rows.results
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
-        kv_valid = prefill(self.model, cache, [p[:-1] for p in active], device)  # [B, T]
-        kv_len = kv_valid.sum(1)  # [B]: rows are contiguous after prefill
+        # The first step carries the prompts: each row's last prompt token is its first root, so the prompt
+        # minus that token rides in the same forward as the first tree (root + k prompt tokens).
+        prefix = pad_prompts([p[:-1] for p in active], device)
+        kv_len = prefix[1].sum(1)  # [B]: rows are contiguous after the prefix
         root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
         ts = self.tree_set
         guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
@@ -65,7 +67,8 @@ class PPDDecoder:
 
         while rows.size > 0:
             tokens, counts, root, prompt_logits, state, kv_len = self._step(
-                cache, buffers, prompt_table, kv_len, root, guesses, state)
+                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+            prefix = None
             keep = rows.commit(tokens, counts)
             root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
             if rows.size:
@@ -80,11 +83,13 @@ class PPDDecoder:
         """
         return prompt_logits.topk(self.tree_set.top_k, dim=-1).indices
 
-    def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
+    def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """Run every row's tree through the model. Returns (slot token ids [B, N], hidden states [B, N, H]).
 
         Row b uses the tree of its depth state ``state[b]``, padded to the widest tree among the rows (N slots).
         Prompt slots take the prompt-token embeddings; their entry in the returned ids is the root (unused).
+        ``prefix`` (from ``pad_prompts``: ids, valid, attend, positions over P columns) is run in the same
+        forward, ahead of the trees, which see its valid columns: the prefill folded into the first step.
         """
         sb = buffers.stacked
         N = int(buffers.num_slots[state].max())
@@ -96,13 +101,24 @@ class PPDDecoder:
         prompt_embeds = prompt_table[sb.prompt_index[state, :N]]  # [B, N, H]
         embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
         positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [B, N]
+        attend = sb.attend[state, :N, :N]  # [B, N, N]
+        if prefix is not None:
+            assert T == 0, "the prefix is the prefill: the cache must be empty"
+            pre_ids, pre_valid, pre_attend, pre_positions = prefix  # [B, P] ...
+            B, P = pre_ids.shape
+            embeds = torch.cat([self.embed(pre_ids), embeds], 1)  # [B, P+N, H]
+            positions = torch.cat([pre_positions, positions], 1)  # [B, P+N]
+            attend = torch.cat([
+                torch.cat([pre_attend, pre_attend.new_zeros(B, P, N)], 2),  # the prompt never sees the tree
+                torch.cat([pre_valid[:, None, :].expand(B, N, P), attend], 2),  # the tree sees its row's prompt
+            ], 1)  # [B, P+N, P+N]
         kv_valid = torch.arange(T, device=root.device)[None, :] < kv_len[:, None]  # [B, T]
-        mask = additive_mask(kv_valid, sb.attend[state, :N, :N], embeds.dtype)  # [B, 1, N, T+N]
+        mask = additive_mask(kv_valid, attend, embeds.dtype)  # [B, 1, S, T+S]
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True).last_hidden_state  # [B, N, H]
-        return ids, hidden
+                              past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
+        return ids, hidden[:, -N:]
 
-    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state):
+    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """One guess-and-verify pass.
 
         Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):
@@ -112,8 +128,8 @@ class PPDDecoder:
         B, H = root.shape[0], prompt_table.shape[-1]
         C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
         D = int(buffers.depth[state].max())  # deepest tree among the rows
-        T = cache.get_seq_length()
-        ids, hidden = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state)
+        ids, hidden = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+        T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache
 
         # Verify: nodes are the leading C slots of every tree.
         node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]

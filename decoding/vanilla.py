@@ -1,7 +1,8 @@
 """Plain batched greedy decoding with the same ragged-cache handling as PPD: the baseline.
 
-One token per row per step. Rows keep the holes their prefill padding left (hidden by the mask) instead of
-moving KV every step: every row advances by exactly one column, so nothing ever needs compacting.
+One token per row per step; the prefill's last position gives the first. Rows keep the holes their prefill
+padding left (hidden by the mask) instead of moving KV every step: every row advances by exactly one column,
+so nothing ever needs compacting.
 """
 
 from __future__ import annotations
@@ -31,19 +32,20 @@ class VanillaDecoder:
             return rows.results
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
-        kv_valid = prefill(self.model, cache, [p[:-1] for p in active], device)  # [B, T]
-        position = kv_valid.sum(1)  # [B]: the root's position
-        root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
+        kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
+        position = kv_valid.sum(1)  # [B]: where each row's next token goes
+        last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))  # [B, 1, H]
         self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
 
-        while rows.size > 0:
-            B = root.shape[0]
+        while True:
+            token = self.lm_head(last[:, -1]).argmax(-1)  # [B]
+            keep = rows.commit(token[:, None], torch.ones_like(token))
+            token, position, kv_valid = rows.drop_finished(keep, cache, token, position, kv_valid)
+            if rows.size == 0:
+                return rows.results
+            B = token.shape[0]
             mask = additive_mask(kv_valid, self_only.expand(B, 1, 1), self.lm_head.weight.dtype)  # [B,1,1,T+1]
-            hidden = self.decoder(input_ids=root[:, None], attention_mask=mask, position_ids=position[:, None],
-                                  past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
-            root = self.lm_head(hidden[:, -1]).argmax(-1)  # [B]
+            last = self.decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                                past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
             kv_valid = torch.cat([kv_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             position = position + 1
-            keep = rows.commit(root[:, None], torch.ones_like(root))
-            root, position, kv_valid = rows.drop_finished(keep, cache, root, position, kv_valid)
-        return rows.results

@@ -187,7 +187,7 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
     g = torch.Generator().manual_seed(3)
     guesses = torch.randint(0, VOCAB, (2, K, 4), generator=g)
     cache = new_cache(model)
-    kv_valid = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
     root = torch.tensor([p[-1] for p in prompts])
     buffers = tree_set_buffers(ts, n=n)
     with torch.inference_mode():
@@ -219,7 +219,7 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
     ts = DEEP
     dec = OracleGuessDecoder(model, prompt_tokens(model), ts, truth=full, miss_prob=0.0, max_rank=1)
     cache = new_cache(model)
-    kv_valid = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
     root = torch.tensor([p[-1] for p in prompts])
     # Guesses: the true next K tokens at rank 0 for every row.
     guesses = torch.zeros(3, K, 10, dtype=torch.long)
