@@ -80,6 +80,11 @@ def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor) -> None:
             t.scatter_(2, dst_i, t.gather(2, src_i))
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision logits for softmax / averaging; leave fp32 and fp64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop KV columns from ``length`` on (no-op when the cache is not longer)."""
     excess = cache.get_seq_length() - length

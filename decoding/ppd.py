@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, additive_mask, check_prompts, crop_cache, move_kv, new_cache, pad_prompts
+from decoding.batch import ActiveRows, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv, new_cache, pad_prompts
 from decoding.prompt_tokens import PromptTokens
 from decoding.results import RowResult
 from decoding.tree import CANDIDATE, PROMPT, TreeSet, default_tree_set, tree_set_buffers
@@ -148,7 +148,7 @@ class PPDDecoder:
         slots = sb.node_prompt_slots[state, best]  # [B, k, n]
         k, n = slots.shape[1:]
         prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, k*n, H]
-        prompt_logits = self.lm_head(prompt_hidden).view(B, k, n, -1).float().mean(2)  # [B, k, V]
+        prompt_logits = at_least_fp32(self.lm_head(prompt_hidden)).view(B, k, n, -1).mean(2)  # [B, k, V]
 
         # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
         move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
