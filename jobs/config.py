@@ -72,6 +72,7 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "max_new_tokens": ("decoding", "max_new_tokens"),
     "prompts": ("decoding", "prompts"),
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),
+    "tree_nodes": ("decoding", "tree_nodes"),
     "num_workers": ("workers", "num_workers"),
     "num_cpus_per_worker": ("workers", "num_cpus_per_worker"),
     "num_gpus_per_worker": ("workers", "num_gpus_per_worker"),

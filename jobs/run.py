@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", metavar="DIR", help="where converted model weights are cached")
     p.add_argument("--decoding", choices=["ppd", "vanilla"], help="decoding method (default: ppd)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
-    p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory (default: from embeddings)")
+    p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
+                   "(default: the artifact shipped for the model, else untrained)")
+    p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
     p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per batch (default: 8)")
     p.add_argument("--num-workers", type=int, metavar="N", help="decode actors (default: 1)")

@@ -201,3 +201,20 @@ def load_prompt_tokens(
             f"the loaded model has {expect_hidden_size}"
         )
     return PromptTokens(embeddings.to(device=device, dtype=dtype), meta)
+
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "prompt_tokens"
+
+
+def find_shipped_artifact(model_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
+    """The artifact shipped in the repository for the model with this content hash, if there is one."""
+    if not shipped_dir.is_dir():
+        return None
+    for candidate in sorted(shipped_dir.iterdir()):
+        try:
+            meta = _read_metadata(candidate)["meta"]
+        except (OSError, ArtifactError):
+            continue
+        if meta.get("base_model_hash") == model_hash:
+            return candidate
+    return None

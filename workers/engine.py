@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder, default_tree_set
+from profiling.trees import fixed_size_tree_set
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,17 @@ class DecodingConfig(BaseModel):
         description="Most new tokens generated per row (fewer when the prompt leaves less room "
         "in the model's context).",
     )
-    prompts: str | None = Field(
+    prompts: str = Field(
+        default="auto",
+        description="Prompt tokens: 'auto' (the artifact shipped in artifacts/prompt_tokens/ for this "
+        "model, if any, else untrained), 'untrained' (initialised from the model's token embeddings), "
+        "or the directory of a trained prompt-token artifact for the model.",
+    )
+    tree_nodes: int | None = Field(
         default=None,
-        description="Directory of a trained prompt-token artifact for the model. When absent, "
-        "PPD's prompt tokens are initialised from the model's own token embeddings.",
+        ge=1,
+        description="Fix the tree to this many candidate nodes, the most probable paths under the "
+        "prompt tokens' acceptance table (needs a trained artifact). Default: the built-in sparse tree.",
     )
     num_prompt_tokens: int = Field(
         default=3,
@@ -115,13 +124,18 @@ class DecodeEngine:
 
     def _build_decoder(self):
         lm = self.loaded
+        self.prompts_source = None
         if self.config.method == "vanilla":
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
-        if self.config.prompts:
-            from workers.artifacts import load_prompt_tokens
-
+        artifact = self.config.prompts
+        if artifact == "auto":
+            shipped = find_shipped_artifact(lm.content_hash)
+            artifact = str(shipped) if shipped else "untrained"
+            log.info("prompt tokens: %s", artifact)
+        self.prompts_source = artifact
+        if artifact != "untrained":
             prompt_tokens = load_prompt_tokens(
-                self.config.prompts, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype
+                artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype
             )
         else:
             prompt_tokens = PromptTokens.from_token_embeddings(
@@ -131,12 +145,14 @@ class DecodeEngine:
                 base_model_id=lm.model_id,
                 base_model_hash=lm.content_hash,
             )
-        return PPDDecoder(
-            lm.model,
-            prompt_tokens,
-            tree_set=default_tree_set(k=prompt_tokens.k),
-            eos_token_ids=lm.eos_token_ids,
-        )
+        if self.config.tree_nodes:
+            acceptance = prompt_tokens.meta.extra.get("acceptance")
+            if not acceptance:
+                raise ValueError("--tree-nodes needs prompt tokens with an acceptance table (a trained artifact)")
+            tree_set = fixed_size_tree_set(acceptance, self.config.tree_nodes, prompt_tokens.k)
+        else:
+            tree_set = default_tree_set(k=prompt_tokens.k)
+        return PPDDecoder(lm.model, prompt_tokens, tree_set=tree_set, eos_token_ids=lm.eos_token_ids)
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
@@ -147,6 +163,8 @@ class DecodeEngine:
             "dtype": str(lm.dtype).removeprefix("torch."),
             "max_context": lm.max_context,
             "decoding": self.config.method,
+            "prompts": self.prompts_source,
+            "tree_hash": getattr(getattr(self.decoder, "tree_set", None), "tree_hash", None),
         }
 
     def _encode(self, row: dict) -> list[int]:
