@@ -265,8 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.init()
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        result = ray.get(ray.remote(num_gpus=gpus)(train).remote(cfg))
+        # Paths are the driver's: resolve them before the task runs in another process.
+        cfg = cfg.model_copy(update={"output": str(Path(cfg.output).resolve())})
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            resources = {"num_gpus": 1}
+        else:  # a CPU task gets 1 CPU (and 1 torch thread) unless it asks for more
+            cpus = int(max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")))
+            resources = {"num_cpus": cpus}
+            cfg = cfg.model_copy(update={"threads": cfg.threads or cpus})
+        result = ray.get(ray.remote(**resources)(train).remote(cfg))
     else:
         result = train(cfg)
     if result.get("stopped"):
