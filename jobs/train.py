@@ -122,8 +122,10 @@ def evaluate(lm: LoadedModel, pt: PromptTokens, samples: list[Sample], cuts_per_
              max_rank: int = 10) -> dict:
     """Per kind: top-1/5/10 accuracy per distance and the acceptance table a[i][r] (rank r exactly)."""
     by_kind: dict[str, torch.Tensor] = {}
-    for index, s in enumerate(samples):
-        cuts = draw_cuts(s, pt.k, cuts_per_sample, sample_generator(12345, 0, index)).to(lm.device)
+    for s in samples:
+        # Seeded by the sample's id, not its place in the list: any caller draws the same held-out cuts.
+        id_seed = int(hashlib.sha256(s.id.encode()).hexdigest()[:15], 16)
+        cuts = draw_cuts(s, pt.k, cuts_per_sample, sample_generator(12345, 0, id_seed)).to(lm.device)
         if len(cuts) == 0:
             continue
         seq = sequence(s, lm.device)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from decoding import FinishReason, PPDDecoder, PromptTokens, VanillaDecoder, chain_tree_set, default_tree_set
+from profiling.trees import fixed_size_tree_set
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import ModelConfig, encode_row, load_model
 
 QUESTIONS = [
@@ -43,12 +45,17 @@ def test_expected_outputs_exercise_eos_and_length(loaded, prompts_and_expected):
     assert any(ends) and not all(ends)  # some rows stop on EOS, some on the length limit
 
 
-@pytest.mark.parametrize("decoder", ["vanilla", "ppd-default", "ppd-chain-ensemble"])
+@pytest.mark.parametrize("decoder", ["vanilla", "ppd-default", "ppd-chain-ensemble", "ppd-shipped-31"])
 def test_decoders_equal_generate_on_the_default_model(loaded, prompts_and_expected, decoder):
     prompts, expected = prompts_and_expected
     model, eos = loaded.model, loaded.eos_token_ids
     if decoder == "vanilla":
         dec = VanillaDecoder(model, eos_token_ids=eos)
+    elif decoder == "ppd-shipped-31":  # the trained artifact: real acceptance, deep accepted paths
+        shipped = find_shipped_artifact(loaded.content_hash)
+        assert shipped is not None, "the repository ships prompt tokens for the default model"
+        pt = load_prompt_tokens(shipped, expect_model_hash=loaded.content_hash)
+        dec = PPDDecoder(model, pt, fixed_size_tree_set(pt.meta.extra["acceptance"], 31, pt.k), eos_token_ids=eos)
     else:
         n, trees = (1, default_tree_set(3)) if decoder == "ppd-default" else (2, chain_tree_set(3))
         pt = PromptTokens.from_token_embeddings(model, k=3, n=n, base_model_id=loaded.model_id,
@@ -57,6 +64,8 @@ def test_decoders_equal_generate_on_the_default_model(loaded, prompts_and_expect
         dec = PPDDecoder(model, pt, trees, eos_token_ids=eos)
     results = dec.generate(prompts, MAX_NEW)
     assert [r.token_ids for r in results] == expected
+    if decoder == "ppd-shipped-31":  # trained guesses are accepted: several tokens per step
+        assert sum(r.num_tokens for r in results) / sum(r.num_steps for r in results) > 1.5
     for r in results:
         stopped = r.token_ids[-1] in eos
         assert r.finish_reason == (FinishReason.STOP if stopped else FinishReason.LENGTH)
