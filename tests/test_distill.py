@@ -12,14 +12,14 @@ from decoding.distill import (
     teacher_log_probs,
     valid_cuts,
 )
-from tests.test_lossless import tiny_llama
+from tests.helpers_models import make_tiny_llama
 
 K = 3
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(seed=2)
+    return make_tiny_llama(vocab_size=64, hidden_size=32, seed=2)
 
 
 def test_valid_cuts_leave_room_for_every_target():

@@ -7,7 +7,6 @@ at all): that forces deep acceptance, KV compaction of long accepted paths, and 
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoding import (
     FinishReason,
@@ -24,19 +23,14 @@ from decoding import (
 from decoding.batch import new_cache, prefill
 from decoding.ppd import greedy_accept
 from decoding.tree import tree_buffers, tree_set_buffers
+from tests.helpers_models import make_tiny_llama
 
 VOCAB, K = 64, 3
 MAX_NEW = 24
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.3, tie_word_embeddings=False)
-    with torch.random.fork_rng():  # no global seed leaks out of the fixture
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model.to(torch.float64).eval()
+def tiny_llama(seed: int = 0):
+    return make_tiny_llama(vocab_size=VOCAB, hidden_size=32, seed=seed)
 
 
 @pytest.fixture(scope="module")
