@@ -26,9 +26,13 @@ def additive_mask(kv_valid: torch.Tensor, attend: torch.Tensor, dtype: torch.dty
     B, N, _ = attend.shape
     assert kv_valid.shape[0] == B
     visible = torch.cat([kv_valid[:, None, :].expand(B, N, -1), attend], dim=-1)  # [B, N, T+N]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=attend.device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None]  # [B, 1, N, T+N]
+    return additive_from_visible(visible, dtype)[:, None]  # [B, 1, N, T+N]
+
+
+def additive_from_visible(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool visibility -> additive float mask of the same shape: 0 where visible, dtype-min elsewhere."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def new_cache(model) -> DynamicCache:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoding.batch import at_least_fp32, crop_cache, new_cache
+from decoding.batch import additive_from_visible, at_least_fp32, crop_cache, new_cache
 from decoding.prompt_tokens import PromptTokens
 
 
@@ -65,7 +65,7 @@ def student_logits(model: nn.Module, prompt_tokens: PromptTokens, cache, seq_len
     sees_slots = ((m_idx[:, None] == m_idx[None, :]) & (e_idx[:, None] == e_idx[None, :])
                   & (i_idx[None, :] <= i_idx[:, None]))  # [S, S]: own chain and copy, up to itself
     visible = torch.cat([sees_prefix, sees_slots], 1)  # [S, L+S]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    mask = additive_from_visible(visible, dtype)  # [S, L+S]
     hidden = model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask[None, None],
                                  position_ids=positions[None], past_key_values=cache,
                                  use_cache=True).last_hidden_state[0]  # [S, H]

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
+from jobs.inputs import read_rows  # noqa: E402
 from workers.artifacts import load_prompt_tokens  # noqa: E402
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model  # noqa: E402
 
@@ -47,7 +48,7 @@ class BenchConfig(BaseModel):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens generated per row (EOS ignored).")
     repeats: int = Field(default=3, ge=1, description="Timed runs per method; the median is reported.")
-    input: str = Field(default=str(DEMO_INPUT), description="JSONL prompts (`messages` or `prompt` rows).")
+    input: str = Field(default=str(DEMO_INPUT), description="JSONL or Parquet prompts (`messages` or `prompt` rows).")
     prompts: str | None = Field(default=None, description="Prompt-token artifact; default: untrained init.")
     output_json: str | None = Field(default=None, description="Also write the results here as JSON.")
     memory_probe: str | None = Field(default=None, description="Internal: 'METHOD:BATCH' runs one method "
@@ -120,7 +121,7 @@ def memory_probe(cfg: BenchConfig) -> None:
 
 
 def read_prompts(path: str, tokenizer, count: int) -> list[list[int]]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = read_rows(path)  # the job's own reader: JSONL or Parquet, bad input named
     encoded = [encode_row(tokenizer, messages=r.get("messages"), prompt=r.get("prompt")) for r in rows]
     return [encoded[i % len(encoded)] for i in range(count)]
 

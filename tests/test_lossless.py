@@ -12,6 +12,7 @@ from decoding import (
     FinishReason,
     PPDDecoder,
     PromptTokens,
+    PromptTokensMeta,
     TreeSet,
     TreeSpec,
     VanillaDecoder,
@@ -161,11 +162,10 @@ def test_empty_prompt_is_refused(model):
 
 
 def test_prompt_tokens_for_another_model_are_refused(model):
-    other = PromptTokens.from_token_embeddings(tiny_llama(seed=1), k=K, base_model_id="x", base_model_hash="1")
-    other.embeddings.data = torch.zeros(K, 1, 16)
-    other.meta.k = K
+    # Hidden size 16 against the model's 32: made for another model.
+    meta = PromptTokensMeta(base_model_id="x", base_model_hash="1", k=K, n=1)
     with pytest.raises(ValueError, match="another model"):
-        PPDDecoder(model, PromptTokens(torch.zeros(K, 1, 16, dtype=torch.float64), other.meta))
+        PPDDecoder(model, PromptTokens(torch.zeros(K, 1, 16, dtype=torch.float64), meta))
 
 
 def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
