@@ -66,7 +66,7 @@ class PPDDecoder:
         prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
 
         while rows.size > 0:
-            tokens, counts, root, prompt_logits, state, kv_len = self._step(
+            tokens, counts, root, prompt_logits, state, kv_len = self.step(
                 cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
             prefix = None
             keep = rows.commit(tokens, counts)
@@ -118,7 +118,7 @@ class PPDDecoder:
                               past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
         return ids, hidden[:, -N:]
 
-    def _step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
+    def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """One guess-and-verify pass.
 
         Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):

@@ -73,6 +73,7 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "prompts": ("decoding", "prompts"),
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),
     "tree_nodes": ("decoding", "tree_nodes"),
+    "profile_budget_s": ("decoding", "profile_budget_s"),
     "num_workers": ("workers", "num_workers"),
     "num_cpus_per_worker": ("workers", "num_cpus_per_worker"),
     "num_gpus_per_worker": ("workers", "num_gpus_per_worker"),

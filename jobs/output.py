@@ -24,6 +24,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("decoding", pa.string()),
         pa.field("model_id", pa.string()),
         pa.field("latency_s", pa.float64()),
+        pa.field("device", pa.string()),
+        pa.field("tree_hash", pa.string()),
     ]
 )
 PART_GLOB = "part-*.parquet"

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
                    "(default: the artifact shipped for the model, else untrained)")
     p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
+    p.add_argument("--profile-budget-s", type=float, metavar="S",
+                   help="seconds each worker may spend profiling its device (default: 60 CPU, 30 GPU)")
     p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per batch (default: 8)")
     p.add_argument("--num-workers", type=int, metavar="N", help="decode actors (default: 1)")
@@ -65,6 +67,21 @@ def _cpus_per_worker(num_workers: int) -> float:
 
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     return float(max(1, int(max(node_cpus, default=1)) // num_workers))
+
+
+def describe_worker(info: dict[str, Any]) -> str:
+    """One line per worker: its device and the tree it chose."""
+    line = f"worker {info['pid']} on {info['device']}: {info['decoding']}"
+    if info.get("tree_hash"):
+        line += f", tree {info['tree_hash']} ({info.get('tree', '')}"
+        if "tree_slots" in info:
+            line += f", {info['tree_slots']} slots per row at batch {info['batch_size']}"
+        line += ")"
+    if info.get("predicted_tau"):
+        line += f", predicted tau {info['predicted_tau']:.2f}"
+    if info.get("predicted_speedup"):
+        line += f", predicted {info['predicted_speedup']:.2f}x over plain decoding; profile {info['profile']}"
+    return line
 
 
 def run_job(cfg: JobConfig, rows: list[dict]) -> dict[str, Any]:
@@ -96,10 +113,12 @@ def run_job(cfg: JobConfig, rows: list[dict]) -> dict[str, Any]:
         )
         model_args, decoding_args = cfg.model.model_dump(), cfg.decoding.model_dump()
         actors = [
-            worker_cls.remote(model_args, decoding_args, num_threads=max(1, int(cpus)))
+            worker_cls.remote(model_args, decoding_args, num_threads=max(1, int(cpus)), batch_size=cfg.batch_size)
             for _ in range(num_workers)
         ]
         infos = ray.get([a.ready.remote() for a in actors])
+        for info in infos:
+            print(describe_worker(info), flush=True)
         loaded = time.perf_counter()
 
         batch_index = {batch[0]["id"]: i for i, batch in enumerate(batches)}
@@ -144,6 +163,7 @@ def run_job(cfg: JobConfig, rows: list[dict]) -> dict[str, Any]:
         "model_hash": infos[0]["model_hash"],
         "device": infos[0]["device"],
         "dtype": infos[0]["dtype"],
+        "workers": infos,
         "input": str(cfg.input_path()),
         "output_dir": str(out_dir),
         "config": cfg.model_dump(mode="json"),

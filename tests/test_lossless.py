@@ -224,10 +224,10 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
     with torch.inference_mode():
         # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
         kv_len = kv_valid.sum(1)
-        _, counts0, root, _, _, kv_len = dec._step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(), kv_len,
+        _, counts0, root, _, _, kv_len = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(), kv_len,
                                                    root, guesses, torch.zeros(3, dtype=torch.long))
         assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
-        tokens, counts, _, _, _, kv_len = dec._step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
+        tokens, counts, _, _, _, kv_len = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
                                                     kv_len, root, guesses, torch.full((3,), K))
     assert counts.tolist() == [K + 1] * 3  # three accepted candidates plus the bonus
     for b, (p, t) in enumerate(zip(prompts, full)):

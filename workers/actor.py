@@ -14,12 +14,14 @@ from workers.models import ModelConfig
 class DecodeWorker:
     """Loads the model once, then decodes the batches it is handed."""
 
-    def __init__(self, model: dict[str, Any], decoding: dict[str, Any], num_threads: int | None = None):
+    def __init__(self, model: dict[str, Any], decoding: dict[str, Any], num_threads: int | None = None,
+                 batch_size: int = 1):
         if num_threads:
             import torch
 
             torch.set_num_threads(num_threads)
-        self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding))
+        # Profiles the device (or loads its cached profile) and builds this worker's tree.
+        self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size)
 
     def ready(self) -> dict[str, Any]:
         """What this worker loaded (returns once the model is in memory)."""

@@ -14,10 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder, default_tree_set
+from decoding import PPDDecoder, PromptTokens, RowResult, TreeSet, VanillaDecoder, default_tree_set
+from profiling.device import identify
+from profiling.latency import load_or_measure_profile
+from profiling.tree_builder import choose_budget, estimate
 from profiling.trees import fixed_size_tree_set
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.models import LoadedModel, ModelConfig, encode_row, load_model
+from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,15 @@ class DecodingConfig(BaseModel):
         default=None,
         ge=1,
         description="Fix the tree to this many candidate nodes, the most probable paths under the "
-        "prompt tokens' acceptance table (needs a trained artifact). Default: the built-in sparse tree.",
+        "prompt tokens' acceptance table, every node carrying k prompt tokens (needs a trained artifact). "
+        "Default: each worker profiles its device and builds the fastest tree for it from the acceptance "
+        "table (untrained prompt tokens, which have none, use a built-in sparse tree).",
+    )
+    profile_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds a worker may spend timing its decode step at start-up (default: 60 on a "
+        "CPU, 30 on a GPU). Profiles are cached per device, model and budget, so a restart reuses them.",
     )
     num_prompt_tokens: int = Field(
         default=3,
@@ -77,6 +88,8 @@ class RowOutput:
     decoding: str = ""
     model_id: str = ""
     latency_s: float = 0.0
+    device: str = ""
+    tree_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,14 +126,19 @@ def row_error(row: Any) -> str | None:
 class DecodeEngine:
     """A loaded model plus a decoder; turns rows into `RowOutput`s."""
 
-    def __init__(self, loaded: LoadedModel, decoding: DecodingConfig | None = None):
+    def __init__(self, loaded: LoadedModel, decoding: DecodingConfig | None = None, *, batch_size: int = 1,
+                 cache_dir: str | None = None):
         self.loaded = loaded
         self.config = decoding or DecodingConfig()
+        self.batch_size = batch_size
+        self.cache_dir = resolve_cache_dir(cache_dir)
+        self.device_name = identify(loaded.device, loaded.dtype).readable
+        self.tree_info: dict[str, Any] = {}
         self.decoder = self._build_decoder()
 
     @classmethod
-    def from_config(cls, model: ModelConfig, decoding: DecodingConfig) -> DecodeEngine:
-        return cls(load_model(model), decoding)
+    def from_config(cls, model: ModelConfig, decoding: DecodingConfig, batch_size: int = 1) -> DecodeEngine:
+        return cls(load_model(model), decoding, batch_size=batch_size, cache_dir=model.cache_dir)
 
     def _build_decoder(self):
         lm = self.loaded
@@ -145,27 +163,67 @@ class DecodeEngine:
                 base_model_id=lm.model_id,
                 base_model_hash=lm.content_hash,
             )
+        tree_set = self._choose_tree(prompt_tokens)
+        return PPDDecoder(lm.model, prompt_tokens, tree_set=tree_set, eos_token_ids=lm.eos_token_ids)
+
+    def _choose_tree(self, prompt_tokens: PromptTokens) -> TreeSet:
+        """The fixed-size tree when asked for; else, with an acceptance table, the tree that the profile of
+        this device says is fastest at this batch size; else the built-in default."""
+        acceptance = prompt_tokens.meta.extra.get("acceptance")
+        k = prompt_tokens.k
         if self.config.tree_nodes:
-            acceptance = prompt_tokens.meta.extra.get("acceptance")
             if not acceptance:
                 raise ValueError("--tree-nodes needs prompt tokens with an acceptance table (a trained artifact)")
-            tree_set = fixed_size_tree_set(acceptance, self.config.tree_nodes, prompt_tokens.k)
-        else:
-            tree_set = default_tree_set(k=prompt_tokens.k)
-        return PPDDecoder(lm.model, prompt_tokens, tree_set=tree_set, eos_token_ids=lm.eos_token_ids)
+            tree_set = fixed_size_tree_set(acceptance, self.config.tree_nodes, k)
+            self.tree_info = {"tree": f"fixed, {self.config.tree_nodes} nodes",
+                              "predicted_tau": estimate(acceptance, tree_set).expected_tokens}
+            return tree_set
+        if not acceptance:
+            self.tree_info = {"tree": "default (the prompt tokens have no acceptance table)"}
+            return default_tree_set(k=k)
+        lm = self.loaded
+        profile, cached = load_or_measure_profile(
+            lm.model, prompt_tokens, model_hash=lm.content_hash, cache_dir=self.cache_dir,
+            batch_sizes=sorted({1, self.batch_size}), budget_s=self.config.profile_budget_s)
+        slots = profile.measured_slots(self.batch_size)
+        choice = choose_budget(acceptance, k, lambda s: profile.step_seconds(self.batch_size, s), slots,
+                               n=prompt_tokens.n)
+        chosen = choice.chosen
+        self.tree_info = {
+            "tree": "hardware-aware",
+            "tree_budget": chosen.budget,
+            "tree_slots": chosen.slots,
+            "predicted_tau": chosen.estimate.expected_tokens,
+            "predicted_speedup": choice.speedup,
+            "predicted_step_s": choice.step_seconds,
+            "profile": "cached" if cached else f"measured in {profile.profile_seconds:.1f} s",
+        }
+        log.info("%s, batch %d: tree of %d slots per row (%s), predicted tau %.2f, predicted %.2fx over plain "
+                 "decoding; profile %s", self.device_name, self.batch_size, chosen.slots,
+                 [len(t.paths) for t in chosen.tree_set.trees], chosen.estimate.expected_tokens, choice.speedup,
+                 self.tree_info["profile"])
+        return chosen.tree_set
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
         return {
             "model_id": lm.model_id,
             "model_hash": lm.content_hash,
-            "device": str(lm.device),
+            "device": self.device_name,
+            "torch_device": str(lm.device),
             "dtype": str(lm.dtype).removeprefix("torch."),
             "max_context": lm.max_context,
             "decoding": self.config.method,
             "prompts": self.prompts_source,
-            "tree_hash": getattr(getattr(self.decoder, "tree_set", None), "tree_hash", None),
+            "batch_size": self.batch_size,
+            "tree_hash": self.tree_hash,
+            **self.tree_info,
         }
+
+    @property
+    def tree_hash(self) -> str | None:
+        tree_set = getattr(self.decoder, "tree_set", None)
+        return tree_set.tree_hash if tree_set is not None else None
 
     def _encode(self, row: dict) -> list[int]:
         return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
@@ -193,7 +251,8 @@ class DecodeEngine:
         pending: list[tuple[RowOutput, list[int], int]] = []  # (output, prompt ids, budget)
         for row in rows:
             row_id = row.get("id") if isinstance(row, dict) else None
-            out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id)
+            out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id,
+                            device=self.device_name, tree_hash=self.tree_hash)
             outputs.append(out)
             error = row_error(row)
             if error is None:

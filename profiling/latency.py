@@ -1,0 +1,206 @@
+"""Step latency of the real PPD decode step on this device, by input slots per row and batch size.
+
+A profile times ``PPDDecoder.step`` (tree forward, verification, KV compaction) over a live KV cache of a
+fixed context length, for a grid of slot counts per row (1 = the root alone, i.e. plain decoding) and the
+batch sizes asked for: a warm-up, a device sync around each repeat, the median. It stops early when the
+time budget runs out (largest inputs last); sizes it did not reach have no latency and are never chosen.
+Profiles are cached as JSON per (device identity, model, prompt-token shape, grid) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from decoding import PPDDecoder, PromptTokens
+from decoding.batch import crop_cache, new_cache, prefill
+from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
+from profiling.device import DeviceIdentity, identify
+from profiling.trees import best_paths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class LatencyPoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch: int
+    slots: int
+    seconds: float = Field(description="Median seconds of one decode step.")
+    repeats: int
+
+
+class LatencyProfile(BaseModel):
+    """Measured step latencies of one model on one device."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    device: DeviceIdentity
+    model_hash: str
+    k: int
+    ensemble: int
+    context_len: int = Field(description="KV length the steps ran over.")
+    points: list[LatencyPoint]
+    profile_seconds: float = Field(description="Wall time the measurement took.")
+    measured_at: str
+
+    def batches(self) -> list[int]:
+        return sorted({p.batch for p in self.points})
+
+    def measured_slots(self, batch: int) -> list[int]:
+        return sorted(p.slots for p in self.points if p.batch == batch)
+
+    def step_seconds(self, batch: int, slots: int) -> float:
+        """Latency of a step with ``slots`` inputs per row: linear between measured slot counts of the
+        nearest measured batch size at or above ``batch`` (the largest one beyond it); inf past the largest
+        measured slot count."""
+        batches = self.batches()
+        b = next((x for x in batches if x >= batch), batches[-1])
+        curve = sorted((p.slots, p.seconds) for p in self.points if p.batch == b)
+        if slots > curve[-1][0]:
+            return float("inf")
+        lo = max((c for c in curve if c[0] <= slots), default=curve[0])
+        hi = min((c for c in curve if c[0] >= slots), default=curve[-1])
+        if hi[0] == lo[0]:
+            return lo[1]
+        return lo[1] + (hi[1] - lo[1]) * (slots - lo[0]) / (hi[0] - lo[0])
+
+
+def max_tree_slots(k: int, top_k: int, n: int = 1) -> int:
+    """Every path of ranks < top_k down to depth k, every node with k prompt tokens."""
+    nodes = sum(top_k**d for d in range(k + 1))
+    return nodes + n * k * nodes
+
+
+def synthetic_tree_set(k: int, top_k: int, slots: int, n: int = 1) -> TreeSet:
+    """A tree set whose state-k tree has exactly ``slots`` inputs per row, shaped like a built tree (about one
+    prompt token per node). Only its size matters for timing."""
+    if not 1 <= slots <= max_tree_slots(k, top_k, n):
+        raise ValueError(f"no tree of k={k}, top_k={top_k} has {slots} slots")
+    max_candidates = max_tree_slots(k, top_k, 0) - 1
+    target = (slots - 1 - n) / (1 + n)
+    # The candidate count C nearest the target for which the prompt tokens fill the rest exactly.
+    for C in sorted(range(min(max_candidates, slots - 1) + 1), key=lambda c: (abs(c - target), c)):
+        rest = slots - 1 - C
+        if rest % n == 0 and rest // n <= k * (C + 1):
+            break
+    else:  # unreachable below max_tree_slots: C = max_candidates always fits
+        raise AssertionError("no candidate count fits")
+    uniform = [[1.0 / (r + 1) for r in range(top_k)] for _ in range(k)]
+    nodes = [()] + best_paths(uniform, C, k)
+    counts = {node: 0 for node in nodes}
+    for i in range(rest // n):  # round-robin, root first
+        counts[nodes[i % len(nodes)]] += 1
+    tree = TreeSpec.build(counts)
+    return TreeSet(k=k, top_k=top_k, trees=(TreeSpec.build({(): 0}),) * k + (tree,))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batch_sizes: Sequence[int],
+                    slots: Sequence[int] = DEFAULT_SLOTS, context_len: int = 256, budget_s: float | None = None,
+                    repeats: int | None = None, seed: int = 0) -> LatencyProfile:
+    """Time the decode step for every (batch, slots) the budget allows."""
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    identity = identify(device, dtype)
+    gpu = device.type == "cuda"
+    budget_s = budget_s if budget_s is not None else (30.0 if gpu else 60.0)
+    repeats = repeats or (7 if gpu else 3)
+    warmups = 2 if gpu else 1
+    k, n, top_k = prompt_tokens.k, prompt_tokens.n, 10
+    vocab = model.get_input_embeddings().weight.shape[0]
+    decoder = PPDDecoder(model, prompt_tokens, synthetic_tree_set(k, top_k, 1, n))
+    prompt_table = prompt_tokens.flat(dtype)
+    g = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    points: list[LatencyPoint] = []
+    batch_sizes = sorted(set(batch_sizes))
+    for bi, batch in enumerate(batch_sizes):
+        batch_deadline = started + budget_s * (bi + 1) / len(batch_sizes)
+        cache = new_cache(model)
+        prefill(model, cache, torch.randint(0, vocab, (batch, context_len), generator=g).tolist(), device)
+        kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
+        root = torch.randint(0, vocab, (batch,), generator=g).to(device)
+        guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
+        state = torch.full((batch,), k, dtype=torch.long, device=device)
+        last: list[LatencyPoint] = []  # this batch's points so far
+        for size in sorted(s for s in set(slots) if s <= max_tree_slots(k, top_k, n)):
+            # Predict this point's cost as proportional to its slots (pessimistic where the curve is flat)
+            # and stop before the deadline.
+            if last:
+                per_step = last[-1].seconds * size / last[-1].slots
+                if time.perf_counter() + per_step * (warmups + repeats) > batch_deadline:
+                    log.info("profile: batch %d stops before %d slots (time budget)", batch, size)
+                    break
+            buffers = tree_set_buffers(synthetic_tree_set(k, top_k, size, n), n, device)
+            times = []
+            for i in range(warmups + repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                decoder.step(cache, buffers, prompt_table, kv_len, root, guesses, state)
+                _sync(device)
+                if i >= warmups:
+                    times.append(time.perf_counter() - t0)
+                crop_cache(cache, context_len)
+                if i >= warmups and time.perf_counter() > batch_deadline and len(times) >= 1:
+                    break
+            point = LatencyPoint(batch=batch, slots=size, seconds=statistics.median(times), repeats=len(times))
+            points.append(point)
+            last.append(point)
+        del cache
+    return LatencyProfile(device=identity, model_hash=model_hash, k=k, ensemble=n, context_len=context_len,
+                          points=points, profile_seconds=time.perf_counter() - started,
+                          measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def profile_path(cache_dir: Path, identity: DeviceIdentity, model_hash: str, k: int, n: int,
+                 batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None) -> Path:
+    """Everything that shapes the measurement is in the key: a short-budget profile never stands in for a
+    full one."""
+    key = json.dumps({"device": identity.key(), "model": model_hash, "k": k, "n": n,
+                      "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
+                      "budget_s": budget_s},
+                     sort_keys=True)
+    return cache_dir / "profiles" / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, cache_dir: Path | None,
+                            batch_sizes: Sequence[int], slots: Sequence[int] = DEFAULT_SLOTS,
+                            context_len: int = 256, budget_s: float | None = None) -> tuple[LatencyProfile, bool]:
+    """The cached profile for this device and model if there is one, else a fresh measurement (then cached).
+    Returns (profile, whether it came from the cache)."""
+    weight = model.get_input_embeddings().weight
+    identity = identify(weight.device, weight.dtype)
+    path = None
+    if cache_dir is not None:
+        path = profile_path(cache_dir, identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes,
+                            slots, context_len, budget_s)
+        if path.exists():
+            try:
+                return LatencyProfile.model_validate_json(path.read_text()), True
+            except ValueError as exc:  # a damaged or outdated file: measure again
+                log.warning("ignoring unreadable profile %s: %s", path, exc)
+    profile = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=batch_sizes, slots=slots,
+                              context_len=context_len, budget_s=budget_s)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(profile.model_dump_json(indent=1))
+        tmp.replace(path)
+    return profile, False

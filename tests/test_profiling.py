@@ -1,0 +1,105 @@
+"""Device profiling: the synthetic trees the profiler times, latency interpolation, a real (short) profile of a
+tiny model, the profile cache, and the engine choosing its tree from the profile."""
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decoding import PromptTokens, VanillaDecoder
+from decoding.tree import tree_set_buffers
+from profiling.device import identify
+from profiling.latency import (
+    LatencyPoint,
+    LatencyProfile,
+    load_or_measure_profile,
+    max_tree_slots,
+    measure_profile,
+    synthetic_tree_set,
+)
+from profiling.tree_builder import tree_set_slots
+from tests.helpers_models import make_tiny_llama
+from tests.test_engine_prompts import _Tok, trained_artifact
+from workers.engine import DecodeEngine, DecodingConfig
+from workers.models import LoadedModel
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 400), n=st.integers(1, 3), k=st.integers(1, 4))
+def test_synthetic_tree_has_exactly_the_slots_asked(slots, n, k):
+    if slots > max_tree_slots(k, 10, n):
+        with pytest.raises(ValueError, match="no tree"):
+            synthetic_tree_set(k, 10, slots, n)
+        return
+    ts = synthetic_tree_set(k, 10, slots, n)
+    assert tree_set_slots(ts, n) == slots
+    assert int(tree_set_buffers(ts, n=n).num_slots[k]) == slots
+
+
+def profile_of(points):
+    return LatencyProfile(device=identify("cpu", torch.float32), model_hash="m", k=3, ensemble=1, context_len=8,
+                          points=[LatencyPoint(batch=b, slots=s, seconds=t, repeats=1) for b, s, t in points],
+                          profile_seconds=0.0, measured_at="now")
+
+
+def test_step_seconds_interpolates_measured_points_only():
+    p = profile_of([(1, 1, 1.0), (1, 4, 1.0), (1, 8, 3.0), (4, 1, 2.0), (4, 8, 9.0)])
+    assert p.step_seconds(1, 6) == pytest.approx(2.0)
+    assert p.step_seconds(1, 8) == 3.0
+    assert p.step_seconds(1, 9) == float("inf")  # never measured: never chosen
+    assert p.step_seconds(2, 1) == 2.0  # the next measured batch size up
+    assert p.step_seconds(9, 8) == 9.0  # past the largest: the largest
+    assert p.measured_slots(4) == [1, 8] and p.batches() == [1, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32)
+    return LoadedModel(model=model, tokenizer=_Tok(), model_id="tiny", content_hash="tinyhash", eos_token_ids=[1],
+                       device=torch.device("cpu"), dtype=torch.float32, max_context=256)
+
+
+def test_measure_profile_on_a_tiny_model(tiny):
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    started = time.perf_counter()
+    profile = measure_profile(tiny.model, pt, model_hash="tinyhash", batch_sizes=[2, 1], slots=[1, 4, 16, 64],
+                              context_len=32, budget_s=20)
+    assert time.perf_counter() - started < 20 + 10  # the budget, plus the last step that overran it
+    assert profile.batches() == [1, 2] and profile.measured_slots(2) == [1, 4, 16, 64]
+    assert all(p.seconds > 0 and p.repeats >= 1 for p in profile.points)
+    assert profile.device.kind == "cpu" and profile.device.threads == torch.get_num_threads()
+    # A budget too small for the larger sizes stops early, keeping what it measured.
+    short = measure_profile(tiny.model, pt, model_hash="tinyhash", batch_sizes=[1], slots=[1, 4, 16, 64, 4096],
+                            context_len=32, budget_s=0.5)
+    assert short.measured_slots(1)[0] == 1 and 4096 not in short.measured_slots(1)
+
+
+def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 8], budget_s=5)
+    first, cached_first = load_or_measure_profile(tiny.model, pt, **kwargs)
+    again, cached_again = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert (cached_first, cached_again) == (False, True) and again == first
+    other, cached_other = load_or_measure_profile(tiny.model, pt, **{**kwargs, "model_hash": "other"})
+    assert not cached_other
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+
+
+def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
+    path = trained_artifact(tiny, tmp_path / "pt")
+    config = DecodingConfig(prompts=str(path), profile_budget_s=5)
+    engine = DecodeEngine(tiny, config, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    info = engine.describe()
+    assert info["tree"] == "hardware-aware" and info["batch_size"] == 2
+    assert info["tree_slots"] <= info["tree_budget"] and info["predicted_tau"] >= 1.0
+    assert info["profile"].startswith("measured") and info["device"].startswith("cpu: ")
+    again = DecodeEngine(tiny, config, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    assert again.describe()["profile"] == "cached" and again.tree_hash == engine.tree_hash
+    out = engine.run_batch([{"id": "a", "prompt": "x"}, {"id": "b"}])
+    assert [(o.device, o.tree_hash) for o in out] == [(info["device"], engine.tree_hash)] * 2
+    # The chosen tree decodes losslessly.
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    plain = VanillaDecoder(tiny.model, eos_token_ids=tiny.eos_token_ids).generate(prompts, 20)
+    assert [r.token_ids for r in engine.decoder.generate(prompts, 20)] == [r.token_ids for r in plain]
