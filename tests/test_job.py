@@ -332,9 +332,14 @@ def test_default_model_matches_hf_generate(ray_local, tmp_path):
         {"id": "c", "prompt": "The three primary colours are"},
     ]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    table, summary = run_job(tmp_path, "out", "--input", str(src), "--max-new-tokens", "16", "--batch-size", "3")
+    table, summary = run_job(tmp_path, "out", "--input", str(src), "--max-new-tokens", "16", "--batch-size", "3",
+                             "--profile-budget-s", "8")
     assert summary["rows_failed"] == 0 and summary["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     got = {r["id"]: r["output_token_ids"] for r in table.to_pylist()}
+    # The worker profiled its device and built its own tree from the shipped artifact's acceptance table.
+    (worker,) = summary["workers"]
+    assert worker["tree"] == "hardware-aware" and worker["batch_size"] == 3
+    assert {(r["device"], r["tree_hash"]) for r in table.to_pylist()} == {(worker["device"], worker["tree_hash"])}
 
     lm = load_model(ModelConfig())
     for row in rows:
