@@ -5,9 +5,11 @@
 
 For the trained prompt tokens, untrained ones (the mean-embedding start) and plain decoding, per kind of
 prompt (chat / math / code): top-1/5/10 accuracy of prompt token i for the token i+2 places ahead (teacher
-forced on the model's own greedy responses), the tau predicted from the acceptance table, and the tau
-measured by decoding held-out prompts with PPD on the same fixed-size tree (the trained acceptance table
-picks its paths; every node carries k prompt tokens). PPD outputs are checked against plain decoding.
+forced on the model's own greedy responses), the tau predicted from the acceptance table, and the tau of
+greedy PPD decoding on the fixed-size tree (the trained table's most probable paths, every node carrying k
+prompt tokens) over every held-out prompt's whole response. That tau is replayed exactly from guess ranks
+at every position (profiling/acceptance.py); ``--check-decode`` prompts per kind are also decoded for real,
+and their outputs and step counts must equal plain decoding's tokens and the replay's steps.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-from decoding import PPDDecoder, PromptTokens, VanillaDecoder  # noqa: E402
+from decoding import PPDDecoder, PromptTokens  # noqa: E402
 from jobs.train import TrainConfig, evaluate, load_samples  # noqa: E402
-from profiling.trees import best_paths, expected_tokens_per_step, fixed_size_tree_set  # noqa: E402
+from profiling.acceptance import ranks_at_every_cut, replay_decoding  # noqa: E402
+from profiling.tree_builder import estimate  # noqa: E402
+from profiling.trees import fixed_size_tree_set  # noqa: E402
 from workers.artifacts import load_prompt_tokens  # noqa: E402
 from workers.models import ModelConfig, load_model  # noqa: E402
 
@@ -36,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", required=True, help="the trained prompt-token artifact")
     p.add_argument("--model", default="default")
     p.add_argument("--tree-nodes", type=int, default=63, help="candidate nodes of the fixed-size tree")
-    p.add_argument("--per-kind", type=int, default=8, help="held-out prompts decoded per kind for tau")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--check-decode", type=int, default=2, help="held-out prompts per kind decoded for real")
     p.add_argument("--eval-cuts-per-sample", type=int, default=32)
     p.add_argument("--output-json", help="also write the report here")
     args = p.parse_args(argv)
@@ -49,41 +52,62 @@ def main(argv: list[str] | None = None) -> int:
     # The held-out split the training run evaluated on (same selection rules and response length).
     train_cfg = TrainConfig(**trained.meta.extra.get("training", {}).get("config", {}))
     samples = load_samples(train_cfg.model_copy(update={"model": ModelConfig(model=args.model)}), lm, held_out=True)
+    candidates = {"trained": trained, "untrained": untrained}
 
-    acc = {"trained": evaluate(lm, trained, samples, args.eval_cuts_per_sample),
-           "untrained": evaluate(lm, untrained, samples, args.eval_cuts_per_sample)}
+    acc = {name: evaluate(lm, pt, samples, args.eval_cuts_per_sample) for name, pt in candidates.items()}
     tree_set = fixed_size_tree_set(acc["trained"]["all"]["acceptance"], args.tree_nodes, trained.k)
-    paths = best_paths(acc["trained"]["all"]["acceptance"], args.tree_nodes, trained.k)
-
-    report = {"tree_nodes": args.tree_nodes, "tree_hash": tree_set.tree_hash, "accuracy": acc, "tau": {}}
-    vanilla = VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
+    report = {"tree_nodes": args.tree_nodes, "tree_hash": tree_set.tree_hash, "accuracy": acc, "tau": {},
+              "decode_check": {}}
+    tokens: dict[tuple[str, str], list[int]] = {}
+    steps: dict[tuple[str, str], list[int]] = {}
+    for s in samples:
+        for name, pt in candidates.items():
+            ranks = ranks_at_every_cut(lm.model, pt, s.prompt_ids, s.response_ids)
+            tokens.setdefault((name, s.kind), []).append(len(s.response_ids))
+            steps.setdefault((name, s.kind), []).append(replay_decoding(ranks, tree_set, len(s.response_ids)))
     for kind in ("chat", "math", "code"):
-        prompts = [s.prompt_ids for s in samples if s.kind == kind][: args.per_kind]
-        if not prompts:
+        if ("trained", kind) not in tokens:
             continue
-        plain = [r.token_ids for r in vanilla.generate(prompts, args.max_new_tokens)]
-        row = {"plain": 1.0, "prompts": len(prompts)}
-        for name, pt in (("trained", trained), ("untrained", untrained)):
-            results = PPDDecoder(lm.model, pt, tree_set, eos_token_ids=lm.eos_token_ids).generate(
-                prompts, args.max_new_tokens)
-            row[name] = sum(r.num_tokens for r in results) / sum(r.num_steps for r in results)
-            row[f"{name}_predicted"] = expected_tokens_per_step(acc[name][kind]["acceptance"], paths)
-            row[f"{name}_identical_to_plain"] = sum(r.token_ids == t for r, t in zip(results, plain))
+        row = {"plain": 1.0, "prompts": len(tokens[("trained", kind)]),
+               "response_tokens": sum(tokens[("trained", kind)])}
+        for name in candidates:
+            row[name] = sum(tokens[(name, kind)]) / sum(steps[(name, kind)])
+            row[f"{name}_predicted"] = estimate(acc[name][kind]["acceptance"], tree_set).expected_tokens
         report["tau"][kind] = row
+
+    # Real decoding on a few prompts per kind: lossless, and the replay counts the same steps.
+    decoder = PPDDecoder(lm.model, trained, tree_set, eos_token_ids=lm.eos_token_ids)
+    for kind in ("chat", "math", "code"):
+        chosen = [s for s in samples if s.kind == kind][: args.check_decode]
+        if not chosen:
+            continue
+        results = decoder.generate([s.prompt_ids for s in chosen], [len(s.response_ids) for s in chosen])
+        replayed = [replay_decoding(ranks_at_every_cut(lm.model, trained, s.prompt_ids, s.response_ids), tree_set,
+                                    len(s.response_ids)) for s in chosen]
+        report["decode_check"][kind] = {
+            "prompts": len(chosen),
+            "identical_to_plain": sum(r.token_ids == s.response_ids for r, s in zip(results, chosen)),
+            "steps_decoded": [r.num_steps for r in results], "steps_replayed": replayed,
+        }
 
     print(f"\nheld-out accuracy (prompt token i guesses the token i+2 places ahead), tree of {args.tree_nodes} nodes")
     print(f"{'kind':<6} {'tokens':<10} " + "  ".join(f"{'d=' + str(i + 2) + ' top1/5/10':<19}" for i in range(trained.k)))
     for kind in ("chat", "math", "code", "all"):
-        for name in ("trained", "untrained"):
+        for name in candidates:
             ev = acc[name].get(kind)
             if ev:
                 cells = "  ".join(f"{ev['top1'][i]:.2f}/{ev['top5'][i]:.2f}/{ev['top10'][i]:.2f}     "
                                   for i in range(trained.k))
                 print(f"{kind:<6} {name:<10} {cells}")
-    print(f"\n{'kind':<6} {'prompts':>7} {'plain':>6} {'untrained':>10} {'trained':>8} {'predicted':>10} {'= plain':>8}")
+    print(f"\ntau over whole held-out responses ({train_cfg.data.max_new_tokens} tokens at most), "
+          f"{args.tree_nodes}-node tree")
+    print(f"{'kind':<6} {'prompts':>7} {'tokens':>7} {'plain':>6} {'untrained':>10} {'trained':>8} {'predicted':>10}")
     for kind, row in report["tau"].items():
-        print(f"{kind:<6} {row['prompts']:>7} {1.0:>6.2f} {row['untrained']:>10.2f} {row['trained']:>8.2f} "
-              f"{row['trained_predicted']:>10.2f} {row['trained_identical_to_plain']:>5}/{row['prompts']}")
+        print(f"{kind:<6} {row['prompts']:>7} {row['response_tokens']:>7} {1.0:>6.2f} {row['untrained']:>10.2f} "
+              f"{row['trained']:>8.2f} {row['trained_predicted']:>10.2f}")
+    print("\nreal decoding check (trained): identical to plain / steps decoded vs replayed")
+    for kind, row in report["decode_check"].items():
+        print(f"{kind:<6} {row['identical_to_plain']}/{row['prompts']}  {row['steps_decoded']} vs {row['steps_replayed']}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     return 0

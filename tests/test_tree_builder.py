@@ -163,3 +163,25 @@ def test_choose_budget_follows_the_latency_curve():
         assert choice.chosen.budget == expected == brute(latency)
         assert choice.speedup == pytest.approx(taus[expected] / latency(choice.chosen.slots) * latency(1))
     assert [s[0] for s in choose_budget(TABLE, 3, flat, budgets).sweep] == budgets
+
+
+@pytest.mark.parametrize("budget", [6, 30])
+def test_replay_of_ranks_reproduces_the_decoders_steps(budget):
+    """Steps replayed from teacher-forced guess ranks equal the steps PPD decoding really took, row by row,
+    on a tree set with several depth states (and on the fixed-size tree)."""
+    from decoding import PPDDecoder, PromptTokens
+    from profiling.acceptance import ranks_at_every_cut, replay_decoding
+    from profiling.trees import fixed_size_tree_set
+    from tests.helpers_models import make_tiny_llama
+
+    model = make_tiny_llama(vocab_size=48, hidden_size=32, seed=3)
+    pt = PromptTokens.from_token_embeddings(model, k=3, base_model_id="tiny", base_model_hash="0",
+                                            generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(budget)
+    prompts = [torch.randint(0, 48, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (5,), generator=g)]
+    for tree_set in (build_tree_set(TABLE, 3, budget).tree_set, fixed_size_tree_set(TABLE, budget, 3)):
+        results = PPDDecoder(model, pt, tree_set).generate(prompts, 30)
+        assert sum(r.num_tokens for r in results) > sum(r.num_steps for r in results)  # some guesses accepted
+        for prompt, r in zip(prompts, results):
+            ranks = ranks_at_every_cut(model, pt, prompt, r.token_ids, max_rank=3)
+            assert replay_decoding(ranks, tree_set, r.num_tokens) == r.num_steps
