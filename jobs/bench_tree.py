@@ -86,6 +86,8 @@ def bench_setup(setup: str, args, prompts_cache: dict) -> dict:
     if key not in prompts_cache:
         prompts_cache[key] = held_out_prompts(lm.tokenizer, args.per_kind, Path(args.data_dir))
     prompts = prompts_cache[key]
+    if len(prompts) > batch:  # whole batches only: a short last batch would time a different batch size
+        prompts = prompts[: len(prompts) - len(prompts) % batch]
     budgets = [b for b, *_ in choice.sweep]
     built = {b: vanilla_built(pt.k, len(table[0])) if b == 1
              else build_tree_set(table, pt.k, b, n=pt.n) for b in budgets}
