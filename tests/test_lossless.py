@@ -24,6 +24,7 @@ from decoding import (
 from decoding.batch import new_cache, prefill
 from decoding.ppd import greedy_accept
 from decoding.tree import tree_buffers, tree_set_buffers
+from profiling.tree_builder import build_tree_set
 from tests.helpers_models import make_tiny_llama
 
 VOCAB, K = 64, 3
@@ -86,8 +87,10 @@ WIDE = TreeSet(k=K, top_k=10, trees=tuple(
 DEEP = TreeSet(k=K, top_k=10, trees=tuple(TreeSpec.build(
     {p: c for p, c in {(): K, (0,): K, (1,): 1, (0, 0): K, (0, 1): 2, (0, 0, 0): K, (0, 0, 1): 1,
                        (1, 0): 2}.items() if len(p) <= m}) for m in range(K + 1)))
+# A hardware-aware tree: several depth states, nodes with 1..k prompt tokens.
+BUILT = build_tree_set([[0.5, 0.2, 0.1, 0.05], [0.4, 0.2, 0.05, 0.05], [0.3, 0.1, 0.1, 0.05]], K, 40).tree_set
 TREES = {"chain": chain_tree_set(K), "wide": WIDE, "deep": DEEP, "default": default_tree_set(K),
-         "root_only": vanilla_tree_set(K)}
+         "root_only": vanilla_tree_set(K), "built": BUILT}
 
 
 @pytest.mark.parametrize("tree", list(TREES))
@@ -108,7 +111,7 @@ def truth(model):
     return prompts, [reference_greedy(model, p, MAX_NEW + K + 1).token_ids for p in prompts]
 
 
-@pytest.mark.parametrize("tree", ["chain", "deep", "default", "wide"])
+@pytest.mark.parametrize("tree", ["chain", "deep", "default", "wide", "built"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_deep_acceptance_stays_lossless(model, truth, tree, n):
     prompts, full = truth
