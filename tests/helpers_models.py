@@ -1,5 +1,6 @@
-"""Small, deterministic models for tests: a random tiny Llama (in memory or saved as an HF directory) and a
-tiny random Llama written as a GGUF file (to exercise the GGUF de-quantise-and-cache path in seconds)."""
+"""Small, deterministic models for tests: a random tiny Llama (in memory or saved as an HF directory), a
+tiny random Llama written as a GGUF file (to exercise the GGUF de-quantise-and-cache path in seconds), and a
+tiny Llama wrapped as a `LoadedModel` with a prompt-token artifact that carries an acceptance table."""
 
 from __future__ import annotations
 
@@ -159,4 +160,32 @@ def write_tiny_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+class StubTokenizer:
+    """Decodes ids as their numbers; enough for engine tests that never encode text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def tiny_loaded_model(content_hash: str = "tinyhash"):
+    """A fp32 tiny Llama as `workers.models.LoadedModel` (CPU, EOS id 1, context 256)."""
+    from workers.models import LoadedModel
+
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32)
+    return LoadedModel(model=model, tokenizer=StubTokenizer(), model_id="tiny", content_hash=content_hash,
+                       eos_token_ids=[1], device=torch.device("cpu"), dtype=torch.float32, max_context=256)
+
+
+def save_trained_artifact(loaded, path: Path, model_hash: str = "tinyhash") -> Path:
+    """Untrained k=3 prompt tokens saved as an artifact with a made-up acceptance table (as training writes)."""
+    from decoding import PromptTokens
+    from workers.artifacts import save_prompt_tokens
+
+    pt = PromptTokens.from_token_embeddings(loaded.model, k=3, base_model_id="tiny", base_model_hash=model_hash)
+    pt.meta.extra["acceptance"] = [[0.5, 0.2, 0.1] + [0.01] * 7, [0.4, 0.2, 0.05] + [0.01] * 7,
+                                   [0.3, 0.1, 0.1] + [0.01] * 7]
+    save_prompt_tokens(pt, path)
     return path

@@ -20,10 +20,8 @@ from profiling.latency import (
     synthetic_tree_set,
 )
 from profiling.tree_builder import tree_set_slots
-from tests.helpers_models import make_tiny_llama
-from tests.test_engine_prompts import _Tok, trained_artifact
+from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.engine import DecodeEngine, DecodingConfig
-from workers.models import LoadedModel
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,9 +54,7 @@ def test_step_seconds_interpolates_measured_points_only():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32)
-    return LoadedModel(model=model, tokenizer=_Tok(), model_id="tiny", content_hash="tinyhash", eos_token_ids=[1],
-                       device=torch.device("cpu"), dtype=torch.float32, max_context=256)
+    return tiny_loaded_model()
 
 
 def test_measure_profile_on_a_tiny_model(tiny):
@@ -88,7 +84,7 @@ def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
 
 
 def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
-    path = trained_artifact(tiny, tmp_path / "pt")
+    path = save_trained_artifact(tiny, tmp_path / "pt")
     config = DecodingConfig(prompts=str(path), profile_budget_s=5)
     engine = DecodeEngine(tiny, config, batch_size=2, cache_dir=str(tmp_path / "cache"))
     info = engine.describe()
