@@ -4,19 +4,16 @@ A profile times ``PPDDecoder.step`` (tree forward, verification, KV compaction) 
 fixed context length, for a grid of slot counts per row (1 = the root alone, i.e. plain decoding) and the
 batch sizes asked for: a warm-up, a device sync around each repeat, the median. It stops early when the
 time budget runs out (largest inputs last); sizes it did not reach have no latency and are never chosen.
-Profiles are cached as JSON per (device identity, model, prompt-token shape, grid) and reused.
+Workers cache profiles on disk (workers/profiles.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import statistics
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,12 +136,12 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
         root = torch.randint(0, vocab, (batch,), generator=g).to(device)
         guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
         state = torch.full((batch,), k, dtype=torch.long, device=device)
-        last: list[LatencyPoint] = []  # this batch's points so far
+        previous: LatencyPoint | None = None  # this batch's last point
         for size in sorted(s for s in set(slots) if s <= max_tree_slots(k, top_k, n)):
             # Predict this point's cost as proportional to its slots (pessimistic where the curve is flat)
             # and stop before the deadline.
-            if last:
-                per_step = last[-1].seconds * size / last[-1].slots
+            if previous is not None:
+                per_step = previous.seconds * size / previous.slots
                 if time.perf_counter() + per_step * (warmups + repeats) > batch_deadline:
                     log.info("profile: batch %d stops before %d slots (time budget)", batch, size)
                     break
@@ -158,49 +155,11 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
                 if i >= warmups:
                     times.append(time.perf_counter() - t0)
                 crop_cache(cache, context_len)
-                if i >= warmups and time.perf_counter() > batch_deadline and len(times) >= 1:
+                if i >= warmups and time.perf_counter() > batch_deadline:
                     break
-            point = LatencyPoint(batch=batch, slots=size, seconds=statistics.median(times), repeats=len(times))
-            points.append(point)
-            last.append(point)
+            previous = LatencyPoint(batch=batch, slots=size, seconds=statistics.median(times), repeats=len(times))
+            points.append(previous)
         del cache
     return LatencyProfile(device=identity, model_hash=model_hash, k=k, ensemble=n, context_len=context_len,
                           points=points, profile_seconds=time.perf_counter() - started,
                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-
-def profile_path(cache_dir: Path, identity: DeviceIdentity, model_hash: str, k: int, n: int,
-                 batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None) -> Path:
-    """Everything that shapes the measurement is in the key: a short-budget profile never stands in for a
-    full one."""
-    key = json.dumps({"device": identity.key(), "model": model_hash, "k": k, "n": n,
-                      "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
-                      "budget_s": budget_s},
-                     sort_keys=True)
-    return cache_dir / "profiles" / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-
-def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, cache_dir: Path | None,
-                            batch_sizes: Sequence[int], slots: Sequence[int] = DEFAULT_SLOTS,
-                            context_len: int = 256, budget_s: float | None = None) -> tuple[LatencyProfile, bool]:
-    """The cached profile for this device and model if there is one, else a fresh measurement (then cached).
-    Returns (profile, whether it came from the cache)."""
-    weight = model.get_input_embeddings().weight
-    identity = identify(weight.device, weight.dtype)
-    path = None
-    if cache_dir is not None:
-        path = profile_path(cache_dir, identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes,
-                            slots, context_len, budget_s)
-        if path.exists():
-            try:
-                return LatencyProfile.model_validate_json(path.read_text()), True
-            except ValueError as exc:  # a damaged or outdated file: measure again
-                log.warning("ignoring unreadable profile %s: %s", path, exc)
-    profile = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=batch_sizes, slots=slots,
-                              context_len=context_len, budget_s=budget_s)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(profile.model_dump_json(indent=1))
-        tmp.replace(path)
-    return profile, False

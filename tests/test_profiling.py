@@ -11,17 +11,11 @@ from hypothesis import strategies as st
 from decoding import PromptTokens, VanillaDecoder
 from decoding.tree import tree_set_buffers
 from profiling.device import identify
-from profiling.latency import (
-    LatencyPoint,
-    LatencyProfile,
-    load_or_measure_profile,
-    max_tree_slots,
-    measure_profile,
-    synthetic_tree_set,
-)
+from profiling.latency import LatencyPoint, LatencyProfile, max_tree_slots, measure_profile, synthetic_tree_set
 from profiling.tree_builder import tree_set_slots
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.engine import DecodeEngine, DecodingConfig
+from workers.profiles import load_or_measure_profile
 
 
 @settings(max_examples=60, deadline=None)

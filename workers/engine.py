@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens, RowResult, TreeSet, VanillaDecoder, default_tree_set
 from profiling.device import identify
-from profiling.latency import load_or_measure_profile
 from profiling.tree_builder import choose_budget, estimate
 from profiling.trees import fixed_size_tree_set
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
+from workers.profiles import load_or_measure_profile
 
 log = logging.getLogger(__name__)
 

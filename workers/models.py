@@ -164,7 +164,8 @@ def _read_json_or_empty(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Write through a unique temporary file, then rename: concurrent writers never interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -192,7 +193,7 @@ def cached_content_hash(paths: Sequence[Path], cache_dir: Path) -> str:
     try:
         index = _read_json_or_empty(index_path)  # re-read: another process may have added entries meanwhile
         index[key] = {"stamps": stamps, "sha256": sha}
-        _write_json_atomically(index_path, index)
+        write_json_atomically(index_path, index)
     except OSError as exc:  # a read-only cache dir costs speed, not correctness
         log.warning("could not record the hash of %s in %s: %s", key, index_path, exc)
     return sha
@@ -346,7 +347,7 @@ def _build_gguf_cache(gguf_path: Path, cache_dir: Path, content_hash: str) -> Pa
     try:
         _write_dequantised_dir(model, tokenizer, tmp)
         checked_input_ids = _check_cached_logits_match(model, tmp)
-        _write_json_atomically(
+        write_json_atomically(
             tmp / CACHE_MARKER_NAME,
             {
                 "source_sha256": content_hash,
