@@ -36,12 +36,16 @@ Table = Sequence[Sequence[float]]
 
 def ending_probabilities(table: Table, tree: TreeSpec) -> list[float]:
     """p_c for every node, root first: the probability that c is the deepest accepted node."""
-    nodes: list[Path] = [()] + list(tree.paths)
-    prob = {p: path_probability(table, p) for p in nodes}
-    ending = dict(prob)
-    for p in tree.paths:
-        ending[p[:-1]] -= prob[p]
-    return [max(0.0, ending[p]) for p in nodes]
+    return _ending(list(tree.paths), [path_probability(table, p) for p in tree.paths])
+
+
+def _ending(paths: Sequence[Path], probs: Sequence[float]) -> list[float]:
+    """Ending probabilities of the tree ``[()] + paths`` (parents before children), path probabilities given."""
+    index = {p: i + 1 for i, p in enumerate(paths)}
+    ending = [1.0, *probs]
+    for p, q in zip(paths, probs):
+        ending[index.get(p[:-1], 0)] -= q
+    return [max(0.0, e) for e in ending]
 
 
 def tree_slots(tree: TreeSpec, n: int = 1) -> int:
@@ -125,26 +129,21 @@ def _candidate_counts(max_count: int) -> list[int]:
     return counts
 
 
-def _best_state_tree(table: Table, ordered: list[Path], state: int, k: int, n: int, budget: int,
+def _best_state_tree(ordered: list[Path], prob: list[float], state: int, k: int, n: int, budget: int,
                      h: Sequence[float]) -> tuple[float, TreeSpec]:
-    """The tree for one depth state maximising V + sum_c p_c h(count_c) within ``budget`` slots."""
+    """The tree for one depth state maximising V + sum_c p_c h(count_c) within ``budget`` slots.
+    ``ordered``: the state's paths, most probable first; ``prob``: their path probabilities."""
     root_only = min(k, (budget - 1) // n)
     best = (1.0 + h[root_only], TreeSpec.build({(): root_only}))
     if state == 0 or root_only < 1:
         return best
     max_candidates = min(len(ordered), (budget - 1 - n) // (1 + n))  # every node with at least one prompt token
-    prob = [path_probability(table, p) for p in ordered]
     for S in _candidate_counts(max_candidates):
-        nodes: list[Path] = [()] + ordered[:S]
-        index = {p: i for i, p in enumerate(nodes)}
-        ending = [1.0] + prob[:S]
-        for i, p in enumerate(ordered[:S]):
-            ending[index[p[:-1]]] -= prob[i]
-        ending = [max(0.0, e) for e in ending]
+        ending = _ending(ordered[:S], prob[:S])
         counts = _assign_prompt_tokens(ending, k, (budget - 1 - S) // n, h)
         score = 1.0 + sum(prob[:S]) + sum(e * h[c] for e, c in zip(ending, counts))
         if score > best[0] + 1e-12:
-            best = (score, TreeSpec.build(dict(zip(nodes, counts))))
+            best = (score, TreeSpec.build(dict(zip([()] + ordered[:S], counts))))
     return best
 
 
@@ -166,11 +165,12 @@ def build_tree_set(table: Table, k: int, budget: int, *, n: int = 1, top_k: int 
     top_k = top_k or len(table[0])
     table = [list(row[:top_k]) for row in table[:k]]
     max_paths = max(0, (budget - 1 - n) // (1 + n))
-    ordered = {m: best_paths(table, max_paths, m) for m in range(1, k + 1)}
+    ordered = {m: best_paths(table, max_paths, m) for m in range(k + 1)}
+    prob = {m: [path_probability(table, p) for p in paths] for m, paths in ordered.items()}
     h = [0.0] + [1.0] * k  # any guess beats none; refined below
     best: BuiltTree | None = None
     for _ in range(iterations):
-        scored = [_best_state_tree(table, ordered.get(m, []), m, k, n, budget, h) for m in range(k + 1)]
+        scored = [_best_state_tree(ordered[m], prob[m], m, k, n, budget, h) for m in range(k + 1)]
         tree_set = TreeSet(k=k, top_k=top_k, trees=tuple(t for _, t in scored))
         est = estimate(table, tree_set)
         if best is None or est.expected_tokens > best.estimate.expected_tokens + 1e-12:
