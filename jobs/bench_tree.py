@@ -32,25 +32,23 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from decoding import PPDDecoder  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR, all_prompts, select  # noqa: E402
+from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from jobs.train import TrainConfig, load_samples  # noqa: E402
 from profiling.acceptance import ranks_at_every_cut, replay_decoding  # noqa: E402
 from profiling.device import identify  # noqa: E402
-from profiling.latency import load_or_measure_profile  # noqa: E402
 from profiling.tree_builder import build_tree_set, choose_budget, vanilla_built  # noqa: E402
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, encode_row, load_model, resolve_cache_dir  # noqa: E402
+from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
+from workers.profiles import load_or_measure_profile  # noqa: E402
 
 
-def held_out_prompts(tokenizer, per_kind: int, data_dir: Path) -> list[list[int]]:
-    items = [it for kind, its in all_prompts(data_dir).items() for it in select(its, per_kind, held_out=True)]
-    return [encode_row(tokenizer, messages=it.chat()) for it in items]
-
-
-def held_out_samples(lm, pt) -> list:
-    """The held-out split the artifact was evaluated on, with the model's greedy responses (cached)."""
+def held_out_samples(lm, pt, data_dir: Path) -> list:
+    """The held-out split the artifact was evaluated on (read from ``data_dir``), with the model's greedy
+    responses (cached)."""
     train_cfg = TrainConfig(**pt.meta.extra.get("training", {}).get("config", {}))
-    return load_samples(train_cfg.model_copy(update={"model": ModelConfig(device=str(lm.device))}), lm, held_out=True)
+    update = {"model": ModelConfig(device=str(lm.device)),
+              "data": train_cfg.data.model_copy(update={"data_dir": str(data_dir)})}
+    return load_samples(train_cfg.model_copy(update=update), lm, held_out=True)
 
 
 def decode_all(decoder: PPDDecoder, prompts: list[list[int]], batch: int, max_new_tokens: int, device) -> dict:
@@ -69,7 +67,8 @@ def decode_all(decoder: PPDDecoder, prompts: list[list[int]], batch: int, max_ne
     return {"tokens": tokens, "steps": steps, "seconds": time.perf_counter() - t0, "outputs": outputs}
 
 
-def bench_setup(setup: str, args, prompts_cache: dict) -> dict:
+def bench_setup(setup: str, args, shared: dict) -> dict:
+    """``shared``: the held-out samples and their ranks, computed once for all setups."""
     device, batch, *threads = setup.split(":")
     batch = int(batch)
     if threads:
@@ -92,24 +91,22 @@ def bench_setup(setup: str, args, prompts_cache: dict) -> dict:
           f", start-up {startup:.1f} s; chosen budget {choice.chosen.budget} ({choice.chosen.slots} slots), "
           f"predicted tau {choice.chosen.estimate.expected_tokens:.2f}, predicted {choice.speedup:.2f}x", flush=True)
 
-    key = (device, args.per_kind)
-    if key not in prompts_cache:
-        prompts_cache[key] = held_out_prompts(lm.tokenizer, args.per_kind, Path(args.data_dir))
-    prompts = prompts_cache[key]
+    if "samples" not in shared:
+        shared["samples"] = held_out_samples(lm, pt, Path(args.data_dir))
+    # Timed: the first held-out prompts of each kind (the replay below covers them all).
+    prompts = [s.prompt_ids for kind in ("chat", "math", "code")
+               for s in [x for x in shared["samples"] if x.kind == kind][: args.per_kind]]
     if len(prompts) > batch:  # whole batches only: a short last batch would time a different batch size
         prompts = prompts[: len(prompts) - len(prompts) % batch]
     budgets = [b for b, *_ in choice.sweep]
     built = {b: vanilla_built(pt.k, len(table[0])) if b == 1
              else build_tree_set(table, pt.k, b, n=pt.n) for b in budgets}
-    if "ranks" not in prompts_cache:  # every held-out response, ranked once, replayed per tree below
-        samples = held_out_samples(lm, pt)
-        prompts_cache["ranks"] = [(ranks_at_every_cut(lm.model, pt, s.prompt_ids, s.response_ids),
-                                   len(s.response_ids)) for s in samples]
-    replay_tau = {}
-    for b in budgets:
-        tokens = sum(n for _, n in prompts_cache["ranks"])
-        steps = sum(replay_decoding(r, built[b].tree_set, n) for r, n in prompts_cache["ranks"])
-        replay_tau[b] = tokens / steps
+    if "ranks" not in shared:  # every held-out response, ranked once, replayed per tree below
+        shared["ranks"] = [(ranks_at_every_cut(lm.model, pt, s.prompt_ids, s.response_ids),
+                            len(s.response_ids)) for s in shared["samples"]]
+    replay_tokens = sum(n for _, n in shared["ranks"])
+    replay_tau = {b: replay_tokens / sum(replay_decoding(r, built[b].tree_set, n) for r, n in shared["ranks"])
+                  for b in budgets}
     runs: dict[int, list[dict]] = {b: [] for b in budgets}
     if not args.tau_only:
         decoders = {b: PPDDecoder(lm.model, pt, built[b].tree_set, eos_token_ids=lm.eos_token_ids) for b in budgets}
@@ -138,8 +135,8 @@ def bench_setup(setup: str, args, prompts_cache: dict) -> dict:
             "profile_cached": cached, "profile_seconds": profile.profile_seconds, "startup_seconds": startup,
             "chosen_budget": choice.chosen.budget, "chosen_tree_hash": choice.chosen.tree_set.tree_hash,
             "best_budget": best["budget"] if best else None, "rows": rows, "prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "replay_responses": len(prompts_cache["ranks"]),
-            "replay_tokens": sum(n for _, n in prompts_cache["ranks"]),
+            "max_new_tokens": args.max_new_tokens, "replay_responses": len(shared["ranks"]),
+            "replay_tokens": replay_tokens,
             "tau_error_replay": abs(chosen["predicted_tau"] - chosen["replay_tau"]) / chosen["replay_tau"],
             "tau_error_decoded": (abs(chosen["predicted_tau"] - chosen["measured_tau"]) / chosen["measured_tau"]
                                   if best else None),
@@ -199,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median counts")
     p.add_argument("--profile-budget-s", type=float, default=None)
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="where the held-out prompts are read from")
     p.add_argument("--tau-only", action="store_true", help="skip the timed sweep: predicted and replayed tau only")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     setups = args.setups or (["cpu:1", "cpu:8"] + (["cuda:1", "cuda:8"] if torch.cuda.is_available() else []))
     torch.set_grad_enabled(False)
-    cache: dict = {}
-    results = [bench_setup(s, args, cache) for s in setups]
+    shared: dict = {}
+    results = [bench_setup(s, args, shared) for s in setups]
     for res in results:
         print_setup(res)
     print("\ncross-check (same device, each setup's chosen tree):")

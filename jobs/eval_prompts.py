@@ -60,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
               "decode_check": {}}
     tokens: dict[tuple[str, str], list[int]] = {}
     steps: dict[tuple[str, str], list[int]] = {}
+    replayed_steps: dict[str, int] = {}  # trained, by sample id: the real-decoding check below compares
     for s in samples:
         for name, pt in candidates.items():
             ranks = ranks_at_every_cut(lm.model, pt, s.prompt_ids, s.response_ids)
+            replayed = replay_decoding(ranks, tree_set, len(s.response_ids))
             tokens.setdefault((name, s.kind), []).append(len(s.response_ids))
-            steps.setdefault((name, s.kind), []).append(replay_decoding(ranks, tree_set, len(s.response_ids)))
+            steps.setdefault((name, s.kind), []).append(replayed)
+            if name == "trained":
+                replayed_steps[s.id] = replayed
     for kind in ("chat", "math", "code"):
         if ("trained", kind) not in tokens:
             continue
@@ -82,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             continue
         results = decoder.generate([s.prompt_ids for s in chosen], [len(s.response_ids) for s in chosen])
-        replayed = [replay_decoding(ranks_at_every_cut(lm.model, trained, s.prompt_ids, s.response_ids), tree_set,
-                                    len(s.response_ids)) for s in chosen]
         report["decode_check"][kind] = {
             "prompts": len(chosen),
             "identical_to_plain": sum(r.token_ids == s.response_ids for r, s in zip(results, chosen)),
-            "steps_decoded": [r.num_steps for r in results], "steps_replayed": replayed,
+            "steps_decoded": [r.num_steps for r in results], "steps_replayed": [replayed_steps[s.id] for s in chosen],
         }
 
     print(f"\nheld-out accuracy (prompt token i guesses the token i+2 places ahead), tree of {args.tree_nodes} nodes")
