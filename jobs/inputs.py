@@ -90,11 +90,3 @@ def read_rows(path: str | Path) -> list[dict]:
     if not rows:
         raise InputError(f"{path}: the input has no rows")
     return rows
-
-
-def make_batches(rows: list[dict], batch_size: int) -> list[list[dict]]:
-    """Rows sorted by id, cut into batches of `batch_size` (the last may be shorter)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    ordered = sorted(rows, key=lambda r: r["id"])
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]

@@ -4,10 +4,12 @@
     python jobs/run.py                                  # the embedded demo -> outputs/demo
     python jobs/run.py --input rows.jsonl --output /abs/out --max-new-tokens 128
 
-Reads JSONL or Parquet rows (`id` plus `messages` or `prompt`), sorts them by id into batches, hands
-the batches to `workers.actor.DecodeWorker` actors through `ray.util.ActorPool`, and writes one
-Parquet file per batch plus `summary.json` under the output directory. Starts a local Ray when none
-is running; respects RAY_ADDRESS. See README.md for the options and the output schema.
+The pipeline: read the rows (jobs/inputs.py); see what the output directory already holds and skip those
+ids (jobs/resume.py); cut the rest into shards by id (jobs/pool.py); start every worker group's actors, each
+of which profiles its own device and picks its own tree and batch size (workers/); let them pull shards
+until none is left, writing each finished shard as one Parquet part (jobs/output.py); then summary.json
+and a table per device type. Starts a local Ray when none is running; respects RAY_ADDRESS. See README.md
+for the options and the output schema.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from typing import Any  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from jobs.config import JobConfig, build_config  # noqa: E402
-from jobs.inputs import InputError, make_batches, read_rows  # noqa: E402
-from jobs.output import prepare_output_dir, write_part, write_summary  # noqa: E402
+from jobs.inputs import InputError, read_rows  # noqa: E402
+from jobs.output import read_output, write_part, write_summary  # noqa: E402
+from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards, start_workers  # noqa: E402
+from jobs.progress import Progress, device_table  # noqa: E402
+from jobs.resume import ResumeError, check_model_hash, config_hash, open_output, output_shaping_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,127 +59,137 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-budget-s", type=float, metavar="S",
                    help="seconds each worker may spend profiling its device (default: 60 CPU, 30 GPU)")
     p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")
-    p.add_argument("--batch-size", type=int, metavar="N", help="rows per batch (default: 8)")
-    p.add_argument("--num-workers", type=int, metavar="N", help="decode actors (default: 1)")
-    p.add_argument("--num-cpus-per-worker", type=float, metavar="N", help="CPUs per actor (default: all / workers)")
-    p.add_argument("--num-gpus-per-worker", type=float, metavar="N", help="GPUs per actor (default: 0)")
+    p.add_argument("--shard-size", type=int, metavar="N", help="rows per unit of work and per part file (default: 64)")
+    group = p.add_argument_group("the worker group", "with one worker group; list several groups in --config")
+    group.add_argument("--batch-size", type=_batch_size, metavar="N|auto", help="rows per batch (default: 8)")
+    group.add_argument("--num-workers", type=int, metavar="N", help="decode actors (default: 1)")
+    group.add_argument("--num-cpus-per-worker", type=float, metavar="N",
+                       help="CPUs per actor (default: the largest node's CPUs / workers)")
+    group.add_argument("--num-gpus-per-worker", type=float, metavar="N", help="GPUs per actor (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard what the output directory holds instead of resuming into it")
+    p.add_argument("--progress-interval-s", type=float, default=10.0, metavar="S",
+                   help="seconds between progress lines when the output is not a terminal (default: 10)")
     return p.parse_args(argv)
 
 
-def _cpus_per_worker(num_workers: int) -> float:
-    """The biggest node's CPUs shared among the workers (at least 1)."""
-    import ray
-
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    return float(max(1, int(max(node_cpus, default=1)) // num_workers))
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def describe_worker(info: dict[str, Any]) -> str:
-    """One line per worker: its device and the tree it chose."""
-    line = f"worker {info['pid']} on {info['device']}: {info['decoding']}"
+    """One line per worker: its device, batch size and the tree it chose."""
+    line = f"worker {info['worker']} on {info['device']}: {info['decoding']}, batch {info['batch_size']}"
     if info.get("tree_hash"):
         line += f", tree {info['tree_hash']} ({info.get('tree', '')}"
         if "tree_slots" in info:
-            line += f", {info['tree_slots']} slots per row at batch {info['batch_size']}"
+            line += f", {info['tree_slots']} slots per row"
         line += ")"
     if info.get("predicted_tau"):
         line += f", predicted tau {info['predicted_tau']:.2f}"
     if info.get("predicted_speedup"):
-        line += f", predicted {info['predicted_speedup']:.2f}x over plain decoding; profile {info['profile']}"
+        line += f", predicted {info['predicted_speedup']:.2f}x over plain decoding"
+    if info.get("profile"):
+        line += f"; profile {info['profile']}"
     return line
 
 
-def run_job(cfg: JobConfig, rows: list[dict]) -> dict[str, Any]:
-    """Decode `rows` on Ray actors, write the Parquet parts and summary.json; return the summary."""
-    import ray
-    from ray.util import ActorPool
-    from tqdm import tqdm
-
-    from workers.actor import remote_worker
-
-    started = time.perf_counter()
-    out_dir = Path(cfg.output).resolve()
-    prepare_output_dir(out_dir)
-    batches = make_batches(rows, cfg.batch_size)
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    we_started_ray = not ray.is_initialized()
-    if we_started_ray:
-        ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
-    actors = []
-    try:
-        num_workers = min(cfg.workers.num_workers, len(batches))
-        cpus = cfg.workers.num_cpus_per_worker or _cpus_per_worker(num_workers)
-        worker_cls = remote_worker(
-            num_cpus=cpus,
-            num_gpus=cfg.workers.num_gpus_per_worker,
-            max_restarts=cfg.workers.max_restarts,
-            max_task_retries=cfg.workers.max_task_retries,
-        )
-        model_args, decoding_args = cfg.model.model_dump(), cfg.decoding.model_dump()
-        actors = [
-            worker_cls.remote(model_args, decoding_args, num_threads=max(1, int(cpus)), batch_size=cfg.batch_size)
-            for _ in range(num_workers)
-        ]
-        infos = ray.get([a.ready.remote() for a in actors])
-        for info in infos:
-            print(describe_worker(info), flush=True)
-        loaded = time.perf_counter()
-
-        batch_index = {batch[0]["id"]: i for i, batch in enumerate(batches)}
-        pool = ActorPool(actors)
-        results = pool.map_unordered(lambda actor, batch: actor.process.remote(batch), batches)
-        records: list[dict] = []
-        worker_seconds = 0.0
-        for batch_records in tqdm(results, total=len(batches), desc="batches", unit="batch", disable=None):
-            write_part(out_dir, batch_index[batch_records[0]["id"]], batch_records)
-            records.extend(batch_records)
-            worker_seconds += max(r["latency_s"] for r in batch_records)
-        decoded = time.perf_counter()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if we_started_ray:
-            ray.shutdown()
-
-    if sorted(r["id"] for r in records) != sorted(r["id"] for r in rows):
-        raise RuntimeError("internal error: the results do not cover the input rows exactly once")
-    ok = [r for r in records if r["error"] is None]
-    output_tokens = sum(r["num_output_tokens"] for r in ok)
-    steps = sum(r["num_steps"] for r in ok)
-    decode_seconds = decoded - loaded
-    summary = {
-        "rows": len(records),
+def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list, progress: Progress) -> dict[str, Any]:
+    """summary.json: the whole output directory's rows, this run's throughput, and a table per device type."""
+    written = read_output(out_dir, columns=["id", "error", "num_output_tokens", "num_steps"]).to_pylist()
+    ok = [r for r in written if r["error"] is None]
+    by_device = {
+        device: {"workers": sum(w.info.get("device") == device for w in workers), **tally.as_dict()}
+        for device, tally in progress.devices.items()
+    }
+    decode_seconds = run["decoded"] - run["first_ready"] if run.get("first_ready") else 0.0
+    total = progress.total
+    return {
+        "rows": len(written),
         "rows_ok": len(ok),
-        "rows_failed": len(records) - len(ok),
-        "output_tokens": output_tokens,
-        "steps": steps,
-        "mean_tau": output_tokens / steps if steps else 0.0,
+        "rows_failed": len(written) - len(ok),
+        "rows_skipped": run["skipped"],
+        "rows_this_run": total.rows,
+        "output_tokens": total.output_tokens,
+        "steps": total.steps,
+        "mean_tau": total.output_tokens / total.steps if total.steps else 0.0,
         "decode_seconds": decode_seconds,
-        "tokens_per_s": output_tokens / decode_seconds if decode_seconds > 0 else 0.0,
-        "worker_decode_seconds": worker_seconds,
-        "load_seconds": loaded - started,
-        "wall_seconds": time.perf_counter() - started,
-        "batches": len(batches),
-        "num_workers": len(actors),
-        "cpus_per_worker": cpus,
-        "decoding": cfg.decoding.method,
-        "model_id": infos[0]["model_id"],
-        "model_hash": infos[0]["model_hash"],
-        "device": infos[0]["device"],
-        "dtype": infos[0]["dtype"],
-        "workers": infos,
+        "tokens_per_s": total.output_tokens / decode_seconds if decode_seconds > 0 else 0.0,
+        "device_seconds": total.device_seconds,
+        "wall_seconds": time.perf_counter() - run["started"],
+        "shards": run["shards"],
+        "shard_retries": run["retries"],
+        "num_workers": len(workers),
+        "by_device": by_device,
+        "workers": run["worker_starts"],  # one entry per start: a restarted worker appears again
+        "config_hash": run["config_hash"],
         "input": str(cfg.input_path()),
         "output_dir": str(out_dir),
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
+            progress_interval_s: float = 10.0, startup_timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Decode the `rows` not yet in the output directory on the worker pool; write parts and summary.json."""
+    import ray
+
+    run: dict[str, Any] = {"started": time.perf_counter(), "retries": 0, "worker_starts": []}
+    out_dir = Path(cfg.output).resolve()
+    shaping = output_shaping_config(cfg)
+    run["config_hash"] = chash = config_hash(shaping)
+    done_ids = open_output(out_dir, cfg, {r["id"] for r in rows}, overwrite=overwrite)
+    run["skipped"] = len(done_ids)
+    shards = make_shards(rows, cfg.shard_size, done_ids)
+    run["shards"] = len(shards)
+    progress = Progress(sum(len(s.rows) for s in shards), len(done_ids), interval_s=progress_interval_s)
+    workers: list[Worker] = []
+    if shards:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        we_started_ray = not ray.is_initialized()
+        if we_started_ray:
+            ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
+        try:
+            workers = start_workers(cfg, chash)
+
+            def on_ready(w: Worker) -> None:
+                run.setdefault("first_ready", time.perf_counter())
+                run["worker_starts"].append(w.info)
+                print(describe_worker(w.info), flush=True)
+                check_model_hash(out_dir, {w.info["model_hash"]})
+                progress.worker_ready(w.group)
+
+            for shard, records, w in run_shards(
+                workers, shards, max_attempts=cfg.faults.max_shard_attempts, config_hash=chash, on_ready=on_ready,
+                startup_timeout_s=startup_timeout_s, on_tick=progress.show,
+            ):
+                write_part(out_dir, shard.index, records)
+                run["retries"] += shard.attempts
+                progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
+                             seconds=w.last_busy_seconds if w else 0.0)
+        finally:
+            for w in workers:
+                ray.kill(w.handle)
+            if we_started_ray:
+                ray.shutdown()
+    run["decoded"] = time.perf_counter()
+    progress.close()
+    summary = _summarise(out_dir, cfg, run, workers, progress)
     write_summary(out_dir, summary)
+    if summary["by_device"]:
+        print(device_table(summary["by_device"]), flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    run_flags = ("config", "overwrite", "progress_interval_s")
+    overrides = {k: v for k, v in vars(args).items() if k not in run_flags}
     try:
         cfg = build_config(args.config, overrides)
     except (ValidationError, ValueError, OSError) as exc:
@@ -188,15 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     from ray.exceptions import RayError
 
     try:
-        summary = run_job(cfg, rows)
-    except RayError as exc:  # e.g. a worker could not load the model
-        print(f"error: the job failed on a Ray worker: {exc}", file=sys.stderr)
+        summary = run_job(cfg, rows, overwrite=args.overwrite, progress_interval_s=args.progress_interval_s)
+    except ResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RayError, AllWorkersFailed) as exc:  # e.g. no worker could load the model
+        print(f"error: the job failed on its Ray workers: {exc}", file=sys.stderr)
         return 1
     print(
-        f"wrote {summary['rows']} rows ({summary['rows_failed']} failed) to {summary['output_dir']}: "
-        f"{summary['batches']} part-*.parquet files + summary.json; "
-        f"{summary['output_tokens']} tokens in {summary['decode_seconds']:.1f} s "
-        f"({summary['tokens_per_s']:.1f} tokens/s, mean tau {summary['mean_tau']:.2f}, {summary['decoding']})"
+        f"{summary['output_dir']} holds {summary['rows']} rows ({summary['rows_failed']} failed): "
+        f"{summary['rows_skipped']} were already there, {summary['rows_this_run']} decoded now "
+        f"({summary['output_tokens']} tokens in {summary['decode_seconds']:.1f} s, "
+        f"{summary['tokens_per_s']:.1f} tokens/s, mean tau {summary['mean_tau']:.2f})"
     )
     return 0
 

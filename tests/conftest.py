@@ -19,3 +19,23 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+TINY_MAX_CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from workers.models import ModelConfig, load_model
+
+    return load_model(ModelConfig()).tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_tokenizer):
+    """A tiny random Llama with the default model's tokenizer, as a Hugging Face directory."""
+    from tests.helpers_models import save_tiny_llama_dir
+
+    return save_tiny_llama_dir(
+        tmp_path_factory.mktemp("tiny-llama"), default_tokenizer, max_position_embeddings=TINY_MAX_CONTEXT
+    )

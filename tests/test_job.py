@@ -12,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.config import DEMO_INPUT, build_config
-from jobs.inputs import InputError, make_batches, read_rows
+from jobs.inputs import InputError, read_rows
 from jobs.output import OUTPUT_SCHEMA, read_output
+from jobs.pool import make_shards
 from jobs.run import main
-from workers.engine import RowOutput, row_error
+from tests.conftest import TINY_MAX_CONTEXT
+from workers.records import ErrorCode, RowOutput, row_error
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -61,7 +63,7 @@ def test_parquet_input(tmp_path):
     assert rows[0] == {"id": "p1", "messages": [{"role": "user", "content": "hello"}], "prompt": None}
     assert rows[1]["prompt"] == "once upon a time" and rows[1]["messages"] is None
     assert row_error(rows[0]) is None and row_error(rows[1]) is None
-    assert "neither" in row_error(rows[2])
+    assert "neither" in row_error(rows[2]).message
 
 
 def test_directory_input_reads_every_file(tmp_path):
@@ -108,26 +110,29 @@ def test_missing_and_empty_inputs(tmp_path):
         read_rows(tmp_path / "rows.csv")
 
 
-def test_batches_are_sorted_by_id():
+def test_shards_are_cut_by_sorted_id_and_skip_written_ids():
     rows = [{"id": i, "prompt": "x"} for i in ["d", "a", "c", "b", "e"]]
-    batches = make_batches(rows, 2)
-    assert [[r["id"] for r in b] for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
+    assert [s.ids for s in make_shards(rows, 2)] == [["a", "b"], ["c", "d"], ["e"]]
+    # A resumed run re-forms the same cut: shard 1 keeps its index, and a finished shard disappears.
+    resumed = make_shards(rows, 2, skip_ids={"a", "b", "c"})
+    assert [(s.index, s.ids) for s in resumed] == [(1, ["d"]), (2, ["e"])]
 
 
 @settings(max_examples=50, deadline=None)
 @given(
     ids=st.lists(st.one_of(st.text(min_size=1).filter(str.strip), st.integers()), unique_by=str, min_size=1, max_size=30),
-    batch_size=st.integers(1, 8),
+    shard_size=st.integers(1, 8),
     text=st.text(),
 )
-def test_jsonl_round_trip_and_batches_cover_every_row_once(tmp_path_factory, ids, batch_size, text):
+def test_jsonl_round_trip_and_shards_cover_every_row_once(tmp_path_factory, ids, shard_size, text):
     path = write_jsonl(tmp_path_factory.mktemp("prop") / "in.jsonl", [{"id": i, "prompt": text} for i in ids])
     rows = read_rows(path)
     assert [r["id"] for r in rows] == [str(i) for i in ids] and all(r["prompt"] == text for r in rows)
-    batches = make_batches(rows, batch_size)
-    flat = [r["id"] for b in batches for r in b]
+    shards = make_shards(rows, shard_size)
+    flat = [row_id for s in shards for row_id in s.ids]
     assert flat == sorted(str(i) for i in ids)
-    assert all(1 <= len(b) <= batch_size for b in batches) and all(len(b) == batch_size for b in batches[:-1])
+    assert all(1 <= len(s.rows) <= shard_size for s in shards)
+    assert all(len(s.rows) == shard_size for s in shards[:-1])
 
 
 def test_demo_input_is_valid():
@@ -152,7 +157,8 @@ def test_demo_input_is_valid():
     ],
 )
 def test_row_errors(row, fragment):
-    assert fragment in row_error(row)
+    error = row_error(row)
+    assert error.code == ErrorCode.INVALID_ROW and fragment in error.message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,21 +168,47 @@ def test_row_errors(row, fragment):
 def test_config_file_then_cli_flags(tmp_path):
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(
-        "batch_size: 3\nmodel:\n  model: /some/dir\n  dtype: float32\n"
-        "decoding:\n  method: vanilla\n  max_new_tokens: 5\nworkers:\n  num_workers: 2\n"
+        "shard_size: 3\nmodel:\n  model: /some/dir\n  dtype: float32\n"
+        "decoding:\n  method: vanilla\n  max_new_tokens: 5\nworkers:\n  - {count: 2, batch_size: auto}\n"
     )
     cfg = build_config(cfg_file, {"max_new_tokens": 7, "num_workers": None, "device": "cpu"})
-    assert cfg.batch_size == 3
+    assert cfg.shard_size == 3
     assert cfg.model.model == "/some/dir" and cfg.model.dtype == "float32" and cfg.model.device == "cpu"
     assert cfg.decoding.method == "vanilla" and cfg.decoding.max_new_tokens == 7
-    assert cfg.workers.num_workers == 2
+    (group,) = cfg.workers
+    assert group.count == 2 and group.batch_size == "auto" and group.name == "default"
     assert cfg.input_path() == DEMO_INPUT and cfg.output == "outputs/demo"
+    # A flag for "the" worker group sets the one group's field...
+    assert build_config(cfg_file, {"batch_size": 4}).workers[0].batch_size == 4
+
+
+def test_worker_groups(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(
+        "model: {dtype: float32}\n"
+        "workers:\n"
+        "  - {name: h100, count: 2, num_gpus: 1, accelerator_type: H100, dtype: bfloat16, batch_size: auto}\n"
+        "  - {name: cpu, count: 1, num_cpus: 4, resources: {spot: 1}}\n"
+    )
+    cfg = build_config(cfg_file, {})
+    h100, cpu = cfg.workers
+    assert cfg.group_model(h100).dtype == "bfloat16" and cfg.group_model(cpu).dtype == "float32"
+    assert h100.accelerator_type == "H100" and cpu.resources == {"spot": 1.0} and cpu.batch_size == 8
+    # ...but is refused when there are several groups, and names must be unique.
+    with pytest.raises(ValueError, match="lists 2 groups"):
+        build_config(cfg_file, {"batch_size": 4})
+    cfg_file.write_text("workers: [{name: a}, {name: a}]\n")
+    with pytest.raises(ValueError, match="unique"):
+        build_config(cfg_file, {})
+    cfg_file.write_text("workers: [{batch_size: 0}]\n")
+    with pytest.raises(ValueError, match="batch_size"):
+        build_config(cfg_file, {})
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     cfg_file = tmp_path / "job.yaml"
-    cfg_file.write_text("batch_sise: 3\n")
-    with pytest.raises(ValueError, match="batch_sise"):
+    cfg_file.write_text("shard_sise: 3\n")
+    with pytest.raises(ValueError, match="shard_sise"):
         build_config(cfg_file, {})
     with pytest.raises(ValueError):
         build_config(None, {"max_new_tokens": 0})
@@ -201,25 +233,6 @@ def test_row_output_fields_are_the_schema():
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end on Ray
-
-
-@pytest.fixture(scope="module")
-def default_tokenizer():
-    from workers.models import ModelConfig, load_model
-
-    return load_model(ModelConfig()).tokenizer
-
-
-TINY_MAX_CONTEXT = 256
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_tokenizer):
-    from tests.helpers_models import save_tiny_llama_dir
-
-    return save_tiny_llama_dir(
-        tmp_path_factory.mktemp("tiny-llama"), default_tokenizer, max_position_embeddings=TINY_MAX_CONTEXT
-    )
 
 
 GOOD_ROWS = [
@@ -254,7 +267,8 @@ def tiny_runs(ray_local, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job")
     rows = GOOD_ROWS + BAD_ROWS
     src = write_jsonl(tmp / "in.jsonl", [rows[i] for i in (3, 10, 0, 7, 5, 1, 8, 11, 2, 4, 9, 6)])  # shuffled
-    common = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--batch-size", "5"]
+    common = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--batch-size", "2",
+              "--shard-size", "5"]
     return {
         method: run_job(tmp, method, *common, "--decoding", method) for method in ("ppd", "vanilla")
     }
@@ -276,24 +290,40 @@ def test_every_row_once_with_errors_on_bad_rows(tiny_runs):
                 assert r["finish_reason"] == "stop" or r["num_output_tokens"] == 12
                 assert r["prompt_tokens"] > 0 and r["num_steps"] >= 1 and r["latency_s"] > 0
                 assert isinstance(r["output_text"], str)
-        errors = {r["id"]: r["error"] for r in rows if r["error"]}
-        assert "empty" in errors["e01"] and "neither" in errors["e02"] and "both" in errors["e03"]
-        assert "must be a string" in errors["e04"] and "max context" in errors["e05"]
-        assert "content must be a string" in errors["e06"]
+        errors = {r["id"]: (r["error"]["code"], r["error"]["message"]) for r in rows if r["error"]}
+        assert errors["e01"] == ("empty_prompt", "prompt is empty after encoding")
+        assert errors["e02"][0] == errors["e03"][0] == errors["e04"][0] == errors["e06"][0] == "invalid_row"
+        assert "neither" in errors["e02"][1] and "both" in errors["e03"][1] and "must be a string" in errors["e04"][1]
+        assert errors["e05"][0] == "prompt_too_long" and "max context" in errors["e05"][1]
+        assert "content must be a string" in errors["e06"][1]
 
         assert summary["rows"] == 12 and summary["rows_failed"] == 6 and summary["rows_ok"] == 6
-        assert summary["batches"] == 3 and summary["decoding"] == method
+        assert summary["rows_skipped"] == 0 and summary["rows_this_run"] == 12
+        assert summary["shards"] == 3 and summary["config"]["decoding"]["method"] == method
+        (worker,) = summary["workers"]
+        assert worker["batch_size"] == 2 and worker["group"] == "default"
+        # Provenance: every row names the worker, its device and the config; decoded rows their timestamps.
+        for r in rows:
+            assert (r["worker"], r["worker_group"], r["device"]) == (worker["worker"], "default", worker["device"])
+            assert r["config_hash"] == summary["config_hash"] and r["model_hash"] == worker["model_hash"]
+            assert r["dtype"] == "float32"
+            if r["error"] is None:
+                assert r["started_at"] <= r["finished_at"]
+        (device,) = summary["by_device"].values()
+        assert device["rows"] == 12 and device["output_tokens"] == summary["output_tokens"] > 0
         ok = [r for r in rows if r["error"] is None]
         assert summary["output_tokens"] == sum(r["num_output_tokens"] for r in ok)
         assert summary["mean_tau"] == pytest.approx(summary["output_tokens"] / sum(r["num_steps"] for r in ok))
         assert summary["tokens_per_s"] > 0 and summary["decode_seconds"] > 0
 
 
-def test_one_parquet_file_per_batch(tiny_runs):
+def test_one_parquet_file_per_shard(tiny_runs):
     table, summary = tiny_runs["ppd"]
     out = Path(summary["output_dir"])
-    parts = sorted(p.name for p in out.iterdir())
-    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "summary.json"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names[-2:] == ["job.json", "summary.json"]
+    assert [n[:10] for n in names[:-2]] == ["part-00000", "part-00001", "part-00002"]
+    assert [pq.read_table(out / n).num_rows for n in names[:-2]] == [5, 5, 2]
 
 
 def test_ppd_equals_vanilla_row_by_row(tiny_runs):
@@ -309,15 +339,45 @@ def test_ppd_equals_vanilla_row_by_row(tiny_runs):
             assert p["num_steps"] <= v["num_steps"]
 
 
-def test_rerun_replaces_previous_output(ray_local, tiny_model_dir, tmp_path):
+def test_rerun_resumes_and_a_changed_config_is_refused(ray_local, tiny_model_dir, tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", GOOD_ROWS[:2])
     out = tmp_path / "out"
-    out.mkdir()
-    pq.write_table(OUTPUT_SCHEMA.empty_table(), out / "part-00007.parquet")  # left by an earlier run
     args = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--output", str(out)]
     assert main(args) == 0
-    assert read_output(out).column("id").to_pylist() == ["r01", "r02"]
-    assert not (out / "part-00007.parquet").exists()
+    first = read_output(out)
+    assert first.column("id").to_pylist() == ["r01", "r02"]
+
+    # More input rows: only the new ones are decoded; the old part is left alone.
+    write_jsonl(src, GOOD_ROWS[:4])
+    (out / "part-00009-deadbeef.parquet.123.tmp").write_bytes(b"half a file from a killed run")
+    assert main([*args, "--shard-size", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_skipped"] == 2 and summary["rows_this_run"] == 2 and summary["rows"] == 4
+    again = read_output(out)
+    assert again.column("id").to_pylist() == ["r01", "r02", "r03", "r04"]
+    assert again.slice(0, 2).column("output_token_ids").equals(first.column("output_token_ids"))
+    assert not list(out.glob("*.tmp"))
+
+    # Everything written: nothing to do, no Ray needed.
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["rows_skipped"] == 4
+
+    # A setting that changes outputs is refused, naming it; --overwrite starts again.
+    capsys.readouterr()
+    assert main([*args, "--max-new-tokens", "4"]) == 2
+    assert "max_new_tokens: 3 -> 4" in capsys.readouterr().err
+    write_jsonl(src, GOOD_ROWS[:1])
+    assert main([*args, "--max-new-tokens", "4", "--overwrite"]) == 0
+    assert read_output(out).column("id").to_pylist() == ["r01"]
+
+
+def test_foreign_files_and_ids_are_refused(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD_ROWS[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), out / "part-00007.parquet")  # no job.json beside it
+    assert main(["--input", str(src), "--output", str(out)]) == 2
+    assert "not from this job" in capsys.readouterr().err
 
 
 def test_default_model_matches_hf_generate(ray_local, tmp_path):
@@ -333,7 +393,7 @@ def test_default_model_matches_hf_generate(ray_local, tmp_path):
     ]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     table, summary = run_job(tmp_path, "out", "--input", str(src), "--max-new-tokens", "16", "--batch-size", "3",
-                             "--profile-budget-s", "8")
+                             "--profile-budget-s", "8", "--shard-size", "2")
     assert summary["rows_failed"] == 0 and summary["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     got = {r["id"]: r["output_token_ids"] for r in table.to_pylist()}
     # The worker profiled its device and built its own tree from the shipped artifact's acceptance table.
@@ -361,4 +421,4 @@ def test_worker_failure_is_a_clear_error(ray_local, tmp_path, capsys):
     args = ["--input", str(src), "--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "error: the job failed on a Ray worker" in err and "no-such-model" in err
+    assert "error: the job failed on its Ray workers" in err and "no-such-model" in err

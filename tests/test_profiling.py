@@ -93,3 +93,41 @@ def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
     plain = VanillaDecoder(tiny.model, eos_token_ids=tiny.eos_token_ids).generate(prompts, 20)
     assert [r.token_ids for r in engine.decoder.generate(prompts, 20)] == [r.token_ids for r in plain]
+
+
+def _profile_file(path, seconds: dict[tuple[int, int], float], model_hash: str = "tinyhash", k: int = 3):
+    points = [LatencyPoint(batch=b, slots=s, seconds=t, repeats=1) for (b, s), t in seconds.items()]
+    profile = LatencyProfile(device=identify(torch.device("cpu"), torch.float32), model_hash=model_hash, k=k,
+                             ensemble=1, context_len=256, points=points, profile_seconds=0.0, measured_at="now")
+    path.write_text(profile.model_dump_json())
+    return str(path)
+
+
+def test_auto_batch_size_is_the_smallest_near_the_best_throughput(tiny, tmp_path):
+    from decoding import default_tree_set
+    from workers.planning import plan_decoding
+
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    slots = tree_set_slots(default_tree_set(k=3), 1)  # no acceptance table: the default tree
+    # Rows per second: batch 1 -> 100, batch 4 -> 333, batch 16 -> 356. Batch 4 is within 10% of the best.
+    path = _profile_file(tmp_path / "p.json", {(1, 1): 0.005, (1, slots): 0.01, (4, slots): 0.012,
+                                               (16, slots): 0.045})
+    plan = lambda **kw: plan_decoding(tiny.model, pt, tree_nodes=None, model_hash="tinyhash", cache_dir=None,
+                                      profile_budget_s=None, latency_profile=path, **kw)  # noqa: E731
+    auto = plan(batch_size=None, max_batch_size=64)
+    assert auto.batch_size == 4 and auto.info["batch_size_choice"] == {"1": 100.0, "4": 333.33, "16": 355.56}
+    assert plan(batch_size=None, max_batch_size=2).batch_size == 1  # the shard size caps the batch
+    assert plan(batch_size=16, max_batch_size=64).batch_size == 16  # a fixed batch size is kept
+    with pytest.raises(ValueError, match="measured for model"):
+        plan_decoding(tiny.model, pt, tree_nodes=None, batch_size=None, max_batch_size=64, model_hash="other",
+                      cache_dir=None, profile_budget_s=None, latency_profile=path)
+
+
+def test_auto_batch_size_is_measured_on_the_device(tiny, tmp_path):
+    engine = DecodeEngine(tiny, DecodingConfig(method="vanilla", profile_budget_s=3), batch_size="auto",
+                          max_batch_size=4, cache_dir=str(tmp_path / "cache"))
+    info = engine.describe()
+    assert engine.batch_size in (1, 4) and set(info["batch_size_choice"]) == {"1", "4"}
+    assert info["profile"].startswith("measured")
+    rows = [{"id": str(i), "prompt": "x" * (i + 1)} for i in range(6)]
+    assert [o.id for o in engine.run_rows(rows)] == [str(i) for i in range(6)]

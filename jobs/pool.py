@@ -1,0 +1,187 @@
+"""The pool of decode actors: every worker group's actors pull shards from one queue.
+
+Ray places each actor by its group's resources (CPUs, GPUs, accelerator type, custom resources) and
+restarts one that dies (`faults.max_restarts`). Shards are handed out one at a time to whichever
+actor is free, so a faster device takes more of them. A shard whose actor died is handed back to the
+queue for the next free actor; after `faults.max_shard_attempts` deaths its rows are returned with a
+`worker_died` error. A restarted actor rejoins the pool once its constructor has run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from jobs.config import JobConfig, WorkerGroup
+from workers.actor import remote_worker
+from workers.records import ErrorCode, RowError, RowOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Shard:
+    index: int  # position among the shards of the whole input, sorted by id
+    rows: list[dict]
+    attempts: int = 0  # workers that died while decoding it
+    deaths: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+
+def make_shards(rows: list[dict], shard_size: int, skip_ids: set[str] = frozenset()) -> list[Shard]:
+    """The input sorted by id, cut into shards of `shard_size`, minus the ids already written.
+
+    The cut depends only on the input's ids, so a resumed run re-forms exactly the shards the first run
+    did not finish: the same rows decode in the same batches (bit-identical results on any one device).
+    """
+    ordered = sorted(rows, key=lambda r: r["id"])
+    shards = []
+    for start in range(0, len(ordered), shard_size):
+        todo = [r for r in ordered[start : start + shard_size] if r["id"] not in skip_ids]
+        if todo:
+            shards.append(Shard(start // shard_size, todo))
+    return shards
+
+
+@dataclass
+class Worker:
+    handle: Any
+    group: str
+    index: int
+    info: dict[str, Any] = field(default_factory=dict)  # from DecodeWorker.ready(); refreshed on restart
+    busy_seconds: float = 0.0
+    last_busy_seconds: float = 0.0  # its latest shard, submit to result
+
+
+def _group_cpus(group: WorkerGroup) -> float:
+    if group.num_cpus:
+        return group.num_cpus
+    if group.num_gpus > 0:
+        return 1.0
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return float(max(1, int(max(node_cpus, default=1)) // group.count))
+
+
+def _feasible(group: WorkerGroup, cpus: float) -> bool:
+    """Whether some node of the cluster (as it is now) can hold one actor of the group."""
+    need = {"CPU": cpus, "GPU": group.num_gpus, **group.resources}
+    if group.accelerator_type:
+        need[f"accelerator_type:{group.accelerator_type}"] = 0.001
+    return any(all(node["Resources"].get(k, 0) >= v for k, v in need.items() if v > 0)
+               for node in ray.nodes() if node.get("Alive"))
+
+
+def start_workers(cfg: JobConfig, config_hash: str) -> list[Worker]:
+    """Create every group's actors (their constructors load the model and profile the device)."""
+    workers = []
+    for group in cfg.workers:
+        cpus = _group_cpus(group)
+        if not _feasible(group, cpus):
+            log.warning("worker group %r needs resources no node has now (cpus=%s, gpus=%s, accelerator=%s, %s); "
+                        "its actors start only if such a node joins", group.name, cpus, group.num_gpus,
+                        group.accelerator_type, group.resources)
+        cls = remote_worker(num_cpus=cpus, num_gpus=group.num_gpus, accelerator_type=group.accelerator_type,
+                            resources=group.resources, max_restarts=cfg.faults.max_restarts)
+        model = cfg.group_model(group).model_dump()
+        for index in range(group.count):
+            handle = cls.remote(model, cfg.decoding.model_dump(), group=group.name, index=index,
+                                config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
+                                num_threads=max(1, int(cpus)), latency_profile=group.latency_profile)
+            workers.append(Worker(handle, group.name, index))
+    return workers
+
+
+def died_records(shard: Shard, config_hash: str) -> list[dict]:
+    message = f"the shard of this row failed on {shard.attempts} workers: " + " | ".join(shard.deaths)
+    return [RowOutput(id=row_id, error=RowError(ErrorCode.WORKER_DIED, message), config_hash=config_hash).to_dict()
+            for row_id in shard.ids]
+
+
+class AllWorkersFailed(RuntimeError):
+    """No worker is left to decode the remaining shards."""
+
+
+def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int, config_hash: str,
+               on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
+               on_tick: Callable[[], None] = lambda: None) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
+    """Decode every shard on the pool; yield (shard, records, worker) as shards finish.
+
+    Workers join the pool as their constructors finish (`on_ready` is called for each, also after a
+    restart). Raises AllWorkersFailed when no worker is alive or starting and shards remain, or when
+    none has started within `startup_timeout_s`.
+    """
+    queue = deque(shards)
+    idle: deque[Worker] = deque()
+    # In flight: object ref -> (worker, the shard it decodes, or None for a ready() probe, submit time).
+    inflight: dict[Any, tuple[Worker, Shard | None, float]] = {}
+    for w in workers:
+        inflight[w.handle.ready.remote()] = (w, None, time.perf_counter())
+    started = time.perf_counter()
+    any_ready = False
+    failures: list[str] = []
+    while queue or any(shard is not None for _, shard, _ in inflight.values()):
+        while queue and idle:
+            w, shard = idle.popleft(), queue.popleft()
+            inflight[w.handle.process.remote(shard.rows)] = (w, shard, time.perf_counter())
+        if not inflight:
+            raise AllWorkersFailed("every worker has died or failed to start; last errors: "
+                                   + " | ".join(failures[-3:]))
+        if not any_ready and time.perf_counter() - started > startup_timeout_s:
+            raise AllWorkersFailed(f"no worker started within {startup_timeout_s:.0f} s (are the groups' "
+                                   "resources available in the cluster?)")
+        done, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_s)
+        on_tick()
+        if not done:
+            continue
+        ref = done[0]
+        w, shard, submitted = inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            reason = f"{w.info.get('worker', f'{w.group}/{w.index}')}: {_brief(exc)}"
+            failures.append(reason)
+            if shard is None:  # the constructor failed, or Ray gave up restarting the actor
+                log.warning("worker %s/%d is gone: %s", w.group, w.index, reason)
+                continue
+            shard.attempts += 1
+            shard.deaths.append(reason)
+            log.warning("shard %d failed on %s (attempt %d of %d)", shard.index, reason, shard.attempts, max_attempts)
+            if shard.attempts >= max_attempts:
+                yield shard, died_records(shard, config_hash), None
+            else:
+                queue.appendleft(shard)  # the next free worker takes it
+            if isinstance(exc, RayActorError):
+                # The probe waits out a restart, and fails only once Ray has given up on the actor.
+                inflight[w.handle.ready.options(max_task_retries=-1).remote()] = (w, None, time.perf_counter())
+            else:  # process() raised, the actor lives on (rows fail alone, so this is not a row's fault)
+                idle.append(w)
+            continue
+        if shard is None:  # a worker (re)started
+            w.info = result
+            any_ready = True
+            on_ready(w)
+            idle.append(w)
+            continue
+        w.last_busy_seconds = time.perf_counter() - submitted
+        w.busy_seconds += w.last_busy_seconds
+        idle.append(w)
+        yield shard, result, w
+
+
+def _brief(exc: BaseException) -> str:
+    """First and last lines of a Ray error: the kind of failure and the underlying exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(exc).__name__}: {text[:500]}"

@@ -1,0 +1,119 @@
+"""Live progress (rows done, tokens/s, ETA, throughput per worker group) and the per-device summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    rows_failed: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    device_seconds: float = 0.0
+
+    def add(self, records: list[dict], seconds: float) -> None:
+        ok = [r for r in records if r["error"] is None]
+        self.rows += len(records)
+        self.rows_failed += len(records) - len(ok)
+        self.output_tokens += sum(r["num_output_tokens"] for r in ok)
+        self.steps += sum(r["num_steps"] for r in ok)
+        self.device_seconds += seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "rows_failed": self.rows_failed,
+            "output_tokens": self.output_tokens,
+            "mean_tau": self.output_tokens / self.steps if self.steps else None,
+            "device_seconds": self.device_seconds,
+            "tokens_per_device_s": self.output_tokens / self.device_seconds if self.device_seconds else None,
+        }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Rows done of the rows to do, tokens/s and ETA over this run, tokens/s per worker group.
+
+    On a terminal it redraws one line in place; otherwise (a log, `ray job submit`) it prints a line every
+    `interval_s` seconds.
+    """
+
+    def __init__(self, rows_to_do: int, rows_skipped: int, *, interval_s: float = 10.0, stream: TextIO | None = None):
+        self.rows_to_do, self.rows_skipped = rows_to_do, rows_skipped
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.interval_s = 0.5 if self.live else interval_s
+        self.started = time.perf_counter()
+        self.last_shown = 0.0
+        self.total = Tally()
+        self.groups: dict[str, Tally] = defaultdict(Tally)
+        self.devices: dict[str, Tally] = defaultdict(Tally)
+        self.group_started: dict[str, float] = {}
+
+    def worker_ready(self, group: str) -> None:
+        if not self.group_started:  # rates count from the first worker ready, not from model loading
+            self.started = time.perf_counter()
+        self.group_started.setdefault(group, time.perf_counter())
+
+    def add(self, records: list[dict], *, group: str | None, device: str | None, seconds: float) -> None:
+        """A finished shard; group and device are None for rows given up on (their workers died)."""
+        self.total.add(records, seconds)
+        if group is not None:
+            self.groups[group].add(records, seconds)
+        if device is not None:
+            self.devices[device].add(records, seconds)
+        self.show()
+
+    def line(self) -> str:
+        now = time.perf_counter()
+        elapsed = now - self.started
+        done = self.total.rows
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = _duration((self.rows_to_do - done) / rate) if rate > 0 else "?"
+        tokens_per_s = self.total.output_tokens / elapsed if elapsed > 0 else 0.0
+        parts = [f"rows {done}/{self.rows_to_do}" + (f" (+{self.rows_skipped} skipped)" if self.rows_skipped else ""),
+                 f"{tokens_per_s:.1f} tok/s", f"ETA {eta}"]
+        for name, tally in sorted(self.groups.items()):
+            since = now - self.group_started.get(name, self.started)
+            parts.append(f"{name}: {tally.rows} rows, {tally.output_tokens / since if since > 0 else 0:.1f} tok/s")
+        return " | ".join(parts)
+
+    def show(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last_shown < self.interval_s:
+            return
+        self.last_shown = now
+        if self.live:
+            self.stream.write("\r\033[K" + self.line())
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.show(force=True)
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def device_table(by_device: dict[str, dict[str, Any]]) -> str:
+    """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s)."""
+    header = ("device", "workers", "rows", "output tokens", "tokens/s", "mean tau", "device-s")
+    lines = [header]
+    for device, d in sorted(by_device.items()):
+        lines.append((device, str(d["workers"]), str(d["rows"]), str(d["output_tokens"]),
+                      f"{d['tokens_per_device_s']:.1f}" if d["tokens_per_device_s"] else "-",
+                      f"{d['mean_tau']:.2f}" if d["mean_tau"] else "-", f"{d['device_seconds']:.1f}"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in lines)

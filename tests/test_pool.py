@@ -1,0 +1,57 @@
+"""The shard pool on real Ray actors that die on purpose (no model): requeue, restarts, give-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards
+from tests.scripted_worker import ScriptedWorker
+
+
+def _pool(ray, tmp_path, n: int, *, max_restarts: int, **behaviour) -> list[Worker]:
+    cls = ray.remote(num_cpus=0.5, max_restarts=max_restarts, max_task_retries=0)(ScriptedWorker)
+    return [Worker(cls.remote(f"w{i}", str(tmp_path), **behaviour), "g", i) for i in range(n)]
+
+
+def _run(workers, rows, shard_size=2, max_attempts=3, startup_timeout_s=600.0):
+    ready = []
+    results = list(run_shards(workers, make_shards(rows, shard_size), max_attempts=max_attempts, config_hash="c",
+                              on_ready=lambda w: ready.append(w.info["worker"]), startup_timeout_s=startup_timeout_s))
+    return results, ready
+
+
+ROWS = [{"id": f"r{i:02d}", "prompt": "x"} for i in range(10)]
+
+
+def test_a_shard_whose_worker_dies_runs_again_elsewhere(ray_local, tmp_path):
+    workers = _pool(ray_local, tmp_path, 2, max_restarts=1, die_once={"r05"})
+    results, ready = _run(workers, ROWS)
+    records = [r for _, recs, _ in results for r in recs]
+    assert sorted(r["id"] for r in records) == [r["id"] for r in ROWS]  # every row exactly once
+    assert all(r["error"] is None for r in records)
+    ((retried, retried_records, _),) = [result for result in results if result[0].attempts]
+    assert retried.ids == ["r04", "r05"] and retried.attempts == 1
+    # It ran again in another process: the other worker, or the dead one restarted by Ray.
+    (died,) = retried.deaths
+    assert {r["worker"] for r in retried_records}.isdisjoint({died.split(":")[0]})
+    assert len(ready) >= 2
+
+
+def test_a_shard_that_kills_every_worker_is_given_up_with_a_row_error(ray_local, tmp_path):
+    workers = _pool(ray_local, tmp_path, 2, max_restarts=3, die_always={"r03"})
+    results, _ = _run(workers, ROWS, max_attempts=2)
+    records = {r["id"]: r for _, recs, _ in results for r in recs}
+    assert sorted(records) == [r["id"] for r in ROWS]
+    for row_id in ("r02", "r03"):
+        assert records[row_id]["error"]["code"] == "worker_died"
+        assert "failed on 2 workers" in records[row_id]["error"]["message"]
+    assert all(r["error"] is None for i, r in records.items() if i not in ("r02", "r03"))
+
+
+def test_when_every_worker_is_gone_the_job_fails_clearly(ray_local, tmp_path):
+    workers = _pool(ray_local, tmp_path, 2, max_restarts=0, die_always={"r00", "r02"})
+    with pytest.raises(AllWorkersFailed, match="every worker has died"):
+        _run(workers, ROWS)
+    broken = _pool(ray_local, tmp_path, 1, max_restarts=0, fail_init=True)
+    with pytest.raises(AllWorkersFailed, match="cannot load its model"):
+        _run(broken, ROWS)
