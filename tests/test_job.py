@@ -66,6 +66,19 @@ def test_parquet_input(tmp_path):
     assert "neither" in row_error(rows[2]).message
 
 
+def test_bad_parquet_inputs(tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match="broken.parquet: cannot read Parquet"):
+        read_rows(tmp_path / "broken.parquet")
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "no_ids.parquet")
+    with pytest.raises(InputError, match="no_ids.parquet: row 0: row has no 'id'"):
+        read_rows(tmp_path / "no_ids.parquet")
+    # Missing prompt columns are each row's problem, not the input's.
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "no_prompt.parquet")
+    (row,) = read_rows(tmp_path / "no_prompt.parquet")
+    assert row_error(row).code == ErrorCode.INVALID_ROW and "neither" in row_error(row).message
+
+
 def test_directory_input_reads_every_file(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "prompt": "x"}])
     pq.write_table(pa.table({"id": ["b"], "prompt": ["y"]}), tmp_path / "b.parquet")
@@ -321,9 +334,9 @@ def test_one_parquet_file_per_shard(tiny_runs):
     table, summary = tiny_runs["ppd"]
     out = Path(summary["output_dir"])
     names = sorted(p.name for p in out.iterdir())
-    assert names[-2:] == ["job.json", "summary.json"]
-    assert [n[:10] for n in names[:-2]] == ["part-00000", "part-00001", "part-00002"]
-    assert [pq.read_table(out / n).num_rows for n in names[:-2]] == [5, 5, 2]
+    assert (names[0], names[-1]) == ("job.json", "summary.json")
+    assert [n[:10] for n in names[1:-1]] == ["part-00000", "part-00001", "part-00002"]
+    assert [pq.read_table(out / n).num_rows for n in names[1:-1]] == [5, 5, 2]
 
 
 def test_ppd_equals_vanilla_row_by_row(tiny_runs):
@@ -394,7 +407,7 @@ def test_default_model_matches_hf_generate(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     table, summary = run_job(tmp_path, "out", "--input", str(src), "--max-new-tokens", "16", "--batch-size", "3",
                              "--profile-budget-s", "8", "--shard-size", "2")
-    assert summary["rows_failed"] == 0 and summary["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert summary["rows_failed"] == 0 and summary["workers"][0]["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     got = {r["id"]: r["output_token_ids"] for r in table.to_pylist()}
     # The worker profiled its device and built its own tree from the shipped artifact's acceptance table.
     (worker,) = summary["workers"]
