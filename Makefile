@@ -26,8 +26,9 @@ $(STAMP):
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 
+# With no ARGS: the demo, from scratch each time (a job run again into its output directory resumes).
 run: setup
-	$(PY) jobs/run.py $(ARGS)
+	$(PY) jobs/run.py $(if $(ARGS),$(ARGS),--overwrite)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

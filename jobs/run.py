@@ -84,7 +84,7 @@ def _batch_size(text: str) -> int | str:
 
 def describe_worker(info: dict[str, Any]) -> str:
     """One line per worker: its device, batch size and the tree it chose."""
-    line = f"worker {info['worker']} on {info['device']}: {info['decoding']}, batch {info['batch_size']}"
+    line = f"worker {info['worker']} [{info['device']}]: {info['decoding']}, batch {info['batch_size']}"
     if info.get("tree_hash"):
         line += f", tree {info['tree_hash']} ({info.get('tree', '')}"
         if "tree_slots" in info:
