@@ -56,7 +56,7 @@ def part_name(shard_index: int, ids: list[str]) -> str:
     return f"part-{shard_index:05d}-{digest}.parquet"
 
 
-def _replace_atomically(final: Path, write) -> Path:
+def replace_atomically(final: Path, write) -> Path:
     tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
     write(tmp)
     with open(tmp, "rb") as f:  # on disk before the rename makes it count as done
@@ -69,12 +69,12 @@ def write_part(out_dir: Path, shard_index: int, records: list[dict[str, Any]]) -
     """Write one shard's records, atomically (temp name, then rename)."""
     table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
     final = out_dir / part_name(shard_index, [r["id"] for r in records])
-    return _replace_atomically(final, lambda tmp: pq.write_table(table, tmp))
+    return replace_atomically(final, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    return _replace_atomically(path, lambda tmp: tmp.write_text(text))
+    return replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:

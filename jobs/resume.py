@@ -2,7 +2,8 @@
 
 An output directory holds `job.json` (the manifest: the output-shaping configuration and its hash, the
 model's content hash) beside the Parquet parts. Running again into it computes only the ids not yet
-written. A run whose configuration would change the outputs is refused, never mixed in.
+written. Rows an earlier run gave up on because their workers died are decoded again. A run whose
+configuration would change the outputs is refused, never mixed in.
 
 Only settings that change a row's tokens shape the outputs: the model (and its weights), dtype,
 attention kernel, `max_new_tokens`. Decoding is lossless, so the decoding method, prompt tokens, tree,
@@ -14,17 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig
-from jobs.output import PART_GLOB, SUMMARY, write_json
+from jobs.output import PART_GLOB, SUMMARY, replace_atomically, write_json
+from workers.records import ErrorCode
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "job.json"
+# Errors a rerun retries: the row itself may be fine.
+RETRYABLE = {ErrorCode.WORKER_DIED.value}
 
 
 class ResumeError(ValueError):
@@ -49,28 +54,53 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _written_ids(parts: list[Path]) -> dict[str, Path]:
-    """id -> the part holding it. A part that cannot be read was not written by this job (parts are
-    renamed into place complete), so it is set aside and its rows computed again."""
+def _drop_retryable_rows(part: Path, codes: list[str | None]) -> None:
+    """Take the rows whose workers died out of `part` (rewritten atomically, or removed when nothing else is
+    left), so that this run decodes them again."""
+    keep = [code not in RETRYABLE for code in codes]
+    if any(keep):
+        kept = pq.read_table(part).filter(keep)
+        replace_atomically(part, lambda tmp: pq.write_table(kept, tmp))
+    else:
+        part.unlink()
+    log.info("%s: %d rows whose workers died will be decoded again", part.name, keep.count(False))
+
+
+def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
+    """(id -> the part holding it, rows taken out to be retried). A part that cannot be read was not written
+    by this job (parts are renamed into place complete), so it is set aside and its rows computed again."""
     seen: dict[str, Path] = {}
+    retried = 0
     for part in parts:
         try:
-            ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
+            table = pq.read_table(part, columns=["id", "error"])
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
             aside = part.with_name(part.name + ".unreadable")
             log.warning("%s is unreadable (%s); moved to %s and its rows will be computed again", part, exc, aside)
             part.rename(aside)
             continue
-        for row_id in ids:
+        codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
+        if any(code in RETRYABLE for code in codes):
+            _drop_retryable_rows(part, codes)
+            retried += sum(code in RETRYABLE for code in codes)
+        for row_id, code in zip(table.column("id").to_pylist(), codes):
+            if code in RETRYABLE:
+                continue
             if row_id in seen:
                 raise ResumeError(f"id {row_id!r} is written twice, in {seen[row_id].name} and {part.name}: "
                                   "this directory was not written by one job; use a new output directory")
             seen[row_id] = part
-    return seen
+    return seen, retried
 
 
-def open_output(out_dir: Path, cfg: JobConfig, input_ids: set[str], *, overwrite: bool = False) -> set[str]:
-    """Prepare `out_dir` for this run and return the ids it already holds (to be skipped)."""
+@dataclass
+class ResumeState:
+    done_ids: set[str]  # written by an earlier run: skipped
+    retried: int  # rows an earlier run gave up on (their workers died), taken out to be decoded again
+
+
+def open_output(out_dir: Path, cfg: JobConfig, input_ids: set[str], *, overwrite: bool = False) -> ResumeState:
+    """Prepare `out_dir` for this run: what it already holds, to be skipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob("*.tmp"):  # a killed run's unfinished writes
         leftover.unlink(missing_ok=True)
@@ -92,12 +122,12 @@ def open_output(out_dir: Path, cfg: JobConfig, input_ids: set[str], *, overwrite
                           "Use a new --output directory, or --overwrite to replace them")
     else:
         write_json(manifest_path, {"config_hash": config_hash(shaping), "output_config": shaping, "model_hash": None})
-    written = _written_ids(parts)
+    written, retried = _written_ids(parts)
     unknown = sorted(set(written) - input_ids)
     if unknown:
         raise ResumeError(f"{out_dir} holds {len(unknown)} ids that are not in this input (e.g. {unknown[0]!r}); "
                           "use a new --output directory, or --overwrite to start it again")
-    return set(written)
+    return ResumeState(set(written), retried)
 
 
 def check_model_hash(out_dir: Path, model_hashes: set[str]) -> None:

@@ -114,6 +114,7 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
         "rows_ok": len(ok),
         "rows_failed": len(written) - len(ok),
         "rows_skipped": run["skipped"],
+        "rows_retried": run["retried_from_earlier"],  # earlier runs' worker_died rows, decoded again
         "rows_this_run": total.rows,
         "output_tokens": total.output_tokens,
         "steps": total.steps,
@@ -143,11 +144,11 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
     out_dir = Path(cfg.output).resolve()
     shaping = output_shaping_config(cfg)
     run["config_hash"] = chash = config_hash(shaping)
-    done_ids = open_output(out_dir, cfg, {r["id"] for r in rows}, overwrite=overwrite)
-    run["skipped"] = len(done_ids)
-    shards = make_shards(rows, cfg.shard_size, done_ids)
+    resumed = open_output(out_dir, cfg, {r["id"] for r in rows}, overwrite=overwrite)
+    run["skipped"], run["retried_from_earlier"] = len(resumed.done_ids), resumed.retried
+    shards = make_shards(rows, cfg.shard_size, resumed.done_ids)
     run["shards"] = len(shards)
-    progress = Progress(sum(len(s.rows) for s in shards), len(done_ids), interval_s=progress_interval_s)
+    progress = Progress(sum(len(s.rows) for s in shards), len(resumed.done_ids), interval_s=progress_interval_s)
     workers: list[Worker] = []
     if shards:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

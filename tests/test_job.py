@@ -435,3 +435,23 @@ def test_worker_failure_is_a_clear_error(ray_local, tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "error: the job failed on its Ray workers" in err and "no-such-model" in err
+
+
+def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(tmp_path):
+    from jobs.output import write_part
+    from jobs.resume import open_output
+    from workers.records import RowError
+
+    cfg = build_config(None, {"output": str(tmp_path)})
+    ids = {"a", "b", "c", "d"}
+    assert open_output(tmp_path, cfg, ids).done_ids == set()  # a fresh directory: job.json is written
+    died = RowError(ErrorCode.WORKER_DIED, "the shard of this row failed on 3 workers")
+    write_part(tmp_path, 0, [RowOutput(id="a").to_dict(), RowOutput(id="b", error=died).to_dict()])
+    write_part(tmp_path, 1, [RowOutput(id="c", error=died).to_dict()])
+    (tmp_path / "part-00002-00000000.parquet").write_bytes(b"not parquet")  # damaged on disk since
+    state = open_output(tmp_path, cfg, ids)
+    assert state.done_ids == {"a"} and state.retried == 2
+    assert read_output(tmp_path).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
+    assert (tmp_path / "part-00002-00000000.parquet.unreadable").exists()
+    # The retried rows are gone from the files, so a second look finds nothing more to retry.
+    assert open_output(tmp_path, cfg, ids).retried == 0
