@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.propd import TreeOption
 from decoding.tree import TreeSet, TreeSpec, vanilla_tree_set
 from profiling.trees import Path, best_paths, path_probability
 
@@ -222,3 +223,18 @@ def vanilla_built(k: int, top_k: int) -> BuiltTree:
     """Budget 1: the root alone, no guesses; plain decoding through the tree machinery."""
     ts = vanilla_tree_set(k=k, top_k=top_k)
     return BuiltTree(ts, 1, 1, TreeEstimate(1.0, (1.0,) + (0.0,) * k, (1.0,) * (k + 1)))
+
+
+def tree_family(k: int, budgets: Sequence[int], *, n: int = 1, top_k: int | None = None):
+    """A ProPD tree-family builder: acceptance table -> the built tree set for every budget, plain decoding
+    (1 slot) first. Budgets that build the same tree set as a smaller one are left out."""
+    def build(table: Table) -> list[TreeOption]:
+        plain = vanilla_built(k, top_k or len(table[0]))
+        options = [TreeOption(plain.tree_set, plain.estimate.expected_tokens)]
+        for budget in sorted(b for b in set(budgets) if b > 1):
+            built = build_tree_set(table, k, budget, n=n, top_k=top_k)
+            if built.tree_set != options[-1].tree_set:
+                options.append(TreeOption(built.tree_set, built.estimate.expected_tokens))
+        return options
+
+    return build

@@ -1,0 +1,108 @@
+"""Online statistics for ProPD: acceptance per (prompt token, rank) and step latency per tokens processed.
+
+Acceptance is counted without bias: every guess is scored once the token it guessed is committed, whether
+or not the tree walk ever reached it. (Counting only the guesses on accepted paths would inflate acceptance:
+a path is only walked when its parents were right.) Guess i of a step predicts the i-th token after that
+step's bonus token; the answer arrives one to k steps later.
+
+Latency is modelled per number of tokens a step processes (batch x slots): a moving average per size that
+was seen, and for unseen sizes a least-squares fit, weighted towards recent steps, of
+seconds ~ a + b * tokens + c * tokens * context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+
+class AcceptanceTracker:
+    """Counts of where the true token ranked among each prompt token's top_k guesses, blended with a prior
+    table (the artifact's, measured offline) worth ``prior_weight`` observations per prompt token."""
+
+    def __init__(self, prior: Sequence[Sequence[float]], k: int, top_k: int, prior_weight: float = 200.0):
+        assert len(prior) >= k and all(len(row) >= top_k for row in prior[:k])
+        self.k, self.top_k, self.prior_weight = k, top_k, prior_weight
+        self.prior = [list(map(float, row[:top_k])) for row in prior[:k]]
+        self.hits = [[0] * top_k for _ in range(k)]  # hits[i][r]: the true token was rank r of guess i
+        self.scored = [0] * k  # guesses of prompt token i scored (hits plus misses)
+        # Per input row: guesses waiting for their answer, as (output position of guess 0, [m][top_k] ids).
+        self.pending: dict[int, deque[tuple[int, list[list[int]]]]] = {}
+
+    def record(self, rows: Sequence[int], lengths: Sequence[int], guesses: torch.Tensor, counts: Sequence[int]) -> None:
+        """This step's guesses: row ``rows[b]`` (an input index) has ``lengths[b]`` committed tokens; its
+        ``counts[b]`` first guesses [b, :counts[b], :] predict its next output positions."""
+        ids = guesses.tolist()  # [B, k, top_k]
+        for row, length, row_ids, m in zip(rows, lengths, ids, counts):
+            if m > 0:
+                self.pending.setdefault(row, deque()).append((length, row_ids[:m]))
+
+    def resolve(self, row: int, output: Sequence[int], finished: bool) -> None:
+        """Score the row's pending guesses whose answers ``output`` (its committed tokens) now holds."""
+        queue = self.pending.get(row)
+        while queue:
+            start, guesses = queue[0]
+            known = min(len(guesses), len(output) - start)
+            if known < len(guesses) and not finished:
+                break  # wait for the rest (partially known sets are scored all at once, later)
+            for i in range(max(known, 0)):
+                self.scored[i] += 1
+                truth = output[start + i]
+                if truth in guesses[i]:
+                    self.hits[i][guesses[i].index(truth)] += 1
+            queue.popleft()
+        if finished:
+            self.pending.pop(row, None)
+
+    def table(self) -> list[list[float]]:
+        """a[i][r] = P(the true token is rank r of prompt token i's guesses), prior-smoothed."""
+        w = self.prior_weight
+        return [[(w * p + h) / (w + n) for p, h in zip(prior, hits)]
+                for prior, hits, n in zip(self.prior, self.hits, self.scored)]
+
+
+class LatencyModel:
+    """Predicted seconds of a step processing ``tokens`` input tokens (batch x slots) over ``context`` KV."""
+
+    def __init__(self, prior: Sequence[tuple[int, float, float]] = (), *, ema: float = 0.3, decay: float = 0.98,
+                 window: int = 256):
+        self.ema, self.decay = ema, decay
+        self.average: dict[int, float] = {}  # tokens -> moving average seconds
+        self.history: deque[tuple[float, float, float]] = deque(maxlen=window)  # (tokens, context, seconds)
+        self._coef: torch.Tensor | None = None
+        for tokens, context, seconds in prior:
+            self.observe(tokens, context, seconds)
+
+    def observe(self, tokens: int, context: float, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        old = self.average.get(tokens)
+        self.average[tokens] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        self.history.append((float(tokens), float(context), seconds))
+        self._coef = None
+
+    def _fit(self) -> torch.Tensor:
+        """Weighted least squares (newest weight 1, then decay^age), lightly ridged: [a, b, c]."""
+        if self._coef is None:
+            h = torch.tensor(list(self.history), dtype=torch.float64)  # [n, 3]
+            X = torch.stack([torch.ones(len(h), dtype=torch.float64), h[:, 0], h[:, 0] * h[:, 1] / 1024], 1)
+            w = self.decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float64)  # [n]
+            scale = X.abs().amax(0).clamp_min(1e-9)  # [3]: ridge on comparable columns
+            Xs = X / scale
+            A = Xs.T @ (w[:, None] * Xs) + 1e-6 * torch.eye(3, dtype=torch.float64)
+            self._coef = torch.linalg.solve(A, Xs.T @ (w * h[:, 2])) / scale
+        return self._coef
+
+    def predict(self, tokens: int, context: float) -> float:
+        if tokens in self.average:
+            return self.average[tokens]
+        if not self.history:
+            return float(tokens)  # nothing measured: proportional to the work
+        a, b, c = self._fit().tolist()
+        fitted = a + b * tokens + c * tokens * context / 1024
+        # Never below the cheapest step measured with at least as many tokens' worth of work below it.
+        floor = max((s for t, s in self.average.items() if t <= tokens), default=0.0)
+        return max(fitted, floor, 1e-9)

@@ -1,0 +1,129 @@
+"""ProPD dynamic tree sizing on top of batched PPD: every step picks, from a family of tree sets of
+different sizes, the one with the most expected tokens per predicted second for the rows now in the batch.
+
+The family is rebuilt every ``rebuild_every`` steps from the online acceptance table (decoding/online_stats.py),
+by a builder the caller passes in (the workers use profiling.tree_builder), so this module stays free of
+how trees are searched. Tree buffers are cached per tree set, so switching trees between steps costs
+nothing but the choice. Every tree set has a tree for each depth state, so any set can follow any other.
+Verification is unchanged: the output is plain greedy decoding's, whichever trees were used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from decoding.batch import ActiveRows, check_prompts, crop_cache, new_cache, pad_prompts
+from decoding.online_stats import AcceptanceTracker, LatencyModel
+from decoding.ppd import PPDDecoder
+from decoding.prompt_tokens import PromptTokens
+from decoding.results import RowResult
+from decoding.tree import TreeSet, tree_set_buffers
+
+
+@dataclass(frozen=True)
+class TreeOption:
+    tree_set: TreeSet
+    expected_tokens: float  # tau under the acceptance table it was built from
+
+
+# acceptance table -> tree sets of increasing size (the first is usually plain decoding: 1 slot)
+TreeFamilyBuilder = Callable[[list[list[float]]], Sequence[TreeOption]]
+
+
+class ProPDDecoder(PPDDecoder):
+    """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step."""
+
+    def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
+                 acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
+                 eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
+                 top_k: int = 10):
+        self.build_family = build_family
+        self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
+        self.latency = latency or LatencyModel()
+        self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
+        self.built_from = self.acceptance.table()
+        self.family = list(build_family(self.built_from))
+        if not self.family:
+            raise ValueError("the tree family builder returned no tree set")
+        super().__init__(model, prompt_tokens, self.family[0].tree_set, eos_token_ids)
+        self.steps_since_rebuild = 0
+        self.choices: list[tuple[int, int]] = []
+
+    def _slots_per_state(self, option: TreeOption) -> list[int]:
+        return tree_set_buffers(option.tree_set, self.prompt_tokens.n).num_slots.tolist()
+
+    def choose(self, states: Sequence[int], context: float) -> TreeOption:
+        """The option with the most expected tokens per predicted second for rows in these depth states."""
+        B = len(states)
+        best, best_rate = self.family[0], -1.0
+        for option in self.family:
+            per_state = self._slots_per_state(option)
+            tokens = B * max(per_state[m] for m in set(states))  # rows are padded to the widest tree
+            rate = option.expected_tokens / self.latency.predict(tokens, context)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = option, rate
+        return best
+
+    def _maybe_rebuild(self) -> None:
+        """Rebuild the family when the acceptance table has moved (building costs ~0.5 s on a CPU)."""
+        self.steps_since_rebuild += 1
+        if self.steps_since_rebuild < self.rebuild_every:
+            return
+        self.steps_since_rebuild = 0
+        table = self.acceptance.table()
+        drift = max(abs(a - b) for new, old in zip(table, self.built_from) for a, b in zip(new, old))
+        if drift > self.rebuild_drift:
+            family = list(self.build_family(table))
+            if family:
+                self.family, self.built_from = family, table
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
+        check_prompts(prompts)
+        device, dtype = self.device, self.embed.weight.dtype
+        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
+        if rows.size == 0:
+            return rows.results
+        active = [prompts[i] for i in rows.index.tolist()]
+        cache = new_cache(self.model)
+        prefix = pad_prompts([p[:-1] for p in active], device)
+        kv_len = prefix[1].sum(1)  # [B]
+        root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
+        k, top_k = self.prompt_tokens.k, self.family[0].tree_set.top_k
+        guesses = torch.zeros(rows.size, k, top_k, dtype=torch.long, device=device)  # [B, k, top_k]
+        state = torch.zeros(rows.size, dtype=torch.long, device=device)  # [B]
+        prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
+        states = [0] * rows.size
+        self.choices = []
+
+        while rows.size > 0:
+            option = self.choose(states, float(kv_len.float().mean()))
+            self.tree_set = option.tree_set
+            buffers = tree_set_buffers(option.tree_set, self.prompt_tokens.n, device)
+            slots = int(max(self._slots_per_state(option)[m] for m in set(states)))
+            self.choices.append((rows.size, slots))
+            context = float(kv_len.float().mean())
+            started = time.perf_counter()
+            tokens, counts, root, prompt_logits, state, kv_len = self.step(
+                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+            keep = rows.commit(tokens, counts)  # syncs the device: the step is done
+            if prefix is None:  # the first step also ran the prompts: not a tree step's latency
+                self.latency.observe(rows.size * slots, context, time.perf_counter() - started)
+            prefix = None
+            input_rows = rows.index.tolist()
+            for row, kept in zip(input_rows, keep.tolist()):
+                self.acceptance.resolve(row, rows.results[row].token_ids, finished=not kept)
+            root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
+            if rows.size:
+                crop_cache(cache, int(kv_len.max()))
+                guesses = self.propose(prompt_logits, rows)
+                states = state.tolist()
+                self.acceptance.record(rows.index.tolist(), [len(rows.results[r].token_ids) for r in
+                                                             rows.index.tolist()], guesses, states)
+                self._maybe_rebuild()
+        return rows.results
