@@ -48,6 +48,7 @@ class ProPDDecoder(PPDDecoder):
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
         self.built_from = self.acceptance.table()
         self.family = list(build_family(self.built_from))
+        self.initial_family = tuple(self.family)
         if not self.family:
             raise ValueError("the tree family builder returned no tree set")
         super().__init__(model, prompt_tokens, self.family[0].tree_set, eos_token_ids)

@@ -122,6 +122,7 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "prompts": ("decoding", "prompts"),
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),
     "tree_nodes": ("decoding", "tree_nodes"),
+    "tree_sizing": ("decoding", "tree_sizing"),
     "profile_budget_s": ("decoding", "profile_budget_s"),
 }
 # CLI flags that set a field of the one worker group (refused when the config lists several).

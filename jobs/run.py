@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
                    "(default: the artifact shipped for the model, else untrained)")
     p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
+    p.add_argument("--tree-sizing", choices=["static", "propd"],
+                   help="static: one tree per worker (default); propd: re-sized every step (ProPD)")
     p.add_argument("--profile-budget-s", type=float, metavar="S",
                    help="seconds each worker may spend profiling its device (default: 60 CPU, 30 GPU)")
     p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")

@@ -131,3 +131,17 @@ def test_auto_batch_size_is_measured_on_the_device(tiny, tmp_path):
     assert info["profile"].startswith("measured")
     rows = [{"id": str(i), "prompt": "x" * (i + 1)} for i in range(6)]
     assert [o.id for o in engine.run_rows(rows)] == [str(i) for i in range(6)]
+
+
+def test_engine_with_propd_sizing_decodes_losslessly(tiny, tmp_path):
+    path = save_trained_artifact(tiny, tmp_path / "pt")
+    latency = _profile_file(tmp_path / "p.json", {(2, s): 0.01 + 0.0001 * s for s in (1, 8, 32, 128)})
+    engine = DecodeEngine(tiny, DecodingConfig(prompts=str(path), tree_sizing="propd"), batch_size=2,
+                          latency_profile=latency)
+    assert engine.describe()["tree"].startswith("propd") and engine.tree_hash.startswith("propd-")
+    rows = [{"id": "a", "prompt": "x y z"}, {"id": "b", "prompt": "hello"}, {"id": "c", "prompt": "1 2"}]
+    vanilla = DecodeEngine(tiny, DecodingConfig(method="vanilla"), batch_size=2)
+    assert [o.output_token_ids for o in engine.run_rows(rows)] == [o.output_token_ids for o in vanilla.run_rows(rows)]
+    with pytest.raises(ValueError, match="pick one"):
+        DecodeEngine(tiny, DecodingConfig(prompts=str(path), tree_sizing="propd", tree_nodes=5), batch_size=2,
+                     latency_profile=latency)

@@ -7,6 +7,7 @@ A bad row never fails the batch: it comes back with `error` set.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from datetime import datetime, timezone
@@ -15,7 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder
+from decoding.online_stats import LatencyModel
+from decoding.propd import ProPDDecoder
 from profiling.device import identify
+from profiling.latency import DEFAULT_SLOTS
+from profiling.tree_builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
 from workers.planning import plan_decoding
@@ -61,6 +66,13 @@ class DecodingConfig(BaseModel):
         gt=0,
         description="Seconds a worker may spend timing its decode step at start-up (default: 60 on a "
         "CPU, 30 on a GPU). Profiles are cached per device, model and budget, so a restart reuses them.",
+    )
+    tree_sizing: Literal["static", "propd"] = Field(
+        default="static",
+        description="'static': one tree per worker, chosen at start-up from its latency profile. 'propd': "
+        "ProPD dynamic sizing: every step picks the tree with the most expected tokens per predicted second "
+        "for the rows then in the batch, from online acceptance and latency statistics seeded by the "
+        "artifact and the profile (needs a trained artifact; not with tree_nodes).",
     )
     num_prompt_tokens: int = Field(
         default=3,
@@ -126,6 +138,15 @@ class DecodeEngine:
         self.tree_info = plan.info
         if prompt_tokens is None:
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
+        acceptance = prompt_tokens.meta.extra.get("acceptance")
+        if self.config.tree_sizing == "propd" and acceptance:
+            if self.config.tree_nodes:
+                raise ValueError("tree_nodes fixes the tree; tree_sizing 'propd' sizes it every step: pick one")
+            profile = plan.profile
+            prior = [(p.batch * p.slots, float(profile.context_len), p.seconds) for p in profile.points]
+            self.tree_info = {**plan.info, "tree": "propd (sized every step; starts from the planned tree)"}
+            return ProPDDecoder(lm.model, prompt_tokens, tree_family(prompt_tokens.k, DEFAULT_SLOTS, n=prompt_tokens.n),
+                                acceptance, LatencyModel(prior), eos_token_ids=lm.eos_token_ids)
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids)
 
     def describe(self) -> dict[str, Any]:
@@ -151,6 +172,10 @@ class DecodeEngine:
 
     @property
     def tree_hash(self) -> str | None:
+        """The static tree set's hash; with ProPD, "propd-" and a hash of the family it started from."""
+        if isinstance(self.decoder, ProPDDecoder):
+            joined = ",".join(option.tree_set.tree_hash for option in self.decoder.initial_family)
+            return "propd-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
         tree_set = getattr(self.decoder, "tree_set", None)
         return tree_set.tree_hash if tree_set is not None else None
 

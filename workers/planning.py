@@ -31,6 +31,7 @@ class DecodingPlan:
     tree_set: TreeSet | None  # None: vanilla decoding
     batch_size: int
     info: dict[str, Any] = field(default_factory=dict)  # what the driver prints and summary.json records
+    profile: LatencyProfile | None = None  # the step latencies planned with (None when none was needed)
 
 
 def load_profile_file(path: str | Path, prompt_tokens: PromptTokens, model_hash: str) -> LatencyProfile:
@@ -105,7 +106,7 @@ def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int 
                 batch_size_choice=("fixed" if batch_size is not None else
                                    {str(b): round(r, 2) for r, b, _ in options}))
     if choice is None:
-        return DecodingPlan(fixed, chosen_batch, info)
+        return DecodingPlan(fixed, chosen_batch, info, profile)
     chosen = choice.chosen
     info.update(tree="hardware-aware", tree_budget=chosen.budget, tree_slots=chosen.slots,
                 predicted_tau=chosen.estimate.expected_tokens, predicted_speedup=choice.speedup,
@@ -113,4 +114,4 @@ def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int 
     log.info("batch %d: tree of %d slots per row (%s), predicted tau %.2f, %.2fx over plain decoding; profile %s",
              chosen_batch, chosen.slots, [len(t.paths) for t in chosen.tree_set.trees],
              chosen.estimate.expected_tokens, choice.speedup, source)
-    return DecodingPlan(chosen.tree_set, chosen_batch, info)
+    return DecodingPlan(chosen.tree_set, chosen_batch, info, profile)

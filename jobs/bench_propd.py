@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""ProPD benchmark: plain decoding, PPD with a static tree, and PPD with ProPD dynamic sizing, side by side
+at each batch size, in one run on one machine.
+
+    python jobs/bench_propd.py                                  # CPU: batch 1 2 4 8 16 32
+    python jobs/bench_propd.py --device cuda --max-new-tokens 128
+
+Every batch size decodes the same held-out prompts (mixed chat / math / code, the split the prompt tokens
+never trained on) with each method. The static tree is the one a worker of that batch size would choose at
+start-up from its profile. ProPD starts from the same profile and the artifact's acceptance table and keeps
+learning across rounds, as a long-lived worker does. Each method has one untimed warm-up round; timed rounds
+are interleaved across methods so machine drift hits all alike, and the median round counts. Every method's
+output is checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per
+forward pass (batch x slots), plus ProPD's speed over the better of plain and static PPD.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from decoding import PPDDecoder, VanillaDecoder  # noqa: E402
+from decoding.online_stats import LatencyModel  # noqa: E402
+from decoding.propd import ProPDDecoder  # noqa: E402
+from jobs.bench_tree import held_out_samples  # noqa: E402
+from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
+from profiling.device import identify  # noqa: E402
+from profiling.latency import DEFAULT_SLOTS  # noqa: E402
+from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
+from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
+from workers.profiles import load_or_measure_profile  # noqa: E402
+
+
+class Counting:
+    """Mixin: counts the tree tokens each forward pass processes (batch x padded slots)."""
+
+    def _forward_tree(self, *args, **kwargs):
+        ids, hidden = super()._forward_tree(*args, **kwargs)
+        self.passes, self.processed = self.passes + 1, self.processed + ids.numel()
+        return ids, hidden
+
+
+class CountingPPD(Counting, PPDDecoder):
+    passes = processed = 0
+
+
+class CountingProPD(Counting, ProPDDecoder):
+    passes = processed = 0
+
+
+def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if isinstance(decoder, Counting):
+        decoder.passes = decoder.processed = 0
+    t0 = time.perf_counter()
+    results = decoder.generate(prompts, max_new_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens, steps = sum(r.num_tokens for r in results), sum(r.num_steps for r in results)
+    if isinstance(decoder, Counting):
+        per_pass = decoder.processed / decoder.passes
+    else:  # plain decoding: one token per active row per pass
+        per_pass = steps / max(r.num_steps for r in results)
+    return {"seconds": seconds, "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
+            "outputs": [r.token_ids for r in results]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--prompts", help="prompt-token artifact (default: the shipped one)")
+    p.add_argument("--profile-budget-s", type=float, default=None)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    lm = load_model(ModelConfig(device=args.device))
+    artifact = args.prompts or find_shipped_artifact(lm.content_hash)
+    if artifact is None:
+        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
+    pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+    table = pt.meta.extra["acceptance"]
+    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
+                                              cache_dir=resolve_cache_dir(None), batch_sizes=args.batch_sizes,
+                                              budget_s=args.profile_budget_s)
+    name = identify(lm.device, lm.dtype).readable
+    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
+    samples = held_out_samples(lm, pt, Path(args.data_dir))
+    by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
+    mixed = [s.prompt_ids for group in zip(*by_kind) for s in group]  # chat, math, code, chat, ...
+    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
+    prior = [(q.batch * q.slots, float(profile.context_len), q.seconds) for q in profile.points]
+
+    results = []
+    for batch in args.batch_sizes:
+        prompts = mixed[:batch]
+        choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), profile.measured_slots(batch),
+                               n=pt.n)
+        decoders = {
+            "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
+            "static": CountingPPD(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
+            "propd": CountingProPD(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
+        }
+        runs: dict[str, list[dict]] = {m: [] for m in decoders}
+        for m, dec in decoders.items():  # warm-up (ProPD also starts learning here)
+            run(dec, prompts, args.max_new_tokens, lm.device)
+        for _ in range(args.rounds):
+            for m, dec in decoders.items():
+                runs[m].append(run(dec, prompts, args.max_new_tokens, lm.device))
+        reference = runs["plain"][0]["outputs"]
+        row = {"batch": batch, "static_slots": choice.chosen.slots}
+        for m, rs in runs.items():
+            assert all(r["outputs"] == reference for r in rs), f"{m} at batch {batch} differs from plain decoding"
+            seconds = statistics.median(r["seconds"] for r in rs)
+            row[m] = {"tok_s": rs[0]["tokens"] / seconds, "tau": rs[0]["tau"], "per_pass": rs[0]["per_pass"]}
+        row["propd_vs_best"] = row["propd"]["tok_s"] / max(row["plain"]["tok_s"], row["static"]["tok_s"])
+        results.append(row)
+        print(f"batch {batch:3d}: " + "  ".join(
+            f"{m} {row[m]['tok_s']:7.1f} tok/s tau {row[m]['tau']:.2f} ({row[m]['per_pass']:.0f}/pass)"
+            for m in decoders) + f"  propd/best {row['propd_vs_best']:.3f}", flush=True)
+
+    print(f"\n{name}, {args.max_new_tokens} new tokens, median of {args.rounds} rounds; outputs identical to plain")
+    print("| batch | plain tok/s | static tok/s (slots) | static tau | propd tok/s | propd tau | tokens/pass "
+          "plain / static / propd | propd / best |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['batch']} | {r['plain']['tok_s']:.1f} | {r['static']['tok_s']:.1f} ({r['static_slots']}) | "
+              f"{r['static']['tau']:.2f} | {r['propd']['tok_s']:.1f} | {r['propd']['tau']:.2f} | "
+              f"{r['plain']['per_pass']:.0f} / {r['static']['per_pass']:.0f} / {r['propd']['per_pass']:.0f} | "
+              f"{r['propd_vs_best']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
