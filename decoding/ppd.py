@@ -77,11 +77,17 @@ class PPDDecoder:
         return rows.results
 
     def propose(self, prompt_logits: torch.Tensor, rows: ActiveRows) -> torch.Tensor:
-        """Next step's candidates from the prompt tokens' logits [B, k, V]: their top_k tokens [B, k, top_k].
+        """Next step's candidates from the first m prompt tokens' logits [B, m, V]: their top_k tokens, as
+        [B, k, top_k] (zeros past m: no row's next tree reads them).
 
         Called after the step's tokens are committed; ``rows`` says which input row each batch entry is.
         """
-        return prompt_logits.topk(self.tree_set.top_k, dim=-1).indices
+        B, m, _ = prompt_logits.shape
+        top_k = self.tree_set.top_k
+        guesses = torch.zeros(B, self.prompt_tokens.k, top_k, dtype=torch.long, device=prompt_logits.device)
+        if m:
+            guesses[:, :m] = prompt_logits.topk(top_k, dim=-1).indices
+        return guesses
 
     def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """Run every row's tree through the model. Returns (slot token ids [B, N], hidden states [B, N, H]).
@@ -121,7 +127,7 @@ class PPDDecoder:
     def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """One guess-and-verify pass.
 
-        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, k, V], next state [B], kv_len [B]):
+        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, m, V], next state [B], kv_len [B]):
         row b emits ``tokens[b, :counts[b]]``.
         """
         sb = buffers.stacked
@@ -144,11 +150,14 @@ class PPDDecoder:
 
         # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
         # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).
+        # Only the first m prompt tokens are ever read (m = most attached to any row's best node): the lm_head
+        # is as dear as a good part of the model, so it runs on those only (none when plain decoding).
         n_prompt = sb.node_prompt_count[state, best]  # [B]
-        slots = sb.node_prompt_slots[state, best]  # [B, k, n]
-        k, n = slots.shape[1:]
-        prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, k*n, H]
-        prompt_logits = at_least_fp32(self.lm_head(prompt_hidden)).view(B, k, n, -1).mean(2)  # [B, k, V]
+        m = int(n_prompt.max())
+        slots = sb.node_prompt_slots[state, best][:, :m]  # [B, m, n]
+        n, V = slots.shape[2], self.lm_head.weight.shape[0]
+        prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, m*n, H]
+        prompt_logits = at_least_fp32(self.lm_head(prompt_hidden)).view(B, m, n, V).mean(2)  # [B, m, V]
 
         # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
         move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))

@@ -81,19 +81,25 @@ def max_tree_slots(k: int, top_k: int, n: int = 1) -> int:
 
 
 def synthetic_tree_set(k: int, top_k: int, slots: int, n: int = 1) -> TreeSet:
-    """A tree set whose state-k tree has exactly ``slots`` inputs per row, shaped like a built tree (about one
-    prompt token per node). Only its size matters for timing."""
+    """A tree set whose state-k tree has ``slots`` inputs per row, shaped like a built tree (about one prompt
+    token per node). Only its size matters for timing. With ensembles (n > 1) a few sizes cannot be made
+    exactly (every prompt token takes n slots); those get the largest size below that can."""
     if not 1 <= slots <= max_tree_slots(k, top_k, n):
         raise ValueError(f"no tree of k={k}, top_k={top_k} has {slots} slots")
     max_candidates = max_tree_slots(k, top_k, 0) - 1
     target = (slots - 1 - n) / (1 + n)
-    # The candidate count C nearest the target for which the prompt tokens fill the rest exactly.
+    # The candidate count C nearest the target whose prompt tokens fill the most of the rest (all of it, if
+    # some C can).
+    best = None
     for C in sorted(range(min(max_candidates, slots - 1) + 1), key=lambda c: (abs(c - target), c)):
-        rest = slots - 1 - C
-        if rest % n == 0 and rest // n <= k * (C + 1):
+        prompts = min(k * (C + 1), (slots - 1 - C) // n)
+        size = 1 + C + n * prompts
+        if best is None or size > best[0]:
+            best = (size, C, prompts)
+        if size == slots:
             break
-    else:  # unreachable below max_tree_slots: C = max_candidates always fits
-        raise AssertionError("no candidate count fits")
+    _, C, prompt_count = best
+    rest = n * prompt_count
     uniform = [[1.0 / (r + 1) for r in range(top_k)] for _ in range(k)]
     nodes = [()] + best_paths(uniform, C, k)
     counts = {node: 0 for node in nodes}
@@ -157,7 +163,8 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
                 crop_cache(cache, context_len)
                 if i >= warmups and time.perf_counter() > batch_deadline:
                     break
-            previous = LatencyPoint(batch=batch, slots=size, seconds=statistics.median(times), repeats=len(times))
+            actual = int(buffers.num_slots[k])  # = size, or just below for a few ensemble sizes
+            previous = LatencyPoint(batch=batch, slots=actual, seconds=statistics.median(times), repeats=len(times))
             points.append(previous)
         del cache
     return LatencyProfile(device=identity, model_hash=model_hash, k=k, ensemble=n, context_len=context_len,

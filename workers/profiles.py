@@ -16,12 +16,16 @@ from workers.models import write_json_atomically
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever the decode step's cost changes (2: the lm_head runs on the prompt tokens in use only), so a
+# profile of older code is measured again instead of reused.
+PROFILE_VERSION = 2
+
 
 def profile_path(cache_dir: Path, identity: DeviceIdentity, model_hash: str, k: int, n: int,
                  batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None) -> Path:
     """Everything that shapes the measurement is in the key: a short-budget profile never stands in for a
     full one."""
-    key = json.dumps({"device": identity.key(), "model": model_hash, "k": k, "n": n,
+    key = json.dumps({"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
                       "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
                       "budget_s": budget_s},
                      sort_keys=True)
