@@ -47,41 +47,51 @@ class ProPDDecoder(PPDDecoder):
         self.latency = latency or LatencyModel()
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
         self.built_from = self.acceptance.table()
-        self.family = list(build_family(self.built_from))
-        self.initial_family = tuple(self.family)
-        if not self.family:
+        started = time.perf_counter()
+        family = list(build_family(self.built_from))
+        self.last_build_seconds = time.perf_counter() - started
+        if not family:
             raise ValueError("the tree family builder returned no tree set")
-        super().__init__(model, prompt_tokens, self.family[0].tree_set, eos_token_ids)
-        self.steps_since_rebuild = 0
+        super().__init__(model, prompt_tokens, family[0].tree_set, eos_token_ids)
+        self._set_family(family)
+        self.initial_family = tuple(self.family)
+        self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
         self.choices: list[tuple[int, int]] = []
 
     def _slots_per_state(self, option: TreeOption) -> list[int]:
         return tree_set_buffers(option.tree_set, self.prompt_tokens.n).num_slots.tolist()
 
-    def choose(self, states: Sequence[int], context: float) -> TreeOption:
-        """The option with the most expected tokens per predicted second for rows in these depth states."""
-        B = len(states)
-        best, best_rate = self.family[0], -1.0
-        for option in self.family:
-            per_state = self._slots_per_state(option)
-            tokens = B * max(per_state[m] for m in set(states))  # rows are padded to the widest tree
-            rate = option.expected_tokens / self.latency.predict(tokens, context)
-            if rate > best_rate * (1 + 1e-9):
-                best, best_rate = option, rate
-        return best
+    def _set_family(self, family: Sequence[TreeOption]) -> None:
+        self.family = list(family)
+        # Each option is priced at its widest state: in steady state a batch nearly always holds a row in the
+        # deepest state, and pricing the current state instead would favour trees whose cheap states cannot
+        # accept anything (state 0 has no guesses) and then abandon them when they become useful.
+        self.widest = [max(self._slots_per_state(option)) for option in self.family]
 
-    def _maybe_rebuild(self) -> None:
-        """Rebuild the family when the acceptance table has moved (building costs ~0.5 s on a CPU)."""
+    def choose(self, batch: int, context: float) -> TreeOption:
+        """The option with the most expected tokens per predicted second at this batch size and context."""
+        rates = [option.expected_tokens / self.latency.predict(batch * slots, context)
+                 for option, slots in zip(self.family, self.widest)]
+        return self.family[max(range(len(rates)), key=lambda i: (rates[i], -i))]
+
+    def _maybe_rebuild(self, decode_seconds: float) -> None:
+        """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps
+        and never more than 1% of the decoding time (a build costs ~0.5 s on a CPU)."""
         self.steps_since_rebuild += 1
-        if self.steps_since_rebuild < self.rebuild_every:
+        self.seconds_since_rebuild += decode_seconds
+        if (self.steps_since_rebuild < self.rebuild_every
+                or self.seconds_since_rebuild < 100 * self.last_build_seconds):
             return
-        self.steps_since_rebuild = 0
+        self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
         table = self.acceptance.table()
         drift = max(abs(a - b) for new, old in zip(table, self.built_from) for a, b in zip(new, old))
         if drift > self.rebuild_drift:
+            started = time.perf_counter()
             family = list(self.build_family(table))
+            self.last_build_seconds = time.perf_counter() - started
             if family:
-                self.family, self.built_from = family, table
+                self._set_family(family)
+                self.built_from = table
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
@@ -103,18 +113,19 @@ class ProPDDecoder(PPDDecoder):
         self.choices = []
 
         while rows.size > 0:
-            option = self.choose(states, float(kv_len.float().mean()))
+            context = float(kv_len.float().mean())
+            option = self.choose(rows.size, context)
             self.tree_set = option.tree_set
             buffers = tree_set_buffers(option.tree_set, self.prompt_tokens.n, device)
-            slots = int(max(self._slots_per_state(option)[m] for m in set(states)))
+            slots = int(max(self._slots_per_state(option)[m] for m in set(states)))  # this step's padded width
             self.choices.append((rows.size, slots))
-            context = float(kv_len.float().mean())
             started = time.perf_counter()
             tokens, counts, root, prompt_logits, state, kv_len = self.step(
                 cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
+            seconds = time.perf_counter() - started
             if prefix is None:  # the first step also ran the prompts: not a tree step's latency
-                self.latency.observe(rows.size * slots, context, time.perf_counter() - started)
+                self.latency.observe(rows.size * slots, context, seconds)
             prefix = None
             input_rows = rows.index.tolist()
             for row, kept in zip(input_rows, keep.tolist()):
@@ -126,5 +137,5 @@ class ProPDDecoder(PPDDecoder):
                 states = state.tolist()
                 self.acceptance.record(rows.index.tolist(), [len(rows.results[r].token_ids) for r in
                                                              rows.index.tolist()], guesses, states)
-                self._maybe_rebuild()
+                self._maybe_rebuild(seconds)
         return rows.results
