@@ -65,44 +65,53 @@ class AcceptanceTracker:
 
 
 class LatencyModel:
-    """Predicted seconds of a step processing ``tokens`` input tokens (batch x slots) over ``context`` KV."""
+    """Predicted seconds of a step over ``batch`` rows of ``slots`` input tokens each, ``context`` KV deep.
 
-    def __init__(self, prior: Sequence[tuple[int, float, float]] = (), *, ema: float = 0.3, decay: float = 0.98,
-                 window: int = 256):
+    A (batch, slots) pair that was measured is predicted by its moving average. Others come from the fit
+    over every measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
+    (tokens = batch x slots; the batch term carries the per-row costs that tokens alone miss). A prediction
+    is never below the slowest measured step that did no more work (fewer or as many rows and slots).
+    """
+
+    def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.3,
+                 decay: float = 0.98, window: int = 256):
         self.ema, self.decay = ema, decay
-        self.average: dict[int, float] = {}  # tokens -> moving average seconds
-        self.history: deque[tuple[float, float, float]] = deque(maxlen=window)  # (tokens, context, seconds)
+        self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average seconds
+        self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
         self._coef: torch.Tensor | None = None
-        for tokens, context, seconds in prior:
-            self.observe(tokens, context, seconds)
+        for batch, slots, context, seconds in prior:
+            self.observe(batch, slots, context, seconds)
 
-    def observe(self, tokens: int, context: float, seconds: float) -> None:
+    def observe(self, batch: int, slots: int, context: float, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        old = self.average.get(tokens)
-        self.average[tokens] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
-        self.history.append((float(tokens), float(context), seconds))
+        old = self.average.get((batch, slots))
+        self.average[(batch, slots)] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        self.history.append((float(batch), float(slots), float(context), seconds))
         self._coef = None
 
+    @staticmethod
+    def _features(batch, slots, context):
+        tokens = batch * slots
+        return [1.0, tokens, tokens * context / 1024, batch]
+
     def _fit(self) -> torch.Tensor:
-        """Weighted least squares (newest weight 1, then decay^age), lightly ridged: [a, b, c]."""
+        """Weighted least squares (newest weight 1, then decay^age), lightly ridged: [a, b, c, d]."""
         if self._coef is None:
-            h = torch.tensor(list(self.history), dtype=torch.float64)  # [n, 3]
-            X = torch.stack([torch.ones(len(h), dtype=torch.float64), h[:, 0], h[:, 0] * h[:, 1] / 1024], 1)
+            h = torch.tensor(list(self.history), dtype=torch.float64)  # [n, 4]
+            X = torch.tensor([self._features(b, s, c) for b, s, c, _ in self.history], dtype=torch.float64)
             w = self.decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float64)  # [n]
-            scale = X.abs().amax(0).clamp_min(1e-9)  # [3]: ridge on comparable columns
+            scale = X.abs().amax(0).clamp_min(1e-9)  # ridge on comparable columns
             Xs = X / scale
-            A = Xs.T @ (w[:, None] * Xs) + 1e-6 * torch.eye(3, dtype=torch.float64)
-            self._coef = torch.linalg.solve(A, Xs.T @ (w * h[:, 2])) / scale
+            A = Xs.T @ (w[:, None] * Xs) + 1e-6 * torch.eye(X.shape[1], dtype=torch.float64)
+            self._coef = torch.linalg.solve(A, Xs.T @ (w * h[:, 3])) / scale
         return self._coef
 
-    def predict(self, tokens: int, context: float) -> float:
-        if tokens in self.average:
-            return self.average[tokens]
+    def predict(self, batch: int, slots: int, context: float) -> float:
+        if (batch, slots) in self.average:
+            return self.average[(batch, slots)]
         if not self.history:
-            return float(tokens)  # nothing measured: proportional to the work
-        a, b, c = self._fit().tolist()
-        fitted = a + b * tokens + c * tokens * context / 1024
-        # Never below the cheapest step measured with at least as many tokens' worth of work below it.
-        floor = max((s for t, s in self.average.items() if t <= tokens), default=0.0)
+            return float(batch * slots)  # nothing measured: proportional to the work
+        fitted = sum(c * f for c, f in zip(self._fit().tolist(), self._features(batch, slots, context)))
+        floor = max((s for (b, n), s in self.average.items() if b <= batch and n <= slots), default=0.0)
         return max(fitted, floor, 1e-9)

@@ -70,7 +70,7 @@ class ProPDDecoder(PPDDecoder):
 
     def choose(self, batch: int, context: float) -> TreeOption:
         """The option with the most expected tokens per predicted second at this batch size and context."""
-        rates = [option.expected_tokens / self.latency.predict(batch * slots, context)
+        rates = [option.expected_tokens / self.latency.predict(batch, slots, context)
                  for option, slots in zip(self.family, self.widest)]
         return self.family[max(range(len(rates)), key=lambda i: (rates[i], -i))]
 
@@ -125,7 +125,7 @@ class ProPDDecoder(PPDDecoder):
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
             seconds = time.perf_counter() - started
             if prefix is None:  # the first step also ran the prompts: not a tree step's latency
-                self.latency.observe(rows.size * slots, context, seconds)
+                self.latency.observe(rows.size, slots, context, seconds)
             prefix = None
             input_rows = rows.index.tolist()
             for row, kept in zip(input_rows, keep.tolist()):

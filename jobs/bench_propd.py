@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
     mixed = [s.prompt_ids for group in zip(*by_kind) for s in group]  # chat, math, code, chat, ...
     family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
-    prior = [(q.batch * q.slots, float(profile.context_len), q.seconds) for q in profile.points]
+    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
 
     results = []
     for batch in args.batch_sizes:

@@ -49,7 +49,7 @@ def test_acceptance_converges_to_the_true_rank_distribution(model, truth):
     class OracleProPD(OracleGuessDecoder, ProPDDecoder):
         pass
 
-    flat = LatencyModel([(1, 0.0, 1.0), (4096, 0.0, 1.0)])  # slots are free: the biggest tree every step
+    flat = LatencyModel([(1, 1, 0.0, 1.0), (8, 512, 0.0, 1.0)])  # slots are free: the biggest tree every step
     dec = OracleProPD(model, prompt_tokens(model), tree_family(K, BUDGETS), TABLE, flat, truth=full, seed=3)
     dec.acceptance.prior_weight = 0.0
     got = dec.generate(prompts, MAX_NEW)
@@ -67,19 +67,26 @@ def test_acceptance_converges_to_the_true_rank_distribution(model, truth):
 
 
 def test_latency_fit_predicts_unseen_sizes_and_follows_recent_steps():
-    model = LatencyModel([(t, 100.0, 0.01 + 0.001 * t) for t in (1, 8, 32)])
-    assert model.predict(8, 100.0) == pytest.approx(0.018)  # a seen size: its average
-    assert model.predict(16, 100.0) == pytest.approx(0.026, rel=1e-3)  # unseen: the fit
+    def true(batch, slots):
+        return 0.01 + 0.001 * batch * slots + 0.002 * batch
+
+    seen = [(b, s) for b in (1, 4) for s in (1, 8, 32)]
+    model = LatencyModel([(b, s, 100.0, true(b, s)) for b, s in seen])
+    assert model.predict(4, 8, 100.0) == pytest.approx(true(4, 8))  # a seen pair: its average
+    assert model.predict(2, 16, 100.0) == pytest.approx(true(2, 16), rel=1e-3)  # unseen: the fit
     for _ in range(200):  # the machine got twice as slow
-        for t in (1, 8, 32):
-            model.observe(t, 100.0, 2 * (0.01 + 0.001 * t))
-    assert model.predict(16, 100.0) == pytest.approx(0.052, rel=0.05)
-    assert model.predict(8, 100.0) == pytest.approx(0.036, rel=1e-3)
+        for b, s in seen:
+            model.observe(b, s, 100.0, 2 * true(b, s))
+    assert model.predict(2, 16, 100.0) == pytest.approx(2 * true(2, 16), rel=0.05)
+    assert model.predict(4, 8, 100.0) == pytest.approx(2 * true(4, 8), rel=1e-3)
+    # Never below a measured step that did no more work.
+    cheap = LatencyModel([(1, 1, 0.0, 0.05), (1, 2, 0.0, 0.01), (8, 8, 0.0, 0.02)])
+    assert cheap.predict(1, 4, 0.0) >= 0.05
 
 
 def test_the_tree_shrinks_as_the_batch_grows(model):
     # A fixed cost per step plus a cost per token processed: big trees pay off only for small batches.
-    latency = LatencyModel([(t, 64.0, 0.05 + 0.0005 * t) for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)])
+    latency = LatencyModel([(b, s, 64.0, 0.05 + 0.0005 * b * s) for b in (1, 8, 64) for s in (1, 4, 16, 64, 256)])
     dec = ProPDDecoder(model, prompt_tokens(model), tree_family(K, BUDGETS), TABLE, latency)
     slots = []
     for batch in (1, 4, 16, 64):
@@ -99,11 +106,11 @@ class FlipFlopLatency(LatencyModel):
         super().__init__()
         self.cheap = True
 
-    def observe(self, tokens, context, seconds):
+    def observe(self, batch, slots, context, seconds):
         self.cheap = not self.cheap
 
-    def predict(self, tokens, context):
-        return 1.0 if self.cheap else float(tokens)
+    def predict(self, batch, slots, context):
+        return 1.0 if self.cheap else float(batch * slots)
 
 
 @pytest.mark.parametrize("batch", [1, 5])

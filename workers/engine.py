@@ -143,7 +143,7 @@ class DecodeEngine:
             if self.config.tree_nodes:
                 raise ValueError("tree_nodes fixes the tree; tree_sizing 'propd' sizes it every step: pick one")
             profile = plan.profile
-            prior = [(p.batch * p.slots, float(profile.context_len), p.seconds) for p in profile.points]
+            prior = [(p.batch, p.slots, float(profile.context_len), p.seconds) for p in profile.points]
             self.tree_info = {**plan.info, "tree": "propd (sized every step; starts from the planned tree)"}
             return ProPDDecoder(lm.model, prompt_tokens, tree_family(prompt_tokens.k, DEFAULT_SLOTS, n=prompt_tokens.n),
                                 acceptance, LatencyModel(prior), eos_token_ids=lm.eos_token_ids)
