@@ -63,16 +63,18 @@ class ProPDDecoder(PPDDecoder):
 
     def _set_family(self, family: Sequence[TreeOption]) -> None:
         self.family = list(family)
+        self.slots_per_state = [self._slots_per_state(option) for option in self.family]
+        self.buffers: dict[int, object] = {}  # family index -> its buffers on the device (filled when used)
         # Each option is priced at its widest state: in steady state a batch nearly always holds a row in the
         # deepest state, and pricing the current state instead would favour trees whose cheap states cannot
         # accept anything (state 0 has no guesses) and then abandon them when they become useful.
-        self.widest = [max(self._slots_per_state(option)) for option in self.family]
+        self.widest = [max(slots) for slots in self.slots_per_state]
 
-    def choose(self, batch: int, context: float) -> TreeOption:
-        """The option with the most expected tokens per predicted second at this batch size and context."""
+    def choose(self, batch: int, context: float) -> int:
+        """The family index with the most expected tokens per predicted second at this batch size and context."""
         rates = [option.expected_tokens / self.latency.predict(batch, slots, context)
                  for option, slots in zip(self.family, self.widest)]
-        return self.family[max(range(len(rates)), key=lambda i: (rates[i], -i))]
+        return max(range(len(rates)), key=lambda i: (rates[i], -i))
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:
         """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps
@@ -114,10 +116,12 @@ class ProPDDecoder(PPDDecoder):
 
         while rows.size > 0:
             context = float(kv_len.float().mean())
-            option = self.choose(rows.size, context)
-            self.tree_set = option.tree_set
-            buffers = tree_set_buffers(option.tree_set, self.prompt_tokens.n, device)
-            slots = int(max(self._slots_per_state(option)[m] for m in set(states)))  # this step's padded width
+            chosen = self.choose(rows.size, context)
+            self.tree_set = self.family[chosen].tree_set
+            if chosen not in self.buffers:
+                self.buffers[chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, device)
+            buffers = self.buffers[chosen]
+            slots = max(self.slots_per_state[chosen][m] for m in set(states))  # this step's padded width
             self.choices.append((rows.size, slots))
             started = time.perf_counter()
             tokens, counts, root, prompt_logits, state, kv_len = self.step(

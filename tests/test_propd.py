@@ -90,8 +90,7 @@ def test_the_tree_shrinks_as_the_batch_grows(model):
     dec = ProPDDecoder(model, prompt_tokens(model), tree_family(K, BUDGETS), TABLE, latency)
     slots = []
     for batch in (1, 4, 16, 64):
-        option = dec.choose(batch, 64.0)
-        slots.append(max(dec._slots_per_state(option)))
+        slots.append(dec.widest[dec.choose(batch, 64.0)])
     assert slots == sorted(slots, reverse=True) and slots[0] >= 16 and slots[-1] == 1, slots
 
 
