@@ -89,6 +89,9 @@ class JobConfig(BaseModel):
         default_factory=lambda: [WorkerGroup()], min_length=1,
         description="Worker groups; every actor of every group pulls shards from one queue.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Restarts and retries.")
+    wait_for_workers: bool = Field(
+        default=False, description="Hand out no shard until every worker has started (or failed): every device "
+        "then gets a share of the work, as a cost study needs. Default: the first ready worker starts at once.")
 
     @field_validator("workers")
     @classmethod

@@ -113,12 +113,14 @@ class AllWorkersFailed(RuntimeError):
 
 def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int, config_hash: str,
                on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
-               on_tick: Callable[[], None] = lambda: None) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
+               on_tick: Callable[[], None] = lambda: None,
+               wait_for_all: bool = False) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
     """Decode every shard on the pool; yield (shard, records, worker) as shards finish.
 
     Workers join the pool as their constructors finish (`on_ready` is called for each, also after a
     restart). Raises AllWorkersFailed when no worker is alive or starting and shards remain, or when
-    none has started within `startup_timeout_s`.
+    none has started within `startup_timeout_s`. With `wait_for_all`, no shard is handed out until every
+    worker has started or failed (or the timeout passed): every device then gets a share of the work.
     """
     queue = deque(shards)
     idle: deque[Worker] = deque()
@@ -129,8 +131,10 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
     started = time.perf_counter()
     any_ready = False
     failures: list[str] = []
+    starting = len(workers)  # first starts still pending
     while queue or any(shard is not None for _, shard, _ in inflight.values()):
-        while queue and idle:
+        held = wait_for_all and starting > 0 and time.perf_counter() - started < startup_timeout_s
+        while queue and idle and not held:
             w, shard = idle.popleft(), queue.popleft()
             inflight[w.handle.process.remote(shard.rows)] = (w, shard, time.perf_counter())
         if not inflight:
@@ -151,6 +155,7 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
             reason = f"{w.info.get('worker', f'{w.group}/{w.index}')}: {_brief(exc)}"
             failures.append(reason)
             if shard is None:  # the constructor failed, or Ray gave up restarting the actor
+                starting -= not w.info  # a first start that failed
                 log.warning("worker %s/%d is gone: %s", w.group, w.index, reason)
                 continue
             shard.attempts += 1
@@ -167,6 +172,7 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
                 idle.append(w)
             continue
         if shard is None:  # a worker (re)started
+            starting -= not w.info
             w.info = result
             any_ready = True
             on_ready(w)

@@ -169,7 +169,7 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
 
             for shard, records, w in run_shards(
                 workers, shards, max_attempts=cfg.faults.max_shard_attempts, config_hash=chash, on_ready=on_ready,
-                startup_timeout_s=startup_timeout_s, on_tick=progress.show,
+                startup_timeout_s=startup_timeout_s, on_tick=progress.show, wait_for_all=cfg.wait_for_workers,
             ):
                 write_part(out_dir, shard.index, records)
                 run["retries"] += shard.attempts

@@ -77,6 +77,7 @@ def job_files(tiny_model_dir, tmp_path_factory):
     config = {
         "input": str(src),
         "shard_size": 2,
+        "wait_for_workers": True,  # both devices get work, however their start-ups race
         "model": {"model": str(tiny_model_dir)},
         "decoding": {"max_new_tokens": 16, "prompts": str(artifact)},
         "workers": [

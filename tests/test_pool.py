@@ -55,3 +55,10 @@ def test_when_every_worker_is_gone_the_job_fails_clearly(ray_local, tmp_path):
     broken = _pool(ray_local, tmp_path, 1, max_restarts=0, fail_init=True)
     with pytest.raises(AllWorkersFailed, match="cannot load its model"):
         _run(broken, ROWS)
+
+
+def test_waiting_for_every_worker_gives_each_a_shard(ray_local, tmp_path):
+    workers = _pool(ray_local, tmp_path, 2, max_restarts=0)
+    results = list(run_shards(workers, make_shards(ROWS, 5), max_attempts=1, config_hash="c", on_ready=lambda w: None,
+                              startup_timeout_s=600.0, wait_for_all=True))
+    assert sorted(w.index for _, _, w in results) == [0, 1]  # two shards, one each
