@@ -129,7 +129,10 @@ class ProPDDecoder(PPDDecoder):
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
             seconds = time.perf_counter() - started
             if prefix is None:  # the first step also ran the prompts: not a tree step's latency
-                self.latency.observe(rows.size, slots, context, seconds)
+                # Filed under the width the choice priced (the set's widest state), not this step's width:
+                # tau is a long-run average over the states a set passes through, so the price must be the
+                # long-run average step of that set too.
+                self.latency.observe(rows.size, self.widest[chosen], context, seconds)
             prefix = None
             input_rows = rows.index.tolist()
             for row, kept in zip(input_rows, keep.tolist()):
