@@ -104,6 +104,8 @@ def describe_worker(info: dict[str, Any]) -> str:
 def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list, progress: Progress) -> dict[str, Any]:
     """summary.json: the whole output directory's rows, this run's throughput, and a table per device type."""
     written = read_output(out_dir, columns=["id", "error", "num_output_tokens", "num_steps"]).to_pylist()
+    if [r["id"] for r in written] != sorted(run["input_ids"]):  # read_output sorts by id
+        raise RuntimeError(f"internal error: {out_dir} does not hold every input row exactly once")
     ok = [r for r in written if r["error"] is None]
     by_device = {
         device: {"workers": sum(w.info.get("device") == device for w in workers), **tally.as_dict()}
@@ -146,7 +148,8 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
     out_dir = Path(cfg.output).resolve()
     shaping = output_shaping_config(cfg)
     run["config_hash"] = chash = config_hash(shaping)
-    resumed = open_output(out_dir, cfg, {r["id"] for r in rows}, overwrite=overwrite)
+    run["input_ids"] = [r["id"] for r in rows]
+    resumed = open_output(out_dir, cfg, set(run["input_ids"]), overwrite=overwrite)
     run["skipped"], run["retried_from_earlier"] = len(resumed.done_ids), resumed.retried
     shards = make_shards(rows, cfg.shard_size, resumed.done_ids)
     run["shards"] = len(shards)
