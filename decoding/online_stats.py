@@ -67,26 +67,38 @@ class AcceptanceTracker:
 class LatencyModel:
     """Predicted seconds of a step over ``batch`` rows of ``slots`` input tokens each, ``context`` KV deep.
 
-    A (batch, slots) pair that was measured is predicted by its moving average. Others come from the fit
-    over every measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
-    (tokens = batch x slots; the batch term carries the per-row costs that tokens alone miss). A prediction
-    is never below the slowest measured step that did no more work (fewer or as many rows and slots).
+    The prior (the worker's start-up profile) gives the shape of the cost curve; the steps actually run
+    correct it. A (batch, slots) pair that has run is predicted by its moving average. A pair only in the
+    prior is predicted by the prior times the running ratio of measured to prior seconds over the pairs
+    that have both: the profile ran under other conditions (one context length, no per-step bookkeeping),
+    so its scale is off even where its shape is right. Any other pair comes from a fit over every
+    measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
+    (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss), and is never
+    below the slowest known pair that did no more work (no more rows and no more slots).
     """
 
     def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.3,
-                 decay: float = 0.98, window: int = 256):
-        self.ema, self.decay = ema, decay
-        self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average seconds
+                 scale_ema: float = 0.1, decay: float = 0.98, window: int = 256):
+        self.ema, self.scale_ema, self.decay = ema, scale_ema, decay
+        self.prior: dict[tuple[int, int], float] = {}  # (batch, slots) -> profiled seconds
+        self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
+        self.scale = 1.0  # measured / prior seconds, over the pairs that have both
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
         self._coef: torch.Tensor | None = None
         for batch, slots, context, seconds in prior:
-            self.observe(batch, slots, context, seconds)
+            if seconds > 0 and math.isfinite(seconds):
+                self.prior[(batch, slots)] = seconds
+                self.history.append((float(batch), float(slots), float(context), seconds))
 
     def observe(self, batch: int, slots: int, context: float, seconds: float) -> None:
+        """A step that ran."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        old = self.average.get((batch, slots))
-        self.average[(batch, slots)] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        key = (batch, slots)
+        if key in self.prior:
+            self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
+        old = self.average.get(key)
+        self.average[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
         self.history.append((float(batch), float(slots), float(context), seconds))
         self._coef = None
 
@@ -107,11 +119,20 @@ class LatencyModel:
             self._coef = torch.linalg.solve(A, Xs.T @ (w * h[:, 3])) / scale
         return self._coef
 
+    def _known(self, key: tuple[int, int]) -> float | None:
+        if key in self.average:
+            return self.average[key]
+        if key in self.prior:
+            return self.prior[key] * self.scale
+        return None
+
     def predict(self, batch: int, slots: int, context: float) -> float:
-        if (batch, slots) in self.average:
-            return self.average[(batch, slots)]
+        known = self._known((batch, slots))
+        if known is not None:
+            return known
         if not self.history:
             return float(batch * slots)  # nothing measured: proportional to the work
         fitted = sum(c * f for c, f in zip(self._fit().tolist(), self._features(batch, slots, context)))
-        floor = max((s for (b, n), s in self.average.items() if b <= batch and n <= slots), default=0.0)
+        floor = max((self._known(key) for key in {*self.average, *self.prior}
+                     if key[0] <= batch and key[1] <= slots), default=0.0)
         return max(fitted, floor, 1e-9)
