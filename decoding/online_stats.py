@@ -69,9 +69,10 @@ class LatencyModel:
 
     The prior (the worker's start-up profile) gives the shape of the cost curve; the steps actually run
     correct it. A (batch, slots) pair that has run is predicted by its moving average. A pair only in the
-    prior is predicted by the prior times the running ratio of measured to prior seconds over the pairs
-    that have both: the profile ran under other conditions (one context length, no per-step bookkeeping),
-    so its scale is off even where its shape is right. Any other pair comes from a fit over every
+    prior is predicted by the prior times the measured/prior ratio of the nearest pair that has run (same
+    batch, nearest slot count; else the running ratio over all pairs): the profile ran under other
+    conditions (one context length, no per-step bookkeeping), so its scale is off, and by different
+    amounts for a 1-token step and a tree (here 1.2x against 1.35x). Any other pair comes from a fit over every
     measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
     (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss), and is never
     below the slowest known pair that did no more work (no more rows and no more slots).
@@ -83,6 +84,7 @@ class LatencyModel:
         self.prior: dict[tuple[int, int], float] = {}  # (batch, slots) -> profiled seconds
         self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
+        self.ratio: dict[tuple[int, int], float] = {}  # per pair that has both: measured / prior
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
         self._coef: torch.Tensor | None = None
         for batch, slots, context, seconds in prior:
@@ -98,6 +100,8 @@ class LatencyModel:
         if key in self.prior:
             self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
         old = self.average.get(key)
+        if key in self.prior:
+            self.ratio[key] = (seconds if old is None else (1 - self.ema) * old + self.ema * seconds) / self.prior[key]
         self.average[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
         self.history.append((float(batch), float(slots), float(context), seconds))
         self._coef = None
@@ -123,6 +127,11 @@ class LatencyModel:
         if key in self.average:
             return self.average[key]
         if key in self.prior:
+            batch, slots = key
+            near = [k for k in self.ratio if k[0] == batch]
+            if near:
+                nearest = min(near, key=lambda k: abs(math.log(k[1] / slots)))
+                return self.prior[key] * self.ratio[nearest]
             return self.prior[key] * self.scale
         return None
 

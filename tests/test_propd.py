@@ -84,6 +84,12 @@ def test_latency_fit_predicts_unseen_sizes_and_follows_recent_steps():
         for b, s in profiled:
             model.observe(b, s, 100.0, 2 * true(b, s))
     assert model.predict(2, 16, 100.0) == pytest.approx(2 * true(2, 16), rel=0.05)
+    # Each profiled pair is corrected by the nearest pair that has run (the 1-token step and trees differ).
+    shaped = LatencyModel([(1, s, 0.0, 0.1 * s) for s in (1, 2, 8, 32)])
+    shaped.observe(1, 1, 0.0, 0.12)
+    shaped.observe(1, 8, 0.0, 1.08)
+    assert shaped.predict(1, 2, 0.0) == pytest.approx(0.2 * 1.2)
+    assert shaped.predict(1, 32, 0.0) == pytest.approx(3.2 * 1.35)
     # Never below a known step that did no more work.
     cheap = LatencyModel([(1, 1, 0.0, 0.05), (1, 2, 0.0, 0.01), (8, 8, 0.0, 0.02)])
     assert cheap.predict(1, 4, 0.0) >= 0.05
