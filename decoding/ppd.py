@@ -62,19 +62,37 @@ class PPDDecoder:
         ts = self.tree_set
         guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
         state = torch.zeros(rows.size, dtype=torch.long, device=device)  # [B]: no guesses yet
-        buffers = tree_set_buffers(ts, self.prompt_tokens.n, device)
         prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
+        self._start()
 
         while rows.size > 0:
+            buffers = self._buffers_for_step(rows, kv_len, state)
             tokens, counts, root, prompt_logits, state, kv_len = self.step(
                 cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+            keep = rows.commit(tokens, counts)  # syncs the device: the step is done
+            self._after_commit(rows, keep, first_step=prefix is not None)
             prefix = None
-            keep = rows.commit(tokens, counts)
             root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
             if rows.size:
                 crop_cache(cache, int(kv_len.max()))
                 guesses = self.propose(prompt_logits, rows)
+                self._after_propose(rows, guesses, state)
         return rows.results
+
+    # Hooks for decoders that change the tree between steps (decoding/propd.py); a plain PPDDecoder keeps one.
+    def _start(self) -> None:
+        """A new generate() call begins."""
+        self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
+
+    def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
+        """The tree buffers of the next step, for the rows now active (kv_len, state: [B])."""
+        return self._buffers
+
+    def _after_commit(self, rows: ActiveRows, keep: torch.Tensor, first_step: bool) -> None:
+        """The step's tokens are committed; ``keep`` [B] marks the rows still decoding (not yet dropped)."""
+
+    def _after_propose(self, rows: ActiveRows, guesses: torch.Tensor, state: torch.Tensor) -> None:
+        """The surviving rows have their next guesses [B, k, top_k] and depth states [B]."""
 
     def propose(self, prompt_logits: torch.Tensor, rows: ActiveRows) -> torch.Tensor:
         """Next step's candidates from the first m prompt tokens' logits [B, m, V]: their top_k tokens, as

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, check_prompts, crop_cache, new_cache, pad_prompts
+from decoding.batch import ActiveRows
 from decoding.online_stats import AcceptanceTracker, LatencyModel
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
-from decoding.results import RowResult
 from decoding.tree import TreeSet, tree_set_buffers
 
 
@@ -95,54 +94,33 @@ class ProPDDecoder(PPDDecoder):
                 self._set_family(family)
                 self.built_from = table
 
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
-        check_prompts(prompts)
-        device, dtype = self.device, self.embed.weight.dtype
-        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
-        if rows.size == 0:
-            return rows.results
-        active = [prompts[i] for i in rows.index.tolist()]
-        cache = new_cache(self.model)
-        prefix = pad_prompts([p[:-1] for p in active], device)
-        kv_len = prefix[1].sum(1)  # [B]
-        root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
-        k, top_k = self.prompt_tokens.k, self.family[0].tree_set.top_k
-        guesses = torch.zeros(rows.size, k, top_k, dtype=torch.long, device=device)  # [B, k, top_k]
-        state = torch.zeros(rows.size, dtype=torch.long, device=device)  # [B]
-        prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
-        states = [0] * rows.size
+    def _start(self) -> None:
         self.choices = []
+        self.states = None  # depth states of the active rows; all 0 (no guesses) before the first step
 
-        while rows.size > 0:
-            context = float(kv_len.float().mean())
-            chosen = self.choose(rows.size, context)
-            self.tree_set = self.family[chosen].tree_set
-            if chosen not in self.buffers:
-                self.buffers[chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, device)
-            buffers = self.buffers[chosen]
-            slots = max(self.slots_per_state[chosen][m] for m in set(states))  # this step's padded width
-            self.choices.append((rows.size, slots))
-            started = time.perf_counter()
-            tokens, counts, root, prompt_logits, state, kv_len = self.step(
-                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
-            keep = rows.commit(tokens, counts)  # syncs the device: the step is done
-            seconds = time.perf_counter() - started
-            if prefix is None:  # the first step also ran the prompts: not a tree step's latency
-                # Filed under the width the choice priced (the set's widest state), not this step's width:
-                # tau is a long-run average over the states a set passes through, so the price must be the
-                # long-run average step of that set too.
-                self.latency.observe(rows.size, self.widest[chosen], context, seconds)
-            prefix = None
-            input_rows = rows.index.tolist()
-            for row, kept in zip(input_rows, keep.tolist()):
-                self.acceptance.resolve(row, rows.results[row].token_ids, finished=not kept)
-            root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
-            if rows.size:
-                crop_cache(cache, int(kv_len.max()))
-                guesses = self.propose(prompt_logits, rows)
-                states = state.tolist()
-                self.acceptance.record(rows.index.tolist(), [len(rows.results[r].token_ids) for r in
-                                                             rows.index.tolist()], guesses, states)
-                self._maybe_rebuild(seconds)
-        return rows.results
+    def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
+        self.context = float(kv_len.float().mean())
+        self.chosen = self.choose(rows.size, self.context)
+        self.tree_set = self.family[self.chosen].tree_set
+        if self.chosen not in self.buffers:
+            self.buffers[self.chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
+        states = set(self.states) if self.states is not None else {0}
+        self.choices.append((rows.size, max(self.slots_per_state[self.chosen][m] for m in states)))
+        self.step_started = time.perf_counter()
+        return self.buffers[self.chosen]
+
+    def _after_commit(self, rows: ActiveRows, keep: torch.Tensor, first_step: bool) -> None:
+        self.step_seconds = time.perf_counter() - self.step_started
+        if not first_step:  # the first step also ran the prompts: not a tree step's latency
+            # Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
+            # long-run average over the states a set passes through, so the price must be the long-run average
+            # step of that set too.
+            self.latency.observe(rows.size, self.widest[self.chosen], self.context, self.step_seconds)
+        for row, kept in zip(rows.index.tolist(), keep.tolist()):
+            self.acceptance.resolve(row, rows.results[row].token_ids, finished=not kept)
+
+    def _after_propose(self, rows: ActiveRows, guesses: torch.Tensor, state: torch.Tensor) -> None:
+        self.states = state.tolist()
+        active = rows.index.tolist()
+        self.acceptance.record(active, [len(rows.results[r].token_ids) for r in active], guesses, self.states)
+        self._maybe_rebuild(self.step_seconds)

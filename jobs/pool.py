@@ -59,7 +59,6 @@ class Worker:
     group: str
     index: int
     info: dict[str, Any] = field(default_factory=dict)  # from DecodeWorker.ready(); refreshed on restart
-    busy_seconds: float = 0.0
     last_busy_seconds: float = 0.0  # its latest shard, submit to result
 
 
@@ -179,7 +178,6 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
             idle.append(w)
             continue
         w.last_busy_seconds = time.perf_counter() - submitted
-        w.busy_seconds += w.last_busy_seconds
         idle.append(w)
         yield shard, result, w
 

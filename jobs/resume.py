@@ -54,9 +54,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _drop_retryable_rows(part: Path, codes: list[str | None]) -> None:
+def _drop_retryable_rows(part: Path, codes: list[str | None]) -> int:
     """Take the rows whose workers died out of `part` (rewritten atomically, or removed when nothing else is
-    left), so that this run decodes them again."""
+    left), so that this run decodes them again; returns how many."""
     keep = [code not in RETRYABLE for code in codes]
     if any(keep):
         kept = pq.read_table(part).filter(keep)
@@ -64,6 +64,7 @@ def _drop_retryable_rows(part: Path, codes: list[str | None]) -> None:
     else:
         part.unlink()
     log.info("%s: %d rows whose workers died will be decoded again", part.name, keep.count(False))
+    return keep.count(False)
 
 
 def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
@@ -81,8 +82,7 @@ def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
             continue
         codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
         if any(code in RETRYABLE for code in codes):
-            _drop_retryable_rows(part, codes)
-            retried += sum(code in RETRYABLE for code in codes)
+            retried += _drop_retryable_rows(part, codes)
         for row_id, code in zip(table.column("id").to_pylist(), codes):
             if code in RETRYABLE:
                 continue
