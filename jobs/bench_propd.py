@@ -81,6 +81,10 @@ def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on a CPU, bfloat16 on CUDA. Only float32 asserts outputs identical to plain "
+                        "decoding; half precision counts the rows that match (tree and plain passes multiply in "
+                        "different shapes, which can flip near-ties)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    lm = load_model(ModelConfig(device=args.device))
+    lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
     artifact = args.prompts or find_shipped_artifact(lm.content_hash)
     if artifact is None:
         raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
@@ -126,17 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         reference = runs["plain"][0]["outputs"]
         row = {"batch": batch, "static_slots": choice.chosen.slots}
         for m, rs in runs.items():
-            assert all(r["outputs"] == reference for r in rs), f"{m} at batch {batch} differs from plain decoding"
+            same = min(sum(a == b for a, b in zip(r["outputs"], reference)) for r in rs)
+            assert same == batch or lm.dtype != torch.float32, f"{m} at batch {batch} differs from plain decoding"
             median = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # ProPD's choices vary by round
             row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
-                      "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs]}
+                      "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],
+                      "rows_same_as_plain": same}
         row["propd_vs_best"] = row["propd"]["tok_s"] / max(row["plain"]["tok_s"], row["static"]["tok_s"])
         results.append(row)
         print(f"batch {batch:3d}: " + "  ".join(
             f"{m} {row[m]['tok_s']:7.1f} tok/s tau {row[m]['tau']:.2f} ({row[m]['per_pass']:.0f}/pass)"
-            for m in decoders) + f"  propd/best {row['propd_vs_best']:.3f}", flush=True)
+            for m in decoders) + f"  propd/best {row['propd_vs_best']:.3f}"
+            + "  rows = plain: " + "/".join(str(row[m]["rows_same_as_plain"]) for m in decoders), flush=True)
 
-    print(f"\n{name}, {args.max_new_tokens} new tokens, median of {args.rounds} rounds; outputs identical to plain")
+    exact = "outputs identical to plain" if lm.dtype == torch.float32 else "rows equal to plain counted per method"
+    print(f"\n{name} {str(lm.dtype).removeprefix('torch.')}, {args.max_new_tokens} new tokens, median of "
+          f"{args.rounds} rounds; {exact}")
     print("| batch | plain tok/s | static tok/s (slots) | static tau | propd tok/s | propd tau | tokens/pass "
           "plain / static / propd | propd / best |")
     print("|---|---|---|---|---|---|---|---|")
