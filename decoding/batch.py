@@ -70,12 +70,12 @@ def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device
     return valid, hidden
 
 
-def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """For every layer and row b, copy KV columns ``src[b]`` to ``dst[b]`` (both [B, L] long).
+def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: slice = slice(None)) -> None:
+    """For every layer in ``layers`` and row b, copy KV columns ``src[b]`` to ``dst[b]`` (both [B, L] long).
 
     Sources are read before anything is written, so overlapping source and destination columns are safe.
     """
-    for layer in cache.layers:
+    for layer in cache.layers[layers]:
         for name in ("keys", "values"):
             t = getattr(layer, name)  # [B, H, T, D]
             B, H, _, D = t.shape
@@ -90,10 +90,12 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Drop KV columns from ``length`` on (no-op when the cache is not longer)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:  # crop(-0) would not be a no-op
-        cache.crop(-excess)
+    """Drop every layer's KV columns from ``length`` on. Layers are cropped one by one: after a pruned step
+    (decoding/pruning.py) the early layers hold more columns than the later ones."""
+    for layer in cache.layers:
+        excess = layer.get_seq_length() - length
+        if excess > 0:  # crop takes a negative count; crop(-0) would not be a no-op
+            layer.crop(-excess)
 
 
 class ActiveRows:

@@ -20,13 +20,19 @@ from torch import nn
 
 from decoding.batch import ActiveRows, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv, new_cache, pad_prompts
 from decoding.prompt_tokens import PromptTokens
+from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
-from decoding.tree import CANDIDATE, PROMPT, TreeSet, default_tree_set, tree_set_buffers
+from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, tree_set_buffers
 
 
 class PPDDecoder:
+    """``prune_head``: ProPD early pruning (decoding/pruning.py); None runs every slot through every layer.
+
+    ``passes`` and ``tokens_processed`` count the tree forwards and their input tokens (batch x slots, averaged
+    over layers when pruning ran the later layers on fewer slots), for benchmarks."""
+
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, tree_set: TreeSet | None = None,
-                 eos_token_ids: Sequence[int] = ()):
+                 eos_token_ids: Sequence[int] = (), prune_head: PruneHead | None = None):
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.tree_set = tree_set or default_tree_set(k=prompt_tokens.k)
@@ -40,6 +46,10 @@ class PPDDecoder:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.embed = model.get_input_embeddings()
+        self.prune_head = prune_head
+        if prune_head is not None:
+            check_splittable(self.decoder, prune_head)
+        self.passes, self.tokens_processed = 0, 0.0
 
     @property
     def device(self) -> torch.device:
@@ -108,12 +118,14 @@ class PPDDecoder:
         return guesses
 
     def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
-        """Run every row's tree through the model. Returns (slot token ids [B, N], hidden states [B, N, H]).
+        """Run every row's tree through the model.
 
-        Row b uses the tree of its depth state ``state[b]``, padded to the widest tree among the rows (N slots).
-        Prompt slots take the prompt-token embeddings; their entry in the returned ids is the root (unused).
-        ``prefix`` (from ``pad_prompts``: ids, valid, attend, positions over P columns) is run in the same
-        forward, ahead of the trees, which see its valid columns: the prefill folded into the first step.
+        Returns (slot token ids [B, N], hidden states [B, N, H], pruning): row b uses the tree of its depth state
+        ``state[b]``, padded to the widest tree among the rows (N slots). Prompt slots take the prompt-token
+        embeddings; their entry in the returned ids is the root (unused). ``prefix`` (from ``pad_prompts``: ids,
+        valid, attend, positions over P columns) is run in the same forward, ahead of the trees, which see its
+        valid columns: the prefill folded into the first step. ``pruning`` is None, or (kept nodes [B, C],
+        the later layers' Compaction) when early pruning ran: pruned slots' hidden states are zeros.
         """
         sb = buffers.stacked
         N = int(buffers.num_slots[state].max())
@@ -126,10 +138,11 @@ class PPDDecoder:
         embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
         positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [B, N]
         attend = sb.attend[state, :N, :N]  # [B, N, N]
+        B = ids.shape[0]
         if prefix is not None:
             assert T == 0, "the prefix is the prefill: the cache must be empty"
             pre_ids, pre_valid, pre_attend, pre_positions = prefix  # [B, P] ...
-            B, P = pre_ids.shape
+            P = pre_ids.shape[1]
             embeds = torch.cat([self.embed(pre_ids), embeds], 1)  # [B, P+N, H]
             positions = torch.cat([pre_positions, positions], 1)  # [B, P+N]
             attend = torch.cat([
@@ -138,9 +151,42 @@ class PPDDecoder:
             ], 1)  # [B, P+N, P+N]
         kv_valid = torch.arange(T, device=root.device)[None, :] < kv_len[:, None]  # [B, T]
         mask = additive_mask(kv_valid, attend, embeds.dtype)  # [B, 1, S, T+S]
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
-        return ids, hidden[:, -N:]
+        self.passes += 1
+        # Pruning needs candidates to prune, and never meets the prefill (its trees are all in state 0).
+        if self.prune_head is None or prefix is not None or int(buffers.num_internal[state].max()) == 0:
+            hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
+            self.tokens_processed += B * N
+            return ids, hidden[:, -N:], None
+        return self._forward_pruned(cache, buffers, state, ids, embeds, positions, attend, mask, kv_valid)
+
+    def _forward_pruned(self, cache, buffers, state, ids, embeds, positions, attend, mask, kv_valid):
+        """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the internal
+        nodes, then layers [L, end) over the surviving slots only (see decoding/pruning.py)."""
+        sb, head = buffers.stacked, self.prune_head
+        B, N, H = embeds.shape
+        C = int(buffers.num_nodes[state].max())
+        I = int(buffers.num_internal[state].max())
+        early = run_layers(self.decoder, embeds, mask, positions, cache, slice(0, head.layer))  # [B, N, H]
+        internal = sb.internal_nodes[state, :I]  # [B, I] node slots (nodes lead every tree)
+        at_internal = early.gather(1, internal[..., None].expand(-1, -1, H))  # [B, I, H]
+        top = head(at_internal, self.decoder.norm, self.lm_head).topk(head.keep_top_k, dim=-1).indices  # [B, I, K]
+        node_top = top.new_full((B, C, head.keep_top_k), -1)  # [B, C, K]: leaves predict nothing
+        node_top.scatter_(1, internal[..., None].expand(-1, -1, head.keep_top_k), top)
+        kept = kept_nodes(ids[:, :C], node_top, sb.node_parent[state, :C], sb.node_valid[state, :C],
+                          sb.ancestor_or_self[state, :C, :C])  # [B, C]
+        slot_node = sb.slot_node[state, :N]  # [B, N]
+        keep = kept.gather(1, slot_node.clamp_max(C - 1)) & (sb.slot_kind[state, :N] != PAD)  # [B, N]
+        c = compact(keep)
+        late_in = early.gather(1, c.order[..., None].expand(-1, -1, H))  # [B, N', H]
+        late_mask = compacted_mask(attend, kv_valid, c, embeds.dtype)  # [B, 1, N', T+N']
+        late = run_layers(self.decoder, late_in, late_mask, positions.gather(1, c.order), cache,
+                          slice(head.layer, None))
+        late = self.decoder.norm(late)  # [B, N', H]
+        hidden = late.new_zeros(B, N, H).scatter_(1, c.order[..., None].expand(-1, -1, H), late)  # [B, N, H]
+        layers = len(self.decoder.layers)
+        self.tokens_processed += B * (head.layer * N + (layers - head.layer) * c.width) / layers
+        return ids, hidden, (kept, c)
 
     def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
         """One guess-and-verify pass.
@@ -152,13 +198,14 @@ class PPDDecoder:
         B, H = root.shape[0], prompt_table.shape[-1]
         C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
         D = int(buffers.depth[state].max())  # deepest tree among the rows
-        ids, hidden = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
-        T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache
+        ids, hidden, pruning = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+        T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache (layer 0 saw all)
 
-        # Verify: nodes are the leading C slots of every tree.
+        # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
         node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]
         depth = sb.node_depth[state, :C]  # [B, C]
-        best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], sb.node_valid[state, :C],
+        valid = sb.node_valid[state, :C] if pruning is None else sb.node_valid[state, :C] & pruning[0]
+        best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
                              sb.ancestor_or_self[state, :C, :C], depth)  # [B]
         n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
         path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
@@ -178,7 +225,14 @@ class PPDDecoder:
         prompt_logits = at_least_fp32(self.lm_head(prompt_hidden)).view(B, m, n, V).mean(2)  # [B, m, V]
 
         # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
-        move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
+        if pruning is None:
+            move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
+        else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
+            c, L = pruning[1], self.prune_head.layer
+            cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors
+            dst = kv_len[:, None] + torch.arange(cols, device=root.device)
+            move_kv(cache, src=T + path[:, :cols], dst=dst, layers=slice(0, L))
+            move_kv(cache, src=T + c.position.gather(1, path[:, :cols]), dst=dst, layers=slice(L, None))
         return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv_len + n_acc + 1
 
 

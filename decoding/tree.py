@@ -181,6 +181,8 @@ class TreeBuffers:
     node_path: torch.Tensor  # [C+1, D+1] long: node slots from the root down to the node, padded with the node
     node_prompt_slots: torch.Tensor  # [C+1, k, n] long: slots of the node's prompt tokens, padded with 0
     node_prompt_count: torch.Tensor  # [C+1] long
+    slot_node: torch.Tensor  # [N] long: the node a slot belongs to (a node itself, a prompt slot's node; pad: 0)
+    internal_nodes: torch.Tensor  # [I] long: the nodes with children (their early-pruning head is read), pad 0
 
 
 def tree_buffers(tree: TreeSpec, *, k: int, top_k: int, n: int = 1, max_depth: int | None = None) -> TreeBuffers:
@@ -209,6 +211,7 @@ def tree_buffers(tree: TreeSpec, *, k: int, top_k: int, n: int = 1, max_depth: i
     guess_index = torch.zeros(num_slots, dtype=torch.long)
     prompt_index = torch.zeros(num_slots, dtype=torch.long)
     node_prompt_slots = torch.zeros(num_nodes, k, n, dtype=torch.long)
+    slot_node = torch.arange(num_slots, dtype=torch.long)  # nodes own themselves; prompt slots are set below
     for i, p in enumerate(nodes):
         position_offsets[i] = len(p)
         if p:
@@ -221,6 +224,7 @@ def tree_buffers(tree: TreeSpec, *, k: int, top_k: int, n: int = 1, max_depth: i
         prompt_index[s] = j * n + e
         position_offsets[s] = len(nodes[c]) + j + 1  # prompt token j (0-based) of a depth-d node sits at d+j+1
         node_prompt_slots[c, j, e] = s
+        slot_node[s] = c
         attend[s, :num_nodes] = ancestors[c]  # the node and its ancestors
         for jj in range(j + 1):  # earlier prompt tokens of the same chain and copy, and itself
             attend[s, slot_of_prompt[(c, jj, e)]] = True
@@ -243,6 +247,8 @@ def tree_buffers(tree: TreeSpec, *, k: int, top_k: int, n: int = 1, max_depth: i
         node_path=node_path,
         node_prompt_slots=node_prompt_slots,
         node_prompt_count=torch.tensor(tree.prompt_counts, dtype=torch.long),
+        slot_node=slot_node,
+        internal_nodes=torch.tensor(sorted({node_of[p[:-1]] for p in tree.paths}), dtype=torch.long),
     )
 
 
@@ -260,6 +266,7 @@ class TreeSetBuffers:
     num_slots: torch.Tensor  # [k+1] long
     num_nodes: torch.Tensor  # [k+1] long
     depth: torch.Tensor  # [k+1] long
+    num_internal: torch.Tensor  # [k+1] long: nodes with children
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int], fill) -> torch.Tensor:
@@ -274,6 +281,7 @@ def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
     per_state = [tree_buffers(t, k=tree_set.k, top_k=tree_set.top_k, n=n, max_depth=depth) for t in tree_set.trees]
     n_slots = max(b.attend.shape[0] for b in per_state)
     n_nodes = max(b.node_depth.shape[0] for b in per_state)
+    n_internal = max(b.internal_nodes.shape[0] for b in per_state)
     k = tree_set.k
 
     def stack(name: str, shape: Sequence[int], fill) -> torch.Tensor:
@@ -297,6 +305,8 @@ def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
         node_path=stack("node_path", (n_nodes, depth + 1), 0),
         node_prompt_slots=stack("node_prompt_slots", (n_nodes, k, n), 0),
         node_prompt_count=stack("node_prompt_count", (n_nodes,), 0),
+        slot_node=stack("slot_node", (n_slots,), 0),
+        internal_nodes=stack("internal_nodes", (n_internal,), 0),
     )
     return TreeSetBuffers(
         tree_set=tree_set,
@@ -305,6 +315,7 @@ def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
         num_slots=torch.tensor([b.attend.shape[0] for b in per_state]),
         num_nodes=torch.tensor([b.node_depth.shape[0] for b in per_state]),
         depth=torch.tensor([t.depth for t in tree_set.trees]),
+        num_internal=torch.tensor([b.internal_nodes.shape[0] for b in per_state]),
     )
 
 
@@ -321,4 +332,5 @@ def _tree_set_buffers_on_device(tree_set: TreeSet, n: int, device: str) -> TreeS
     cpu = _tree_set_buffers_cpu(tree_set, n)
     moved = TreeBuffers(**{f: getattr(cpu.stacked, f).to(device) for f in TreeBuffers.__dataclass_fields__})
     return TreeSetBuffers(tree_set=tree_set, n=n, stacked=moved, num_slots=cpu.num_slots.to(device),
-                          num_nodes=cpu.num_nodes.to(device), depth=cpu.depth.to(device))
+                          num_nodes=cpu.num_nodes.to(device), depth=cpu.depth.to(device),
+                          num_internal=cpu.num_internal.to(device))

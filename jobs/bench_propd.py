@@ -42,36 +42,19 @@ from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E
 from workers.profiles import load_or_measure_profile  # noqa: E402
 
 
-class Counting:
-    """Mixin: counts the tree tokens each forward pass processes (batch x padded slots)."""
-
-    def _forward_tree(self, *args, **kwargs):
-        ids, hidden = super()._forward_tree(*args, **kwargs)
-        self.passes, self.processed = self.passes + 1, self.processed + ids.numel()
-        return ids, hidden
-
-
-class CountingPPD(Counting, PPDDecoder):
-    passes = processed = 0
-
-
-class CountingProPD(Counting, ProPDDecoder):
-    passes = processed = 0
-
-
 def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    if isinstance(decoder, Counting):
-        decoder.passes = decoder.processed = 0
+    if isinstance(decoder, PPDDecoder):
+        decoder.passes, decoder.tokens_processed = 0, 0.0
     t0 = time.perf_counter()
     results = decoder.generate(prompts, max_new_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     tokens, steps = sum(r.num_tokens for r in results), sum(r.num_steps for r in results)
-    if isinstance(decoder, Counting):
-        per_pass = decoder.processed / decoder.passes
+    if isinstance(decoder, PPDDecoder):  # pruned passes count their later layers' fewer tokens
+        per_pass = decoder.tokens_processed / decoder.passes
     else:  # plain decoding: one token per active row per pass
         per_pass = steps / max(r.num_steps for r in results)
     return {"seconds": seconds, "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
@@ -118,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                n=pt.n)
         decoders = {
             "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
-            "static": CountingPPD(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
-            "propd": CountingProPD(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
+            "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
+            "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
         }
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
         for m, dec in decoders.items():  # warm-up (ProPD also starts learning here)

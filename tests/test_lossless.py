@@ -188,8 +188,9 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
     root = torch.tensor([p[-1] for p in prompts])
     buffers = tree_set_buffers(ts, n=n)
     with torch.inference_mode():
-        ids, hidden = dec._forward_tree(cache, buffers, pt.flat(), kv_valid.sum(1), root, guesses,
-                                        torch.full((2,), K))
+        ids, hidden, pruning = dec._forward_tree(cache, buffers, pt.flat(), kv_valid.sum(1), root, guesses,
+                                                 torch.full((2,), K))
+    assert pruning is None
     b = tree_buffers(tree, k=K, top_k=4, n=n)
     nodes = [()] + list(tree.paths)
     embed = model.get_input_embeddings()
