@@ -1,20 +1,25 @@
-"""Online statistics for ProPD: acceptance per (prompt token, rank) and step latency per tokens processed.
+"""Online statistics for ProPD: acceptance per (prompt token, rank), the tokens each tree set really yields
+per row-step, and step latency per tokens processed.
 
 Acceptance is counted without bias: every guess is scored once the token it guessed is committed, whether
 or not the tree walk ever reached it. (Counting only the guesses on accepted paths would inflate acceptance:
 a path is only walked when its parents were right.) Guess i of a step predicts the i-th token after that
 step's bonus token; the answer arrives one to k steps later.
 
-Latency is modelled per number of tokens a step processes (batch x slots): a moving average per size that
-was seen, and for unseen sizes a least-squares fit, weighted towards recent steps, of
-seconds ~ a + b * tokens + c * tokens * context.
+The table's tau for a tree set is a stationary figure under an independence assumption across depths; what
+a set really yields can be lower, so ProPD also learns it (``YieldTracker``), the table's figure as a prior.
+
+Latency is modelled per (batch, slots) pair: a moving average per pair that was run (each observation first
+clipped to a band around the current estimate, so one stalled step cannot swing it), the profile corrected
+by the nearest pair run, interpolation between profiled batch sizes, and otherwise a least-squares fit,
+weighted towards recent steps, of seconds ~ a + b * tokens + c * tokens * context + d * batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -64,6 +69,48 @@ class AcceptanceTracker:
                 for prior, hits, n in zip(self.prior, self.hits, self.scored)]
 
 
+class YieldTracker:
+    """Tokens per row-step that each tree set (any hashable key) really yields, learned online.
+
+    The estimate is a count-weighted mean of the observed row-steps with the table's prediction as a prior
+    worth ``prior_weight`` row-steps: (w * predicted + sum of tokens) / (w + row-steps). A few row-steps
+    are enough to overrule an optimistic table, and one unlucky step cannot condemn a set.
+
+    Every observed step multiplies all counts by ``decay`` (memory ~1/(1 - decay) steps), for two reasons:
+    the yield drifts with the prompts decoded, and an estimate knocked down by an unlucky run would
+    otherwise stay down for good, since a set that is never chosen is never measured again. With decay its
+    evidence fades and it returns to its prior, so it is retried now and then (and knocked down again in a
+    few steps if it really is poor). A set run without a break keeps ~batch/(1 - decay) row-steps of
+    evidence, far more than the prior. Plain decoding (1 token per row-step) needs no learning, and gets
+    none: its observations all equal its prior.
+    """
+
+    def __init__(self, prior_weight: float = 8.0, decay: float = 0.997):
+        assert prior_weight > 0 and 0 < decay <= 1
+        self.prior_weight, self.decay = prior_weight, decay
+        self.tokens: dict[Hashable, float] = {}  # key -> decayed sum of tokens emitted
+        self.row_steps: dict[Hashable, float] = {}  # key -> decayed count of row-steps observed
+
+    def observe(self, key: Hashable, tokens: Sequence[int]) -> None:
+        """One decoding step: ``tokens`` are what each row that ran set ``key`` emitted (may be empty)."""
+        for k in self.row_steps:
+            self.tokens[k] *= self.decay
+            self.row_steps[k] *= self.decay
+        if tokens:
+            self.tokens[key] = self.tokens.get(key, 0.0) + float(sum(tokens))
+            self.row_steps[key] = self.row_steps.get(key, 0.0) + len(tokens)
+
+    def estimate(self, key: Hashable, predicted: float) -> float:
+        """Expected tokens per row-step of ``key``, whose table prediction is ``predicted``."""
+        w, n = self.prior_weight, self.row_steps.get(key, 0.0)
+        return (w * predicted + self.tokens.get(key, 0.0)) / (w + n)
+
+    def keep_only(self, keys: Sequence[Hashable]) -> None:
+        """Forget every key not in ``keys`` (tree sets that left the family)."""
+        for k in set(self.row_steps) - set(keys):
+            del self.tokens[k], self.row_steps[k]
+
+
 class LatencyModel:
     """Predicted seconds of a step over ``batch`` rows of ``slots`` input tokens each, ``context`` KV deep.
 
@@ -72,15 +119,26 @@ class LatencyModel:
     prior is predicted by the prior times the measured/prior ratio of the nearest pair that has run (same
     batch, nearest slot count; else the running ratio over all pairs): the profile ran under other
     conditions (one context length, no per-step bookkeeping), so its scale is off, and by different
-    amounts for a 1-token step and a tree (here 1.2x against 1.35x). Any other pair comes from a fit over every
+    amounts for a 1-token step and a tree (here 1.2x against 1.35x). A pair whose slot count is known at a
+    smaller and at a larger batch size (the profile covers a few batch sizes; rows leave the batch as they
+    finish) is interpolated linearly in batch between the nearest two: the cost of a slot count is close
+    to linear in batch between profiled points, whereas a fit linear in tokens overall misprices wide trees
+    on a launch-bound GPU, where 200 slots cost little more than 1. Any other pair comes from a fit over every
     measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
-    (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss), and is never
-    below the slowest known pair that did no more work (no more rows and no more slots).
+    (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss). Interpolated and
+    fitted pairs are never below the slowest known pair that did no more work (no more rows and no more slots).
+
+    Robustness: an observation is clipped to [estimate / clip, estimate * clip] before it is used, the
+    estimate being the pair's moving average, or its prediction before its first run. Ordinary step-to-step
+    noise (tens of percent) passes untouched, while a stalled step (a garbage collection, a GPU kernel chosen
+    for a new shape) moves the average by at most ema * (clip - 1) and cannot make a pair look so dear that it
+    is never run again; a lasting change still gets through, by a factor of up to 1 + ema * (clip - 1) a step.
     """
 
     def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.3,
-                 scale_ema: float = 0.1, decay: float = 0.98, window: int = 256):
-        self.ema, self.scale_ema, self.decay = ema, scale_ema, decay
+                 scale_ema: float = 0.1, decay: float = 0.98, window: int = 256, clip: float = 2.0):
+        assert clip >= 1
+        self.ema, self.scale_ema, self.decay, self.clip = ema, scale_ema, decay, clip
         self.prior: dict[tuple[int, int], float] = {}  # (batch, slots) -> profiled seconds
         self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
@@ -97,12 +155,14 @@ class LatencyModel:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         key = (batch, slots)
+        old = self.average.get(key)
+        reference = old if old is not None else self.predict(batch, slots, context) if self.history else None
+        if reference is not None:  # nothing measured nor profiled yet: no scale to clip against
+            seconds = min(max(seconds, reference / self.clip), reference * self.clip)
+        self.average[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
         if key in self.prior:
             self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
-        old = self.average.get(key)
-        if key in self.prior:
-            self.ratio[key] = (seconds if old is None else (1 - self.ema) * old + self.ema * seconds) / self.prior[key]
-        self.average[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+            self.ratio[key] = self.average[key] / self.prior[key]
         self.history.append((float(batch), float(slots), float(context), seconds))
         self._coef = None
 
@@ -135,13 +195,25 @@ class LatencyModel:
             return self.prior[key] * self.scale
         return None
 
+    def _between(self, batch: int, slots: int) -> float | None:
+        """Linear interpolation in batch between the nearest known pairs of this slot count on either side."""
+        batches = {b for b, s in (*self.average, *self.prior) if s == slots}
+        below, above = [b for b in batches if b < batch], [b for b in batches if b > batch]
+        if not below or not above:
+            return None
+        lo, hi = max(below), min(above)
+        t_lo, t_hi = self._known((lo, slots)), self._known((hi, slots))
+        return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+
     def predict(self, batch: int, slots: int, context: float) -> float:
         known = self._known((batch, slots))
         if known is not None:
             return known
         if not self.history:
             return float(batch * slots)  # nothing measured: proportional to the work
-        fitted = sum(c * f for c, f in zip(self._fit().tolist(), self._features(batch, slots, context)))
+        estimate = self._between(batch, slots)
+        if estimate is None:
+            estimate = sum(c * f for c, f in zip(self._fit().tolist(), self._features(batch, slots, context)))
         floor = max((self._known(key) for key in {*self.average, *self.prior}
                      if key[0] <= batch and key[1] <= slots), default=0.0)
-        return max(fitted, floor, 1e-9)
+        return max(estimate, floor, 1e-9)

@@ -1,6 +1,13 @@
 """ProPD dynamic tree sizing on top of batched PPD: every step picks, from a family of tree sets of
 different sizes, the one with the most expected tokens per predicted second for the rows now in the batch.
 
+Expected tokens are learned, not taken on trust: the table's stationary tau assumes guesses at different
+depths are independent and is a long-run figure, and what a set really yields can be well below it. Each
+set's tokens per row-step are tracked online (decoding/online_stats.YieldTracker), the table's figure as a
+prior worth a few row-steps. The current set is kept unless another is predicted to be faster by a margin:
+single-step latencies are noisy, and every switch into a tree from plain decoding costs a step that can
+emit only one token per row (the rows have no guesses yet).
+
 The family is rebuilt every ``rebuild_every`` steps from the online acceptance table (decoding/online_stats.py),
 by a builder the caller passes in (the workers use profiling.tree_builder), so this module stays free of
 how trees are searched. Tree buffers are cached per tree set, so switching trees between steps costs
@@ -10,6 +17,7 @@ Verification is unchanged: the output is plain greedy decoding's, whichever tree
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +26,7 @@ import torch
 from torch import nn
 
 from decoding.batch import ActiveRows
-from decoding.online_stats import AcceptanceTracker, LatencyModel
+from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
 from decoding.tree import TreeSet, tree_set_buffers
@@ -35,15 +43,22 @@ TreeFamilyBuilder = Callable[[list[list[float]]], Sequence[TreeOption]]
 
 
 class ProPDDecoder(PPDDecoder):
-    """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step."""
+    """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step.
+
+    ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
+    set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``.
+    """
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
-                 top_k: int = 10):
+                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
+        self.yields = yields or YieldTracker()
+        self.switch_margin = switch_margin
+        self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
         self.built_from = self.acceptance.table()
         started = time.perf_counter()
@@ -61,19 +76,46 @@ class ProPDDecoder(PPDDecoder):
         return tree_set_buffers(option.tree_set, self.prompt_tokens.n).num_slots.tolist()
 
     def _set_family(self, family: Sequence[TreeOption]) -> None:
+        old = dict(zip(self.keys, self.widest)) if hasattr(self, "keys") else {}
         self.family = list(family)
+        self.keys = [option.tree_set.tree_hash for option in self.family]  # the yields' keys
         self.slots_per_state = [self._slots_per_state(option) for option in self.family]
         self.buffers: dict[int, object] = {}  # family index -> its buffers on the device (filled when used)
         # Each option is priced at its widest state: in steady state a batch nearly always holds a row in the
         # deepest state, and pricing the current state instead would favour trees whose cheap states cannot
         # accept anything (state 0 has no guesses) and then abandon them when they become useful.
         self.widest = [max(slots) for slots in self.slots_per_state]
+        # Realised yields stay with the tree sets that survive a rebuild. A new set starts from its table
+        # figure: carrying over a lower yield from the old set of its size could hide a better tree for good
+        # (a set never chosen is never measured), while an optimistic start corrects itself in a few steps.
+        self.yields.keep_only(self.keys)
+        # Hysteresis follows the current set across a rebuild: the same set, else the one nearest in width.
+        if self.current is not None and self.current not in self.keys:
+            width = old.get(self.current)
+            self.current = None if width is None else min(
+                zip(self.keys, self.widest), key=lambda kw: abs(math.log(kw[1] / width)))[0]
+
+    def expected_tokens(self, i: int) -> float:
+        """Family option i's expected tokens per row-step: its table figure, corrected by what it yielded."""
+        return self.yields.estimate(self.keys[i], self.family[i].expected_tokens)
+
+    def rates(self, batch: int, context: float) -> list[float]:
+        """Expected tokens per predicted second of every family option, at this batch size and context."""
+        return [self.expected_tokens(i) / self.latency.predict(batch, slots, context)
+                for i, slots in enumerate(self.widest)]
 
     def choose(self, batch: int, context: float) -> int:
-        """The family index with the most expected tokens per predicted second at this batch size and context."""
-        rates = [option.expected_tokens / self.latency.predict(batch, slots, context)
-                 for option, slots in zip(self.family, self.widest)]
-        return max(range(len(rates)), key=lambda i: (rates[i], -i))
+        """The family index with the most expected tokens per predicted second at this batch size and context,
+        unless the set now in use is within ``switch_margin`` of it: then that set. Without the margin, noise
+        in single-step timings flips the choice between near-equal options, and each flip from plain decoding
+        into a tree wastes a step (rows coming from plain decoding have no guesses: one token each)."""
+        rates = self.rates(batch, context)
+        best = max(range(len(rates)), key=lambda i: (rates[i], -i))
+        if self.current in self.keys:
+            current = self.keys.index(self.current)
+            if rates[best] <= rates[current] * (1 + self.switch_margin):
+                return current
+        return best
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:
         """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps
@@ -97,10 +139,12 @@ class ProPDDecoder(PPDDecoder):
     def _start(self) -> None:
         self.choices = []
         self.states = None  # depth states of the active rows; all 0 (no guesses) before the first step
+        self.ran_last: dict[int, str] = {}  # input row -> tree_hash of the set its last step ran
 
     def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
         self.context = float(kv_len.float().mean())
         self.chosen = self.choose(rows.size, self.context)
+        self.current = self.keys[self.chosen]
         self.tree_set = self.family[self.chosen].tree_set
         if self.chosen not in self.buffers:
             self.buffers[self.chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
@@ -116,8 +160,19 @@ class ProPDDecoder(PPDDecoder):
             # long-run average over the states a set passes through, so the price must be the long-run average
             # step of that set too.
             self.latency.observe(rows.size, self.widest[self.chosen], self.context, self.step_seconds)
+        # The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
+        # it too). Left out: a row's first step and the step after a switch, whose state another set (or the
+        # start) left behind, e.g. state 0 after plain decoding, which emits one token whatever the tree; that
+        # is the price of switching, which the margin in choose() keeps rare, not the set's long-run yield.
+        # Also left out: a row's last step, cut short by EOS or max_new_tokens.
+        key = self.current
+        own = []
         for row, kept in zip(rows.index.tolist(), keep.tolist()):
             self.acceptance.resolve(row, rows.results[row].token_ids, finished=not kept)
+            if kept and self.ran_last.get(row) == key:
+                own.append(rows.results[row].accepted_per_step[-1])
+            self.ran_last[row] = key
+        self.yields.observe(key, own)
 
     def _after_propose(self, rows: ActiveRows, guesses: torch.Tensor, state: torch.Tensor) -> None:
         self.states = state.tolist()
