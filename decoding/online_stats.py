@@ -72,43 +72,68 @@ class AcceptanceTracker:
 class YieldTracker:
     """Tokens per row-step that each tree set (any hashable key) really yields, learned online.
 
-    The estimate is a count-weighted mean of the observed row-steps with the table's prediction as a prior
-    worth ``prior_weight`` row-steps: (w * predicted + sum of tokens) / (w + row-steps). A few row-steps
-    are enough to overrule an optimistic table, and one unlucky step cannot condemn a set.
+    The table's figure for a set is usually off, and off for every set alike (acceptance measured on other
+    text, guesses at different depths assumed independent), so the estimate has two levels:
 
-    Every observed step multiplies all counts by ``decay`` (memory ~1/(1 - decay) steps), for two reasons:
+    - A pooled factor s: the extra tokens (beyond the bonus token every step emits) that the sets yielded,
+      over the extra tokens their table figures promised for the same row-steps. It starts at 1, worth
+      ``pool_weight`` promised extra tokens. A set's prior is 1 + s * (table figure - 1): a set not yet run
+      learns from the others, so finding that the table is optimistic does not take a trial of every set.
+    - The set's own row-steps, that prior worth ``prior_weight`` row-steps:
+      (w * prior + sum of tokens) / (w + row-steps).
+
+    Both weights are about what Bayes would give: a row-step's tokens vary by ~0.7 (variance ~0.5) and the
+    table is typically off by 10-20% (~0.2 tokens, variance ~0.04), so the table is worth ~0.5 / 0.04 ~ 12
+    row-steps. Lighter priors let one unlucky step (at batch 1, a single row's) condemn a good set, and
+    through the pooled factor every set at once.
+
+    Every observed step multiplies all evidence by ``decay`` (memory ~1/(1 - decay) steps), for two reasons:
     the yield drifts with the prompts decoded, and an estimate knocked down by an unlucky run would
     otherwise stay down for good, since a set that is never chosen is never measured again. With decay its
-    evidence fades and it returns to its prior, so it is retried now and then (and knocked down again in a
-    few steps if it really is poor). A set run without a break keeps ~batch/(1 - decay) row-steps of
-    evidence, far more than the prior. Plain decoding (1 token per row-step) needs no learning, and gets
-    none: its observations all equal its prior.
+    own evidence fades, it returns to its prior, and it is retried now and then (and knocked down again in
+    a few steps if it really is poor). A set run without a break keeps ~batch/(1 - decay) row-steps of
+    evidence, far more than the prior. Plain decoding (1 token per row-step, as promised) needs no
+    learning and gets none: it adds nothing to the pooled factor and its own mean is its prior.
     """
 
-    def __init__(self, prior_weight: float = 8.0, decay: float = 0.997):
-        assert prior_weight > 0 and 0 < decay <= 1
-        self.prior_weight, self.decay = prior_weight, decay
+    def __init__(self, prior_weight: float = 16.0, pool_weight: float = 16.0, decay: float = 0.997):
+        assert prior_weight > 0 and pool_weight > 0 and 0 < decay <= 1
+        self.prior_weight, self.pool_weight, self.decay = prior_weight, pool_weight, decay
         self.tokens: dict[Hashable, float] = {}  # key -> decayed sum of tokens emitted
         self.row_steps: dict[Hashable, float] = {}  # key -> decayed count of row-steps observed
+        self.extra_seen = self.extra_promised = 0.0  # decayed sums over all sets, for the pooled factor
 
-    def observe(self, key: Hashable, tokens: Sequence[int]) -> None:
-        """One decoding step: ``tokens`` are what each row that ran set ``key`` emitted (may be empty)."""
+    def observe(self, key: Hashable, predicted: float, tokens: Sequence[int]) -> None:
+        """One decoding step of set ``key`` (table figure ``predicted``): ``tokens`` are what each row whose
+        yield counts emitted (may be empty)."""
         for k in self.row_steps:
             self.tokens[k] *= self.decay
             self.row_steps[k] *= self.decay
+        self.extra_seen *= self.decay
+        self.extra_promised *= self.decay
         if tokens:
             self.tokens[key] = self.tokens.get(key, 0.0) + float(sum(tokens))
             self.row_steps[key] = self.row_steps.get(key, 0.0) + len(tokens)
+            self.extra_seen += float(sum(tokens)) - len(tokens)
+            self.extra_promised += (predicted - 1) * len(tokens)
+
+    @property
+    def pooled(self) -> float:
+        """s: extra tokens yielded per extra token promised, over every set."""
+        return (self.pool_weight + self.extra_seen) / (self.pool_weight + self.extra_promised)
 
     def estimate(self, key: Hashable, predicted: float) -> float:
-        """Expected tokens per row-step of ``key``, whose table prediction is ``predicted``."""
+        """Expected tokens per row-step of ``key``, whose table figure is ``predicted``."""
         w, n = self.prior_weight, self.row_steps.get(key, 0.0)
-        return (w * predicted + self.tokens.get(key, 0.0)) / (w + n)
+        prior = 1 + self.pooled * (predicted - 1)
+        return (w * prior + self.tokens.get(key, 0.0)) / (w + n)
 
-    def keep_only(self, keys: Sequence[Hashable]) -> None:
-        """Forget every key not in ``keys`` (tree sets that left the family)."""
+    def new_table(self, keys: Sequence[Hashable]) -> None:
+        """The family was rebuilt from a newer table: forget the sets not in ``keys`` and the pooled factor
+        (it measured the old table's promises, which the new one has already corrected in part)."""
         for k in set(self.row_steps) - set(keys):
             del self.tokens[k], self.row_steps[k]
+        self.extra_seen = self.extra_promised = 0.0
 
 
 class LatencyModel:
@@ -128,19 +153,27 @@ class LatencyModel:
     (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss). Interpolated and
     fitted pairs are never below the slowest known pair that did no more work (no more rows and no more slots).
 
-    Robustness: an observation is clipped to [estimate / clip, estimate * clip] before it is used, the
-    estimate being the pair's moving average, or its prediction before its first run. Ordinary step-to-step
-    noise (tens of percent) passes untouched, while a stalled step (a garbage collection, a GPU kernel chosen
-    for a new shape) moves the average by at most ema * (clip - 1) and cannot make a pair look so dear that it
-    is never run again; a lasting change still gets through, by a factor of up to 1 + ema * (clip - 1) a step.
+    Robustness. Only the pair being run is measured; every other keeps the estimate it had when it was left,
+    and a pair is left when its estimate happens to be high. So the noise of an estimate turns into a bias
+    against the pairs not in use, and the choice sticks to whatever runs (timings of single steps vary by
+    tens of percent). Hence:
+    - an observation is clipped to [estimate / clip, estimate * clip] before it is used, the estimate being
+      the pair's average, or before its first run its prediction with the band squared (a prediction is
+      less sure than a measurement). A stalled step (a garbage collection, a GPU kernel chosen for a new
+      shape) moves the average by at most ema * (clip - 1) and cannot make a pair look so dear that it is
+      never run again; a lasting change still gets through, by up to 1 + ema * (clip - 1) a step;
+    - the average is the plain mean of a pair's first 1/ema steps, then a moving average with weight ema
+      (a long memory, ~10 steps: context grows slowly, noise is what must be averaged out); a pair's first
+      steps do not set it for good, however few were run before it was left.
     """
 
-    def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.3,
-                 scale_ema: float = 0.1, decay: float = 0.98, window: int = 256, clip: float = 2.0):
+    def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.1,
+                 scale_ema: float = 0.1, decay: float = 0.98, window: int = 256, clip: float = 1.5):
         assert clip >= 1
         self.ema, self.scale_ema, self.decay, self.clip = ema, scale_ema, decay, clip
         self.prior: dict[tuple[int, int], float] = {}  # (batch, slots) -> profiled seconds
         self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
+        self.runs: dict[tuple[int, int], int] = {}  # (batch, slots) -> steps run
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
         self.ratio: dict[tuple[int, int], float] = {}  # per pair that has both: measured / prior
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
@@ -156,10 +189,13 @@ class LatencyModel:
             return
         key = (batch, slots)
         old = self.average.get(key)
-        reference = old if old is not None else self.predict(batch, slots, context) if self.history else None
-        if reference is not None:  # nothing measured nor profiled yet: no scale to clip against
-            seconds = min(max(seconds, reference / self.clip), reference * self.clip)
-        self.average[key] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+        if old is not None or self.history:  # else nothing measured nor profiled yet: no scale to clip against
+            reference, band = (old, self.clip) if old is not None else (self.predict(batch, slots, context),
+                                                                         self.clip ** 2)
+            seconds = min(max(seconds, reference / band), reference * band)
+        runs = self.runs[key] = self.runs.get(key, 0) + 1
+        weight = max(self.ema, 1 / runs)  # the plain mean of the first 1/ema steps, then a moving average
+        self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
         if key in self.prior:
             self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
             self.ratio[key] = self.average[key] / self.prior[key]

@@ -29,6 +29,7 @@ from decoding.batch import ActiveRows
 from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
+from decoding.pruning import PruneHead
 from decoding.tree import TreeSet, tree_set_buffers
 
 
@@ -52,7 +53,8 @@ class ProPDDecoder(PPDDecoder):
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
-                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05):
+                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
+                 prune_head: PruneHead | None = None):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
@@ -66,7 +68,7 @@ class ProPDDecoder(PPDDecoder):
         self.last_build_seconds = time.perf_counter() - started
         if not family:
             raise ValueError("the tree family builder returned no tree set")
-        super().__init__(model, prompt_tokens, family[0].tree_set, eos_token_ids)
+        super().__init__(model, prompt_tokens, family[0].tree_set, eos_token_ids, prune_head=prune_head)
         self._set_family(family)
         self.initial_family = tuple(self.family)
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
@@ -88,7 +90,7 @@ class ProPDDecoder(PPDDecoder):
         # Realised yields stay with the tree sets that survive a rebuild. A new set starts from its table
         # figure: carrying over a lower yield from the old set of its size could hide a better tree for good
         # (a set never chosen is never measured), while an optimistic start corrects itself in a few steps.
-        self.yields.keep_only(self.keys)
+        self.yields.new_table(self.keys)
         # Hysteresis follows the current set across a rebuild: the same set, else the one nearest in width.
         if self.current is not None and self.current not in self.keys:
             width = old.get(self.current)
@@ -172,7 +174,7 @@ class ProPDDecoder(PPDDecoder):
             if kept and self.ran_last.get(row) == key:
                 own.append(rows.results[row].accepted_per_step[-1])
             self.ran_last[row] = key
-        self.yields.observe(key, own)
+        self.yields.observe(key, self.family[self.chosen].expected_tokens, own)
 
     def _after_propose(self, rows: ActiveRows, guesses: torch.Tensor, state: torch.Tensor) -> None:
         self.states = state.tolist()

@@ -40,6 +40,7 @@ from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
 from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
 from workers.profiles import load_or_measure_profile  # noqa: E402
+from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa: E402
 
 
 def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--prompts", help="prompt-token artifact (default: the shipped one)")
+    p.add_argument("--prune-head", help="early-pruning head artifact for the fourth column, ProPD with pruning "
+                   "(default: the one shipped for the model; without one the column is left out)")
+    p.add_argument("--keep-top-k", type=int, help="override the prune head's keep_top_k")
     p.add_argument("--profile-budget-s", type=float, default=None)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--json", help="also write the results here")
@@ -83,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
     pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
     table = pt.meta.extra["acceptance"]
+    head_dir = args.prune_head or find_shipped_prune_head(lm.content_hash)
+    head = None
+    if head_dir is not None:
+        head, _ = load_prune_head(head_dir, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype,
+                                  keep_top_k=args.keep_top_k)
+        print(f"prune head {head_dir}: layer {head.layer}, keep top {head.keep_top_k}", flush=True)
     profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
                                               cache_dir=resolve_cache_dir(None), batch_sizes=args.batch_sizes,
                                               budget_s=args.profile_budget_s)
@@ -104,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
             "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
         }
+        if head is not None:
+            decoders["pruned"] = ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior),
+                                              eos_token_ids=lm.eos_token_ids, prune_head=head)
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
         for m, dec in decoders.items():  # warm-up (ProPD also starts learning here)
             run(dec, prompts, args.max_new_tokens, lm.device)
@@ -129,14 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     exact = "outputs identical to plain" if lm.dtype == torch.float32 else "rows equal to plain counted per method"
     print(f"\n{name} {str(lm.dtype).removeprefix('torch.')}, {args.max_new_tokens} new tokens, median of "
           f"{args.rounds} rounds; {exact}")
-    print("| batch | plain tok/s | static tok/s (slots) | static tau | propd tok/s | propd tau | tokens/pass "
-          "plain / static / propd | propd / best |")
-    print("|---|---|---|---|---|---|---|---|")
+    methods = [m for m in ("plain", "static", "propd", "pruned") if m in results[0]]
+    print("| batch | " + " | ".join(f"{m} tok/s" for m in methods) + " | " + " | ".join(f"{m} tau" for m in methods[1:])
+          + " | tokens/pass " + " / ".join(methods) + " | propd / best" + (" | pruned / best" if head else "") + " |")
+    print("|---" * (2 * len(methods) + 1 + (2 if head else 1)) + "|")
     for r in results:
-        print(f"| {r['batch']} | {r['plain']['tok_s']:.1f} | {r['static']['tok_s']:.1f} ({r['static_slots']}) | "
-              f"{r['static']['tau']:.2f} | {r['propd']['tok_s']:.1f} | {r['propd']['tau']:.2f} | "
-              f"{r['plain']['per_pass']:.0f} / {r['static']['per_pass']:.0f} / {r['propd']['per_pass']:.0f} | "
-              f"{r['propd_vs_best']:.3f} |")
+        best = max(r["plain"]["tok_s"], r["static"]["tok_s"])
+        print(f"| {r['batch']} | " + " | ".join(f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "")
+                                                for m in methods)
+              + " | " + " | ".join(f"{r[m]['tau']:.2f}" for m in methods[1:])
+              + " | " + " / ".join(f"{r[m]['per_pass']:.0f}" for m in methods)
+              + f" | {r['propd_vs_best']:.3f}" + (f" | {r['pruned']['tok_s'] / best:.3f}" if head else "") + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "results": results}, indent=2))
     return 0

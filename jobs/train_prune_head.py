@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--data-dir", help=DataConfig.model_fields["data_dir"].description)
+    p.add_argument("--generate-batch-size", type=int, help=DataConfig.model_fields["generate_batch_size"].description)
     flag_types = {"output": str, "layer": int, "rank": int, "epochs": int, "tokens_per_step": int, "lr": float,
                   "target_recall": float, "feature_batch": int, "seed": int}
     for name, kind in flag_types.items():
@@ -168,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("model", "device", "dtype"):
         if (value := args.pop(key)) is not None:
             raw["model"][key] = value
-    if (data_dir := args.pop("data_dir")) is not None:
-        raw["data"]["data_dir"] = data_dir
+    for key in ("data_dir", "generate_batch_size"):
+        if (value := args.pop(key)) is not None:
+            raw["data"][key] = value
     raw.update({k: v for k, v in args.items() if v is not None})
     result = train(PruneHeadConfig(**raw))
     print(f"wrote {result['artifact']} (keep_top_k {result['keep_top_k']})")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoding import VanillaDecoder
-from decoding.online_stats import AcceptanceTracker, LatencyModel
+from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.propd import ProPDDecoder, TreeOption
 from profiling.tree_builder import tree_family
 from tests.test_lossless import K, MAX_NEW, OracleGuessDecoder, model, prompt_tokens, ragged_prompts, truth  # noqa: F401 (fixtures)
@@ -95,6 +95,49 @@ def test_latency_fit_predicts_unseen_sizes_and_follows_recent_steps():
     assert cheap.predict(1, 4, 0.0) >= 0.05
 
 
+def test_an_outlier_step_moves_the_latency_by_at_most_the_clip():
+    model = LatencyModel([(1, 1, 0.0, 0.10), (1, 16, 0.0, 0.20)], ema=0.1, clip=1.5)
+    for _ in range(12):  # past the first 1/ema steps (a plain mean): a moving average from here on
+        model.observe(1, 16, 0.0, 0.20)
+    model.observe(1, 16, 0.0, 10.0)  # a 50x stall (garbage collection, a kernel chosen for a new shape)
+    assert model.predict(1, 16, 0.0) == pytest.approx(0.20 * (1 + 0.1 * (1.5 - 1)))  # 0.21 s, not 1.18 s
+    # A pair's first step is clipped against its prediction (the profile, corrected by the nearest pair run),
+    # with the band squared.
+    predicted = 0.10 * model.ratio[(1, 16)]
+    assert model.predict(1, 1, 0.0) == pytest.approx(predicted)
+    model.observe(1, 1, 0.0, 5.0)
+    assert model.predict(1, 1, 0.0) == pytest.approx(predicted * 1.5**2)
+    # Ordinary noise passes untouched, and a lasting change gets through, 5% a step at first.
+    model.observe(1, 16, 0.0, 0.25)
+    assert model.average[(1, 16)] == pytest.approx(0.9 * 0.21 + 0.1 * 0.25)
+    for _ in range(60):
+        model.observe(1, 16, 0.0, 1.0)
+    assert model.predict(1, 16, 0.0) == pytest.approx(1.0, rel=0.02)
+
+
+def test_a_pairs_first_steps_are_averaged_not_taken_as_they_come():
+    model = LatencyModel([(1, 8, 0.0, 0.1)])
+    model.observe(1, 8, 0.0, 0.13)  # 30% slow: ordinary noise
+    for _ in range(3):
+        model.observe(1, 8, 0.0, 0.10)
+    assert model.predict(1, 8, 0.0) == pytest.approx((0.13 + 3 * 0.10) / 4)  # the mean, not the last steps
+
+
+def test_unprofiled_batch_sizes_are_interpolated_between_profiled_ones():
+    # Launch-bound, as on a GPU: a step costs the same whatever the tree, slightly more with more rows.
+    def true(batch, slots):
+        return 0.02 + 0.0001 * batch + 1e-7 * batch * slots
+
+    model = LatencyModel([(b, s, 0.0, true(b, s)) for b in (1, 16, 32) for s in (1, 64, 256)])
+    for batch in (2, 9, 24, 31):
+        for slots in (64, 256):
+            assert model.predict(batch, slots, 0.0) == pytest.approx(true(batch, slots), rel=1e-6)
+    # The steps run 1.5x slower than profiled: the interpolation follows the measured pairs.
+    for b in (16, 32):
+        model.observe(b, 256, 0.0, 1.5 * true(b, 256))
+    assert model.predict(20, 256, 0.0) == pytest.approx(1.5 * true(20, 256), rel=1e-6)
+
+
 def test_the_tree_shrinks_as_the_batch_grows(model):
     # A fixed cost per step plus a cost per token processed: big trees pay off only for small batches.
     latency = LatencyModel([(b, s, 64.0, 0.05 + 0.0005 * b * s) for b in (1, 8, 64) for s in (1, 4, 16, 64, 256)])
@@ -103,6 +146,100 @@ def test_the_tree_shrinks_as_the_batch_grows(model):
     for batch in (1, 4, 16, 64):
         slots.append(dec.widest[dec.choose(batch, 64.0)])
     assert slots == sorted(slots, reverse=True) and slots[0] >= 16 and slots[-1] == 1, slots
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Realised yield and hysteresis
+
+
+def test_the_yield_estimate_blends_the_table_with_what_was_seen_and_forgets_slowly():
+    yields = YieldTracker(prior_weight=8.0, pool_weight=4.0, decay=0.5)
+    assert yields.estimate("tree", 2.0) == 2.0  # nothing seen: the table's figure
+    # 8 row-steps of 1 token where the table promised 2: no extra token of the 8 promised.
+    yields.observe("tree", 2.0, [1] * 8)
+    s = 4 / (4 + 8)  # the pooled factor: (prior + extra tokens seen) / (prior + extra tokens promised)
+    assert yields.estimate("tree", 2.0) == pytest.approx((8 * (1 + s * 1) + 8) / (8 + 8))
+    assert yields.estimate("other", 3.0) == pytest.approx(1 + s * 2)  # never run: learns from the pool
+    yields.observe("plain", 1.0, [1, 1])  # plain decoding keeps its promise of no extra token: no news
+    yields.observe("other", 3.0, [])  # a step with no row to count; every step halves the evidence
+    s = 4 / (4 + 2)
+    assert yields.estimate("tree", 2.0) == pytest.approx((8 * (1 + s) + 2) / (8 + 2))
+    assert yields.estimate("plain", 1.0) == 1.0
+    yields.new_table(["other"])  # a rebuild: the sets that left are forgotten, and the pooled factor
+    assert yields.estimate("tree", 2.0) == 2.0 and yields.pooled == 1.0
+
+
+class FixedLatency(LatencyModel):
+    """Plain decoding (1 slot) takes 1 s a step, any tree ``tree_seconds``, whatever was measured."""
+
+    def __init__(self, tree_seconds):
+        super().__init__()
+        self.tree_seconds = tree_seconds
+
+    def observe(self, batch, slots, context, seconds):
+        pass
+
+    def predict(self, batch, slots, context):
+        return 1.0 if slots == 1 else self.tree_seconds
+
+
+def family_of(*claimed_tau):
+    """A builder of plain decoding plus one built tree per claimed tau (widths 16, 32, ...), the table ignored."""
+    built = tree_family(K, (16, 32, 64))(TABLE)
+    assert len(built) >= len(claimed_tau)
+    return lambda table: [built[0]] + [TreeOption(option.tree_set, tau)
+                                       for option, tau in zip(built[1:], claimed_tau[1:])]
+
+
+def test_a_tree_that_yields_far_less_than_its_table_says_is_dropped_within_a_few_steps(model, truth):
+    prompts, full = truth
+
+    class MissingProPD(OracleGuessDecoder, ProPDDecoder):
+        pass
+
+    # The table promises 3 tokens a step at 1.5x plain decoding's cost: 2x plain's speed. Every guess misses,
+    # so the tree yields 1 token a step (0.67x plain's speed).
+    dec = MissingProPD(model, prompt_tokens(model), family_of(1.0, 3.0), TABLE, FixedLatency(1.5), truth=full,
+                       miss_prob=1.0)
+    got = dec.generate(prompts[:5], MAX_NEW)
+    assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full[:5]]
+    ran = [slots > 1 for _, slots in dec.choices]
+    # The first step is not evidence (no row has guesses yet); each later one adds 5 row-steps of 1 token where
+    # 3 were promised. With n such row-steps the pooled factor is 16 / (16 + 2n), the tree's prior 1 + 2x that,
+    # worth 16 row-steps against its own n. Plain decoding takes over once it is 5% faster than the tree:
+    # estimate < 1.5 / 1.05; at n = 15 (3 steps of evidence) it is 1.36. Then plain decoding for good: the
+    # tree's evidence would take hundreds of steps to fade back past the margin.
+    assert ran == [True] * 4 + [False] * (MAX_NEW - 4), ran
+    assert dec.expected_tokens(1) < 1.5  # still no faster than plain decoding, margin aside
+
+
+def test_the_current_tree_is_kept_unless_another_is_faster_by_the_margin(model):
+    def choice(current, tau):
+        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, tau), TABLE, FixedLatency(1.0),
+                           switch_margin=0.05)
+        dec.current = None if current is None else dec.keys[current]
+        return dec.choose(4, 64.0)
+
+    assert choice(None, 1.04) == 1  # nothing in use: simply the fastest
+    assert choice(0, 1.04) == 0  # 4% faster: not worth a switch
+    assert choice(0, 1.06) == 1
+    assert choice(1, 0.97) == 1  # 3% slower than plain decoding: kept
+    assert choice(1, 0.94) == 0
+
+
+def test_a_rebuild_keeps_the_yields_and_the_current_choice_of_surviving_trees(model):
+    dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 2.0, 2.0), TABLE, FixedLatency(1.0))
+    dec.yields.observe(dec.keys[1], 2.0, [1] * 8)
+    dec.yields.observe(dec.keys[2], 2.0, [1] * 8)
+    dec.current = dec.keys[2]
+    survivor, widest = dec.keys[1], dec.widest[2]
+    replacement = tree_family(K, (16, widest + 8))(TABLE)  # the 16-slot set again and a slightly wider one
+    assert replacement[1].tree_set.tree_hash == survivor and replacement[2].tree_set.tree_hash != dec.current
+    dec._set_family([replacement[0], TreeOption(replacement[1].tree_set, 2.0), TreeOption(replacement[2].tree_set, 2.0)])
+    w, n = dec.yields.prior_weight, 8 * dec.yields.decay
+    assert dec.expected_tokens(1) == pytest.approx((w * 2.0 + n) / (w + n))  # its own evidence is kept
+    assert dec.expected_tokens(2) == 2.0  # a new tree set: its table figure
+    assert dec.current == dec.keys[2]  # in use: the new set nearest in width to the one that left
 
 
 # ------------------------------------------------------------------------------------------------------------
