@@ -126,6 +126,8 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),
     "tree_nodes": ("decoding", "tree_nodes"),
     "tree_sizing": ("decoding", "tree_sizing"),
+    "prune_head": ("decoding", "prune_head"),
+    "keep_top_k": ("decoding", "keep_top_k"),
     "profile_budget_s": ("decoding", "profile_budget_s"),
 }
 # CLI flags that set a field of the one worker group (refused when the config lists several).

@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
     p.add_argument("--tree-sizing", choices=["static", "propd"],
                    help="static: one tree per worker (default); propd: re-sized every step (ProPD)")
+    p.add_argument("--prune-head", metavar="DIR", help="ProPD early pruning: 'none' (default), 'auto' (the head "
+                   "shipped for the model) or a prune-head artifact directory")
+    p.add_argument("--keep-top-k", type=int, metavar="K", help="children kept per node by pruning (default: the "
+                   "head's)")
     p.add_argument("--profile-budget-s", type=float, metavar="S",
                    help="seconds each worker may spend profiling its device (default: 60 CPU, 30 GPU)")
     p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")
@@ -96,6 +100,8 @@ def describe_worker(info: dict[str, Any]) -> str:
         line += f", predicted tau {info['predicted_tau']:.2f}"
     if info.get("predicted_speedup"):
         line += f", predicted {info['predicted_speedup']:.2f}x over plain decoding"
+    if info.get("prune_head"):
+        line += f", pruning after layer {info['prune_layer']} (keep top {info['keep_top_k']})"
     if info.get("profile"):
         line += f"; profile {info['profile']}"
     return line

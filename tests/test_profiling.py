@@ -149,3 +149,33 @@ def test_engine_with_propd_sizing_decodes_losslessly(tiny, tmp_path):
     with pytest.raises(ValueError, match="pick one"):
         DecodeEngine(tiny, DecodingConfig(prompts=str(path), tree_sizing="propd", tree_nodes=5), batch_size=2,
                      latency_profile=latency)
+
+
+def test_engine_with_a_prune_head_decodes_losslessly(tiny, tmp_path):
+    """A prune head from an artifact, with static and ProPD trees: the rows equal plain decoding's, the worker
+    describes its pruning, and a head for another model or with vanilla decoding is refused."""
+    from decoding.pruning import PruneHead
+    from workers.artifacts import ArtifactModelMismatch
+    from workers.prune_heads import save_prune_head
+
+    path = save_trained_artifact(tiny, tmp_path / "pt")
+    head = PruneHead(tiny.model.config.hidden_size, layer=1, rank=4, keep_top_k=3)
+    head_dir = tmp_path / "head"
+    save_prune_head(head, head_dir, base_model_id=tiny.model_id, base_model_hash=tiny.content_hash)
+    latency = _profile_file(tmp_path / "p.json", {(2, s): 0.001 * s for s in (1, 8, 32, 128)})
+    rows = [{"id": "a", "prompt": "x y z"}, {"id": "b", "prompt": "hello"}, {"id": "c", "prompt": "1 2"}]
+    vanilla = DecodeEngine(tiny, DecodingConfig(method="vanilla"), batch_size=2).run_rows(rows)
+    for sizing in ("static", "propd"):
+        engine = DecodeEngine(tiny, DecodingConfig(prompts=str(path), tree_sizing=sizing, prune_head=str(head_dir),
+                                                   keep_top_k=2), batch_size=2, latency_profile=latency)
+        info = engine.describe()
+        assert (info["prune_layer"], info["keep_top_k"]) == (1, 2) and engine.decoder.prune_head is not None
+        assert [o.output_token_ids for o in engine.run_rows(rows)] == [o.output_token_ids for o in vanilla]
+    save_prune_head(head, tmp_path / "other", base_model_id="x", base_model_hash="0" * 64)
+    with pytest.raises(ArtifactModelMismatch):
+        DecodeEngine(tiny, DecodingConfig(prompts=str(path), prune_head=str(tmp_path / "other")), batch_size=2,
+                     latency_profile=latency)
+    with pytest.raises(ValueError, match="needs decoding method 'ppd'"):
+        DecodeEngine(tiny, DecodingConfig(method="vanilla", prune_head=str(head_dir)), batch_size=2)
+    assert DecodeEngine(tiny, DecodingConfig(prompts=str(path), prune_head="auto"), batch_size=2,
+                        latency_profile=latency).decoder.prune_head is None  # nothing shipped for a tiny model

@@ -18,12 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder
 from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
+from decoding.pruning import PruneHead
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from profiling.tree_builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
 from workers.planning import plan_decoding
+from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,19 @@ class DecodingConfig(BaseModel):
         "ProPD dynamic sizing: every step picks the tree with the most expected tokens per predicted second "
         "for the rows then in the batch, from online acceptance and latency statistics seeded by the "
         "artifact and the profile (needs a trained artifact; not with tree_nodes).",
+    )
+    prune_head: str = Field(
+        default="none",
+        description="ProPD early pruning: 'none'; 'auto' (the head shipped in artifacts/prune_heads/ for this "
+        "model, if any, else none); or the directory of a prune-head artifact for the model. After the head's "
+        "layer, tree nodes outside their parent's predicted top keep_top_k are dropped with their subtrees, so "
+        "the later layers run on fewer slots (ppd only; outputs are unchanged).",
+    )
+    keep_top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="A child survives pruning when its token is among its parent's top keep_top_k head "
+        "predictions (default: the artifact's).",
     )
     num_prompt_tokens: int = Field(
         default=3,
@@ -137,17 +152,37 @@ class DecodeEngine:
         self.batch_size = plan.batch_size
         self.tree_info = plan.info
         if prompt_tokens is None:
+            if self.config.prune_head not in ("none", "auto"):
+                raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
+        prune_head = self._load_prune_head()
         acceptance = prompt_tokens.meta.extra.get("acceptance")
         if self.config.tree_sizing == "propd" and acceptance:
             if self.config.tree_nodes:
                 raise ValueError("tree_nodes fixes the tree; tree_sizing 'propd' sizes it every step: pick one")
             profile = plan.profile
             prior = [(p.batch, p.slots, float(profile.context_len), p.seconds) for p in profile.points]
-            self.tree_info = {**plan.info, "tree": "propd (sized every step; starts from the planned tree)"}
+            self.tree_info = {**self.tree_info, "tree": "propd (sized every step; starts from the planned tree)"}
             return ProPDDecoder(lm.model, prompt_tokens, tree_family(prompt_tokens.k, DEFAULT_SLOTS, n=prompt_tokens.n),
-                                acceptance, LatencyModel(prior), eos_token_ids=lm.eos_token_ids)
-        return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids)
+                                acceptance, LatencyModel(prior), eos_token_ids=lm.eos_token_ids,
+                                prune_head=prune_head)
+        return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
+                          prune_head=prune_head)
+
+    def _load_prune_head(self) -> PruneHead | None:
+        """The early-pruning head the config asks for (recorded in tree_info), or None."""
+        lm, source = self.loaded, self.config.prune_head
+        if source == "auto":
+            shipped = find_shipped_prune_head(lm.content_hash)
+            source = str(shipped) if shipped else "none"
+            log.info("prune head: %s", source)
+        if source == "none":
+            return None
+        head, _ = load_prune_head(source, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype,
+                                  keep_top_k=self.config.keep_top_k)
+        self.tree_info = {**self.tree_info, "prune_head": source, "prune_layer": head.layer,
+                          "keep_top_k": head.keep_top_k}
+        return head
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
