@@ -28,6 +28,8 @@ import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from typing import Literal  # noqa: E402
+
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from decoding.batch import additive_mask, new_cache, pad_prompts  # noqa: E402
@@ -53,13 +55,17 @@ class PruneHeadConfig(BaseModel):
     target_recall: float = Field(default=0.97, gt=0, le=1, description="keep_top_k: the smallest K whose "
                                  "held-out recall@K reaches this.")
     feature_batch: int = Field(default=16, ge=1, description="Samples per frozen forward pass.")
+    positions: Literal["response", "all"] = Field(default="response", description="Positions trained on: "
+                                                  "the responses only, or the prompts too (more data).")
     seed: int = Field(default=0, description="Seed for the position order.")
 
 
 @torch.no_grad()
-def features(lm: LoadedModel, samples, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def features(lm: LoadedModel, samples, layer: int, batch: int, prompts_too: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states after ``layer`` layers [n, H] (fp32, on the CPU) and the model's argmax [n] at every
-    position that predicts a response token, computed by the same run_layers the decoder prunes with."""
+    position that predicts a response token (``prompts_too``: every position), computed by the same
+    run_layers the decoder prunes with."""
     decoder, lm_head = lm.model.get_decoder(), lm.model.get_output_embeddings()
     hidden, targets = [], []
     for start in range(0, len(samples), batch):
@@ -73,6 +79,7 @@ def features(lm: LoadedModel, samples, layer: int, batch: int) -> tuple[torch.Te
         late = decoder.norm(run_layers(decoder, early, mask, positions, cache, slice(layer, None)))
         for b, s in enumerate(chunk):
             lo, hi = len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1  # predicts response[i]
+            lo = 0 if prompts_too else lo
             hidden.append(early[b, lo:hi].float().cpu())
             targets.append(lm_head(late[b, lo:hi]).argmax(-1).cpu())
     return torch.cat(hidden), torch.cat(targets)
@@ -99,7 +106,8 @@ def train(cfg: PruneHeadConfig) -> dict:
         raise SystemExit(f"--layer {cfg.layer}: the model has {layers} layers; the head must read an earlier one")
     data_cfg = TrainConfig(model=cfg.model, data=cfg.data)
     started = time.perf_counter()
-    train_h, train_y = features(lm, load_samples(data_cfg, lm, held_out=False), cfg.layer, cfg.feature_batch)
+    train_h, train_y = features(lm, load_samples(data_cfg, lm, held_out=False), cfg.layer, cfg.feature_batch,
+                                prompts_too=cfg.positions == "all")
     eval_h, eval_y = features(lm, load_samples(data_cfg, lm, held_out=True), cfg.layer, cfg.feature_batch)
     feature_seconds = time.perf_counter() - started
     print(f"{len(train_y)} training and {len(eval_y)} held-out positions, layer {cfg.layer}/{layers} "
@@ -160,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--data-dir", help=DataConfig.model_fields["data_dir"].description)
     p.add_argument("--generate-batch-size", type=int, help=DataConfig.model_fields["generate_batch_size"].description)
+    p.add_argument("--max-new-tokens", type=int, help=DataConfig.model_fields["max_new_tokens"].description)
     flag_types = {"output": str, "layer": int, "rank": int, "epochs": int, "tokens_per_step": int, "lr": float,
-                  "target_recall": float, "feature_batch": int, "seed": int}
+                  "target_recall": float, "feature_batch": int, "seed": int, "positions": str}
     for name, kind in flag_types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=PruneHeadConfig.model_fields[name].description)
     args = vars(p.parse_args(argv))
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("model", "device", "dtype"):
         if (value := args.pop(key)) is not None:
             raw["model"][key] = value
-    for key in ("data_dir", "generate_batch_size"):
+    for key in ("data_dir", "generate_batch_size", "max_new_tokens"):
         if (value := args.pop(key)) is not None:
             raw["data"][key] = value
     raw.update({k: v for k, v in args.items() if v is not None})
