@@ -202,6 +202,10 @@ class LatencyModel:
         self.history.append((float(batch), float(slots), float(context), seconds))
         self._coef = None
 
+    def has_run(self, batch: int, slots: int) -> bool:
+        """Whether a step of this (batch, slots) pair has been measured (else its price is an estimate)."""
+        return (batch, slots) in self.average
+
     @staticmethod
     def _features(batch, slots, context):
         tokens = batch * slots

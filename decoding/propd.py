@@ -47,19 +47,20 @@ class ProPDDecoder(PPDDecoder):
     """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step.
 
     ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
-    set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``.
+    set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``; a set
+    not yet run at the batch size and within ``explore_margin`` of the choice is run once to be measured.
     """
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
                  top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
-                 prune_head: PruneHead | None = None):
+                 explore_margin: float = 0.15, prune_head: PruneHead | None = None):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
         self.yields = yields or YieldTracker()
-        self.switch_margin = switch_margin
+        self.switch_margin, self.explore_margin = switch_margin, explore_margin
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
         self.built_from = self.acceptance.table()
@@ -110,14 +111,21 @@ class ProPDDecoder(PPDDecoder):
         """The family index with the most expected tokens per predicted second at this batch size and context,
         unless the set now in use is within ``switch_margin`` of it: then that set. Without the margin, noise
         in single-step timings flips the choice between near-equal options, and each flip from plain decoding
-        into a tree wastes a step (rows coming from plain decoding have no guesses: one token each)."""
+        into a tree wastes a step (rows coming from plain decoding have no guesses: one token each).
+
+        Then exploration: an option that has never run at this batch size, whose predicted rate is within
+        ``explore_margin`` of the choice, runs once instead. Its price is only the profile's figure corrected
+        by the pairs that did run, and the profile's shape can be off (here a 1-slot step measured 15% dearer
+        than it runs, next to a tree measured right); once measured, the choice rests on real timings."""
         rates = self.rates(batch, context)
-        best = max(range(len(rates)), key=lambda i: (rates[i], -i))
+        choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
         if self.current in self.keys:
             current = self.keys.index(self.current)
-            if rates[best] <= rates[current] * (1 + self.switch_margin):
-                return current
-        return best
+            if rates[choice] <= rates[current] * (1 + self.switch_margin):
+                choice = current
+        untried = [i for i, slots in enumerate(self.widest) if i != choice and not self.latency.has_run(batch, slots)
+                   and rates[i] * (1 + self.explore_margin) >= rates[choice]]
+        return max(untried, key=lambda i: rates[i]) if untried else choice
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:
         """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps

@@ -6,12 +6,14 @@ at each batch size, in one run on one machine.
     python jobs/bench_propd.py --device cuda --max-new-tokens 128
 
 Every batch size decodes the same held-out prompts (mixed chat / math / code, the split the prompt tokens
-never trained on) with each method. The static tree is the one a worker of that batch size would choose at
+never trained on; at least ``--min-prompts`` of them, in consecutive batches) with each method. The static tree is the one a worker of that batch size would choose at
 start-up from its profile. ProPD starts from the same profile and the artifact's acceptance table and keeps
 learning across rounds, as a long-lived worker does. Each method has one untimed warm-up round; timed rounds
 are interleaved across methods so machine drift hits all alike, and the median round counts. Every method's
 output is checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per
-forward pass (batch x slots), plus ProPD's speed over the better of plain and static PPD.
+forward pass (batch x slots), plus ProPD's speed over the better of plain and static PPD (the median over
+rounds of each round's ratio). With a prune head (``--prune-head``, or one shipped for the model) a fourth
+method runs: ProPD with early pruning.
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ from workers.profiles import load_or_measure_profile  # noqa: E402
 from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa: E402
 
 
-def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
+def run(decoder, prompts, max_new_tokens: int, device: torch.device, batch: int | None = None) -> dict:
+    """Decode ``prompts`` in consecutive batches of ``batch`` (default: all at once), timed as one."""
+    batch = batch or len(prompts)
     if device.type == "cuda":
         torch.cuda.synchronize()
     if isinstance(decoder, PPDDecoder):
         decoder.passes, decoder.tokens_processed = 0, 0.0
     t0 = time.perf_counter()
-    results = decoder.generate(prompts, max_new_tokens)
+    results = [r for start in range(0, len(prompts), batch) for r in decoder.generate(prompts[start: start + batch],
+                                                                                          max_new_tokens)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -57,7 +62,8 @@ def run(decoder, prompts, max_new_tokens: int, device: torch.device) -> dict:
     if isinstance(decoder, PPDDecoder):  # pruned passes count their later layers' fewer tokens
         per_pass = decoder.tokens_processed / decoder.passes
     else:  # plain decoding: one token per active row per pass
-        per_pass = steps / max(r.num_steps for r in results)
+        per_pass = steps / sum(max(r.num_steps for r in results[start: start + batch])
+                               for start in range(0, len(results), batch))
     return {"seconds": seconds, "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
             "outputs": [r.token_ids for r in results]}
 
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=4, help="prompts decoded per batch size at least, in "
+                   "consecutive batches (one short response alone is too little to time)")
     p.add_argument("--prompts", help="prompt-token artifact (default: the shipped one)")
     p.add_argument("--prune-head", help="early-pruning head artifact for the fourth column, ProPD with pruning "
                    "(default: the one shipped for the model; without one the column is left out)")
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for batch in args.batch_sizes:
-        prompts = mixed[:batch]
+        prompts = mixed[:max(batch, args.min_prompts)]
         choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), profile.measured_slots(batch),
                                n=pt.n)
         decoders = {
@@ -119,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                                               eos_token_ids=lm.eos_token_ids, prune_head=head)
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
         for m, dec in decoders.items():  # warm-up (ProPD also starts learning here)
-            run(dec, prompts, args.max_new_tokens, lm.device)
+            run(dec, prompts, args.max_new_tokens, lm.device, batch)
         for _ in range(args.rounds):
             for m, dec in decoders.items():
-                runs[m].append(run(dec, prompts, args.max_new_tokens, lm.device))
+                runs[m].append(run(dec, prompts, args.max_new_tokens, lm.device, batch))
         reference = runs["plain"][0]["outputs"]
         row = {"batch": batch, "static_slots": choice.chosen.slots}
         for m, rs in runs.items():
             same = min(sum(a == b for a, b in zip(r["outputs"], reference)) for r in rs)
-            assert same == batch or lm.dtype != torch.float32, f"{m} at batch {batch} differs from plain decoding"
+            assert same == len(prompts) or lm.dtype != torch.float32, f"{m} at batch {batch} differs from plain"
             median = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # ProPD's choices vary by round
             row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
                       "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Train an early-pruning head (decoding/pruning.py) and write a prune-head artifact.
 
-    python jobs/train_prune_head.py                                 # default model, layer 8 -> outputs/prune_heads/
-    python jobs/train_prune_head.py --layer 6 --rank 64 --epochs 3 --device cuda
+    python jobs/train_prune_head.py                          # default model, layer 12 -> outputs/prune_heads/default
+    python jobs/train_prune_head.py --device cuda --max-new-tokens 256 --keep-top-k 16     # the shipped head
 
 The head reads the hidden state after ``layer`` decoder layers and learns the model's own greedy next token
 there (cross-entropy against the final layer's argmax: pruning keeps a child only when its token is among its
@@ -10,7 +10,8 @@ parent's head top-K, so the final argmax is what must rank high). The base model
 low-rank adapter trains. Data: the same prompts and cached greedy responses as prompt-token training
 (jobs/distill_data.py), every response position. The held-out split reports recall@K, the chance that the
 model's argmax is in the head's top K, for the trained head and for the plain logit lens (the untrained head).
-The artifact's keep_top_k is the smallest K whose held-out recall reaches ``target_recall``.
+The artifact's keep_top_k is ``keep_top_k`` when given, else the smallest K whose held-out recall reaches
+``target_recall`` (64 at most).
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ class PruneHeadConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The frozen base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Prompts and greedy responses.")
     output: str = Field(default="outputs/prune_heads/default", description="Artifact directory.")
-    layer: int = Field(default=8, ge=1, description="Decoder layers the head reads after.")
-    rank: int = Field(default=64, ge=1, description="Rank of the head's residual adapter.")
-    epochs: int = Field(default=3, ge=1, description="Passes over the training positions.")
+    layer: int = Field(default=12, ge=1, description="Decoder layers the head reads after.")
+    rank: int = Field(default=256, ge=1, description="Rank of the head's residual adapter.")
+    epochs: int = Field(default=30, ge=1, description="Passes over the training positions.")
     tokens_per_step: int = Field(default=2048, ge=1, description="Positions per optimiser step.")
     lr: float = Field(default=3e-3, gt=0, description="AdamW peak learning rate (cosine decay to 0).")
     target_recall: float = Field(default=0.97, gt=0, le=1, description="keep_top_k: the smallest K whose "
-                                 "held-out recall@K reaches this.")
+                                 "held-out recall@K reaches this (without keep_top_k).")
+    keep_top_k: int | None = Field(default=None, ge=1, description="The artifact's keep_top_k (default: from "
+                                   "target_recall). Pick it with jobs/bench_prune.py on the target device.")
     feature_batch: int = Field(default=16, ge=1, description="Samples per frozen forward pass.")
-    positions: Literal["response", "all"] = Field(default="response", description="Positions trained on: "
+    positions: Literal["response", "all"] = Field(default="all", description="Positions trained on: "
                                                   "the responses only, or the prompts too (more data).")
     seed: int = Field(default=0, description="Seed for the position order.")
 
@@ -144,7 +147,7 @@ def train(cfg: PruneHeadConfig) -> dict:
     head = head.to(lm.dtype).eval().requires_grad_(False)
     trained = recall_at(head, lm, eval_h, eval_y)
     trained_train = recall_at(head, lm, train_h, train_y)
-    keep = next((k for k in RECALL_KS if trained[k] >= cfg.target_recall), RECALL_KS[-1])
+    keep = cfg.keep_top_k or next((k for k in RECALL_KS if trained[k] >= cfg.target_recall), RECALL_KS[-1])
     head.keep_top_k = keep
     extra = {"training": {"config": cfg.model_dump(exclude={"output"}), "positions": len(train_y),
                           "steps": total, "first_epoch_loss": sum(losses[:steps_per_epoch]) / steps_per_epoch,
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate-batch-size", type=int, help=DataConfig.model_fields["generate_batch_size"].description)
     p.add_argument("--max-new-tokens", type=int, help=DataConfig.model_fields["max_new_tokens"].description)
     flag_types = {"output": str, "layer": int, "rank": int, "epochs": int, "tokens_per_step": int, "lr": float,
-                  "target_recall": float, "feature_batch": int, "seed": int, "positions": str}
+                  "target_recall": float, "feature_batch": int, "seed": int, "positions": str, "keep_top_k": int}
     for name, kind in flag_types.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=PruneHeadConfig.model_fields[name].description)
     args = vars(p.parse_args(argv))

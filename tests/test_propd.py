@@ -50,7 +50,8 @@ def test_acceptance_converges_to_the_true_rank_distribution(model, truth):
         pass
 
     flat = LatencyModel([(1, 1, 0.0, 1.0), (8, 512, 0.0, 1.0)])  # slots are free: the biggest tree every step
-    dec = OracleProPD(model, prompt_tokens(model), tree_family(K, BUDGETS), TABLE, flat, truth=full, seed=3)
+    dec = OracleProPD(model, prompt_tokens(model), tree_family(K, BUDGETS), TABLE, flat, truth=full, seed=3,
+                      explore_margin=0.0)  # no exploration steps: every step the biggest tree
     dec.acceptance.prior_weight = 0.0
     got = dec.generate(prompts, MAX_NEW)
     assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full]
@@ -182,6 +183,9 @@ class FixedLatency(LatencyModel):
     def predict(self, batch, slots, context):
         return 1.0 if slots == 1 else self.tree_seconds
 
+    def has_run(self, batch, slots):
+        return True  # its prices are exact: nothing to explore
+
 
 def family_of(*claimed_tau):
     """A builder of plain decoding plus one built tree per claimed tau (widths 16, 32, ...), the table ignored."""
@@ -225,6 +229,23 @@ def test_the_current_tree_is_kept_unless_another_is_faster_by_the_margin(model):
     assert choice(0, 1.06) == 1
     assert choice(1, 0.97) == 1  # 3% slower than plain decoding: kept
     assert choice(1, 0.94) == 0
+
+
+def test_a_competitive_option_never_run_at_this_batch_size_is_tried_once(model):
+    """The profile says plain decoding costs 1.2 s a step, but it really takes 1.0 s; a tree that yields 1.1
+    tokens per step looks better than plain on paper. ProPD runs plain once (within the explore margin),
+    measures it, tries the tree, and settles on plain, which really is faster; a tree far behind is never run."""
+    dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.1, 0.2, 0.2), TABLE, LatencyModel(),
+                       switch_margin=0.05, explore_margin=0.25)
+    dec.latency = LatencyModel([(1, w, 64.0, 1.2 if w == 1 else 1.1) for w in dec.widest])
+    tree, plain = 1, 0
+    assert dec.choose(1, 64.0) == plain  # untried and within 25% of the tree: explored first
+    dec.latency.observe(1, 1, 64.0, 1.0)
+    assert dec.choose(1, 64.0) == tree  # the tree is still untried (and now looks even better)
+    dec.latency.observe(1, dec.widest[tree], 64.0, 1.25)
+    dec.current = dec.keys[tree]
+    assert dec.choose(1, 64.0) == plain  # both measured: 1.0 tok/s against 1.1 / 1.25
+    assert not any(dec.latency.has_run(1, dec.widest[i]) for i in (2, 3))  # far behind: never tried
 
 
 def test_a_rebuild_keeps_the_yields_and_the_current_choice_of_surviving_trees(model):
