@@ -62,6 +62,7 @@ class ProPDDecoder(PPDDecoder):
         self.yields = yields or YieldTracker()
         self.switch_margin, self.explore_margin = switch_margin, explore_margin
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
+        self.explored = False  # whether that set ran only to be measured (see choose)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
         self.built_from = self.acceptance.table()
         started = time.perf_counter()
@@ -115,16 +116,19 @@ class ProPDDecoder(PPDDecoder):
 
         Then exploration: an option that has never run at this batch size, whose predicted rate is within
         ``explore_margin`` of the choice, runs once instead. Its price is only the profile's figure corrected
-        by the pairs that did run, and the profile's shape can be off (here a 1-slot step measured 15% dearer
-        than it runs, next to a tree measured right); once measured, the choice rests on real timings."""
+        by the pairs that did run, and the profile's shape can be off (here a profile taken on a busy machine
+        put a 1-slot step 40% above its real cost, next to trees measured about right); once measured, the
+        choice rests on real timings. The step after an exploration chooses on the merits alone: the margin
+        protects a settled choice, not one that ran once to be measured."""
         rates = self.rates(batch, context)
         choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
-        if self.current in self.keys:
+        if self.current in self.keys and not self.explored:
             current = self.keys.index(self.current)
             if rates[choice] <= rates[current] * (1 + self.switch_margin):
                 choice = current
         untried = [i for i, slots in enumerate(self.widest) if i != choice and not self.latency.has_run(batch, slots)
                    and rates[i] * (1 + self.explore_margin) >= rates[choice]]
+        self.explored = bool(untried)
         return max(untried, key=lambda i: rates[i]) if untried else choice
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:

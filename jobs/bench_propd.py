@@ -27,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -68,6 +69,39 @@ def run(decoder, prompts, max_new_tokens: int, device: torch.device, batch: int 
             "outputs": [r.token_ids for r in results]}
 
 
+def paired_ratios(row: dict) -> dict:
+    """ProPD (and ProPD with pruning) against the better of plain and static, paired by round: the methods of
+    one round ran back to back, so machine drift between rounds (tens of percent on a shared GPU host) cancels
+    in the round's ratio; the median round ratio is reported. The better method is the one with the higher
+    median, fixed for all rounds: taking each round's faster of the two would compare against the max of two
+    noisy timings, which is biased upwards when they are equal."""
+    best = max(("plain", "static"), key=lambda m: row[m]["tok_s"])
+    out = {"best": best}
+    for m in ("propd", "pruned"):
+        if m in row:
+            out[f"{m}_vs_best"] = statistics.median(
+                a / b for a, b in zip(row[m]["rounds_tok_s"], row[best]["rounds_tok_s"]))
+    return out
+
+
+def print_table(device: str, args, results: list[dict]) -> None:
+    exact = "outputs identical to plain" if args.dtype == "float32" or device.startswith("cpu") else \
+        "rows equal to plain counted per method"
+    print(f"\n{device}, {args.max_new_tokens} new tokens, median of {args.rounds} rounds; {exact}; x / best: the "
+          "median over rounds of the round's ratio to the better of plain and static (by median)")
+    methods = [m for m in ("plain", "static", "propd", "pruned") if m in results[0]]
+    pruned = "pruned" in methods
+    print("| batch | " + " | ".join(f"{m} tok/s" for m in methods) + " | " + " | ".join(f"{m} tau" for m in methods[1:])
+          + " | tokens/pass " + " / ".join(methods) + " | propd / best" + (" | pruned / best" if pruned else "") + " |")
+    print("|---" * (2 * len(methods) + 1 + (2 if pruned else 1)) + "|")
+    for r in results:
+        print(f"| {r['batch']} | " + " | ".join(f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "")
+                                                for m in methods)
+              + " | " + " | ".join(f"{r[m]['tau']:.2f}" for m in methods[1:])
+              + " | " + " / ".join(f"{r[m]['per_pass']:.0f}" for m in methods)
+              + f" | {r['propd_vs_best']:.3f}" + (f" | {r['pruned_vs_best']:.3f}" if pruned else "") + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -87,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-budget-s", type=float, default=None)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--from-json", help="print the table of an earlier run's --json file (ratios recomputed) and exit")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = [{**row, **paired_ratios(row)} for row in saved["results"]]
+        args.max_new_tokens, args.rounds = saved.get("max_new_tokens", "?"), saved.get("rounds", "?")
+        print_table(saved["device"], args, results)
+        return 0
 
     lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
     artifact = args.prompts or find_shipped_artifact(lm.content_hash)
@@ -140,35 +181,18 @@ def main(argv: list[str] | None = None) -> int:
             row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
                       "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],
                       "rows_same_as_plain": same}
-        # Paired by round: the methods of one round ran back to back, so machine drift between rounds (tens of
-        # percent on a shared GPU host) cancels in the round's ratio; the median round ratio is reported.
-        for m in ("propd", "pruned"):
-            if m in runs:
-                ratios = sorted(a["tokens"] / a["seconds"] / max(p["tokens"] / p["seconds"], s["tokens"] / s["seconds"])
-                                for a, p, s in zip(runs[m], runs["plain"], runs["static"]))
-                row[f"{m}_vs_best"] = ratios[len(ratios) // 2]
+        row.update(paired_ratios(row))
         results.append(row)
         print(f"batch {batch:3d}: " + "  ".join(
             f"{m} {row[m]['tok_s']:7.1f} tok/s tau {row[m]['tau']:.2f} ({row[m]['per_pass']:.0f}/pass)"
             for m in decoders) + f"  propd/best {row['propd_vs_best']:.3f}"
             + "  rows = plain: " + "/".join(str(row[m]["rows_same_as_plain"]) for m in decoders), flush=True)
 
-    exact = "outputs identical to plain" if lm.dtype == torch.float32 else "rows equal to plain counted per method"
-    print(f"\n{name} {str(lm.dtype).removeprefix('torch.')}, {args.max_new_tokens} new tokens, median of "
-          f"{args.rounds} rounds; {exact}; x / best: the median over rounds of the round's ratio to the better of "
-          f"plain and static")
-    methods = [m for m in ("plain", "static", "propd", "pruned") if m in results[0]]
-    print("| batch | " + " | ".join(f"{m} tok/s" for m in methods) + " | " + " | ".join(f"{m} tau" for m in methods[1:])
-          + " | tokens/pass " + " / ".join(methods) + " | propd / best" + (" | pruned / best" if head else "") + " |")
-    print("|---" * (2 * len(methods) + 1 + (2 if head else 1)) + "|")
-    for r in results:
-        print(f"| {r['batch']} | " + " | ".join(f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "")
-                                                for m in methods)
-              + " | " + " | ".join(f"{r[m]['tau']:.2f}" for m in methods[1:])
-              + " | " + " / ".join(f"{r[m]['per_pass']:.0f}" for m in methods)
-              + f" | {r['propd_vs_best']:.3f}" + (f" | {r['pruned_vs_best']:.3f}" if head else "") + " |")
+    print_table(f"{name} {str(lm.dtype).removeprefix('torch.')}", args, results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": f"{name} {str(lm.dtype).removeprefix('torch.')}",
+                                               "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                                               "results": results}, indent=2))
     return 0
 
 

@@ -248,6 +248,17 @@ def test_a_competitive_option_never_run_at_this_batch_size_is_tried_once(model):
     assert not any(dec.latency.has_run(1, dec.widest[i]) for i in (2, 3))  # far behind: never tried
 
 
+def test_after_an_exploration_the_choice_is_made_on_the_merits(model):
+    """The margin keeps a settled choice; a set that ran once only to be measured gets no such protection."""
+    def choice(explored):
+        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.03), TABLE, FixedLatency(1.0))
+        dec.current, dec.explored = dec.keys[0], explored
+        return dec.choose(4, 64.0)
+
+    assert choice(explored=False) == 0  # plain was settled: 3% is within the margin
+    assert choice(explored=True) == 1  # plain only ran to be measured: the faster set wins
+
+
 def test_a_rebuild_keeps_the_yields_and_the_current_choice_of_surviving_trees(model):
     dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 2.0, 2.0), TABLE, FixedLatency(1.0))
     dec.yields.observe(dec.keys[1], 2.0, [1] * 8)
