@@ -154,6 +154,7 @@ class ProPDDecoder(PPDDecoder):
         self.choices = []
         self.states = None  # depth states of the active rows; all 0 (no guesses) before the first step
         self.ran_last: dict[int, str] = {}  # input row -> tree_hash of the set its last step ran
+        self.last_step_key: str | None = None  # tree_hash of the set the previous step of this call ran
 
     def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
         self.context = float(kv_len.float().mean())
@@ -169,11 +170,15 @@ class ProPDDecoder(PPDDecoder):
 
     def _after_commit(self, rows: ActiveRows, keep: torch.Tensor, first_step: bool) -> None:
         self.step_seconds = time.perf_counter() - self.step_started
-        if not first_step:  # the first step also ran the prompts: not a tree step's latency
-            # Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
-            # long-run average over the states a set passes through, so the price must be the long-run average
-            # step of that set too.
+        # Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
+        # long-run average over the states a set passes through, so the price must be the long-run average
+        # step of that set too. Hence not filed: the first step (it also ran the prompts) and the first step
+        # of a set after a switch, whose rows are in the states the previous set left (after plain decoding,
+        # state 0: root and prompt tokens only, far cheaper than the set's steady steps; filed, it made a tree
+        # tried from plain decoding look cheap).
+        if not first_step and self.last_step_key == self.current:
             self.latency.observe(rows.size, self.widest[self.chosen], self.context, self.step_seconds)
+        self.last_step_key = self.current
         # The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
         # it too). Left out: a row's first step and the step after a switch, whose state another set (or the
         # start) left behind, e.g. state 0 after plain decoding, which emits one token whatever the tree; that
