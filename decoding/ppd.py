@@ -22,7 +22,7 @@ from decoding.batch import ActiveRows, additive_mask, at_least_fp32, check_promp
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
-from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, tree_set_buffers
+from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, on_whole_root_path, tree_set_buffers
 
 
 class PPDDecoder:
@@ -153,20 +153,20 @@ class PPDDecoder:
         mask = additive_mask(kv_valid, attend, embeds.dtype)  # [B, 1, S, T+S]
         self.passes += 1
         # Pruning needs candidates to prune, and never meets the prefill (its trees are all in state 0).
-        if self.prune_head is None or prefix is not None or int(buffers.num_internal[state].max()) == 0:
+        I = 0 if self.prune_head is None or prefix is not None else int(buffers.num_internal[state].max())
+        if I == 0:
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
             self.tokens_processed += B * N
             return ids, hidden[:, -N:], None
-        return self._forward_pruned(cache, buffers, state, ids, embeds, positions, attend, mask, kv_valid)
+        return self._forward_pruned(cache, buffers, state, I, ids, embeds, positions, attend, mask, kv_valid)
 
-    def _forward_pruned(self, cache, buffers, state, ids, embeds, positions, attend, mask, kv_valid):
-        """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the internal
+    def _forward_pruned(self, cache, buffers, state, I, ids, embeds, positions, attend, mask, kv_valid):
+        """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the I internal
         nodes, then layers [L, end) over the surviving slots only (see decoding/pruning.py)."""
         sb, head = buffers.stacked, self.prune_head
         B, N, H = embeds.shape
         C = int(buffers.num_nodes[state].max())
-        I = int(buffers.num_internal[state].max())
         early = run_layers(self.decoder, embeds, mask, positions, cache, slice(0, head.layer))  # [B, N, H]
         internal = sb.internal_nodes[state, :I]  # [B, I] node slots (nodes lead every tree)
         at_internal = early.gather(1, internal[..., None].expand(-1, -1, H))  # [B, I, H]
@@ -176,7 +176,7 @@ class PPDDecoder:
         kept = kept_nodes(ids[:, :C], node_top, sb.node_parent[state, :C], sb.node_valid[state, :C],
                           sb.ancestor_or_self[state, :C, :C])  # [B, C]
         slot_node = sb.slot_node[state, :N]  # [B, N]
-        keep = kept.gather(1, slot_node.clamp_max(C - 1)) & (sb.slot_kind[state, :N] != PAD)  # [B, N]
+        keep = kept.gather(1, slot_node) & (sb.slot_kind[state, :N] != PAD)  # [B, N]: a slot's node is < C
         c = compact(keep)
         late_in = early.gather(1, c.order[..., None].expand(-1, -1, H))  # [B, N', H]
         late_mask = compacted_mask(attend, kv_valid, c, embeds.dtype)  # [B, 1, N', T+N']
@@ -248,6 +248,6 @@ def greedy_accept(node_tokens: torch.Tensor, node_argmax: torch.Tensor, node_par
     parent_argmax = node_argmax.gather(1, node_parent)  # [B, C]
     match = (node_tokens == parent_argmax) & node_valid  # [B, C]
     match[:, 0] = True  # the root is already committed
-    accepted = (match[:, None, :] | ~ancestor_or_self).all(-1)  # [B, C]: the node and all its ancestors match
+    accepted = on_whole_root_path(match, ancestor_or_self)  # [B, C]: the node and all its ancestors match
     # Accepted nodes form one chain (siblings hold distinct tokens), so the deepest is unique.
     return torch.where(accepted, node_depth, -1).argmax(-1)  # [B]

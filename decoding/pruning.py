@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from decoding.batch import additive_mask
+from decoding.tree import on_whole_root_path
 
 
 class PruneHead(nn.Module):
@@ -80,7 +81,7 @@ def kept_nodes(node_tokens: torch.Tensor, parent_top: torch.Tensor, node_parent:
     at_parent = parent_top.gather(1, node_parent[..., None].expand(-1, -1, K))  # [B, C, K]
     likely = (at_parent == node_tokens[..., None]).any(-1) & node_valid  # [B, C]
     likely[:, 0] = True  # the root is committed: never pruned
-    return (likely[:, None, :] | ~ancestor_or_self).all(-1)  # [B, C]: the node and all its ancestors likely
+    return on_whole_root_path(likely, ancestor_or_self)  # [B, C]: the node and all its ancestors likely
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,12 @@ def vanilla_tree_set(k: int = 3, top_k: int = 10) -> TreeSet:
     return TreeSet(k=k, top_k=top_k, trees=tuple(TreeSpec.build({(): 0}) for _ in range(k + 1)))
 
 
+def on_whole_root_path(flag: torch.Tensor, ancestor_or_self: torch.Tensor) -> torch.Tensor:
+    """flag [B, C] bool per node -> [B, C]: the node and every one of its ancestors have the flag (verification
+    accepts such a chain of matches; pruning keeps such a chain of likely nodes)."""
+    return (flag[:, None, :] | ~ancestor_or_self).all(-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Buffers
 

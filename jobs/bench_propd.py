@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from decoding import PPDDecoder, VanillaDecoder  # noqa: E402
 from decoding.online_stats import LatencyModel  # noqa: E402
 from decoding.propd import ProPDDecoder  # noqa: E402
-from jobs.bench_tree import held_out_samples  # noqa: E402
+from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from profiling.device import identify  # noqa: E402
 from profiling.latency import DEFAULT_SLOTS  # noqa: E402
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                               budget_s=args.profile_budget_s)
     name = identify(lm.device, lm.dtype).readable
     print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
-    samples = held_out_samples(lm, pt, Path(args.data_dir))
-    by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
-    mixed = [s.prompt_ids for group in zip(*by_kind) for s in group]  # chat, math, code, chat, ...
+    mixed = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
     prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
 

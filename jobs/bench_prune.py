@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from decoding import PPDDecoder  # noqa: E402
 from jobs.bench_propd import run  # noqa: E402
-from jobs.bench_tree import held_out_samples  # noqa: E402
+from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from profiling.device import identify  # noqa: E402
 from profiling.tree_builder import build_tree_set  # noqa: E402
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                       dtype=lm.dtype, keep_top_k=keep)
             decoders[f"L{head.layer} top{keep}"] = PPDDecoder(lm.model, pt, tree_set, eos_token_ids=lm.eos_token_ids,
                                                               prune_head=head)
-    samples = held_out_samples(lm, pt, Path(args.data_dir))
-    by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
-    mixed = [s.prompt_ids for group in zip(*by_kind) for s in group]
+    mixed = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     name = f"{identify(lm.device, lm.dtype).readable} {str(lm.dtype).removeprefix('torch.')}"
     print(f"{name}; tree of {args.tree_slots} slots; {args.max_new_tokens} new tokens; median of {args.rounds} rounds")
     for batch in args.batch_sizes:

@@ -51,6 +51,13 @@ def held_out_samples(lm, pt, data_dir: Path) -> list:
     return load_samples(train_cfg.model_copy(update=update), lm, held_out=True)
 
 
+def mixed_held_out_prompts(lm, pt, data_dir: Path) -> list[list[int]]:
+    """The held-out prompts interleaved by kind (chat, math, code, chat, ...), so any prefix mixes them."""
+    samples = held_out_samples(lm, pt, data_dir)
+    by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
+    return [s.prompt_ids for group in zip(*by_kind) for s in group]
+
+
 def decode_all(decoder: PPDDecoder, prompts: list[list[int]], batch: int, max_new_tokens: int, device) -> dict:
     """Decode the prompts in batches of ``batch``; tokens, steps and seconds."""
     tokens = steps = 0
