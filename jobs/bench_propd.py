@@ -8,8 +8,9 @@ at each batch size, in one run on one machine.
 Every batch size decodes the same held-out prompts (mixed chat / math / code, the split the prompt tokens
 never trained on; at least ``--min-prompts`` of them, in consecutive batches) with each method. The static tree is the one a worker of that batch size would choose at
 start-up from its profile. ProPD starts from the same profile and the artifact's acceptance table and keeps
-learning across rounds, as a long-lived worker does. Each method has one untimed warm-up round; timed rounds
-are interleaved across methods so machine drift hits all alike, and the median round counts. Every method's
+learning across rounds, as a long-lived worker does. One untimed warm-up round, then timed rounds in which
+the methods take turns on each batch of prompts (the order rotated), so machine drift hits all alike; the
+median round counts. Every method's
 output is checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per
 forward pass (batch x slots), plus ProPD's speed over the better of plain and static PPD (the median over
 rounds of each round's ratio). With a prune head (``--prune-head``, or one shipped for the model) a fourth
@@ -46,27 +47,39 @@ from workers.profiles import load_or_measure_profile  # noqa: E402
 from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa: E402
 
 
-def run(decoder, prompts, max_new_tokens: int, device: torch.device, batch: int | None = None) -> dict:
-    """Decode ``prompts`` in consecutive batches of ``batch`` (default: all at once), timed as one."""
-    batch = batch or len(prompts)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if isinstance(decoder, PPDDecoder):
-        decoder.passes, decoder.tokens_processed = 0, 0.0
-    t0 = time.perf_counter()
-    results = [r for start in range(0, len(prompts), batch) for r in decoder.generate(prompts[start: start + batch],
-                                                                                          max_new_tokens)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    tokens, steps = sum(r.num_tokens for r in results), sum(r.num_steps for r in results)
-    if isinstance(decoder, PPDDecoder):  # pruned passes count their later layers' fewer tokens
-        per_pass = decoder.tokens_processed / decoder.passes
-    else:  # plain decoding: one token per active row per pass
-        per_pass = steps / sum(max(r.num_steps for r in results[start: start + batch])
-                               for start in range(0, len(results), batch))
-    return {"seconds": seconds, "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
-            "outputs": [r.token_ids for r in results]}
+def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.device, batch: int,
+              rotation: int = 0) -> dict[str, dict]:
+    """One round: ``prompts`` in consecutive batches of ``batch``, every method decoding each batch in turn
+    (the order rotated per batch), so that the machine's drift, which on a shared 2-core VM moves a method's
+    speed by 10-20% within a minute, falls on all methods alike. Each method's time is the sum of its calls."""
+    methods = list(decoders)
+    seconds = {m: 0.0 for m in methods}
+    results: dict[str, list] = {m: [] for m in methods}
+    for dec in decoders.values():
+        if isinstance(dec, PPDDecoder):
+            dec.passes, dec.tokens_processed = 0, 0.0
+    for c, start in enumerate(range(0, len(prompts), batch)):
+        shift = (rotation + c) % len(methods)
+        for m in methods[shift:] + methods[:shift]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[m] += time.perf_counter() - t0
+    out = {}
+    for m, dec in decoders.items():
+        rs = results[m]
+        tokens, steps = sum(r.num_tokens for r in rs), sum(r.num_steps for r in rs)
+        if isinstance(dec, PPDDecoder):  # pruned passes count their later layers' fewer tokens
+            per_pass = dec.tokens_processed / dec.passes
+        else:  # plain decoding: one token per active row per pass
+            per_pass = steps / sum(max(r.num_steps for r in rs[start: start + batch])
+                                   for start in range(0, len(rs), batch))
+        out[m] = {"seconds": seconds[m], "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
+                  "outputs": [r.token_ids for r in rs]}
+    return out
 
 
 def paired_ratios(row: dict) -> dict:
@@ -165,11 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             decoders["pruned"] = ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior),
                                               eos_token_ids=lm.eos_token_ids, prune_head=head)
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
-        for m, dec in decoders.items():  # warm-up (ProPD also starts learning here)
-            run(dec, prompts, args.max_new_tokens, lm.device, batch)
-        for _ in range(args.rounds):
-            for m, dec in decoders.items():
-                runs[m].append(run(dec, prompts, args.max_new_tokens, lm.device, batch))
+        run_round(decoders, prompts, args.max_new_tokens, lm.device, batch)  # warm-up (ProPD starts learning)
+        for r in range(args.rounds):
+            for m, out in run_round(decoders, prompts, args.max_new_tokens, lm.device, batch, rotation=r).items():
+                runs[m].append(out)
         reference = runs["plain"][0]["outputs"]
         row = {"batch": batch, "static_slots": choice.chosen.slots}
         for m, rs in runs.items():

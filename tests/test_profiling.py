@@ -15,7 +15,8 @@ from profiling.latency import LatencyPoint, LatencyProfile, max_tree_slots, meas
 from profiling.tree_builder import tree_set_slots
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.engine import DecodeEngine, DecodingConfig
-from workers.profiles import load_or_measure_profile
+from workers import profiles
+from workers.profiles import load_or_measure_profile, shape_error
 
 
 @settings(max_examples=60, deadline=None)
@@ -79,6 +80,30 @@ def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
     other, cached_other = load_or_measure_profile(tiny.model, pt, **{**kwargs, "model_hash": "other"})
     assert not cached_other
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+
+
+def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, monkeypatch):
+    """A profile measured on a busy machine (its 1-slot step priced 3x against its tree step) is caught by the
+    start-up spot check and replaced. (The tiny model's steps are below the check's floor: lifted here.)"""
+    monkeypatch.setattr(profiles, "SPOT_CHECK_MIN_SECONDS", 0.0)
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 16], budget_s=5)
+    first, _ = load_or_measure_profile(tiny.model, pt, **kwargs)
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    poisoned = first.model_copy(update={"points": [p.model_copy(update={"seconds": p.seconds * (3.0 if p.slots == 1 else 1.0)})
+                                                   for p in first.points]})
+    assert shape_error(poisoned, tiny.model, pt, "tinyhash") > 2.0
+    path.write_text(poisoned.model_dump_json())
+    again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and again.measured_at >= first.measured_at
+    assert shape_error(again, tiny.model, pt, "tinyhash") < 2.0
+    assert LatencyProfile.model_validate_json(path.read_text()) == again  # the cache now holds the new one
+    # Without the spot check the poisoned file would have been trusted.
+    path.write_text(poisoned.model_dump_json())
+    assert load_or_measure_profile(tiny.model, pt, **kwargs, spot_check=False) == (poisoned, True)
+    # Nor is a profile of steps too short to time checked.
+    monkeypatch.setattr(profiles, "SPOT_CHECK_MIN_SECONDS", 1.0)
+    assert shape_error(poisoned, tiny.model, pt, "tinyhash") == 1.0
 
 
 def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
