@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(saved["device"], args, results)
         return 0
 
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
     artifact = args.prompts or find_shipped_artifact(lm.content_hash)
     if artifact is None:
@@ -200,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(f"{name} {str(lm.dtype).removeprefix('torch.')}", args, results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": f"{name} {str(lm.dtype).removeprefix('torch.')}",
-                                               "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                                               "results": results}, indent=2))
+        dtype = str(lm.dtype).removeprefix("torch.")
+        Path(args.json).write_text(json.dumps({"device": f"{name} {dtype}", "device_name": name, "dtype": dtype,
+                                               "model_id": lm.model_id, "model_hash": lm.content_hash,
+                                               "measured_at": started_at, "max_new_tokens": args.max_new_tokens,
+                                               "rounds": args.rounds, "results": results}, indent=2))
     return 0
 
 
