@@ -226,7 +226,10 @@ class PPDDecoder:
 
         # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
         if pruning is None:
-            move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
+            # A root-only step (plain decoding) whose rows all end where the step began needs no move: its one
+            # column is in place (always so at batch 1). Checked only then: the check syncs the device.
+            if D > 0 or not bool((kv_len == T).all()):
+                move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
         else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
             c, L = pruning[1], self.prune_head.layer
             cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors

@@ -96,6 +96,17 @@ def test_latency_fit_predicts_unseen_sizes_and_follows_recent_steps():
     assert cheap.predict(1, 4, 0.0) >= 0.05
 
 
+def test_latency_fit_is_refitted_every_few_steps_not_every_step():
+    """The least-squares fallback costs ~2 ms on a CPU: it is refitted once refit_every steps have come in."""
+    model = LatencyModel([(1, 1, 0.0, 0.01), (1, 8, 0.0, 0.02), (4, 1, 0.0, 0.02)], refit_every=4)
+    before = model.predict(2, 16, 0.0)  # no profiled pair at batch 2: the fit
+    for i in range(3):  # a pair that is neither profiled nor a floor for (2, 16): only the fit could move
+        model.observe(4, 64, 0.0, 1.0)
+        assert model.predict(2, 16, 0.0) == before
+    model.observe(4, 64, 0.0, 1.0)
+    assert model.predict(2, 16, 0.0) > before
+
+
 def test_an_outlier_step_moves_the_latency_by_at_most_the_clip():
     model = LatencyModel([(1, 1, 0.0, 0.10), (1, 16, 0.0, 0.20)], ema=0.1, clip=1.5)
     for _ in range(12):  # past the first 1/ema steps (a plain mean): a moving average from here on
