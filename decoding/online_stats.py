@@ -164,7 +164,13 @@ class LatencyModel:
       never run again; a lasting change still gets through, by up to 1 + ema * (clip - 1) a step;
     - the average is the plain mean of a pair's first 1/ema steps, then a moving average with weight ema
       (a long memory, ~10 steps: context grows slowly, noise is what must be averaged out); a pair's first
-      steps do not set it for good, however few were run before it was left.
+      steps do not set it for good, however few were run before it was left;
+    - the machine's speed is shared: every step of a pair past its first 1/ema moves a common drift factor
+      by as much as it moved the pair's average, and a pair not in use is predicted as its average times the
+      drift since it last ran. Without it, a machine that slows down (another tenant, a longer context) makes
+      the pair in use look dearer while the others keep the prices of better times, and the choice leaves a
+      good option for a stale one (seen on a 2-core VM: plain decoding at batch 1 went 45 -> 57 ms in a busy
+      spell, the unused trees stayed at their old prices, and ProPD moved to trees that lost by 10%).
     """
 
     def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.1,
@@ -176,7 +182,8 @@ class LatencyModel:
         self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
         self.runs: dict[tuple[int, int], int] = {}  # (batch, slots) -> steps run
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
-        self.ratio: dict[tuple[int, int], float] = {}  # per pair that has both: measured / prior
+        self.drift = 1.0  # the machine's speed factor now (1 at the start; see Robustness)
+        self.drift_at: dict[tuple[int, int], float] = {}  # (batch, slots) -> the drift when its average was set
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
         self._coef: torch.Tensor | None = None
         self.refit_every = refit_every
@@ -191,19 +198,25 @@ class LatencyModel:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         key = (batch, slots)
-        old = self.average.get(key)
+        old = self._average(key) if key in self.average else None  # rebased to the machine's speed now
         if old is not None or self.history:  # else nothing measured nor profiled yet: no scale to clip against
             reference, band = (old, self.clip) if old is not None else (self.predict(batch, slots, context),
                                                                          self.clip ** 2)
             seconds = min(max(seconds, reference / band), reference * band)
         runs = self.runs[key] = self.runs.get(key, 0) + 1
         weight = max(self.ema, 1 / runs)  # the plain mean of the first 1/ema steps, then a moving average
-        self.average[key] = seconds if old is None else (1 - weight) * old + weight * seconds
+        new = seconds if old is None else (1 - weight) * old + weight * seconds
+        if old is not None and weight <= self.ema:  # an established pair: its change is the machine's
+            self.drift *= new / old
+        self.average[key], self.drift_at[key] = new, self.drift
         if key in self.prior:
             self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
-            self.ratio[key] = self.average[key] / self.prior[key]
         self.history.append((float(batch), float(slots), float(context), seconds))
         self._since_fit += 1
+
+    def _average(self, key: tuple[int, int]) -> float:
+        """A pair's moving average, carried to the machine's speed now."""
+        return self.average[key] * self.drift / self.drift_at[key]
 
     def has_run(self, batch: int, slots: int) -> bool:
         """Whether a step of this (batch, slots) pair has been measured (else its price is an estimate)."""
@@ -231,13 +244,13 @@ class LatencyModel:
 
     def _known(self, key: tuple[int, int]) -> float | None:
         if key in self.average:
-            return self.average[key]
+            return self._average(key)
         if key in self.prior:
             batch, slots = key
-            near = [k for k in self.ratio if k[0] == batch]
+            near = [k for k in self.average if k[0] == batch and k in self.prior]
             if near:
                 nearest = min(near, key=lambda k: abs(math.log(k[1] / slots)))
-                return self.prior[key] * self.ratio[nearest]
+                return self.prior[key] * self._average(nearest) / self.prior[nearest]
             return self.prior[key] * self.scale
         return None
 

@@ -4,6 +4,7 @@ fixture job summaries, a benchmark file and a latency profile."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,25 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="matches 0"):
         cost_study.main(["--runs", str(run), "--no-shipped", "--output", str(tmp_path / "r"), "--rows", "10",
                          "--mean-prompt-tokens", "1", "--mean-output-tokens", "1", "--mix", "H100=1"])
+
+
+def test_sweep_benchmarks_this_machine_and_reports_it(tmp_path, monkeypatch):
+    """--sweep runs bench_propd with the sweep's settings into the report directory and reads what it wrote
+    (the benchmark itself is replaced here: it needs the default model)."""
+    from jobs import bench_propd
+
+    calls = []
+
+    def fake_bench(argv):
+        calls.append(argv)
+        make_bench(Path(argv[argv.index("--json") + 1]), device="cpu: Test CPU (2 threads)")
+        return 0
+
+    monkeypatch.setattr(bench_propd, "main", fake_bench)
+    out = tmp_path / "report"
+    assert cost_study.main(["--sweep", "--sweep-device", "cpu", "--sweep-batch-sizes", "1", "4", "--no-shipped",
+                            "--output", str(out)]) == 0
+    (argv,) = calls
+    assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--batch-sizes") + 1:] == ["1", "4"]
+    text = (out / "report.md").read_text()
+    assert str(out / "sweep.json") in text and "| cpu: Test CPU (2 threads) | float32 | ppd+propd | 16 |" in text

@@ -115,7 +115,7 @@ def test_an_outlier_step_moves_the_latency_by_at_most_the_clip():
     assert model.predict(1, 16, 0.0) == pytest.approx(0.20 * (1 + 0.1 * (1.5 - 1)))  # 0.21 s, not 1.18 s
     # A pair's first step is clipped against its prediction (the profile, corrected by the nearest pair run),
     # with the band squared.
-    predicted = 0.10 * model.ratio[(1, 16)]
+    predicted = 0.10 * model.predict(1, 16, 0.0) / 0.20  # the profile times (1, 16)'s measured / profiled
     assert model.predict(1, 1, 0.0) == pytest.approx(predicted)
     model.observe(1, 1, 0.0, 5.0)
     assert model.predict(1, 1, 0.0) == pytest.approx(predicted * 1.5**2)
@@ -125,6 +125,30 @@ def test_an_outlier_step_moves_the_latency_by_at_most_the_clip():
     for _ in range(60):
         model.observe(1, 16, 0.0, 1.0)
     assert model.predict(1, 16, 0.0) == pytest.approx(1.0, rel=0.02)
+
+
+def test_a_pair_not_in_use_follows_the_machines_speed():
+    """Plain decoding and a tree both measured; then the machine slows by 30% while only plain decoding runs:
+    the tree's price follows (it would otherwise look 30% cheaper than it is and win the choice), and comes
+    back down when the machine recovers while the tree runs."""
+    model = LatencyModel([(1, 1, 0.0, 0.045), (1, 4, 0.0, 0.060), (1, 8, 0.0, 0.090)])
+    for _ in range(20):
+        model.observe(1, 1, 0.0, 0.045)
+        model.observe(1, 8, 0.0, 0.080)
+    assert model.predict(1, 8, 0.0) == pytest.approx(0.080)
+    for _ in range(60):
+        model.observe(1, 1, 0.0, 0.045 * 1.3)
+    assert model.predict(1, 1, 0.0) == pytest.approx(0.045 * 1.3, rel=0.01)
+    assert model.predict(1, 8, 0.0) == pytest.approx(0.080 * 1.3, rel=0.01)
+    # A profiled pair never run: its profile times its nearest run pair's measured / profiled, as of now.
+    assert model.predict(1, 4, 0.0) == pytest.approx(0.060 * 0.080 * 1.3 / 0.090, rel=0.01)
+    for _ in range(60):
+        model.observe(1, 8, 0.0, 0.080)
+    assert model.predict(1, 1, 0.0) == pytest.approx(0.045, rel=0.01)
+    # A pair's first steps teach its own cost, not the machine's: they move no other pair.
+    before = model.predict(1, 1, 0.0)
+    model.observe(1, 16, 0.0, 0.5)
+    assert model.predict(1, 1, 0.0) == before
 
 
 def test_a_pairs_first_steps_are_averaged_not_taken_as_they_come():
