@@ -170,12 +170,17 @@ class LatencyModel:
       drift since it last ran. Without it, a machine that slows down (another tenant, a longer context) makes
       the pair in use look dearer while the others keep the prices of better times, and the choice leaves a
       good option for a stale one (seen on a 2-core VM: plain decoding at batch 1 went 45 -> 57 ms in a busy
-      spell, the unused trees stayed at their old prices, and ProPD moved to trees that lost by 10%).
+      spell, the unused trees stayed at their old prices, and ProPD moved to trees that lost by 10%). Only a
+      pair in steady use moves it (the same pair as the step before, past its first 1/ema steps);
+    - the drift keeps the machine's speed, not a pair's own errors: two pairs measured at different times
+      keep whatever relative error they had. So ProPD re-runs a near option now and then (``has_run`` with
+      ``within``), and a pair's first step after a gap weighs ``returning_weight`` in its average (and moves
+      no drift: it tells about the pair, not the machine).
     """
 
     def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.1,
                  scale_ema: float = 0.1, decay: float = 0.98, window: int = 256, clip: float = 1.5,
-                 refit_every: int = 16):
+                 refit_every: int = 16, returning_weight: float = 0.5):
         assert clip >= 1
         self.ema, self.scale_ema, self.decay, self.clip = ema, scale_ema, decay, clip
         self.prior: dict[tuple[int, int], float] = {}  # (batch, slots) -> profiled seconds
@@ -184,9 +189,12 @@ class LatencyModel:
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
         self.drift = 1.0  # the machine's speed factor now (1 at the start; see Robustness)
         self.drift_at: dict[tuple[int, int], float] = {}  # (batch, slots) -> the drift when its average was set
+        self.observed = 0  # steps observed so far
+        self.last_run: dict[tuple[int, int], int] = {}  # (batch, slots) -> self.observed at its latest step
+        self.last_key: tuple[int, int] | None = None  # the pair of the latest step
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # (batch, slots, ctx, s)
         self._coef: torch.Tensor | None = None
-        self.refit_every = refit_every
+        self.refit_every, self.returning_weight = refit_every, returning_weight
         self._since_fit = 0  # observations since the fit was computed
         for batch, slots, context, seconds in prior:
             if seconds > 0 and math.isfinite(seconds):
@@ -205,10 +213,15 @@ class LatencyModel:
             seconds = min(max(seconds, reference / band), reference * band)
         runs = self.runs[key] = self.runs.get(key, 0) + 1
         weight = max(self.ema, 1 / runs)  # the plain mean of the first 1/ema steps, then a moving average
+        returning = key != self.last_key and old is not None
+        if returning:  # back after a gap: its old average is old news (see the class docstring)
+            weight = max(weight, self.returning_weight)
         new = seconds if old is None else (1 - weight) * old + weight * seconds
-        if old is not None and weight <= self.ema:  # an established pair: its change is the machine's
+        if old is not None and not returning and weight <= self.ema:  # in steady use: its change is the machine's
             self.drift *= new / old
         self.average[key], self.drift_at[key] = new, self.drift
+        self.observed += 1
+        self.last_run[key], self.last_key = self.observed, key
         if key in self.prior:
             self.scale = (1 - self.scale_ema) * self.scale + self.scale_ema * seconds / self.prior[key]
         self.history.append((float(batch), float(slots), float(context), seconds))
@@ -218,9 +231,11 @@ class LatencyModel:
         """A pair's moving average, carried to the machine's speed now."""
         return self.average[key] * self.drift / self.drift_at[key]
 
-    def has_run(self, batch: int, slots: int) -> bool:
-        """Whether a step of this (batch, slots) pair has been measured (else its price is an estimate)."""
-        return (batch, slots) in self.average
+    def has_run(self, batch: int, slots: int, within: int | None = None) -> bool:
+        """Whether a step of this (batch, slots) pair has been measured (else its price is an estimate); with
+        ``within``, among the latest ``within`` steps observed."""
+        last = self.last_run.get((batch, slots))
+        return last is not None and (within is None or self.observed - last < within)
 
     @staticmethod
     def _features(batch, slots, context):

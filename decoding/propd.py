@@ -55,12 +55,12 @@ class ProPDDecoder(PPDDecoder):
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
                  top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
-                 explore_margin: float = 0.15, prune_head: PruneHead | None = None):
+                 explore_margin: float = 0.15, reprobe_every: int = 64, prune_head: PruneHead | None = None):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
         self.yields = yields or YieldTracker()
-        self.switch_margin, self.explore_margin = switch_margin, explore_margin
+        self.switch_margin, self.explore_margin, self.reprobe_every = switch_margin, explore_margin, reprobe_every
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.explored = False  # whether that set ran only to be measured (see choose)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
@@ -119,14 +119,18 @@ class ProPDDecoder(PPDDecoder):
         by the pairs that did run, and the profile's shape can be off (here a profile taken on a busy machine
         put a 1-slot step 40% above its real cost, next to trees measured about right); once measured, the
         choice rests on real timings. The step after an exploration chooses on the merits alone: the margin
-        protects a settled choice, not one that ran once to be measured."""
+        protects a settled choice, not one that ran once to be measured. An option run at this batch size but
+        not among the latest ``reprobe_every`` steps counts as untried again: two prices measured at different
+        times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled on an 8-slot
+        tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
         rates = self.rates(batch, context)
         choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
         if self.current in self.keys and not self.explored:
             current = self.keys.index(self.current)
             if rates[choice] <= rates[current] * (1 + self.switch_margin):
                 choice = current
-        untried = [i for i, slots in enumerate(self.widest) if i != choice and not self.latency.has_run(batch, slots)
+        untried = [i for i, slots in enumerate(self.widest)
+                   if i != choice and not self.latency.has_run(batch, slots, within=self.reprobe_every)
                    and rates[i] * (1 + self.explore_margin) >= rates[choice]]
         self.explored = bool(untried)
         return max(untried, key=lambda i: rates[i]) if untried else choice

@@ -119,9 +119,12 @@ def test_an_outlier_step_moves_the_latency_by_at_most_the_clip():
     assert model.predict(1, 1, 0.0) == pytest.approx(predicted)
     model.observe(1, 1, 0.0, 5.0)
     assert model.predict(1, 1, 0.0) == pytest.approx(predicted * 1.5**2)
-    # Ordinary noise passes untouched, and a lasting change gets through, 5% a step at first.
+    # Ordinary noise passes untouched, and a lasting change gets through, 5% a step at first. (The first step
+    # back after (1, 1) ran weighs half: a pair coming back after a gap.)
     model.observe(1, 16, 0.0, 0.25)
-    assert model.average[(1, 16)] == pytest.approx(0.9 * 0.21 + 0.1 * 0.25)
+    assert model.average[(1, 16)] == pytest.approx(0.5 * 0.21 + 0.5 * 0.25)
+    model.observe(1, 16, 0.0, 0.25)
+    assert model.average[(1, 16)] == pytest.approx(0.9 * 0.23 + 0.1 * 0.25)
     for _ in range(60):
         model.observe(1, 16, 0.0, 1.0)
     assert model.predict(1, 16, 0.0) == pytest.approx(1.0, rel=0.02)
@@ -132,9 +135,9 @@ def test_a_pair_not_in_use_follows_the_machines_speed():
     the tree's price follows (it would otherwise look 30% cheaper than it is and win the choice), and comes
     back down when the machine recovers while the tree runs."""
     model = LatencyModel([(1, 1, 0.0, 0.045), (1, 4, 0.0, 0.060), (1, 8, 0.0, 0.090)])
-    for _ in range(20):
-        model.observe(1, 1, 0.0, 0.045)
-        model.observe(1, 8, 0.0, 0.080)
+    for key, seconds, steps in ((1, 0.045, 20), (8, 0.080, 20), (1, 0.045, 5)):
+        for _ in range(steps):
+            model.observe(1, key, 0.0, seconds)
     assert model.predict(1, 8, 0.0) == pytest.approx(0.080)
     for _ in range(60):
         model.observe(1, 1, 0.0, 0.045 * 1.3)
@@ -142,9 +145,14 @@ def test_a_pair_not_in_use_follows_the_machines_speed():
     assert model.predict(1, 8, 0.0) == pytest.approx(0.080 * 1.3, rel=0.01)
     # A profiled pair never run: its profile times its nearest run pair's measured / profiled, as of now.
     assert model.predict(1, 4, 0.0) == pytest.approx(0.060 * 0.080 * 1.3 / 0.090, rel=0.01)
-    for _ in range(60):
-        model.observe(1, 8, 0.0, 0.080)
+    for seconds in [0.080 * 1.3] * 5 + [0.080] * 60:  # back on the tree, then the machine recovers
+        model.observe(1, 8, 0.0, seconds)
     assert model.predict(1, 1, 0.0) == pytest.approx(0.045, rel=0.01)
+    # A pair's first step after a gap tells about the pair: it weighs half and moves no other pair.
+    before = model.predict(1, 8, 0.0)
+    model.observe(1, 1, 0.0, 0.060)
+    assert model.predict(1, 1, 0.0) == pytest.approx((0.045 + 0.060) / 2, rel=0.01)
+    assert model.predict(1, 8, 0.0) == before
     # A pair's first steps teach its own cost, not the machine's: they move no other pair.
     before = model.predict(1, 1, 0.0)
     model.observe(1, 16, 0.0, 0.5)
@@ -218,7 +226,7 @@ class FixedLatency(LatencyModel):
     def predict(self, batch, slots, context):
         return 1.0 if slots == 1 else self.tree_seconds
 
-    def has_run(self, batch, slots):
+    def has_run(self, batch, slots, within=None):
         return True  # its prices are exact: nothing to explore
 
 
@@ -281,6 +289,27 @@ def test_a_competitive_option_never_run_at_this_batch_size_is_tried_once(model):
     dec.current = dec.keys[tree]
     assert dec.choose(1, 64.0) == plain  # both measured: 1.0 tok/s against 1.1 / 1.25
     assert not any(dec.latency.has_run(1, dec.widest[i]) for i in (2, 3))  # far behind: never tried
+
+
+def test_an_option_not_run_lately_is_measured_again(model):
+    """Prices measured at different times drift apart: a near option last run more than reprobe_every steps
+    ago is run again, and its first step back weighs half in its price."""
+    dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.1), TABLE, LatencyModel(),
+                       switch_margin=0.05, explore_margin=0.25, reprobe_every=8)
+    dec.latency = LatencyModel([(1, w, 64.0, 1.0) for w in dec.widest])
+    plain, tree = 0, 1
+    for _ in range(12):  # both measured; the tree then runs on: 1.1 tokens for 1.0 s against plain's 1.0
+        dec.latency.observe(1, 1, 64.0, 1.0)
+    for _ in range(5):
+        dec.latency.observe(1, dec.widest[tree], 64.0, 1.0)
+    dec.current = dec.keys[tree]
+    assert dec.choose(1, 64.0) == tree  # plain ran 5 steps ago: its price stands
+    for _ in range(3):
+        dec.latency.observe(1, dec.widest[tree], 64.0, 1.0)
+    assert dec.choose(1, 64.0) == plain and dec.explored  # 8 steps ago: measured again
+    dec.latency.observe(1, 1, 64.0, 0.8)  # plain has become cheaper (the tree's steps were slow for it)
+    assert dec.latency.predict(1, 1, 64.0) == pytest.approx(0.9)
+    assert dec.choose(1, 64.0) == plain  # on the merits: 1.11 tokens/s against 1.1
 
 
 def test_after_an_exploration_the_choice_is_made_on_the_merits(model):
