@@ -119,9 +119,9 @@ class ProPDDecoder(PPDDecoder):
         by the pairs that did run, and the profile's shape can be off (here a profile taken on a busy machine
         put a 1-slot step 40% above its real cost, next to trees measured about right); once measured, the
         choice rests on real timings. The step after an exploration chooses on the merits alone: the margin
-        protects a settled choice, not one that ran once to be measured. An option run at this batch size but
-        not among the latest ``reprobe_every`` steps counts as untried again: two prices measured at different
-        times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled on an 8-slot
+        protects a settled choice, not one that ran once to be measured. When every near option has run, the
+        runner-up is run again if it has not run among the latest ``reprobe_every`` steps: two prices measured
+        at different times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled on an 8-slot
         tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
         rates = self.rates(batch, context)
         choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
@@ -129,9 +129,11 @@ class ProPDDecoder(PPDDecoder):
             current = self.keys.index(self.current)
             if rates[choice] <= rates[current] * (1 + self.switch_margin):
                 choice = current
-        untried = [i for i, slots in enumerate(self.widest)
-                   if i != choice and not self.latency.has_run(batch, slots, within=self.reprobe_every)
-                   and rates[i] * (1 + self.explore_margin) >= rates[choice]]
+        near = [i for i in range(len(rates)) if i != choice and rates[i] * (1 + self.explore_margin) >= rates[choice]]
+        untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
+        if not untried and near:  # the runner-up alone, if its price is stale: a probe costs ~2 steps
+            runner_up = max(near, key=lambda i: rates[i])
+            untried = [] if self.latency.has_run(batch, self.widest[runner_up], within=self.reprobe_every) else [runner_up]
         self.explored = bool(untried)
         return max(untried, key=lambda i: rates[i]) if untried else choice
 
