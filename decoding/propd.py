@@ -121,8 +121,8 @@ class ProPDDecoder(PPDDecoder):
         choice rests on real timings. The step after an exploration chooses on the merits alone: the margin
         protects a settled choice, not one that ran once to be measured. When every near option has run, the
         runner-up is run again if it has not run among the latest ``reprobe_every`` steps: two prices measured
-        at different times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled on an 8-slot
-        tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
+        at different times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled
+        on an 8-slot tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
         rates = self.rates(batch, context)
         choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
         if self.current in self.keys and not self.explored:
@@ -133,7 +133,8 @@ class ProPDDecoder(PPDDecoder):
         untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
         if not untried and near:  # the runner-up alone, if its price is stale: a probe costs ~2 steps
             runner_up = max(near, key=lambda i: rates[i])
-            untried = [] if self.latency.has_run(batch, self.widest[runner_up], within=self.reprobe_every) else [runner_up]
+            if not self.latency.has_run(batch, self.widest[runner_up], within=self.reprobe_every):
+                untried = [runner_up]
         self.explored = bool(untried)
         return max(untried, key=lambda i: rates[i]) if untried else choice
 

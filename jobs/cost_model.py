@@ -175,7 +175,8 @@ def resolve_device(pattern: str, devices: Sequence[str]) -> str:
     return found[0]
 
 
-def device_rates(measurements: Sequence[Measurement], prices: PriceTable, method: str = "best") -> dict[str, DeviceRate]:
+def device_rates(measurements: Sequence[Measurement], prices: PriceTable,
+                 method: str = "best") -> dict[str, DeviceRate]:
     """device -> the rate a projection uses: the fastest whole-run measurement of ``method`` (any batch size),
     or with 'best' of any method."""
     if method != "best" and method not in METHODS:

@@ -192,9 +192,10 @@ def write_report(out_dir: Path, measurements: Sequence[Measurement], prices: Pri
     measured_devices = {m.device for m in measurements}
     lines += ["## Prices", "", "The price table the costs use (`--prices`). Rows that match no measured device are "
               "listed for reference only: no figure above is derived for a device that was not measured.", ""]
+    price_of = {d: priced[0] for d in measured_devices if (priced := prices.lookup(d))}
     rows = []
     for p in prices.prices:
-        hits = sorted(d for d in measured_devices if prices.lookup(d) and prices.lookup(d)[0] is p)
+        hits = sorted(d for d, q in price_of.items() if q is p)
         rows.append([f"`{p.match}`", f"{p.usd_per_hour:.4g}", p.unit, p.offer, p.source, p.as_of,
                      ", ".join(hits) if hits else "not measured"])
     lines += _table(["pattern", "$/hour", "unit", "offer", "source", "as of", "measured devices"], rows) + [""]

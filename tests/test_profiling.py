@@ -90,8 +90,8 @@ def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, m
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 16], budget_s=5)
     first, _ = load_or_measure_profile(tiny.model, pt, **kwargs)
     (path,) = (tmp_path / "profiles").glob("*.json")
-    poisoned = first.model_copy(update={"points": [p.model_copy(update={"seconds": p.seconds * (3.0 if p.slots == 1 else 1.0)})
-                                                   for p in first.points]})
+    poisoned = first.model_copy(update={"points": [
+        p.model_copy(update={"seconds": p.seconds * (3.0 if p.slots == 1 else 1.0)}) for p in first.points]})
     assert shape_error(poisoned, tiny.model, pt, "tinyhash") > 2.0
     path.write_text(poisoned.model_dump_json())
     again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)

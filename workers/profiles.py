@@ -77,11 +77,13 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
 def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str) -> float:
     """Time plain decoding and a tree-sized step afresh at the profile's smallest batch size; return how far
     the profile's ratio of the two is from the fresh one, as a factor >= 1 (1 when there is no tree point).
-    Profiles of steps under SPOT_CHECK_MIN_SECONDS are not checked. The shape, not the scale: a profile is only ever used for relative costs (the choice of tree and batch
-    size), and ProPD rescales it by the steps it runs."""
+    Profiles of steps under SPOT_CHECK_MIN_SECONDS are not checked. The shape, not the scale: a profile is
+    only ever used for relative costs (the choice of tree and batch size), and ProPD rescales it by the steps
+    it runs."""
     batch = profile.batches()[0]
-    trees = [s for s in profile.measured_slots(batch) if s > 1]
-    if 1 not in profile.measured_slots(batch) or not trees or profile.step_seconds(batch, 1) < SPOT_CHECK_MIN_SECONDS:
+    measured = profile.measured_slots(batch)
+    trees = [s for s in measured if s > 1]
+    if 1 not in measured or not trees or profile.step_seconds(batch, 1) < SPOT_CHECK_MIN_SECONDS:
         return 1.0
     probe = min(trees, key=lambda s: abs(s - SPOT_CHECK_SLOTS))
     fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, probe],
