@@ -8,12 +8,16 @@ per row (``position_ids``), so holes never shift a row's positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from decoding.results import FinishReason, RowResult
+
+# A row's stop condition beyond EOS (stop strings live above the decoder, with the tokenizer): given the row's
+# tokens and the index of the first new one, (tokens to keep, the stop string) once a stop string is complete.
+StopCheck = Callable[[list[int], int], "tuple[int, str] | None"]
 
 
 def additive_mask(kv_valid: torch.Tensor, attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,13 +110,16 @@ class ActiveRows:
     """
 
     def __init__(self, num_rows: int, max_new_tokens: int | Sequence[int], eos_token_ids: Sequence[int],
-                 device: torch.device):
+                 device: torch.device, stop: Sequence[StopCheck | None] | None = None):
         limits = [max_new_tokens] * num_rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != num_rows:
             raise ValueError(f"max_new_tokens has {len(limits)} entries for {num_rows} prompts")
         if any(m < 0 for m in limits):
             raise ValueError("max_new_tokens must be >= 0")
+        if stop is not None and len(stop) != num_rows:
+            raise ValueError(f"stop has {len(stop)} entries for {num_rows} prompts")
         self.limits = limits
+        self.stop = list(stop) if stop is not None else [None] * num_rows
         self.eos = set(int(e) for e in eos_token_ids)
         self.results = [RowResult() for _ in range(num_rows)]
         for r, limit in zip(self.results, limits):
@@ -140,13 +147,25 @@ class ActiveRows:
                     new = new[: i + 1]
                     res.finish_reason = FinishReason.STOP
                     break
+            start = len(res.token_ids)
             res.token_ids.extend(new)
+            stopped = self.stop[row](res.token_ids, start) if self.stop[row] is not None and new else None
+            if stopped is not None:
+                keep_len, res.stop_reason = stopped
+                del res.token_ids[keep_len:]
+                new = res.token_ids[start:]
+                res.finish_reason = FinishReason.STOP
             res.num_steps += 1
             res.accepted_per_step.append(len(new))
             if res.finish_reason is None and len(res.token_ids) >= self.limits[row]:
                 res.finish_reason = FinishReason.LENGTH
             keep.append(res.finish_reason is None)
         return torch.tensor(keep, dtype=torch.bool, device=self.index.device)
+
+    def emitted(self) -> torch.Tensor:
+        """How many tokens each active row has emitted so far [B] (the position of its next token)."""
+        return torch.tensor([len(self.results[r].token_ids) for r in self.index.tolist()], dtype=torch.long,
+                            device=self.index.device)
 
     def drop_finished(self, keep: torch.Tensor, cache: DynamicCache, *row_tensors: torch.Tensor):
         """Remove finished rows from the index, the cache and every per-row tensor (leading axis B)."""

@@ -9,6 +9,9 @@ Only the KV of the root and the accepted candidates is kept, moved to sit right 
 
 Rows are ragged (own prompt length, own KV length, own depth state); each uses its own state's tree, padded
 to the widest tree in the step.
+
+A row with sampling parameters is verified by walking its tree with the draws plain sampling would make
+(decoding/sampling.py): its output is plain sampling's for the same seed, token for token.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv, new_cache, pad_prompts
+from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv,
+                            new_cache, pad_prompts)
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
+from decoding.sampling import RowSampler, SamplingParams, sample_accept
 from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, on_whole_root_path, tree_set_buffers
 
 
@@ -56,12 +61,19 @@ class PPDDecoder:
         return self.embed.weight.device
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 sampling: Sequence[SamplingParams] | None = None,
+                 stop: Sequence[StopCheck | None] | None = None) -> list[RowResult]:
+        """``sampling``: per-row parameters (None: all greedy); ``stop``: per-row stop checks (stop strings)."""
         check_prompts(prompts)
         device, dtype = self.device, self.embed.weight.dtype
-        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
+        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device, stop)
         if rows.size == 0:
             return rows.results
+        # Draws below a row's last allowed token are made and thrown away: k uniforms of lookahead.
+        sampler = RowSampler(sampling, rows.limits, self.prompt_tokens.k, device) if sampling is not None else None
+        if sampler is not None and not sampler.any_sampled:
+            sampler = None  # all greedy: greedy verification
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
         # The first step carries the prompts: each row's last prompt token is its first root, so the prompt
@@ -77,8 +89,9 @@ class PPDDecoder:
 
         while rows.size > 0:
             buffers = self._buffers_for_step(rows, kv_len, state)
+            draw = None if sampler is None else self._drawer(sampler, rows.index, rows.emitted())
             tokens, counts, root, prompt_logits, state, kv_len = self.step(
-                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix, draw)
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
             self._after_commit(rows, keep, first_step=prefix is not None)
             prefix = None
@@ -88,6 +101,16 @@ class PPDDecoder:
                 guesses = self.propose(prompt_logits, rows)
                 self._after_propose(rows, guesses, state)
         return rows.results
+
+    @staticmethod
+    def _drawer(sampler: RowSampler, index: torch.Tensor, emitted: torch.Tensor):
+        """draw(logits [B, V], depth) for this step: the rows' tokens at new-token position emitted + depth."""
+        return lambda logits, depth: sampler.draw(logits, index, emitted + depth)
+
+    def accept_sampled(self, node_tokens, node_parent, node_valid, logits_at, draw, max_depth):
+        """Sampled verification (decoding/sampling.sample_accept); a method so that a test can put a wrong
+        scheme in its place and see the statistical tests catch it."""
+        return sample_accept(node_tokens, node_parent, node_valid, logits_at, draw, max_depth)
 
     # Hooks for decoders that change the tree between steps (decoding/propd.py); a plain PPDDecoder keeps one.
     def _start(self) -> None:
@@ -188,8 +211,9 @@ class PPDDecoder:
         self.tokens_processed += B * (head.layer * N + (layers - head.layer) * c.width) / layers
         return ids, hidden, (kept, c)
 
-    def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
-        """One guess-and-verify pass.
+    def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None, draw=None):
+        """One guess-and-verify pass. ``draw``: None for greedy verification, else draw(logits [B, V], depth)
+        gives the rows' sampled tokens at a depth below the root (see ``_drawer``).
 
         Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, m, V], next state [B], kv_len [B]):
         row b emits ``tokens[b, :counts[b]]``.
@@ -202,16 +226,25 @@ class PPDDecoder:
         T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache (layer 0 saw all)
 
         # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
-        node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]
-        depth = sb.node_depth[state, :C]  # [B, C]
         valid = sb.node_valid[state, :C] if pruning is None else sb.node_valid[state, :C] & pruning[0]
-        best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
-                             sb.ancestor_or_self[state, :C, :C], depth)  # [B]
-        n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
-        path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
-        bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
-        tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
-        tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
+        if draw is None:
+            node_argmax = self.lm_head(hidden[:, :C]).argmax(-1)  # [B, C]
+            depth = sb.node_depth[state, :C]  # [B, C]
+            best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
+                                 sb.ancestor_or_self[state, :C, :C], depth)  # [B]
+            n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
+            path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
+            bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
+            tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
+            tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
+        else:
+            def logits_at(node: torch.Tensor) -> torch.Tensor:  # node [B] -> the model's logits there [B, V]
+                return self.lm_head(hidden.gather(1, node[:, None, None].expand(-1, 1, H)).squeeze(1))
+
+            best, tokens, n_acc = self.accept_sampled(ids[:, :C], sb.node_parent[state, :C], valid, logits_at,
+                                                      draw, D)  # [B], [B, D+1], [B]
+            path = sb.node_path[state, best, : D + 1]  # [B, D+1]
+            bonus = tokens.gather(1, n_acc[:, None])  # [B, 1]: the draw at the deepest accepted node
 
         # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
         # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).

@@ -7,7 +7,7 @@ from enum import Enum
 
 
 class FinishReason(str, Enum):
-    STOP = "stop"  # an EOS token was emitted (it is included in token_ids)
+    STOP = "stop"  # an EOS token or a stop string was emitted (included in token_ids)
     LENGTH = "length"  # max_new_tokens reached
 
 
@@ -19,6 +19,7 @@ class RowResult:
     finish_reason: FinishReason | None = None
     num_steps: int = 0  # forward passes that emitted tokens for this row (the first token included)
     accepted_per_step: list[int] = field(default_factory=list)  # tokens emitted by each step
+    stop_reason: str | None = None  # the stop string that ended the row (None: EOS, length or not finished)
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Plain batched greedy decoding with the same ragged-cache handling as PPD: the baseline.
 
-One token per row per step; the prefill's last position gives the first. Rows keep the holes their prefill
+One token per row per step; the prefill's last position gives the first. A row with sampling parameters
+draws its t-th token with the t-th uniform of its own stream (decoding/sampling.py), as PPD does. Rows keep the holes their prefill
 padding left (hidden by the mask) instead of moving KV every step: every row advances by exactly one column,
 so nothing ever needs compacting.
 """
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, additive_mask, check_prompts, new_cache, prefill
+from decoding.batch import ActiveRows, StopCheck, additive_mask, check_prompts, new_cache, prefill
 from decoding.results import RowResult
+from decoding.sampling import RowSampler, SamplingParams
 
 
 class VanillaDecoder:
@@ -24,12 +26,18 @@ class VanillaDecoder:
         self.lm_head = model.get_output_embeddings()
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]) -> list[RowResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 sampling: Sequence[SamplingParams] | None = None,
+                 stop: Sequence[StopCheck | None] | None = None) -> list[RowResult]:
+        """``sampling``: per-row parameters (None: all greedy); ``stop``: per-row stop checks (stop strings)."""
         check_prompts(prompts)
         device = self.lm_head.weight.device
-        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device)
+        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device, stop)
         if rows.size == 0:
             return rows.results
+        sampler = RowSampler(sampling, rows.limits, 0, device) if sampling is not None else None
+        if sampler is not None and not sampler.any_sampled:
+            sampler = None  # all greedy: the argmax path
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
         kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
@@ -38,7 +46,8 @@ class VanillaDecoder:
         self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
 
         while True:
-            token = self.lm_head(last[:, -1]).argmax(-1)  # [B]
+            logits = self.lm_head(last[:, -1])  # [B, V]
+            token = logits.argmax(-1) if sampler is None else sampler.draw(logits, rows.index, rows.emitted())  # [B]
             keep = rows.commit(token[:, None], torch.ones_like(token))
             token, position, kv_valid = rows.drop_finished(keep, cache, token, position, kv_valid)
             if rows.size == 0:

@@ -1,0 +1,170 @@
+"""Sampling that stays exact under tree verification.
+
+Every row owns a stream of uniforms, drawn once from its own ``torch.Generator`` (seeded from the row's
+seed): the t-th new token of the row is drawn with the t-th uniform, by inverse CDF over the row's filtered
+distribution (temperature, then top-k, then top-p) in vocabulary order. Plain sampling draws token t from the
+model's distribution after tokens 0..t-1 with uniform t. PPD draws it the same way at the tree node that holds
+tokens 0..t-1 (``sample_accept``): the node's logits are the model's logits after that prefix, so the draw is
+the very token plain sampling would make, and the walk goes on into the child holding it, if the tree has
+one; otherwise the draw is the step's last token. So a sampled row's tokens do not depend on the tree, the
+decoder, the batch it was in or the worker that ran it: only on its seed and the model's numerics.
+
+This acceptance is also the best any exact scheme can do with deterministic candidates: a child is taken with
+the model's probability of its token, which is all the mass the tree offers there. Typical acceptance (PPD's,
+Medusa's) takes a child whose probability clears a threshold, which over-represents the guessed tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Uniforms are drawn in chunks of this many, so a row's stream is the same whatever length a call asks for.
+UNIFORM_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row draws its tokens (names as vLLM's ``SamplingParams``). temperature 0 is greedy; top_k 0
+    and top_p 1 filter nothing; ``seed`` seeds the row's own generator (see ``completion_seed`` for several
+    completions of one prompt)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
+
+
+def completion_seed(seed: int, sample_index: int) -> int:
+    """The generator seed of completion ``sample_index`` of a prompt whose seed is ``seed``: a hash, so
+    neighbouring seeds and indices give unrelated streams."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(sample_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def uniform_stream(seed: int, length: int) -> torch.Tensor:
+    """The first ``length`` uniforms in [0, 1) of the stream seeded by ``seed`` (float64, on the CPU)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    chunks = -(-length // UNIFORM_CHUNK)
+    stream = torch.cat([torch.rand(UNIFORM_CHUNK, generator=generator, dtype=torch.float64)
+                        for _ in range(max(chunks, 1))])
+    return stream[:length]
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from logits [B, V]: the argmax where temperature is 0, else the inverse CDF at
+    ``uniforms`` [B] of softmax(logits / temperature) restricted to the top_k [B] tokens (0: all), then to
+    the smallest set of most probable tokens whose mass reaches top_p [B]. Returns [B] long.
+
+    A row's token depends only on its own logits, parameters and uniform: which filters the other rows of
+    the batch ask for changes nothing (an unfiltered row goes through the same arithmetic either way).
+    """
+    B, V = logits.shape
+    greedy = temperature == 0  # [B]
+    argmax = logits.argmax(-1)  # [B]
+    if bool(greedy.all()):
+        return argmax
+    scaled = logits.double() / torch.where(greedy, 1.0, temperature.double())[:, None]  # [B, V]
+    filtered = (top_k > 0) | (top_p < 1)  # [B]
+    if bool(filtered.any()):
+        # Ranks by a stable descending sort: ties at a cut-off go to the lower token id, on every device.
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # [B, V]
+        rank = torch.arange(V, device=logits.device)[None, :]  # [1, V]
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V)[:, None]  # [B, 1]
+        in_top_k = rank < k  # [B, V] in sorted order
+        sorted_probs = sorted_logits.masked_fill(~in_top_k, -math.inf).softmax(-1)  # [B, V]
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # [B, V]: mass of the more probable tokens
+        keep_sorted = in_top_k & (mass_before < top_p.double()[:, None])  # the top token always stays
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # [B, V] in vocabulary order
+        scaled = scaled.masked_fill(~keep, -math.inf)
+    cdf = scaled.softmax(-1).cumsum(-1)  # [B, V]
+    # The first token whose cdf exceeds u * total (kept below the total, whatever u's rounding): never a token
+    # of zero probability, never past the end.
+    total = cdf[:, -1]  # [B]
+    x = torch.minimum(uniforms.double() * total, torch.nextafter(total, torch.zeros_like(total)))  # [B]
+    drawn = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)  # [B]
+    return torch.where(greedy, argmax, drawn)
+
+
+class RowSampler:
+    """The sampling state of one ``generate`` call: every input row's parameters and uniform stream.
+
+    ``draw(logits, index, position)`` draws the token at new-token ``position`` [B] for the input rows
+    ``index`` [B]. ``lookahead``: uniforms past each row's limit, for the draws of tree nodes below the last
+    token a row may emit (they are drawn with the batch and then thrown away).
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], limits: Sequence[int], lookahead: int,
+                 device: torch.device):
+        if len(params) != len(limits):
+            raise ValueError(f"{len(params)} sampling parameters for {len(limits)} prompts")
+        self.params = list(params)
+        self.any_sampled = any(not p.greedy for p in self.params)
+        self.temperature = torch.tensor([p.temperature for p in self.params], dtype=torch.float64, device=device)
+        self.top_k = torch.tensor([p.top_k for p in self.params], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([p.top_p for p in self.params], dtype=torch.float64, device=device)
+        length = max(limits, default=0) + lookahead + 1
+        # Greedy rows never read their stream: zeros, no generator.
+        self.uniforms = torch.stack([
+            uniform_stream(p.seed, length) if not p.greedy else torch.zeros(length, dtype=torch.float64)
+            for p in self.params]).to(device) if self.params else torch.zeros(0, length, device=device)  # [R, L]
+
+    def draw(self, logits: torch.Tensor, index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] of the input rows ``index`` [B] at their new-token ``position`` [B] -> tokens [B]."""
+        u = self.uniforms[index, position]  # [B]
+        return sample_tokens(logits, self.temperature[index], self.top_k[index], self.top_p[index], u)
+
+
+def sample_accept(node_tokens: torch.Tensor, node_parent: torch.Tensor, node_valid: torch.Tensor,
+                  logits_at: Callable[[torch.Tensor], torch.Tensor],
+                  draw: Callable[[torch.Tensor, int], torch.Tensor], max_depth: int):
+    """Sampled verification: walk each row's tree from the root, drawing at every node the token the model
+    would sample there, and step into the child holding it while there is one.
+
+    node_tokens, node_parent [B, C] long and node_valid [B, C] bool, as for ``greedy_accept``;
+    ``logits_at(node [B])`` gives each row's logits [B, V] at one node; ``draw(logits [B, V], depth)`` the
+    token drawn at that depth below the root (it knows each row's position). Returns (deepest accepted node
+    [B], tokens [B, max_depth + 1], accepted candidates [B]): row b emits ``tokens[b, :accepted[b] + 1]``,
+    the accepted candidates and then the draw at the deepest accepted node.
+    """
+    B = node_tokens.shape[0]
+    device = node_tokens.device
+    node = torch.zeros(B, dtype=torch.long, device=device)  # [B] where each row's walk is
+    walking = torch.ones(B, dtype=torch.bool, device=device)  # [B] rows whose every draw so far was in the tree
+    accepted = torch.zeros(B, dtype=torch.long, device=device)
+    tokens = torch.zeros(B, max_depth + 1, dtype=torch.long, device=device)
+    not_root = torch.ones_like(node_valid)
+    not_root[:, 0] = False
+    for depth in range(max_depth + 1):
+        drawn = draw(logits_at(node), depth)  # [B]
+        tokens[:, depth] = torch.where(walking, drawn, tokens[:, depth])
+        if depth == max_depth:
+            break
+        child = (node_parent == node[:, None]) & (node_tokens == drawn[:, None]) & node_valid & not_root  # [B, C]
+        found = child.any(1) & walking  # siblings hold distinct tokens: at most one child matches
+        node = torch.where(found, child.long().argmax(1), node)
+        accepted += found.long()
+        walking &= found
+        if not bool(walking.any()):  # every row has its last token
+            break
+    return node, tokens, accepted
