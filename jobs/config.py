@@ -129,6 +129,12 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "prune_head": ("decoding", "prune_head"),
     "keep_top_k": ("decoding", "keep_top_k"),
     "profile_budget_s": ("decoding", "profile_budget_s"),
+    "temperature": ("decoding", "sampling", "temperature"),
+    "top_p": ("decoding", "sampling", "top_p"),
+    "top_k": ("decoding", "sampling", "top_k"),
+    "stop": ("decoding", "sampling", "stop"),
+    "seed": ("decoding", "sampling", "seed"),
+    "n": ("decoding", "sampling", "n"),
 }
 # CLI flags that set a field of the one worker group (refused when the config lists several).
 GROUP_FIELDS: dict[str, str] = {

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-KEPT_FIELDS = ("id", "messages", "prompt")
+KEPT_FIELDS = ("id", "messages", "prompt", "sampling_params")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -70,7 +70,8 @@ def _check_id(where: str, row: dict) -> str:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The input's rows as dicts with `id` (a string) and whichever of `messages`/`prompt` they had.
+    """The input's rows as dicts with `id` (a string) and whichever of `messages`/`prompt`/`sampling_params`
+    they had.
 
     Raises InputError for a malformed JSONL line (naming its line number), a row without a usable
     id, and duplicate ids.

@@ -17,10 +17,16 @@ import pyarrow.parquet as pq
 
 ERROR_TYPE = pa.struct([pa.field("code", pa.string(), nullable=False), pa.field("message", pa.string())])
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+SAMPLING_TYPE = pa.struct([
+    pa.field("temperature", pa.float64()), pa.field("top_p", pa.float64()), pa.field("top_k", pa.int32()),
+    pa.field("max_new_tokens", pa.int32()), pa.field("stop", pa.list_(pa.string())), pa.field("seed", pa.int64()),
+    pa.field("n", pa.int32()),
+])
 
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),  # one row per completion: (id, sample_index)
         # Results.
         pa.field("output_text", pa.string()),
         pa.field("output_token_ids", pa.list_(pa.int32())),
@@ -29,10 +35,12 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("tau", pa.float64()),
         pa.field("prompt_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        pa.field("stop_reason", pa.string()),
         pa.field("error", ERROR_TYPE),  # null, or {code (workers.records.ErrorCode), message}
         pa.field("latency_s", pa.float64()),
         # Provenance.
         pa.field("decoding", pa.string()),
+        pa.field("sampling_params", SAMPLING_TYPE),  # the effective parameters, seed resolved
         pa.field("model_id", pa.string()),
         pa.field("model_hash", pa.string()),
         pa.field("prompts_hash", pa.string()),
@@ -52,7 +60,7 @@ SUMMARY = "summary.json"
 
 def part_name(shard_index: int, ids: list[str]) -> str:
     """`part-{shard}-{digest of its ids}.parquet`: a resumed run whose input grew never reuses a name."""
-    digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:8]
+    digest = hashlib.sha256("\0".join(dict.fromkeys(ids)).encode()).hexdigest()[:8]
     return f"part-{shard_index:05d}-{digest}.parquet"
 
 
@@ -82,9 +90,10 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All the parts of a run as one table (in id order)."""
+    """All the parts of a run as one table (in id order, then sample_index)."""
     parts = sorted(Path(out_dir).glob(PART_GLOB))
     schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
     tables = [pq.read_table(p, schema=schema, columns=columns) for p in parts]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
-    return table.sort_by("id")
+    keys = [("id", "ascending")] + ([("sample_index", "ascending")] if "sample_index" in table.column_names else [])
+    return table.sort_by(keys)

@@ -11,7 +11,8 @@ from typing import Any, TextIO
 
 @dataclass
 class Tally:
-    rows: int = 0
+    prompts: int = 0  # input rows
+    rows: int = 0  # output rows: one per completion
     rows_failed: int = 0
     output_tokens: int = 0
     steps: int = 0
@@ -19,6 +20,7 @@ class Tally:
 
     def add(self, records: list[dict], seconds: float) -> None:
         ok = [r for r in records if r["error"] is None]
+        self.prompts += len({r["id"] for r in records})  # a shard holds each input row's completions together
         self.rows += len(records)
         self.rows_failed += len(records) - len(ok)
         self.output_tokens += sum(r["num_output_tokens"] for r in ok)
@@ -27,6 +29,7 @@ class Tally:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "prompts": self.prompts,
             "rows": self.rows,
             "rows_failed": self.rows_failed,
             "output_tokens": self.output_tokens,
@@ -42,7 +45,7 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Rows done of the rows to do, tokens/s and ETA over this run, tokens/s per worker group.
+    """Input rows done of the input rows to do, tokens/s and ETA over this run, tokens/s per worker group.
 
     On a terminal it redraws one line in place; otherwise (a log, `ray job submit`) it prints a line every
     `interval_s` seconds.
@@ -77,7 +80,7 @@ class Progress:
     def line(self) -> str:
         now = time.perf_counter()
         elapsed = now - self.started
-        done = self.total.rows
+        done = self.total.prompts
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = _duration((self.rows_to_do - done) / rate) if rate > 0 else "?"
         tokens_per_s = self.total.output_tokens / elapsed if elapsed > 0 else 0.0

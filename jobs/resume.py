@@ -6,7 +6,7 @@ written. Rows an earlier run gave up on because their workers died are decoded a
 configuration would change the outputs is refused, never mixed in.
 
 Only settings that change a row's tokens shape the outputs: the model (and its weights), dtype,
-attention kernel, `max_new_tokens`. Decoding is lossless, so the decoding method, prompt tokens, tree,
+attention kernel, `max_new_tokens` and the sampling defaults. Decoding is lossless, so the decoding method, prompt tokens, tree,
 batch sizes and worker pool do not: a job may be resumed on a different cluster.
 """
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig
 from jobs.output import PART_GLOB, SUMMARY, replace_atomically, write_json
 from workers.records import ErrorCode
+from workers.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,17 @@ class ResumeError(ValueError):
 
 
 def output_shaping_config(cfg: JobConfig) -> dict[str, Any]:
-    return {
+    shaping = {
         "model": cfg.model.model,
         "attn_implementation": cfg.model.attn_implementation,
         "dtypes": sorted({group.dtype or cfg.model.dtype for group in cfg.workers}),
         "max_new_tokens": cfg.decoding.max_new_tokens,
     }
+    # Only when set: the directories of greedy jobs written before sampling existed keep their hash.
+    sampling = cfg.decoding.sampling.model_dump(mode="json")
+    if sampling != SamplingConfig().model_dump(mode="json"):
+        shaping["sampling"] = sampling
+    return shaping
 
 
 def config_hash(shaping: dict[str, Any]) -> str:
@@ -74,7 +80,7 @@ def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
     retried = 0
     for part in parts:
         try:
-            table = pq.read_table(part, columns=["id", "error"])
+            table = pq.read_table(part, columns=["id", "error"])  # an id's completions are all in one part
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
             aside = part.with_name(part.name + ".unreadable")
             log.warning("%s is unreadable (%s); moved to %s and its rows will be computed again", part, exc, aside)
@@ -86,7 +92,7 @@ def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
         for row_id, code in zip(table.column("id").to_pylist(), codes):
             if code in RETRYABLE:
                 continue
-            if row_id in seen:
+            if seen.get(row_id, part) != part:
                 raise ResumeError(f"id {row_id!r} is written twice, in {seen[row_id].name} and {part.name}: "
                                   "this directory was not written by one job; use a new output directory")
             seen[row_id] = part

@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", metavar="DIR", help="where converted model weights are cached")
     p.add_argument("--decoding", choices=["ppd", "vanilla"], help="decoding method (default: ppd)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
+    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 0, greedy)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most probable tokens up "
+                   "to mass P (default: 1)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most probable tokens (default: 0, all)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeat for several)")
+    p.add_argument("--seed", type=int, metavar="S", help="the job's seed: rows without their own seed derive "
+                   "theirs from it and their id (default: 0)")
+    p.add_argument("--n", type=int, metavar="N", help="completions per prompt, one output row each (default: 1)")
     p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
                    "(default: the artifact shipped for the model, else untrained)")
     p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
@@ -109,9 +117,10 @@ def describe_worker(info: dict[str, Any]) -> str:
 
 def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list, progress: Progress) -> dict[str, Any]:
     """summary.json: the whole output directory's rows, this run's throughput, and a table per device type."""
-    written = read_output(out_dir, columns=["id", "error", "num_output_tokens", "num_steps"]).to_pylist()
-    if [r["id"] for r in written] != sorted(run["input_ids"]):  # read_output sorts by id
-        raise RuntimeError(f"internal error: {out_dir} does not hold every input row exactly once")
+    written = read_output(out_dir, columns=["id", "sample_index", "error"]).to_pylist()
+    keys = [(r["id"], r["sample_index"]) for r in written]
+    if sorted({r["id"] for r in written}) != sorted(run["input_ids"]) or len(set(keys)) != len(keys):
+        raise RuntimeError(f"internal error: {out_dir} does not hold every input row's completions exactly once")
     ok = [r for r in written if r["error"] is None]
     by_device = {
         device: {"workers": sum(w.info.get("device") == device for w in workers), **tally.as_dict()}
@@ -120,11 +129,13 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
     decode_seconds = run["decoded"] - run["first_ready"] if run.get("first_ready") else 0.0
     total = progress.total
     return {
+        "prompts": len(run["input_ids"]),  # input rows; each has n output rows (one if it failed early)
         "rows": len(written),
         "rows_ok": len(ok),
         "rows_failed": len(written) - len(ok),
-        "rows_skipped": run["skipped"],
+        "rows_skipped": run["skipped"],  # input rows already written by an earlier run
         "rows_retried": run["retried_from_earlier"],  # earlier runs' worker_died rows, decoded again
+        "prompts_this_run": total.prompts,
         "rows_this_run": total.rows,
         "output_tokens": total.output_tokens,
         "steps": total.steps,
@@ -223,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the job failed on its Ray workers: {exc}", file=sys.stderr)
         return 1
     print(
-        f"{summary['output_dir']} holds {summary['rows']} rows ({summary['rows_failed']} failed): "
-        f"{summary['rows_skipped']} were already there, {summary['rows_this_run']} decoded now "
+        f"{summary['output_dir']} holds {summary['rows']} rows for {summary['prompts']} prompts "
+        f"({summary['rows_failed']} failed): {summary['rows_skipped']} prompts were already there, "
+        f"{summary['prompts_this_run']} decoded now "
         f"({summary['output_tokens']} tokens in {summary['decode_seconds']:.1f} s, "
         f"{summary['tokens_per_s']:.1f} tokens/s, mean tau {summary['mean_tau']:.2f})"
     )

@@ -123,9 +123,9 @@ def test_mix_patterns_name_one_measured_device():
 def make_job(out_dir, device, *, method="ppd", tree="hardware-aware", tokens=1200, seconds=10.0, decode_s=12.0,
              model_hash="m" * 64, n_rows=4, prompt_tokens=40):
     out_dir.mkdir(parents=True)
-    write_part(out_dir, 0, [{"id": f"r{i}", "output_text": "x", "output_token_ids": [1], "num_output_tokens":
-                             tokens // n_rows, "num_steps": tokens // n_rows // 2, "tau": 2.0, "prompt_tokens":
-                             prompt_tokens, "error": None, "device": device, "dtype": "float32"}
+    write_part(out_dir, 0, [{"id": f"r{i}", "sample_index": 0, "output_text": "x", "output_token_ids": [1],
+                             "num_output_tokens": tokens // n_rows, "num_steps": tokens // n_rows // 2, "tau": 2.0,
+                             "prompt_tokens": prompt_tokens, "error": None, "device": device, "dtype": "float32"}
                             for i in range(n_rows)])
     worker = {"device": device, "dtype": "float32", "decoding": method, "tree": tree, "batch_size": 8,
               "model_hash": model_hash}

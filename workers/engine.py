@@ -1,8 +1,9 @@
 """Row -> result logic for the batch job, free of Ray (and of pyarrow) so it can be tested alone.
 
-A `DecodeEngine` owns one loaded model and one decoder. `run_batch(rows)` validates and encodes each
-row, decodes the valid ones together, and returns one `RowOutput` per input row, in input order.
-A bad row never fails the batch: it comes back with `error` set.
+A `DecodeEngine` owns one loaded model and one decoder. `run_rows(rows)` validates and encodes each
+row, resolves its sampling parameters (workers/sampling.py), decodes the valid rows' completions
+`batch_size` at a time, and returns one `RowOutput` per completion (n per row, in input order, then
+sample_index). A bad row never fails the batch: it comes back as one output with `error` set.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from decoding import PPDDecoder, PromptTokens, RowResult, VanillaDecoder
+from decoding import PPDDecoder, PromptTokens, RowResult, SamplingParams, VanillaDecoder
 from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
 from decoding.pruning import PruneHead
@@ -27,6 +29,7 @@ from workers.models import LoadedModel, ModelConfig, encode_row, load_model, res
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
+from workers.sampling import EffectiveSampling, SamplingConfig, StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,18 @@ class DecodingConfig(BaseModel):
     method: DecodingMethod = Field(
         default="ppd",
         description="'ppd' (parallel prompt decoding: guess and verify a token tree per step) or "
-        "'vanilla' (one token per forward pass). Both are greedy and give identical outputs.",
+        "'vanilla' (one token per forward pass). Both give identical outputs, greedy or sampled with a seed.",
     )
     max_new_tokens: int = Field(
         default=64,
         ge=1,
         description="Most new tokens generated per row (fewer when the prompt leaves less room "
-        "in the model's context).",
+        "in the model's context); a row's sampling_params.max_new_tokens overrides it.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Sampling defaults (greedy unless temperature > 0); a row's own `sampling_params` "
+        "override them.",
     )
     prompts: str = Field(
         default="auto",
@@ -217,19 +225,25 @@ class DecodeEngine:
     def _encode(self, row: dict) -> list[int]:
         return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
 
-    def _generate(self, prompts: list[list[int]], budgets: list[int]) -> list[RowResult | Exception]:
-        """Decode the prompts together; if the batch fails, decode row by row so one bad row
+    def _generate(self, batch: list[Completion]) -> list[RowResult | Exception]:
+        """Decode the completions together; if the batch fails, decode them one by one so one bad row
         does not take its neighbours down."""
+        def generate(part: list[Completion]) -> list[RowResult]:
+            sampling = [c.params for c in part] if any(not c.params.greedy for c in part) else None
+            stop = [c.stop for c in part] if any(c.stop for c in part) else None
+            return list(self.decoder.generate([c.prompt for c in part], [c.budget for c in part],
+                                              sampling=sampling, stop=stop))
+
         try:
-            return list(self.decoder.generate(prompts, max_new_tokens=budgets))
+            return list(generate(batch))
         except Exception as exc:  # noqa: BLE001 - isolated per row below
-            if len(prompts) == 1:
+            if len(batch) == 1:
                 return [exc]
-            log.warning("batch of %d failed (%r); retrying row by row", len(prompts), exc)
+            log.warning("batch of %d failed (%r); retrying row by row", len(batch), exc)
         results: list[RowResult | Exception] = []
-        for prompt, budget in zip(prompts, budgets):
+        for completion in batch:
             try:
-                results.append(self.decoder.generate([prompt], max_new_tokens=[budget])[0])
+                results.append(generate([completion])[0])
             except Exception as exc:  # noqa: BLE001
                 results.append(exc)
         return results
@@ -253,36 +267,46 @@ class DecodeEngine:
                                  f"in the model's max context of {lm.max_context}")
         return None if out.error else ids
 
-    def run_rows(self, rows: list[dict]) -> list[RowOutput]:
-        """Any number of rows, decoded `batch_size` at a time; one output per row, in input order."""
-        outputs: list[RowOutput] = []
-        for i in range(0, len(rows), self.batch_size):
-            outputs.extend(self.run_batch(rows[i : i + self.batch_size]))
-        return outputs
-
-    def run_batch(self, rows: list[dict]) -> list[RowOutput]:
-        """One batch: the well-formed rows are decoded together; the others come back with `error` set."""
+    def _prepare(self, rows: list[dict]) -> tuple[list[RowOutput], list[Completion]]:
+        """Every row's outputs (one per completion; one with `error` set for a row that cannot be decoded),
+        and the completions to decode, in the same order."""
         lm = self.loaded
         outputs: list[RowOutput] = []
-        pending: list[tuple[RowOutput, list[int], int]] = []  # (output, prompt ids, budget)
+        pending: list[Completion] = []
         for row in rows:
             row_id = row.get("id") if isinstance(row, dict) else None
             out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id,
                             model_hash=lm.content_hash, prompts_hash=self.prompts_hash, device=self.device_name,
                             dtype=self.dtype_name, tree_hash=self.tree_hash)
-            outputs.append(out)
             ids = self._check_and_encode(row, out)
+            sampling = None
             if ids is not None:
-                pending.append((out, ids, min(self.config.max_new_tokens, lm.max_context - len(ids))))
+                try:
+                    sampling = resolve_sampling(self.config.sampling, self.config.max_new_tokens, out.id,
+                                                row.get("sampling_params"))
+                except ValueError as exc:
+                    out.error = RowError(ErrorCode.INVALID_SAMPLING, str(exc))
+            if sampling is None:
+                outputs.append(out)
+                continue
+            out.sampling_params = sampling.to_record()
+            budget = min(sampling.max_new_tokens, lm.max_context - len(ids))
+            stop = StopStrings(lm.tokenizer, sampling.stop) if sampling.stop else None
+            for index in range(sampling.n):
+                completion = replace(out, sample_index=index) if index else out
+                outputs.append(completion)
+                pending.append(Completion(completion, ids, budget, sampling.params(index), sampling, stop))
+        return outputs, pending
 
-        if not pending:
-            return outputs
+    def _decode(self, batch: list[Completion]) -> None:
+        """Decode one batch of completions into their outputs."""
         started_at = datetime.now(timezone.utc)
         start = time.perf_counter()
-        results = self._generate([p for _, p, _ in pending], [b for _, _, b in pending])
+        results = self._generate(batch)
         latency = time.perf_counter() - start
         finished_at = datetime.now(timezone.utc)
-        for (out, _, _), result in zip(pending, results):
+        for completion, result in zip(batch, results):
+            out = completion.output
             out.latency_s, out.started_at, out.finished_at = latency, started_at, finished_at
             if isinstance(result, Exception):
                 out.error = RowError(ErrorCode.DECODE_FAILED, f"decoding failed: {type(result).__name__}: {result}")
@@ -292,5 +316,33 @@ class DecodeEngine:
             out.num_steps = result.num_steps
             out.tau = result.tau
             out.finish_reason = getattr(result.finish_reason, "value", result.finish_reason)
-            out.output_text = lm.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
+            out.stop_reason = result.stop_reason
+            text = self.loaded.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
+            out.output_text = text_before_stop(text, result.stop_reason)
+
+    def run_rows(self, rows: list[dict]) -> list[RowOutput]:
+        """Any number of rows, their completions decoded `batch_size` at a time; one output per completion
+        (n per row; one for a row that fails before decoding), in input order, then sample_index."""
+        outputs, pending = self._prepare(rows)
+        for i in range(0, len(pending), self.batch_size):
+            self._decode(pending[i : i + self.batch_size])
         return outputs
+
+    def run_batch(self, rows: list[dict]) -> list[RowOutput]:
+        """As run_rows, with every completion of the rows decoded in one batch."""
+        outputs, pending = self._prepare(rows)
+        if pending:
+            self._decode(pending)
+        return outputs
+
+
+@dataclass
+class Completion:
+    """One completion to decode: its output record, prompt ids, token budget and sampling."""
+
+    output: RowOutput
+    prompt: list[int]
+    budget: int
+    params: SamplingParams
+    sampling: EffectiveSampling
+    stop: StopStrings | None

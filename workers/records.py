@@ -1,4 +1,4 @@
-"""The job's output record (one per input row) and the typed errors a row can end with.
+"""The job's output record (one per completion of an input row) and the typed errors a row can end with.
 
 The field names of `RowOutput` are the output Parquet columns (jobs/output.py holds their types).
 """
@@ -15,6 +15,7 @@ class ErrorCode(str, Enum):
     """Why a row produced no output. Stored as the `code` of the `error` struct column."""
 
     INVALID_ROW = "invalid_row"  # missing/both of messages and prompt, wrong types
+    INVALID_SAMPLING = "invalid_sampling_params"  # the row's sampling_params are malformed or out of range
     EMPTY_PROMPT = "empty_prompt"  # nothing left after encoding
     PROMPT_TOO_LONG = "prompt_too_long"  # no room left in the model's context
     ENCODE_FAILED = "encode_failed"  # the tokenizer or chat template raised
@@ -36,6 +37,7 @@ class RowOutput:
     """One output record; the field names are the output Parquet columns (see jobs/output.py)."""
 
     id: str
+    sample_index: int = 0  # which of the row's n completions (0 for a row that failed before decoding)
     output_text: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
@@ -43,9 +45,11 @@ class RowOutput:
     tau: float | None = None
     prompt_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended the completion (null: EOS or length)
     error: RowError | None = None
     latency_s: float = 0.0  # wall time of the batch this row was decoded in
     decoding: str = ""
+    sampling_params: dict[str, Any] | None = None  # the effective parameters (null when they were invalid)
     model_id: str = ""
     model_hash: str = ""
     prompts_hash: str | None = None  # the prompt-token artifact's sha256 (null: vanilla or untrained)
