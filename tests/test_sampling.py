@@ -19,7 +19,7 @@ from decoding import (
     reference_greedy,
     reference_sample,
 )
-from decoding.sampling import RowSampler, sample_accept, sample_tokens, uniform_stream
+from decoding.sampling import RowSampler, kept_threshold, sample_accept, sample_tokens, uniform_stream
 from tests.helpers_models import make_tiny_llama
 
 VOCAB, K = 64, 3
@@ -56,6 +56,25 @@ def test_top_k_and_top_p_keep_the_most_probable_tokens():
     assert {draw_one(logits, u, top_p=0.35) for u in (0.0, 0.5, 0.99)} == {3}
     # top_k first, then top_p over what is left: top_k 3 -> 0.2/0.9, 0.3/0.9, 0.4/0.9; top_p 0.7 keeps 3 and 2
     assert {draw_one(logits, u, top_k=3, top_p=0.7) for u in torch.linspace(0, 0.999, 50).tolist()} == {2, 3}
+
+
+def test_ties_at_a_cut_off_are_all_kept():
+    logits = torch.tensor([1.0, 2.0, 0.0, 2.0, 2.0], dtype=torch.float64)
+    assert {draw_one(logits, u, top_k=1) for u in torch.linspace(0, 0.999, 30).tolist()} == {1, 3, 4}
+    assert {draw_one(logits, u, top_p=0.1) for u in torch.linspace(0, 0.999, 30).tolist()} == {1, 3, 4}
+
+
+def test_the_top_p_cut_is_found_however_deep_it_lies():
+    g = torch.Generator().manual_seed(1)
+    scaled = torch.randn(3, 5000, generator=g, dtype=torch.float64) * torch.tensor([[0.1], [2.0], [8.0]])
+    top_k = torch.tensor([0, 0, 300])
+    top_p = torch.tensor([0.9, 0.5, 0.99], dtype=torch.float64)
+    threshold = kept_threshold(scaled, top_k, top_p, first_look=4)  # row 0 needs the whole vocabulary
+    for b in range(3):
+        values = scaled[b].sort(descending=True).values[: int(top_k[b]) or None]
+        probs = values.softmax(-1)
+        last = int(((probs.cumsum(-1) - probs) < top_p[b]).sum()) - 1  # the last token of the smallest prefix
+        assert threshold[b] == values[last]
 
 
 def test_temperature_sharpens_and_zero_is_the_argmax():
