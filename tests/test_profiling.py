@@ -16,7 +16,7 @@ from profiling.tree_builder import tree_set_slots
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.engine import DecodeEngine, DecodingConfig
 from workers import profiles
-from workers.profiles import load_or_measure_profile, shape_error
+from workers.profiles import load_or_measure_profile, probe_slots, shape_error, worst_inversion
 
 
 @settings(max_examples=60, deadline=None)
@@ -104,6 +104,99 @@ def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, m
     # Nor is a profile of steps too short to time checked.
     monkeypatch.setattr(profiles, "SPOT_CHECK_MIN_SECONDS", 1.0)
     assert shape_error(poisoned, tiny.model, pt, "tinyhash") == 1.0
+
+
+# Measured on the 2-core VM at batch 1 (SmolLM2-135M, float32, context 256), ms by slots per row.
+BUSY_VM_PROFILE = {1: 60.8, 2: 96.1, 4: 109.8, 8: 92.4, 12: 105.3, 16: 102.8, 24: 120.0, 32: 128.0}  # a busy moment
+QUIET_VM_PROFILE = {1: 43.2, 2: 70.9, 4: 72.4, 8: 87.2, 12: 80.5, 16: 76.5, 24: 88.9, 32: 113.1}
+# The shipped artifact's acceptance table for that model (rounded).
+VM_ACCEPTANCE = [[0.298, 0.148, 0.082, 0.052, 0.032, 0.029, 0.021, 0.021, 0.016, 0.014],
+                 [0.166, 0.087, 0.069, 0.048, 0.042, 0.031, 0.027, 0.025, 0.026, 0.022],
+                 [0.101, 0.07, 0.061, 0.05, 0.038, 0.034, 0.031, 0.025, 0.027, 0.018]]
+
+
+def ms_profile(curves: dict[int, dict[int, float]]):
+    return profile_of([(b, s, ms / 1e3) for b, curve in curves.items() for s, ms in curve.items()])
+
+
+def test_a_profile_not_monotone_in_slots_is_refused_before_any_timing(tiny, tmp_path, monkeypatch):
+    """The busy-moment profile (its 8-slot step 1.19x faster than its 4-slot one) passed the old check, whose
+    16-slot probe happened to agree with it; it is refused now from its shape alone, without timing a step."""
+    busy = ms_profile({1: BUSY_VM_PROFILE})
+    worst = worst_inversion(busy)
+    assert worst.factor == pytest.approx(109.8 / 92.4) and (worst.batch, worst.slots, worst.faster_slots) == (1, 4, 8)
+    assert worst.factor > profiles.SPOT_CHECK_MONOTONE_TOLERANCE
+    # A quiet-moment profile of the same model inverts by less (its 8-slot point is the noisy one), and a
+    # batch size whose steps are under the floor is not looked at.
+    quiet = ms_profile({1: QUIET_VM_PROFILE, 4: {1: 1.0, 4: 0.5, 16: 0.9}})
+    assert 1.0 < worst_inversion(quiet).factor <= profiles.SPOT_CHECK_MONOTONE_TOLERANCE
+    assert worst_inversion(ms_profile({1: {1: 40.0, 4: 40.0, 16: 50.0}, 4: {1: 60.0, 16: 90.0}})).factor == 1.0
+
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=sorted(BUSY_VM_PROFILE),
+                  budget_s=5)
+    load_or_measure_profile(tiny.model, pt, **kwargs)
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    path.write_text(busy.model_dump_json())
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the shape alone refuses this profile: nothing is timed")
+    monkeypatch.setattr(profiles, "shape_error", no_timing)
+    again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and again != busy and LatencyProfile.model_validate_json(path.read_text()) == again
+
+
+def test_a_fresh_profile_inverted_again_is_refused_once_only(tiny, tmp_path, monkeypatch):
+    """On a device whose steps hardly depend on their slots (the shipped H100 profile inverts by 2.1x), a
+    fresh measurement inverts too: it is kept, and not refused for its shape at the next start-ups."""
+    measured = []
+
+    def measure(*args, **kwargs):  # every measurement inverted, each told apart by its date
+        measured.append(profile_of([(1, 1, 0.05), (1, 4, 0.08), (1, 16, 0.06)]).model_copy(
+            update={"measured_at": f"t{len(measured)}"}))
+        return measured[-1]
+    monkeypatch.setattr(profiles, "measure_profile", measure)
+    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)  # fresh steps agree: only the shape is at stake
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 4, 16], budget_s=5)
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[0], False)  # nothing cached
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], False)  # refused: inverted
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], True)  # inverted again: kept
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], True)
+    assert len(measured) == 2
+    # A profile refused for another reason (here: the fresh steps disagree) gets no such pass.
+    monkeypatch.setattr(profiles, "shape_error", lambda *args: 2.0)
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[2], False)
+    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], False)  # inverted: refused
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], True)
+
+
+def test_the_probe_times_more_than_one_tree(tiny, tmp_path, monkeypatch):
+    """A profile poisoned at its 4-slot point alone (monotone still) passed the old check, which timed only a
+    16-slot tree: the probe now times the slot counts nearest 4 and 16, and the tree the planner would take.
+    (The tiny model's steps are below the floor: lifted here.)"""
+    monkeypatch.setattr(profiles, "SPOT_CHECK_MIN_SECONDS", 0.0)
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    # A budget no load can exhaust before 16 slots (the tiny model measures these in well under a second).
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 2, 4, 16], budget_s=60)
+    first, _ = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert probe_slots(first, pt, 1) == [4, 16]  # no acceptance table: no planner's choice
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    poisoned = first.model_copy(update={"points": [
+        p.model_copy(update={"seconds": p.seconds * (3.0 if p.slots == 4 else 1.0)}) for p in first.points]})
+    assert shape_error(poisoned, tiny.model, pt, "tinyhash") > 2.0
+    # Caught by the probe, not by the shape alone (whatever the tiny model's noise makes of the 4-slot point).
+    monkeypatch.setattr(profiles, "SPOT_CHECK_MONOTONE_TOLERANCE", float("inf"))
+    path.write_text(poisoned.model_dump_json())
+    again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and LatencyProfile.model_validate_json(path.read_text()) == again
+    assert shape_error(again, tiny.model, pt, "tinyhash") < 2.0  # a healthy profile passes the probe
+    # With an acceptance table the planner's tree is timed too: on the busy profile, the 8-slot tree static
+    # planning took from it.
+    pt.meta.extra["acceptance"] = VM_ACCEPTANCE
+    assert probe_slots(ms_profile({1: BUSY_VM_PROFILE}), pt, 1) == [4, 8, 16]
+    assert probe_slots(ms_profile({1: QUIET_VM_PROFILE}), pt, 1) == [4, 16]  # plain decoding: nothing to add
 
 
 def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):

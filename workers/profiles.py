@@ -8,10 +8,12 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from decoding import PromptTokens
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, measure_profile
+from profiling.tree_builder import choose_budget
 from workers.models import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -20,14 +22,29 @@ log = logging.getLogger(__name__)
 # profile of older code is measured again instead of reused.
 PROFILE_VERSION = 2
 
-# A cached profile is re-checked at start-up against two fresh steps: plain decoding and a tree-sized step at
-# its smallest batch size. One measured while something else loaded the machine keeps its distorted shape
-# for good (seen: the 1-slot step at 1.4x its real cost, which made every tree look cheap next to plain
-# decoding). Past this factor, in two probes running, the profile is measured again.
+# A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps.
+# One measured while something else loaded the machine keeps its distorted shape for good (seen on the 2-core
+# VM: at batch 1, 1 slot 60.8 ms (really ~45), 4 slots 109.8, 8 slots 92.4, 16 slots 102.8: static planning
+# took the 8-slot tree from it and lost 5-13% to plain decoding).
+#
+# Shape alone: a larger slot count measured faster than a smaller one at the same batch size by more than
+# this factor. A real step does not get cheaper with more input tokens; steps measured on this VM in quiet
+# moments invert by up to 1.14x (3 repeats each), the one above by 1.19x.
+SPOT_CHECK_MONOTONE_TOLERANCE = 1.15
+# Against fresh steps: plain decoding and a few tree sizes are timed at the profile's smallest batch size,
+# and each tree's ratio to the plain step is compared with the profile's. Past this factor for any of them,
+# in two probes running, the profile is measured again.
 SPOT_CHECK_TOLERANCE = 1.3
-SPOT_CHECK_SLOTS = 16  # the probe's tree: the measured slot count nearest this
+# The probe's trees: the measured slot counts nearest these, and the tree static planning would choose from
+# the profile at that batch size (when the prompt tokens carry an acceptance table): that is where a
+# profile's optimism does its harm. A probe costs (1 warm-up + SPOT_CHECK_REPEATS) steps of each size, plus
+# 0.02-0.25 s to build the planner's candidate trees; twice when the first disagrees. Measured on the 2-core
+# VM at batch 1 (default model: 1 slot ~45 ms, 4-16 slots ~70-85 ms): 2.5 s a probe (4 and 16 slots) to
+# 3.2-3.8 s (and the planner's 8-slot tree); the former 1- and 16-slot probe took 1.6-2.0 s there.
+SPOT_CHECK_SLOTS = (4, 16)
+SPOT_CHECK_REPEATS = 9
 # Below this plain step, timings are mostly interpreter overhead and scheduler noise (a tiny test model's 1 ms
-# steps disagree with themselves by 1.3x one probe in five): no check.
+# steps disagree with themselves by 1.3x one probe in five): no check, neither of shape nor against fresh steps.
 SPOT_CHECK_MIN_SECONDS = 0.005
 
 
@@ -47,11 +64,12 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
                             context_len: int = 256, budget_s: float | None = None,
                             spot_check: bool = True) -> tuple[LatencyProfile, bool]:
     """The cached profile for this device and model if there is one and it passes the spot check (see
-    SPOT_CHECK_TOLERANCE), else a fresh measurement (then cached). Returns (profile, whether it came from
-    the cache)."""
+    SPOT_CHECK_MONOTONE_TOLERANCE and SPOT_CHECK_TOLERANCE), else a fresh measurement (then cached).
+    Returns (profile, whether it came from the cache)."""
     weight = model.get_input_embeddings().weight
     identity = identify(weight.device, weight.dtype)
     path = None
+    refused_as_inverted = False
     if cache_dir is not None:
         path = profile_path(cache_dir, identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes,
                             slots, context_len, budget_s)
@@ -61,35 +79,125 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
             except ValueError as exc:  # a damaged or outdated file: measure again
                 log.warning("ignoring unreadable profile %s: %s", path, exc)
             else:
-                # Both probes must disagree: one slow probe says more about now than about the profile.
-                if not spot_check or any(shape_error(cached, model, prompt_tokens, model_hash) <= SPOT_CHECK_TOLERANCE
-                                         for _ in range(2)):
+                if not spot_check:
                     return cached, True
-                log.warning("cached profile %s is off in shape by over %.1fx against fresh steps: measuring again",
-                            path, SPOT_CHECK_TOLERANCE)
+                inversion = worst_inversion(cached)  # first: it costs no timing
+                if inversion.factor > SPOT_CHECK_MONOTONE_TOLERANCE and not _inversions_accepted(path, cached):
+                    refused_as_inverted = True
+                    log.warning("cached profile %s is not monotone in slots (%s): measuring again", path,
+                                inversion)
+                # Both probes must disagree: one slow probe says more about now than about the profile.
+                elif any(shape_error(cached, model, prompt_tokens, model_hash) <= SPOT_CHECK_TOLERANCE
+                         for _ in range(2)):
+                    return cached, True
+                else:
+                    log.warning("cached profile %s is off in shape by over %.1fx against fresh steps: measuring "
+                                "again", path, SPOT_CHECK_TOLERANCE)
     profile = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=batch_sizes, slots=slots,
                               context_len=context_len, budget_s=budget_s)
     if path is not None:
         write_json_atomically(path, profile.model_dump(mode="json"))
+        marker = _inversions_accepted_path(path)
+        inversion = worst_inversion(profile)
+        if refused_as_inverted and inversion.factor > SPOT_CHECK_MONOTONE_TOLERANCE:
+            # Measured again and inverted again: this is what the device measures (a step whose cost hardly
+            # depends on its slots shows its noise as inversions; the shipped H100 profile of the default
+            # model inverts by 2.1x at batch 1). Refusing it at every start-up would only re-measure at every
+            # start-up: this profile is not refused for its shape again (the check against fresh steps stays).
+            log.warning("the fresh profile %s is not monotone in slots either (%s): kept", path, inversion)
+            write_json_atomically(marker, _identity_of(profile))
+        else:
+            marker.unlink(missing_ok=True)
     return profile, False
 
 
+class Inversion(NamedTuple):
+    """A larger slot count measured faster than a smaller one: ``factor`` = the smaller one's seconds over
+    the larger one's (1.0 and no slots when there is none)."""
+
+    factor: float
+    batch: int = 0
+    slots: int = 0
+    faster_slots: int = 0
+    seconds: float = 0.0
+    faster_seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"batch {self.batch}: {self.slots} slots {self.seconds * 1e3:.1f} ms, {self.faster_slots} slots "
+                f"{self.faster_seconds * 1e3:.1f} ms, {self.factor:.2f}x")
+
+
+def worst_inversion(profile: LatencyProfile) -> Inversion:
+    """The largest factor by which a step of more slots per row was measured faster than one of fewer, at
+    any batch size: no timing, only the profile. Batch sizes whose smallest step is under
+    SPOT_CHECK_MIN_SECONDS are left out (their timings are mostly noise)."""
+    worst = Inversion(1.0)
+    for batch in profile.batches():
+        curve = sorted((p.slots, p.seconds) for p in profile.points if p.batch == batch)
+        if curve[0][1] < SPOT_CHECK_MIN_SECONDS:
+            continue
+        slowest = curve[0]  # the slowest step of fewer slots than the current one
+        for slots, seconds in curve[1:]:
+            if seconds > 0 and slowest[1] / seconds > worst.factor:
+                worst = Inversion(slowest[1] / seconds, batch, slowest[0], slots, slowest[1], seconds)
+            if seconds > slowest[1]:
+                slowest = (slots, seconds)
+    return worst
+
+
+def _inversions_accepted_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".inversions-accepted")  # not *.json: not a profile
+
+
+def _identity_of(profile: LatencyProfile) -> dict:
+    return {"measured_at": profile.measured_at, "profile_seconds": profile.profile_seconds}
+
+
+def _inversions_accepted(path: Path, profile: LatencyProfile) -> bool:
+    """Whether this very profile was measured because its predecessor was refused as inverted, and was
+    inverted as well (then kept)."""
+    try:
+        return json.loads(_inversions_accepted_path(path).read_text()) == _identity_of(profile)
+    except (OSError, ValueError):
+        return False
+
+
+def probe_slots(profile: LatencyProfile, prompt_tokens: PromptTokens, batch: int) -> list[int]:
+    """The tree sizes the spot check times at ``batch``: the measured slot counts nearest SPOT_CHECK_SLOTS,
+    and the slot count of the tree static planning would choose from this profile (workers/planning.py,
+    with the prompt tokens' acceptance table, if they carry one), unless that is plain decoding."""
+    trees = [s for s in profile.measured_slots(batch) if s > 1]
+    probes = {min(trees, key=lambda s: (abs(s - target), s)) for target in SPOT_CHECK_SLOTS} if trees else set()
+    acceptance = prompt_tokens.meta.extra.get("acceptance")
+    if acceptance and trees:
+        choice = choose_budget(acceptance, prompt_tokens.k, lambda s: profile.step_seconds(batch, s),
+                               profile.measured_slots(batch), n=prompt_tokens.n)
+        if choice.chosen.slots > 1:
+            probes.add(choice.chosen.slots)
+    return sorted(probes)
+
+
 def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str) -> float:
-    """Time plain decoding and a tree-sized step afresh at the profile's smallest batch size; return how far
-    the profile's ratio of the two is from the fresh one, as a factor >= 1 (1 when there is no tree point).
-    Profiles of steps under SPOT_CHECK_MIN_SECONDS are not checked. The shape, not the scale: a profile is
-    only ever used for relative costs (the choice of tree and batch size), and ProPD rescales it by the steps
-    it runs."""
+    """Time plain decoding and the probe's trees (probe_slots) afresh at the profile's smallest batch size;
+    return how far the profile's ratio of each tree's step to the plain step is from the fresh one, as a
+    factor >= 1, the worst of them (1 when there is no tree point). Profiles of steps under
+    SPOT_CHECK_MIN_SECONDS are not checked. The shape, not the scale: a profile is only ever used for
+    relative costs (the choice of tree and batch size), and ProPD rescales it by the steps it runs."""
     batch = profile.batches()[0]
-    measured = profile.measured_slots(batch)
-    trees = [s for s in measured if s > 1]
-    if 1 not in measured or not trees or profile.step_seconds(batch, 1) < SPOT_CHECK_MIN_SECONDS:
+    if 1 not in profile.measured_slots(batch) or profile.step_seconds(batch, 1) < SPOT_CHECK_MIN_SECONDS:
         return 1.0
-    probe = min(trees, key=lambda s: abs(s - SPOT_CHECK_SLOTS))
-    fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, probe],
-                            context_len=profile.context_len, budget_s=1e9, repeats=9)
-    if fresh.measured_slots(batch) != [1, probe]:
+    probes = probe_slots(profile, prompt_tokens, batch)
+    if not probes:
         return 1.0
-    ratio = (profile.step_seconds(batch, probe) / profile.step_seconds(batch, 1)) / (
-        fresh.step_seconds(batch, probe) / fresh.step_seconds(batch, 1))
-    return max(ratio, 1 / ratio)
+    fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, *probes],
+                            context_len=profile.context_len, budget_s=1e9, repeats=SPOT_CHECK_REPEATS)
+    # With ensembles a few slot counts cannot be built and the next one down is timed: compared as timed.
+    timed = [s for s in fresh.measured_slots(batch) if s > 1]
+    if 1 not in fresh.measured_slots(batch) or not timed:
+        return 1.0
+    worst = 1.0
+    for slots in timed:
+        ratio = (profile.step_seconds(batch, slots) / profile.step_seconds(batch, 1)) / (
+            fresh.step_seconds(batch, slots) / fresh.step_seconds(batch, 1))
+        worst = max(worst, ratio, 1 / ratio)
+    return worst
