@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Sampling benchmark: plain sampling, PPD sampling with a static tree, and PPD sampling with ProPD dynamic
+sizing, side by side at each temperature and batch size, in one run on one machine.
+
+    python jobs/bench_sampling.py                                  # CPU: T 0.7 and 1.0, batch 1 and 8
+    python jobs/bench_sampling.py --device cuda --max-new-tokens 128 --top-p 0.9
+
+Set up as jobs/bench_propd.py (whose helpers it uses): the same held-out prompts (mixed chat / math / code,
+at least ``--min-prompts`` of them, in consecutive batches), the same static tree (the one a worker of that
+batch size would choose at start-up from its profile and the artifact's acceptance table), the same ProPD
+decoder (starting from that profile and table, learning across rounds), EOS left on as there. Every row of
+every method samples with temperature ``T``, ``--top-p``, and the seed ``completion_seed(--seed, row)``, row
+being the prompt's index among the prompts of its batch size: the methods draw the same uniform streams, so
+they emit the same tokens (decoding/sampling.py) and stop at the same EOS, doing the same work. One untimed
+warm-up round, then timed rounds in which the methods take turns on each batch of prompts (the order
+rotated), so machine drift hits all alike; the median round counts.
+
+Reported per temperature: tokens/s and tau of each method, and each PPD method's speed over plain sampling
+(the median over rounds of each round's ratio). Every row's tokens are compared with plain sampling's (of
+the first timed round; plain's own later rounds too, which catches a decoder that is not deterministic): the
+rows that differ are counted per method. In float32 any difference is a bug: the run still prints its table
+(and writes --json), then exits 1 naming the first differing row. In half precision tree and plain passes
+multiply in different shapes, which can move a draw that lands next to a CDF boundary; the rows are counted
+and the first one named, but the exit status stays 0 (as bench_propd treats near-ties).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+
+import torch  # noqa: E402
+
+from decoding import PPDDecoder, SamplingParams, VanillaDecoder, completion_seed  # noqa: E402
+from decoding.online_stats import LatencyModel  # noqa: E402
+from decoding.propd import ProPDDecoder  # noqa: E402
+from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
+from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
+from profiling.device import identify  # noqa: E402
+from profiling.latency import DEFAULT_SLOTS  # noqa: E402
+from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
+from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
+from workers.profiles import load_or_measure_profile  # noqa: E402
+
+METHODS = ("plain", "static", "propd")
+
+
+def row_sampling(n: int, temperature: float, top_p: float, seed: int) -> list[SamplingParams]:
+    """Row i's parameters: the seed ``completion_seed(seed, i)``, the same for every method."""
+    return [SamplingParams(temperature=temperature, top_p=top_p, seed=completion_seed(seed, i)) for i in range(n)]
+
+
+def make_decoders(lm, pt, profile, batch: int) -> tuple[dict, int]:
+    """Plain, static and ProPD decoders for one batch size, built as jobs/bench_propd.py builds them; with
+    the static tree's slot count."""
+    table = pt.meta.extra["acceptance"]
+    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), profile.measured_slots(batch),
+                           n=pt.n)
+    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
+    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
+    decoders = {
+        "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
+        "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
+        "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
+    }
+    return decoders, choice.chosen.slots
+
+
+def run_round(decoders: dict, prompts: list, sampling: list[SamplingParams], max_new_tokens: int,
+              device: torch.device, batch: int, rotation: int = 0) -> dict[str, dict]:
+    """bench_propd.run_round with per-row sampling: ``prompts`` in consecutive batches of ``batch``, every
+    method decoding each batch in turn (the order rotated per batch), row i with ``sampling[i]``."""
+    methods = list(decoders)
+    seconds = {m: 0.0 for m in methods}
+    results: dict[str, list] = {m: [] for m in methods}
+    for dec in decoders.values():
+        if isinstance(dec, PPDDecoder):
+            dec.passes, dec.tokens_processed = 0, 0.0
+    for c, start in enumerate(range(0, len(prompts), batch)):
+        shift = (rotation + c) % len(methods)
+        for m in methods[shift:] + methods[:shift]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens,
+                                               sampling=sampling[start: start + batch])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[m] += time.perf_counter() - t0
+    out = {}
+    for m, dec in decoders.items():
+        rs = results[m]
+        tokens, steps = sum(r.num_tokens for r in rs), sum(r.num_steps for r in rs)
+        if isinstance(dec, PPDDecoder):
+            per_pass = dec.tokens_processed / dec.passes
+        else:  # plain decoding: one token per active row per pass
+            per_pass = steps / sum(max(r.num_steps for r in rs[start: start + batch])
+                                   for start in range(0, len(rs), batch))
+        out[m] = {"seconds": seconds[m], "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
+                  "outputs": [r.token_ids for r in rs]}
+    return out
+
+
+def differing_rows(runs: list[dict], reference: list[list[int]]) -> tuple[int, dict | None]:
+    """Rows whose tokens differ from ``reference`` in any round, and the first of them (lowest row, then
+    round): {"row", "round", "position" (the first new token that differs)}."""
+    bad, first = set(), None
+    for i, ref in enumerate(reference):
+        for r, run in enumerate(runs):
+            got = run["outputs"][i]
+            if got != ref:
+                bad.add(i)
+                if first is None:
+                    position = next((p for p, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+                    first = {"row": i, "round": r, "position": position}
+                break
+    return len(bad), first
+
+
+def bench_setting(decoders: dict, prompts: list, sampling: list[SamplingParams], max_new_tokens: int,
+                  rounds: int, device: torch.device, batch: int) -> dict:
+    """A warm-up round and ``rounds`` timed rounds of every method on ``prompts``; the summary row."""
+    runs: dict[str, list[dict]] = {m: [] for m in decoders}
+    run_round(decoders, prompts, sampling, max_new_tokens, device, batch)  # warm-up (ProPD starts learning)
+    for r in range(rounds):
+        for m, out in run_round(decoders, prompts, sampling, max_new_tokens, device, batch, rotation=r).items():
+            runs[m].append(out)
+    reference = runs["plain"][0]["outputs"]
+    row: dict = {}
+    for m, rs in runs.items():
+        count, first = differing_rows(rs, reference)
+        if first is not None:
+            first["seed"] = sampling[first["row"]].seed
+        median = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # ProPD's choices vary by round
+        row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
+                  "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],
+                  "rows_differing": count, "first_difference": first}
+    row.update(paired_ratios(row))
+    return row
+
+
+def paired_ratios(row: dict) -> dict:
+    """Each PPD method over plain sampling, paired by round (the methods of one round ran back to back, so
+    drift between rounds cancels in the round's ratio): the median round ratio."""
+    return {f"{m}_vs_plain": statistics.median(a / b for a, b in zip(row[m]["rounds_tok_s"],
+                                                                     row["plain"]["rounds_tok_s"]))
+            for m in METHODS[1:] if m in row}
+
+
+def bench(lm, pt, profile, pool: Sequence[Sequence[int]], *, temperatures: Sequence[float], top_p: float,
+          batch_sizes: Sequence[int], max_new_tokens: int, rounds: int, min_prompts: int, seed: int,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Every (temperature, batch size): fresh decoders (ProPD learns within the setting, across its rounds),
+    the first max(batch, min_prompts) prompts of ``pool``, one summary row each."""
+    results = []
+    for temperature in temperatures:
+        for batch in batch_sizes:
+            prompts = list(pool[:max(batch, min_prompts)])
+            sampling = row_sampling(len(prompts), temperature, top_p, seed)
+            decoders, slots = make_decoders(lm, pt, profile, batch)
+            row = {"temperature": temperature, "batch": batch, "static_slots": slots, "prompts": len(prompts)}
+            row.update(bench_setting(decoders, prompts, sampling, max_new_tokens, rounds, lm.device, batch))
+            results.append(row)
+            log(f"T {temperature:g} batch {batch:3d}: " + "  ".join(
+                f"{m}{f' ({slots})' if m == 'static' else ''} {row[m]['tok_s']:7.1f} tok/s tau {row[m]['tau']:.2f}"
+                for m in METHODS)
+                + "  " + "  ".join(f"{m}/plain {row[f'{m}_vs_plain']:.3f}" for m in METHODS[1:])
+                + "  rows != plain: " + "/".join(str(row[m]["rows_differing"]) for m in METHODS))
+    return results
+
+
+def first_difference(results: list[dict]) -> str | None:
+    """The first row that differs from plain sampling, in words (None: none does)."""
+    for row in results:
+        for m in METHODS:
+            d = row[m].get("first_difference")
+            if d is not None:
+                which = "plain sampling's own timed round" if m == "plain" else f"{m} sampling"
+                return (f"{which} at temperature {row['temperature']:g}, batch {row['batch']}: row {d['row']} "
+                        f"(seed {d['seed']}) differs from plain sampling's first timed round from new token "
+                        f"{d['position']} on (timed round {d['round']})")
+    return None
+
+
+def print_table(device: str, meta: dict, results: list[dict]) -> None:
+    for temperature in dict.fromkeys(r["temperature"] for r in results):
+        rows = [r for r in results if r["temperature"] == temperature]
+        print(f"\n{device}, temperature {temperature:g}, top-p {meta['top_p']:g}, seeds completion_seed("
+              f"{meta['seed']}, row), {meta['max_new_tokens']} new tokens, median of {meta['rounds']} rounds; "
+              "x / plain: the median over rounds of the round's ratio to plain sampling; static (slots)")
+        print("| batch | " + " | ".join(f"{m} tok/s" for m in METHODS) + " | " + " | ".join(f"{m} tau" for m in METHODS)
+              + " | " + " | ".join(f"{m} / plain" for m in METHODS[1:]) + " | rows != plain " + " / ".join(METHODS)
+              + " |")
+        print("|---" * (1 + 2 * len(METHODS) + len(METHODS) - 1 + 1) + "|")
+        for r in rows:
+            print(f"| {r['batch']} | " + " | ".join(
+                f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "") for m in METHODS)
+                + " | " + " | ".join(f"{r[m]['tau']:.2f}" for m in METHODS)
+                + " | " + " | ".join(f"{r[f'{m}_vs_plain']:.3f}" for m in METHODS[1:])
+                + " | " + " / ".join(str(r[m]["rows_differing"]) for m in METHODS) + " |")
+    total = sum(r[m]["rows_differing"] for r in results for m in METHODS)
+    print(f"\nrows differing from plain sampling: {total}")
+
+
+def verdict(results: list[dict], dtype: str) -> int:
+    """Exit status: 1 when a row differs from plain sampling in float32 (named on stderr), else 0."""
+    first = first_difference(results)
+    if first is None:
+        return 0
+    if dtype == "float32":
+        print(f"FAIL: {first}", file=sys.stderr)
+        return 1
+    print(f"note ({dtype}: a draw next to a CDF boundary can move): {first}", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on a CPU, bfloat16 on CUDA. Only float32 fails the run (exit 1) on a row "
+                        "that differs from plain sampling; half precision counts them")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0])
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="base seed: row i samples with completion_seed(seed, i)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=4, help="prompts decoded per batch size at least, in "
+                   "consecutive batches (one short response alone is too little to time)")
+    p.add_argument("--prompts", help="prompt-token artifact (default: the shipped one)")
+    p.add_argument("--profile-budget-s", type=float, default=None)
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--from-json", help="print the tables of an earlier run's --json file and exit (its status "
+                   "as the run's)")
+    return p
+
+
+def summary(lm, device_name: str, args, started_at: str, results: list[dict]) -> dict:
+    """What --json holds: the run's setting, the identity check's outcome, and the rows."""
+    dtype = str(lm.dtype).removeprefix("torch.")
+    return {"device": f"{device_name} {dtype}", "device_name": device_name, "dtype": dtype, "model_id": lm.model_id,
+            "model_hash": lm.content_hash, "measured_at": started_at, "max_new_tokens": args.max_new_tokens,
+            "rounds": args.rounds, "temperatures": args.temperatures, "top_p": args.top_p, "seed": args.seed,
+            "batch_sizes": args.batch_sizes, "min_prompts": args.min_prompts, "eos": "on",
+            "rows_differing": sum(r[m]["rows_differing"] for r in results for m in METHODS),
+            "first_difference": first_difference(results), "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        for t in args.temperatures:
+            SamplingParams(temperature=t, top_p=args.top_p)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print_table(saved["device"], saved, saved["results"])
+        return verdict(saved["results"], saved["dtype"])
+
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
+    artifact = args.prompts or find_shipped_artifact(lm.content_hash)
+    if artifact is None:
+        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
+    pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
+                                              cache_dir=resolve_cache_dir(None), batch_sizes=args.batch_sizes,
+                                              budget_s=args.profile_budget_s)
+    name = identify(lm.device, lm.dtype).readable
+    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
+    pool = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
+    results = bench(lm, pt, profile, pool, temperatures=args.temperatures, top_p=args.top_p,
+                    batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
+                    min_prompts=args.min_prompts, seed=args.seed, log=lambda s: print(s, flush=True))
+    saved = summary(lm, name, args, started_at, results)
+    print_table(saved["device"], saved, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(saved, indent=2))
+    return verdict(results, saved["dtype"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
