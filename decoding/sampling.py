@@ -127,7 +127,9 @@ def kept_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
         values = scaled[rows].topk(look, dim=-1).values  # [R, look] descending
         w = (values - peak[rows]).exp().masked_fill(values < threshold[rows, None], 0.0)
         reached = w.cumsum(-1) >= top_p[rows, None].double() * mass[rows, None]  # [R, look]
-        found = reached.any(-1) | (look == V)
+        if look == V:  # the whole vocabulary: a top_p within rounding of 1 keeps everything top_k left
+            reached[:, -1] = True
+        found = reached.any(-1)
         cut = values.gather(1, reached.long().argmax(-1, keepdim=True)).squeeze(1)  # the first index that reaches
         threshold[rows[found]] = torch.maximum(threshold[rows[found]], cut[found])
         pending[rows[found]] = False

@@ -18,10 +18,12 @@ rotated), so machine drift hits all alike; the median round counts.
 Reported per temperature: tokens/s and tau of each method, and each PPD method's speed over plain sampling
 (the median over rounds of each round's ratio). Every row's tokens are compared with plain sampling's (of
 the first timed round; plain's own later rounds too, which catches a decoder that is not deterministic): the
-rows that differ are counted per method. In float32 any difference is a bug: the run still prints its table
-(and writes --json), then exits 1 naming the first differing row. In half precision tree and plain passes
-multiply in different shapes, which can move a draw that lands next to a CDF boundary; the rows are counted
-and the first one named, but the exit status stays 0 (as bench_propd treats near-ties).
+rows that differ are counted per method. Tree and plain passes multiply in different shapes, which can move
+a draw that lands next to a CDF boundary: each differing row's first differing draw is measured against the
+model's CDF (``draw_margin``), and those within BOUNDARY_MARGIN of another token are counted apart. In
+float32 any other difference is a bug: the run still prints its table (and writes --json), then exits 1
+naming it. In half precision the rounding is coarser: differences are counted and named, the exit status
+stays 0 (as bench_propd treats near-ties).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -43,6 +46,7 @@ from datetime import datetime, timezone  # noqa: E402
 import torch  # noqa: E402
 
 from decoding import PPDDecoder, SamplingParams, VanillaDecoder, completion_seed  # noqa: E402
+from decoding.sampling import kept_threshold, uniform_stream  # noqa: E402
 from decoding.online_stats import LatencyModel  # noqa: E402
 from decoding.propd import ProPDDecoder  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
@@ -62,12 +66,13 @@ def row_sampling(n: int, temperature: float, top_p: float, seed: int) -> list[Sa
     return [SamplingParams(temperature=temperature, top_p=top_p, seed=completion_seed(seed, i)) for i in range(n)]
 
 
-def make_decoders(lm, pt, profile, batch: int) -> tuple[dict, int]:
+def make_decoders(lm, pt, profile, batch: int, static_slots: int | None = None) -> tuple[dict, int]:
     """Plain, static and ProPD decoders for one batch size, built as jobs/bench_propd.py builds them; with
-    the static tree's slot count."""
+    the static tree's slot count. ``static_slots``: the static tree of that budget instead of the planned one
+    (to see what a tree of a given size yields under sampling where the profile says no tree pays)."""
     table = pt.meta.extra["acceptance"]
-    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), profile.measured_slots(batch),
-                           n=pt.n)
+    budgets = [static_slots] if static_slots else profile.measured_slots(batch)
+    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), budgets, n=pt.n)
     family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
     prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
     decoders = {
@@ -113,20 +118,45 @@ def run_round(decoders: dict, prompts: list, sampling: list[SamplingParams], max
     return out
 
 
-def differing_rows(runs: list[dict], reference: list[list[int]]) -> tuple[int, dict | None]:
-    """Rows whose tokens differ from ``reference`` in any round, and the first of them (lowest row, then
-    round): {"row", "round", "position" (the first new token that differs)}."""
-    bad, first = set(), None
+# A differing row whose first differing draw lay this close to an edge of plain sampling's token in the
+# model's CDF is put down to rounding: tree and plain passes multiply in different shapes, and in float32 that
+# moves a CDF by ~1e-7 (seen on the CPU: u 1.8e-7 from an edge at temperature 1, one draw in ~4000). A wrong
+# scheme's draws miss by the width of a token's probability.
+BOUNDARY_MARGIN = 1e-5
+
+
+def differing_rows(runs: list[dict], reference: list[list[int]]) -> list[dict]:
+    """The rows whose tokens differ from ``reference`` in some round, each once (its first such round):
+    {"row", "round", "position" (the first new token that differs)}, by row."""
+    found = []
     for i, ref in enumerate(reference):
         for r, run in enumerate(runs):
             got = run["outputs"][i]
             if got != ref:
-                bad.add(i)
-                if first is None:
-                    position = next((p for p, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-                    first = {"row": i, "round": r, "position": position}
+                position = next((p for p, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+                found.append({"row": i, "round": r, "position": position})
                 break
-    return len(bad), first
+    return found
+
+
+@torch.inference_mode()
+def draw_margin(model, prompt: Sequence[int], prefix: Sequence[int], params: SamplingParams) -> float:
+    """How near plain sampling's draw after ``prefix`` was to another token: the distance of its scaled
+    uniform from the nearer edge of the drawn token's interval in the model's filtered CDF (greedy: the gap
+    between the two largest logits). The model runs the whole sequence afresh, as the oracle does."""
+    device = model.get_input_embeddings().weight.device
+    logits = model(input_ids=torch.tensor([list(prompt) + list(prefix)], device=device)).logits[:, -1].double()
+    if params.greedy:
+        top = logits[0].topk(2).values
+        return float(top[0] - top[1])
+    scaled = logits / params.temperature  # [1, V]
+    threshold = kept_threshold(scaled, torch.tensor([params.top_k], device=device),
+                               torch.tensor([params.top_p], dtype=torch.float64, device=device))
+    cdf = scaled.masked_fill(scaled < threshold[:, None], -math.inf).softmax(-1).cumsum(-1)[0]  # [V]
+    x = float(uniform_stream(params.seed, len(prefix) + 1)[len(prefix)]) * float(cdf[-1])
+    token = int(torch.searchsorted(cdf, torch.tensor([x], dtype=cdf.dtype, device=device), right=True))
+    low = float(cdf[token - 1]) if token else 0.0
+    return min(x - low, float(cdf[token]) - x)
 
 
 def bench_setting(decoders: dict, prompts: list, sampling: list[SamplingParams], max_new_tokens: int,
@@ -138,15 +168,21 @@ def bench_setting(decoders: dict, prompts: list, sampling: list[SamplingParams],
         for m, out in run_round(decoders, prompts, sampling, max_new_tokens, device, batch, rotation=r).items():
             runs[m].append(out)
     reference = runs["plain"][0]["outputs"]
+    model = decoders["plain"].model
     row: dict = {}
     for m, rs in runs.items():
-        count, first = differing_rows(rs, reference)
-        if first is not None:
-            first["seed"] = sampling[first["row"]].seed
+        differing = differing_rows(rs, reference)
+        for d in differing:
+            d["seed"] = sampling[d["row"]].seed
+            d["margin"] = draw_margin(model, prompts[d["row"]], reference[d["row"]][: d["position"]],
+                                      sampling[d["row"]])
+        at_boundary = [d for d in differing if d["margin"] < BOUNDARY_MARGIN]
+        count = len(differing)
+        first = next((d for d in differing if d["margin"] >= BOUNDARY_MARGIN), differing[0] if differing else None)
         median = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # ProPD's choices vary by round
         row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
                   "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],
-                  "rows_differing": count, "first_difference": first}
+                  "rows_differing": count, "rows_at_boundary": len(at_boundary), "first_difference": first}
     row.update(paired_ratios(row))
     return row
 
@@ -161,7 +197,7 @@ def paired_ratios(row: dict) -> dict:
 
 def bench(lm, pt, profile, pool: Sequence[Sequence[int]], *, temperatures: Sequence[float], top_p: float,
           batch_sizes: Sequence[int], max_new_tokens: int, rounds: int, min_prompts: int, seed: int,
-          log: Callable[[str], None] = print) -> list[dict]:
+          static_slots: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Every (temperature, batch size): fresh decoders (ProPD learns within the setting, across its rounds),
     the first max(batch, min_prompts) prompts of ``pool``, one summary row each."""
     results = []
@@ -169,7 +205,7 @@ def bench(lm, pt, profile, pool: Sequence[Sequence[int]], *, temperatures: Seque
         for batch in batch_sizes:
             prompts = list(pool[:max(batch, min_prompts)])
             sampling = row_sampling(len(prompts), temperature, top_p, seed)
-            decoders, slots = make_decoders(lm, pt, profile, batch)
+            decoders, slots = make_decoders(lm, pt, profile, batch, static_slots)
             row = {"temperature": temperature, "batch": batch, "static_slots": slots, "prompts": len(prompts)}
             row.update(bench_setting(decoders, prompts, sampling, max_new_tokens, rounds, lm.device, batch))
             results.append(row)
@@ -181,16 +217,18 @@ def bench(lm, pt, profile, pool: Sequence[Sequence[int]], *, temperatures: Seque
     return results
 
 
-def first_difference(results: list[dict]) -> str | None:
-    """The first row that differs from plain sampling, in words (None: none does)."""
+def first_difference(results: list[dict], explained_too: bool = True) -> str | None:
+    """The first row that differs from plain sampling, in words (None: none does); with ``explained_too``
+    False, the first whose draw was not at a CDF boundary (BOUNDARY_MARGIN)."""
     for row in results:
         for m in METHODS:
             d = row[m].get("first_difference")
-            if d is not None:
+            if d is not None and (explained_too or d.get("margin", math.inf) >= BOUNDARY_MARGIN):
                 which = "plain sampling's own timed round" if m == "plain" else f"{m} sampling"
                 return (f"{which} at temperature {row['temperature']:g}, batch {row['batch']}: row {d['row']} "
                         f"(seed {d['seed']}) differs from plain sampling's first timed round from new token "
-                        f"{d['position']} on (timed round {d['round']})")
+                        f"{d['position']} on (timed round {d['round']}); the plain draw there was "
+                        f"{d.get('margin', math.nan):.2g} from another token's interval")
     return None
 
 
@@ -211,18 +249,21 @@ def print_table(device: str, meta: dict, results: list[dict]) -> None:
                 + " | " + " | ".join(f"{r[f'{m}_vs_plain']:.3f}" for m in METHODS[1:])
                 + " | " + " / ".join(str(r[m]["rows_differing"]) for m in METHODS) + " |")
     total = sum(r[m]["rows_differing"] for r in results for m in METHODS)
-    print(f"\nrows differing from plain sampling: {total}")
+    boundary = sum(r[m].get("rows_at_boundary", 0) for r in results for m in METHODS)
+    print(f"\nrows differing from plain sampling: {total} ({boundary} at a CDF boundary: the plain draw within "
+          f"{BOUNDARY_MARGIN:g} of another token's interval, a rounding difference between tree and plain passes)")
 
 
 def verdict(results: list[dict], dtype: str) -> int:
-    """Exit status: 1 when a row differs from plain sampling in float32 (named on stderr), else 0."""
-    first = first_difference(results)
-    if first is None:
-        return 0
-    if dtype == "float32":
-        print(f"FAIL: {first}", file=sys.stderr)
+    """Exit status: 1 when a row differs from plain sampling in float32 other than at a CDF boundary (named on
+    stderr), else 0. In half precision the boundary is wider than BOUNDARY_MARGIN: differences are named only."""
+    unexplained = first_difference(results, explained_too=False)
+    if unexplained is not None and dtype == "float32":
+        print(f"FAIL: {unexplained}", file=sys.stderr)
         return 1
-    print(f"note ({dtype}: a draw next to a CDF boundary can move): {first}", file=sys.stderr)
+    first = first_difference(results)
+    if first is not None:
+        print(f"note: {first}", file=sys.stderr)
     return 0
 
 
@@ -240,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--min-prompts", type=int, default=4, help="prompts decoded per batch size at least, in "
                    "consecutive batches (one short response alone is too little to time)")
+    p.add_argument("--static-slots", type=int, metavar="N", help="give the static method the tree of budget N "
+                   "(default: the one planned from the profile)")
     p.add_argument("--prompts", help="prompt-token artifact (default: the shipped one)")
     p.add_argument("--profile-budget-s", type=float, default=None)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
@@ -256,7 +299,9 @@ def summary(lm, device_name: str, args, started_at: str, results: list[dict]) ->
             "model_hash": lm.content_hash, "measured_at": started_at, "max_new_tokens": args.max_new_tokens,
             "rounds": args.rounds, "temperatures": args.temperatures, "top_p": args.top_p, "seed": args.seed,
             "batch_sizes": args.batch_sizes, "min_prompts": args.min_prompts, "eos": "on",
+            "static_slots": args.static_slots,
             "rows_differing": sum(r[m]["rows_differing"] for r in results for m in METHODS),
+            "rows_at_boundary": sum(r[m]["rows_at_boundary"] for r in results for m in METHODS),
             "first_difference": first_difference(results), "results": results}
 
 
@@ -287,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     results = bench(lm, pt, profile, pool, temperatures=args.temperatures, top_p=args.top_p,
                     batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
-                    min_prompts=args.min_prompts, seed=args.seed, log=lambda s: print(s, flush=True))
+                    min_prompts=args.min_prompts, seed=args.seed, static_slots=args.static_slots,
+                    log=lambda s: print(s, flush=True))
     saved = summary(lm, name, args, started_at, results)
     print_table(saved["device"], saved, results)
     if args.json:

@@ -80,3 +80,21 @@ def test_a_wrong_acceptance_scheme_is_counted_named_and_fails_the_run(setup, mon
     err = capsys.readouterr().err
     assert err.startswith("FAIL: static sampling at temperature 1, batch 2: row ")
     assert bench_sampling.verdict(results, "bfloat16") == 0  # half precision: counted and named, not failed
+
+
+def test_a_difference_at_a_cdf_boundary_is_rounding_not_a_failure(setup, capsys):
+    lm, _, _, pool = setup
+    params = bench_sampling.SamplingParams(temperature=1.0, seed=3)
+    margin = bench_sampling.draw_margin(lm.model, pool[0], [], params)
+    assert 0 <= margin < 0.5
+
+    def results(margin):
+        d = {"row": 0, "round": 0, "position": 4, "seed": 3, "margin": margin}
+        row = {"temperature": 1.0, "batch": 1, "plain": {"first_difference": None},
+               "static": {"first_difference": d}, "propd": {"first_difference": None}}
+        return [row]
+
+    assert bench_sampling.verdict(results(1e-7), "float32") == 0
+    assert "note: static sampling" in capsys.readouterr().err
+    assert bench_sampling.verdict(results(0.01), "float32") == 1
+    assert capsys.readouterr().err.startswith("FAIL: static sampling at temperature 1, batch 1: row 0")
