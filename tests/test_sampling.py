@@ -374,3 +374,27 @@ def test_sampled_distribution_matches_plain_sampling(params):
     wrong, _ = counts_of(TypicalAcceptancePPD)
     wrong_stat, wrong_df = chi_square(wrong, expected, STAT_DRAWS)
     assert wrong_stat > 3 * chi_square_critical(wrong_df), f"typical acceptance passed: {wrong_stat:.1f} on {wrong_df}"
+
+
+def test_completions_of_one_prompt_are_independent():
+    """Pairs of neighbouring completions (sample indices 2j and 2j+1 of one seed) have the joint distribution
+    of two independent draws: their first tokens' joint counts against the product of the exact marginals."""
+    model = tiny(seed=3, vocab=STAT_VOCAB)
+    prompt = [4, 9]
+    params = SamplingParams(1.0)
+    marginal = {key[0]: q for key, q in exact_joint(model, prompt, params, 1).items()}
+    pairs = 4000
+    rows = [SamplingParams(1.0, seed=completion_seed(17, i)) for i in range(2 * pairs)]
+    first = [r.token_ids[0] for r in VanillaDecoder(model).generate([prompt] * len(rows), 1, sampling=rows)]
+    counts: dict[tuple, int] = {}
+    for j in range(pairs):
+        key = (first[2 * j], first[2 * j + 1])
+        counts[key] = counts.get(key, 0) + 1
+    expected = {(a, b): qa * qb for a, qa in marginal.items() for b, qb in marginal.items()}
+    stat, df = chi_square(counts, expected, pairs)
+    assert stat < chi_square_critical(df), f"chi-square {stat:.1f} on {df} degrees of freedom"
+    # the test has power: pairing a completion with itself is as dependent as it gets
+    same = {}
+    for j in range(pairs):
+        same[(first[j], first[j])] = same.get((first[j], first[j]), 0) + 1
+    assert chi_square(same, expected, pairs)[0] > 3 * chi_square_critical(df)
