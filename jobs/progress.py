@@ -88,7 +88,7 @@ class Progress:
                  f"{tokens_per_s:.1f} tok/s", f"ETA {eta}"]
         for name, tally in sorted(self.groups.items()):
             since = now - self.group_started.get(name, self.started)
-            parts.append(f"{name}: {tally.rows} rows, {tally.output_tokens / since if since > 0 else 0:.1f} tok/s")
+            parts.append(f"{name}: {tally.prompts} rows, {tally.output_tokens / since if since > 0 else 0:.1f} tok/s")
         return " | ".join(parts)
 
     def show(self, force: bool = False) -> None:
@@ -111,7 +111,7 @@ class Progress:
 
 def device_table(by_device: dict[str, dict[str, Any]]) -> str:
     """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s)."""
-    header = ("device", "workers", "rows", "output tokens", "tokens/s", "mean tau", "device-s")
+    header = ("device", "workers", "output rows", "output tokens", "tokens/s", "mean tau", "device-s")
     lines = [header]
     for device, d in sorted(by_device.items()):
         lines.append((device, str(d["workers"]), str(d["rows"]), str(d["output_tokens"]),
