@@ -148,7 +148,8 @@ class LatencyModel:
     smaller and at a larger batch size (the profile covers a few batch sizes; rows leave the batch as they
     finish) is interpolated linearly in batch between the nearest two: the cost of a slot count is close
     to linear in batch between profiled points, whereas a fit linear in tokens overall misprices wide trees
-    on a launch-bound GPU, where 200 slots cost little more than 1. Any other pair comes from a fit over every
+    on a launch-bound GPU, where 200 slots cost little more than 1. Below the smallest batch size where a
+    slot count is known, its price there is scaled by batch. Any other pair comes from a fit over every
     measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
     (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss). Interpolated and
     fitted pairs are never below the slowest known pair that did no more work (no more rows and no more slots).
@@ -208,9 +209,12 @@ class LatencyModel:
             return
         key = (batch, slots)
         old = self._average(key) if key in self.average else None  # rebased to the machine's speed now
-        if old is not None or self.history:  # else nothing measured nor profiled yet: no scale to clip against
-            reference, band = (old, self.clip) if old is not None else (self.predict(batch, slots, context),
-                                                                         self.clip ** 2)
+        # Clipped against the pair's average, or before its first run against a prediction grounded in
+        # measurements of its slot count (its own profile point, or others' batch sizes). Never against the fit
+        # alone: extrapolated to a batch size below every profiled one, the fit priced 192-slot trees at zero,
+        # the clip held their real 1.5 s steps at nanoseconds, and ProPD ran them for good (ProPD at 0.31x).
+        reference, band = (old, self.clip) if old is not None else (self._grounded(batch, slots), self.clip ** 2)
+        if reference is not None:
             seconds = min(max(seconds, reference / band), reference * band)
         runs = self.runs[key] = self.runs.get(key, 0) + 1
         weight = max(self.ema, 1 / runs)  # the plain mean of the first 1/ema steps, then a moving average
@@ -273,14 +277,26 @@ class LatencyModel:
         return None
 
     def _between(self, batch: int, slots: int) -> float | None:
-        """Linear interpolation in batch between the nearest known pairs of this slot count on either side."""
+        """Linear interpolation in batch between the nearest known pairs of this slot count on either side;
+        below the smallest known batch size, that pair's seconds scaled by batch (a lower bound: a step has
+        fixed costs), which keeps the relative prices of slot counts that the profile measured there."""
         batches = {b for b, s in (*self.average, *self.prior) if s == slots}
         below, above = [b for b in batches if b < batch], [b for b in batches if b > batch]
-        if not below or not above:
+        if not above:
             return None
-        lo, hi = max(below), min(above)
-        t_lo, t_hi = self._known((lo, slots)), self._known((hi, slots))
+        hi = min(above)
+        t_hi = self._known((hi, slots))
+        if not below:
+            return t_hi * batch / hi
+        lo = max(below)
+        t_lo = self._known((lo, slots))
         return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+
+    def _grounded(self, batch: int, slots: int) -> float | None:
+        """The pair's price from measurements of its own slot count (at this or other batch sizes), or None
+        when only the fit could price it."""
+        known = self._known((batch, slots))
+        return known if known is not None else self._between(batch, slots)
 
     def predict(self, batch: int, slots: int, context: float) -> float:
         known = self._known((batch, slots))

@@ -104,8 +104,9 @@ class PPDDecoder:
 
     @staticmethod
     def _drawer(sampler: RowSampler, index: torch.Tensor, emitted: torch.Tensor):
-        """draw(logits [B, V], depth) for this step: the rows' tokens at new-token position emitted + depth."""
-        return lambda logits, depth: sampler.draw(logits, index, emitted + depth)
+        """draw(logits [R, V], depth, rows [R]) for this step: batch rows' tokens at new-token position
+        emitted + depth."""
+        return lambda logits, depth, rows: sampler.draw(logits, index[rows], emitted[rows] + depth)
 
     def accept_sampled(self, node_tokens, node_parent, node_valid, logits_at, draw, max_depth):
         """Sampled verification (decoding/sampling.sample_accept); a method so that a test can put a wrong
@@ -212,8 +213,8 @@ class PPDDecoder:
         return ids, hidden, (kept, c)
 
     def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None, draw=None):
-        """One guess-and-verify pass. ``draw``: None for greedy verification, else draw(logits [B, V], depth)
-        gives the rows' sampled tokens at a depth below the root (see ``_drawer``).
+        """One guess-and-verify pass. ``draw``: None for greedy verification, else draw(logits [R, V], depth,
+        rows [R]) gives batch rows' sampled tokens at a depth below the root (see ``_drawer``).
 
         Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, m, V], next state [B], kv_len [B]):
         row b emits ``tokens[b, :counts[b]]``.
@@ -238,8 +239,8 @@ class PPDDecoder:
             tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
             tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
         else:
-            def logits_at(node: torch.Tensor) -> torch.Tensor:  # node [B] -> the model's logits there [B, V]
-                return self.lm_head(hidden.gather(1, node[:, None, None].expand(-1, 1, H)).squeeze(1))
+            def logits_at(node: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R], [R] -> logits [R, V]
+                return self.lm_head(hidden[rows, node])
 
             best, tokens, n_acc = self.accept_sampled(ids[:, :C], sb.node_parent[state, :C], valid, logits_at,
                                                       draw, D)  # [B], [B, D+1], [B]

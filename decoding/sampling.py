@@ -167,35 +167,38 @@ class RowSampler:
 
 
 def sample_accept(node_tokens: torch.Tensor, node_parent: torch.Tensor, node_valid: torch.Tensor,
-                  logits_at: Callable[[torch.Tensor], torch.Tensor],
-                  draw: Callable[[torch.Tensor, int], torch.Tensor], max_depth: int):
+                  logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  draw: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor], max_depth: int):
     """Sampled verification: walk each row's tree from the root, drawing at every node the token the model
     would sample there, and step into the child holding it while there is one.
 
     node_tokens, node_parent [B, C] long and node_valid [B, C] bool, as for ``greedy_accept``;
-    ``logits_at(node [B])`` gives each row's logits [B, V] at one node; ``draw(logits [B, V], depth)`` the
-    token drawn at that depth below the root (it knows each row's position). Returns (deepest accepted node
-    [B], tokens [B, max_depth + 1], accepted candidates [B]): row b emits ``tokens[b, :accepted[b] + 1]``,
-    the accepted candidates and then the draw at the deepest accepted node.
+    ``logits_at(node [R], rows [R])`` gives the logits [R, V] of batch rows ``rows`` at their nodes;
+    ``draw(logits [R, V], depth, rows [R])`` their tokens drawn at that depth below the root (it knows each
+    row's position). Only the rows still walking are drawn for at each depth: the lm_head and the draw are a
+    good part of a CPU step, and most rows stop at the root. Returns (deepest accepted node [B], tokens
+    [B, max_depth + 1], accepted candidates [B]): row b emits ``tokens[b, :accepted[b] + 1]``, the accepted
+    candidates and then the draw at the deepest accepted node.
     """
     B = node_tokens.shape[0]
     device = node_tokens.device
     node = torch.zeros(B, dtype=torch.long, device=device)  # [B] where each row's walk is
-    walking = torch.ones(B, dtype=torch.bool, device=device)  # [B] rows whose every draw so far was in the tree
     accepted = torch.zeros(B, dtype=torch.long, device=device)
     tokens = torch.zeros(B, max_depth + 1, dtype=torch.long, device=device)
-    not_root = torch.ones_like(node_valid)
-    not_root[:, 0] = False
+    rows = torch.arange(B, device=device)  # [R] rows whose every draw so far was in the tree
     for depth in range(max_depth + 1):
-        drawn = draw(logits_at(node), depth)  # [B]
-        tokens[:, depth] = torch.where(walking, drawn, tokens[:, depth])
+        at = node[rows]  # [R]
+        drawn = draw(logits_at(at, rows), depth, rows)  # [R]
+        tokens[rows, depth] = drawn
         if depth == max_depth:
             break
-        child = (node_parent == node[:, None]) & (node_tokens == drawn[:, None]) & node_valid & not_root  # [B, C]
-        found = child.any(1) & walking  # siblings hold distinct tokens: at most one child matches
-        node = torch.where(found, child.long().argmax(1), node)
-        accepted += found.long()
-        walking &= found
-        if not bool(walking.any()):  # every row has its last token
+        child = ((node_parent[rows] == at[:, None]) & (node_tokens[rows] == drawn[:, None])
+                 & node_valid[rows])  # [R, C]
+        child[:, 0] = False  # the root is nobody's child
+        found = child.any(1)  # siblings hold distinct tokens: at most one child matches
+        node[rows] = torch.where(found, child.long().argmax(1), at)
+        accepted[rows] += found.long()
+        rows = rows[found]
+        if rows.numel() == 0:  # every row has its last token
             break
     return node, tokens, accepted

@@ -385,3 +385,18 @@ def test_an_empty_family_is_refused(model):
     with pytest.raises(ValueError, match="no tree set"):
         ProPDDecoder(model, prompt_tokens(model), lambda table: [], TABLE)
     assert TreeOption  # the family's element type is part of the module's interface
+
+
+def test_a_batch_size_below_every_profiled_one_is_priced_from_the_smallest_and_measured_as_it_runs(monkeypatch):
+    """A profile of batch 8 only; rows finish, the batch shrinks to 7. Seen: the fit, extrapolating there,
+    priced 192-slot trees at zero, their first real steps (1.5 s) were clipped to that, and ProPD ran them for
+    good. The fit is made that bad here."""
+    monkeypatch.setattr(LatencyModel, "_fit", lambda self: torch.zeros(4, dtype=torch.float64))
+    latency = LatencyModel([(8, 1, 256.0, 0.06), (8, 16, 256.0, 0.34), (8, 192, 256.0, 2.5)])
+    assert latency.predict(7, 192, 256.0) == pytest.approx(2.5 * 7 / 8)  # from batch 8's price, not the fit
+    assert latency.predict(7, 1, 256.0) < latency.predict(7, 16, 256.0) < latency.predict(7, 192, 256.0)
+    latency.observe(7, 192, 300.0, 1.5)
+    assert latency.predict(7, 192, 300.0) == pytest.approx(1.5)  # within the clip of its grounded price
+    # A slot count profiled nowhere has only the fit (here zero): its first real step is taken as it came.
+    latency.observe(7, 100, 300.0, 1.4)
+    assert latency.predict(7, 100, 300.0) == pytest.approx(1.4)

@@ -125,18 +125,19 @@ def test_sample_accept_follows_the_drawn_tokens_down_the_tree():
     script = torch.tensor([[8, 5, 11], [7, 4, 12], [3, 1, 1], [8, 5, 6]])
     seen = []
 
-    def logits_at(node):
-        seen.append(node.tolist())
-        return torch.zeros(4, 16)
+    def logits_at(node, rows):
+        seen.append(list(zip(rows.tolist(), node.tolist())))
+        return torch.zeros(len(rows), 16)
 
-    def draw(logits, depth):
-        return script[:, depth]
+    def draw(logits, depth, rows):
+        return script[rows, depth]
 
     best, tokens, accepted = sample_accept(node_tokens, node_parent, node_valid, logits_at, draw, max_depth=2)
     assert accepted.tolist() == [2, 1, 0, 0]
     assert best.tolist() == [4, 1, 0, 0]
     assert [tokens[b, : accepted[b] + 1].tolist() for b in range(4)] == [[8, 5, 11], [7, 4], [3], [8]]
-    assert seen == [[0, 0, 0, 0], [2, 1, 0, 0], [4, 1, 0, 0]]  # each row drew at the node it had reached
+    # (row, node) drawn at per depth: every row at the root, then only the rows still in the tree
+    assert seen == [[(0, 0), (1, 0), (2, 0), (3, 0)], [(0, 2), (1, 1)], [(0, 4)]]
 
 
 # -- exactness against plain sampling, token for token ------------------------------------------------------------
@@ -326,9 +327,10 @@ class TypicalAcceptancePPD(PPDDecoder):
         walking = torch.ones(B, dtype=torch.bool)
         accepted = torch.zeros(B, dtype=torch.long)
         tokens = torch.zeros(B, max_depth + 1, dtype=torch.long)
+        every = torch.arange(B)
         for depth in range(max_depth + 1):
-            logits = logits_at(node)
-            drawn = draw(logits, depth)
+            logits = logits_at(node, every)
+            drawn = draw(logits, depth, every)
             probs = logits.double().softmax(-1)
             threshold = torch.minimum(torch.full((B,), 0.09, dtype=torch.float64),
                                       0.3 * torch.exp((probs * probs.clamp_min(1e-30).log()).sum(-1)))
