@@ -15,40 +15,28 @@ from decoding.results import FinishReason, RowResult
 from decoding.sampling import SamplingParams, sample_tokens, uniform_stream
 
 
-@torch.inference_mode()
 def reference_greedy(model: nn.Module, prompt: Sequence[int], max_new_tokens: int,
                      eos_token_ids: Sequence[int] = ()) -> RowResult:
-    device = model.get_input_embeddings().weight.device
-    seq = list(prompt)
-    result = RowResult()
-    while len(result.token_ids) < max_new_tokens:
-        logits = model(input_ids=torch.tensor([seq], device=device)).logits  # [1, S, V]
-        token = int(logits[0, -1].argmax())
-        seq.append(token)
-        result.token_ids.append(token)
-        result.num_steps += 1
-        result.accepted_per_step.append(1)
-        if token in eos_token_ids:
-            result.finish_reason = FinishReason.STOP
-            return result
-    result.finish_reason = FinishReason.LENGTH
-    return result
+    return reference_sample(model, prompt, max_new_tokens, SamplingParams(), eos_token_ids)
 
 
 @torch.inference_mode()
 def reference_sample(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
                      eos_token_ids: Sequence[int] = ()) -> RowResult:
     """Plain sampling: token t drawn from the model's filtered distribution after tokens 0..t-1 with the
-    t-th uniform of the row's stream (decoding/sampling.py)."""
+    t-th uniform of the row's stream (decoding/sampling.py); temperature 0 is the argmax."""
     device = model.get_input_embeddings().weight.device
-    uniforms = uniform_stream(params.seed, max_new_tokens)
+    uniforms = uniform_stream(params.seed, max_new_tokens).to(device)
     seq = list(prompt)
     result = RowResult()
     for t in range(max_new_tokens):
         logits = model(input_ids=torch.tensor([seq], device=device)).logits[:, -1]  # [1, V]
-        token = int(sample_tokens(logits, torch.tensor([params.temperature], device=device),
-                                  torch.tensor([params.top_k], device=device), torch.tensor([params.top_p], device=device),
-                                  uniforms[t : t + 1].to(device))[0])
+        if params.greedy:
+            token = int(logits[0].argmax())
+        else:
+            token = int(sample_tokens(logits, torch.tensor([params.temperature], device=device),
+                                      torch.tensor([params.top_k], device=device),
+                                      torch.tensor([params.top_p], device=device), uniforms[t : t + 1])[0])
         seq.append(token)
         result.token_ids.append(token)
         result.num_steps += 1

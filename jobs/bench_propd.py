@@ -49,10 +49,11 @@ from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa
 
 
 def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.device, batch: int,
-              rotation: int = 0) -> dict[str, dict]:
+              rotation: int = 0, sampling: list | None = None) -> dict[str, dict]:
     """One round: ``prompts`` in consecutive batches of ``batch``, every method decoding each batch in turn
     (the order rotated per batch), so that the machine's drift, which on a shared 2-core VM moves a method's
-    speed by 10-20% within a minute, falls on all methods alike. Each method's time is the sum of its calls."""
+    speed by 10-20% within a minute, falls on all methods alike. Each method's time is the sum of its calls.
+    ``sampling``: per-prompt SamplingParams (None: greedy)."""
     methods = list(decoders)
     seconds = {m: 0.0 for m in methods}
     results: dict[str, list] = {m: [] for m in methods}
@@ -65,7 +66,8 @@ def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens)
+            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens,
+                                               sampling=None if sampling is None else sampling[start: start + batch])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[m] += time.perf_counter() - t0

@@ -39,7 +39,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
@@ -49,6 +48,7 @@ from decoding import PPDDecoder, SamplingParams, VanillaDecoder, completion_seed
 from decoding.sampling import kept_threshold, uniform_stream  # noqa: E402
 from decoding.online_stats import LatencyModel  # noqa: E402
 from decoding.propd import ProPDDecoder  # noqa: E402
+from jobs.bench_propd import run_round  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from profiling.device import identify  # noqa: E402
@@ -81,41 +81,6 @@ def make_decoders(lm, pt, profile, batch: int, static_slots: int | None = None) 
         "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
     }
     return decoders, choice.chosen.slots
-
-
-def run_round(decoders: dict, prompts: list, sampling: list[SamplingParams], max_new_tokens: int,
-              device: torch.device, batch: int, rotation: int = 0) -> dict[str, dict]:
-    """bench_propd.run_round with per-row sampling: ``prompts`` in consecutive batches of ``batch``, every
-    method decoding each batch in turn (the order rotated per batch), row i with ``sampling[i]``."""
-    methods = list(decoders)
-    seconds = {m: 0.0 for m in methods}
-    results: dict[str, list] = {m: [] for m in methods}
-    for dec in decoders.values():
-        if isinstance(dec, PPDDecoder):
-            dec.passes, dec.tokens_processed = 0, 0.0
-    for c, start in enumerate(range(0, len(prompts), batch)):
-        shift = (rotation + c) % len(methods)
-        for m in methods[shift:] + methods[:shift]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens,
-                                               sampling=sampling[start: start + batch])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[m] += time.perf_counter() - t0
-    out = {}
-    for m, dec in decoders.items():
-        rs = results[m]
-        tokens, steps = sum(r.num_tokens for r in rs), sum(r.num_steps for r in rs)
-        if isinstance(dec, PPDDecoder):
-            per_pass = dec.tokens_processed / dec.passes
-        else:  # plain decoding: one token per active row per pass
-            per_pass = steps / sum(max(r.num_steps for r in rs[start: start + batch])
-                                   for start in range(0, len(rs), batch))
-        out[m] = {"seconds": seconds[m], "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
-                  "outputs": [r.token_ids for r in rs]}
-    return out
 
 
 # A differing row whose first differing draw lay this close to an edge of plain sampling's token in the
@@ -163,9 +128,10 @@ def bench_setting(decoders: dict, prompts: list, sampling: list[SamplingParams],
                   rounds: int, device: torch.device, batch: int) -> dict:
     """A warm-up round and ``rounds`` timed rounds of every method on ``prompts``; the summary row."""
     runs: dict[str, list[dict]] = {m: [] for m in decoders}
-    run_round(decoders, prompts, sampling, max_new_tokens, device, batch)  # warm-up (ProPD starts learning)
+    run_round(decoders, prompts, max_new_tokens, device, batch, sampling=sampling)  # warm-up (ProPD learns)
     for r in range(rounds):
-        for m, out in run_round(decoders, prompts, sampling, max_new_tokens, device, batch, rotation=r).items():
+        for m, out in run_round(decoders, prompts, max_new_tokens, device, batch, rotation=r,
+                                sampling=sampling).items():
             runs[m].append(out)
     reference = runs["plain"][0]["outputs"]
     model = decoders["plain"].model
