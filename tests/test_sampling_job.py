@@ -150,3 +150,21 @@ def test_a_sampling_job_writes_every_completion_once_and_resumes(ray_local, tiny
     capsys.readouterr()
     assert main([*args, "--temperature", "1.0"]) == 2
     assert "sampling" in capsys.readouterr().err
+
+
+def test_parquet_sampling_params_with_null_fields_mean_not_given(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.inputs import read_rows
+
+    params = pa.array([{"temperature": 0.9, "n": 2, "seed": None}, None, {"temperature": None, "n": None, "seed": 4}],
+                      pa.struct([("temperature", pa.float64()), ("n", pa.int64()), ("seed", pa.int64())]))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "sampling_params": params}),
+                   tmp_path / "in.parquet")
+    rows = read_rows(tmp_path / "in.parquet")
+    job = SamplingConfig(temperature=0.5, seed=1)
+    a, b, c = (resolve_sampling(job, 16, r["id"], r.get("sampling_params")) for r in rows)
+    assert (a.temperature, a.n, a.seed) == (0.9, 2, row_seed(1, "a"))
+    assert (b.temperature, b.n, b.seed) == (0.5, 1, row_seed(1, "b"))
+    assert (c.temperature, c.n, c.seed) == (0.5, 1, 4)
