@@ -79,12 +79,14 @@ def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: s
 
     Sources are read before anything is written, so overlapping source and destination columns are safe.
     """
+    index: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # built once per shape, not per layer
     for layer in cache.layers[layers]:
         for name in ("keys", "values"):
             t = getattr(layer, name)  # [B, H, T, D]
             B, H, _, D = t.shape
-            src_i = src[:, None, :, None].expand(B, H, -1, D)
-            dst_i = dst[:, None, :, None].expand(B, H, -1, D)
+            if (B, H, D) not in index:
+                index[B, H, D] = (src[:, None, :, None].expand(B, H, -1, D), dst[:, None, :, None].expand(B, H, -1, D))
+            src_i, dst_i = index[B, H, D]
             t.scatter_(2, dst_i, t.gather(2, src_i))
 
 
