@@ -74,6 +74,22 @@ def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device
     return valid, hidden
 
 
+def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]] | None:
+    """(the distinct prompts, each row's index among them) when some rows share a prompt (several completions
+    of one prompt), else None: the caller then prefills the distinct prompts once and copies their KV."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    if len(first) == len(prompts):
+        return None
+    return [list(p) for p in first], index
+
+
+def expand_rows(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Row b of the cache becomes row ``index[b]`` of the old one (rows may repeat)."""
+    if cache.get_seq_length() > 0:
+        cache.batch_select_indices(index)
+
+
 def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: slice = slice(None)) -> None:
     """For every layer in ``layers`` and row b, copy KV columns ``src[b]`` to ``dst[b]`` (both [B, L] long).
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv,
-                            new_cache, pad_prompts)
+from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache,
+                            expand_rows, move_kv, new_cache, pad_prompts, prefill, shared_prompts)
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
@@ -76,16 +76,27 @@ class PPDDecoder:
             sampler = None  # all greedy: greedy verification
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
-        # The first step carries the prompts: each row's last prompt token is its first root, so the prompt
-        # minus that token rides in the same forward as the first tree (root + k prompt tokens).
-        prefix = pad_prompts([p[:-1] for p in active], device)
-        kv_len = prefix[1].sum(1)  # [B]: rows are contiguous after the prefix
+        # Each row's last prompt token is its first root. The first step carries the rest of the prompts: they
+        # ride in the same forward as the first tree (root + k prompt tokens). Completions of one prompt
+        # instead share one prefill of it, its KV copied to each (then the first step is a tree like any).
+        shared = shared_prompts(active)
+        if shared is None:
+            prefix = pad_prompts([p[:-1] for p in active], device)
+            kv_len = prefix[1].sum(1)  # [B]: rows are contiguous after the prefix
+        else:
+            distinct, of_row = shared
+            prefix = None
+            kv_len = prefill(self.model, cache, [p[:-1] for p in distinct], device)[0].sum(1)  # [U]
+            index = torch.tensor(of_row, dtype=torch.long, device=device)  # [B]
+            expand_rows(cache, index)
+            kv_len = kv_len[index]  # [B]
         root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
         ts = self.tree_set
         guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
         state = torch.zeros(rows.size, dtype=torch.long, device=device)  # [B]: no guesses yet
         prompt_table = self.prompt_tokens.flat(dtype)  # [k*n, H]
         self._start()
+        first_step = True
 
         while rows.size > 0:
             buffers = self._buffers_for_step(rows, kv_len, state)
@@ -93,8 +104,8 @@ class PPDDecoder:
             tokens, counts, root, prompt_logits, state, kv_len = self.step(
                 cache, buffers, prompt_table, kv_len, root, guesses, state, prefix, draw)
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
-            self._after_commit(rows, keep, first_step=prefix is not None)
-            prefix = None
+            self._after_commit(rows, keep, first_step=first_step)
+            prefix, first_step = None, False
             root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
             if rows.size:
                 crop_cache(cache, int(kv_len.max()))

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, StopCheck, additive_mask, check_prompts, new_cache, prefill
+from decoding.batch import (ActiveRows, StopCheck, additive_mask, check_prompts, expand_rows, new_cache, prefill,
+                            shared_prompts)
 from decoding.results import RowResult
 from decoding.sampling import RowSampler, SamplingParams
 
@@ -40,7 +41,15 @@ class VanillaDecoder:
             sampler = None  # all greedy: the argmax path
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
-        kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
+        shared = shared_prompts(active)
+        if shared is None:
+            kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
+        else:  # completions of one prompt: prefill it once, copy its KV to each
+            distinct, of_row = shared
+            index = torch.tensor(of_row, dtype=torch.long, device=device)  # [B]
+            kv_valid, hidden = prefill(self.model, cache, distinct, device)  # [U, P], [U, P, H]
+            expand_rows(cache, index)
+            kv_valid, hidden = kv_valid[index], hidden[index]
         position = kv_valid.sum(1)  # [B]: where each row's next token goes
         last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))  # [B, 1, H]
         self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)

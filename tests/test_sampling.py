@@ -400,3 +400,37 @@ def test_completions_of_one_prompt_are_independent():
     for j in range(pairs):
         same[(first[j], first[j])] = same.get((first[j], first[j]), 0) + 1
     assert chi_square(same, expected, pairs)[0] > 3 * chi_square_critical(df)
+
+
+@pytest.mark.parametrize("method", ["ppd", "propd", "pruned", "vanilla"])
+def test_completions_of_one_prompt_share_its_prefill_and_stay_exact(method):
+    from decoding.propd import ProPDDecoder
+    from profiling.tree_builder import tree_family
+    from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
+    from tests.test_pruning import LAYERS, random_head
+
+    model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, seed=1)
+    a, b, c = prompts_for(2, 8) + [[7]]  # c: one token, so nothing to prefill
+    prompts = [a, b, a, c, a, c, b]
+    params = [SamplingParams(1.0, seed=completion_seed(6, i)) for i in range(6)] + [SamplingParams(0.0)]
+    decoder = {
+        "ppd": lambda: PPDDecoder(model, untrained(model), tree_set=default_tree_set(K)),
+        "propd": lambda: ProPDDecoder(model, untrained(model), tree_family(K, BUDGETS), TABLE, FlipFlopLatency()),
+        "pruned": lambda: PPDDecoder(model, untrained(model), tree_set=default_tree_set(K),
+                                     prune_head=random_head(model, 3)),
+        "vanilla": lambda: VanillaDecoder(model),
+    }[method]()
+    widths = []  # input tokens per row of each forward of the decoder stack
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(
+            (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[:2]),
+        with_kwargs=True)
+    try:
+        got = decoder.generate(prompts, 12, sampling=params)
+    finally:
+        hook.remove()
+    assert [r.token_ids for r in got] == [reference_sample(model, p, 12, s).token_ids for p, s in zip(prompts, params)]
+    # One forward ran the distinct prompts alone (3 rows, the longest prompt minus its root for PPD).
+    prefill_len = max(len(a), len(b)) - (0 if method == "vanilla" else 1)
+    assert tuple(widths[0]) == (3, prefill_len)
+    assert len({tuple(r.token_ids) for r, p in zip(got, prompts) if p == a}) == 3  # distinct completions
