@@ -85,6 +85,25 @@ def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.
     return out
 
 
+def load_model_and_prompts(device: str, dtype: str, prompts: str | None):
+    """The default model and its prompt tokens (``prompts``: an artifact directory; None: the shipped one)."""
+    lm = load_model(ModelConfig(device=device, dtype=dtype))
+    artifact = prompts or find_shipped_artifact(lm.content_hash)
+    if artifact is None:
+        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
+    return lm, load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+
+
+def device_profile(lm, pt, batch_sizes, budget_s: float | None):
+    """(this device's latency profile, cached or measured now, as a worker gets it; the device's name)."""
+    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
+                                              cache_dir=resolve_cache_dir(None), batch_sizes=batch_sizes,
+                                              budget_s=budget_s)
+    name = identify(lm.device, lm.dtype).readable
+    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
+    return profile, name
+
+
 def paired_ratios(row: dict) -> dict:
     """ProPD (and ProPD with pruning) against the better of plain and static, paired by round: the methods of
     one round ran back to back, so machine drift between rounds (tens of percent on a shared GPU host) cancels
@@ -147,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
-    artifact = args.prompts or find_shipped_artifact(lm.content_hash)
-    if artifact is None:
-        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
-    pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+    lm, pt = load_model_and_prompts(args.device, args.dtype, args.prompts)
     table = pt.meta.extra["acceptance"]
     head_dir = args.prune_head or find_shipped_prune_head(lm.content_hash)
     head = None
@@ -159,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         head, _ = load_prune_head(head_dir, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype,
                                   keep_top_k=args.keep_top_k)
         print(f"prune head {head_dir}: layer {head.layer}, keep top {head.keep_top_k}", flush=True)
-    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
-                                              cache_dir=resolve_cache_dir(None), batch_sizes=args.batch_sizes,
-                                              budget_s=args.profile_budget_s)
-    name = identify(lm.device, lm.dtype).readable
-    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
+    profile, name = device_profile(lm, pt, args.batch_sizes, args.profile_budget_s)
     mixed = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
     prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]

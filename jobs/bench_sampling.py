@@ -48,15 +48,11 @@ from decoding import PPDDecoder, SamplingParams, VanillaDecoder, completion_seed
 from decoding.sampling import kept_threshold, uniform_stream  # noqa: E402
 from decoding.online_stats import LatencyModel  # noqa: E402
 from decoding.propd import ProPDDecoder  # noqa: E402
-from jobs.bench_propd import run_round  # noqa: E402
+from jobs.bench_propd import device_profile, load_model_and_prompts, run_round  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from profiling.device import identify  # noqa: E402
 from profiling.latency import DEFAULT_SLOTS  # noqa: E402
 from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
-from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
-from workers.profiles import load_or_measure_profile  # noqa: E402
 
 METHODS = ("plain", "static", "propd")
 
@@ -285,16 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return verdict(saved["results"], saved["dtype"])
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
-    artifact = args.prompts or find_shipped_artifact(lm.content_hash)
-    if artifact is None:
-        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
-    pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
-    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
-                                              cache_dir=resolve_cache_dir(None), batch_sizes=args.batch_sizes,
-                                              budget_s=args.profile_budget_s)
-    name = identify(lm.device, lm.dtype).readable
-    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
+    lm, pt = load_model_and_prompts(args.device, args.dtype, args.prompts)
+    profile, name = device_profile(lm, pt, args.batch_sizes, args.profile_budget_s)
     pool = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     results = bench(lm, pt, profile, pool, temperatures=args.temperatures, top_p=args.top_p,
                     batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
