@@ -84,19 +84,27 @@ def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
 
 def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, monkeypatch):
     """A profile measured on a busy machine (its 1-slot step priced 3x against its tree step) is caught by the
-    start-up spot check and replaced. (The tiny model's steps are below the check's floor: lifted here.)"""
-    monkeypatch.setattr(profiles, "SPOT_CHECK_MIN_SECONDS", 0.0)
+    start-up spot check and replaced. The device's steps are a fixed table (see the probe test below)."""
+    device = {1: 0.010, 16: 0.040}  # seconds per step at batch 1, by slots
+    measured = []
+
+    def measure(model, prompt_tokens, *, batch_sizes, slots, **kwargs):
+        measured.append(slots)
+        return profile_of([(b, s, device[s]) for b in batch_sizes for s in slots])
+    monkeypatch.setattr(profiles, "measure_profile", measure)
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 16], budget_s=5)
     first, _ = load_or_measure_profile(tiny.model, pt, **kwargs)
     (path,) = (tmp_path / "profiles").glob("*.json")
     poisoned = first.model_copy(update={"points": [
         p.model_copy(update={"seconds": p.seconds * (3.0 if p.slots == 1 else 1.0)}) for p in first.points]})
-    assert shape_error(poisoned, tiny.model, pt, "tinyhash") > 2.0
+    assert shape_error(poisoned, tiny.model, pt, "tinyhash") == pytest.approx(3.0)
     path.write_text(poisoned.model_dump_json())
+    measured.clear()
     again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
-    assert not cached and again.measured_at >= first.measured_at
-    assert shape_error(again, tiny.model, pt, "tinyhash") < 2.0
+    assert measured == [[1, 16], [1, 16], [1, 16]]  # two probes disagreed, then the profile was measured again
+    assert not cached and again == first
+    assert shape_error(again, tiny.model, pt, "tinyhash") == pytest.approx(1.0)
     assert LatencyProfile.model_validate_json(path.read_text()) == again  # the cache now holds the new one
     # Without the spot check the poisoned file would have been trusted.
     path.write_text(poisoned.model_dump_json())
