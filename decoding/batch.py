@@ -63,20 +63,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device):
     return ids, valid, attend, positions
 
 
-def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device: torch.device):
-    """Run ragged prompts, right-padded, into an empty ``cache``. Returns (kv_valid [B, P], hidden [B, P, H])."""
-    ids, valid, attend, positions = pad_prompts(prompts, device)
-    if ids.shape[1] == 0:
-        return valid, None
-    mask = additive_mask(torch.zeros(len(prompts), 0, dtype=torch.bool, device=device), attend, model.dtype)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
-    return valid, hidden
-
-
 def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]] | None:
-    """(the distinct prompts, each row's index among them) when some rows share a prompt (several completions
-    of one prompt), else None: the caller then prefills the distinct prompts once and copies their KV."""
+    """(the distinct prompts, each row's index among them) when some rows share a prompt, else None."""
     first: dict[tuple[int, ...], int] = {}
     index = [first.setdefault(tuple(p), len(first)) for p in prompts]
     if len(first) == len(prompts):
@@ -84,10 +72,26 @@ def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], l
     return [list(p) for p in first], index
 
 
-def expand_rows(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Row b of the cache becomes row ``index[b]`` of the old one (rows may repeat)."""
-    if cache.get_seq_length() > 0:
-        cache.batch_select_indices(index)
+def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device: torch.device):
+    """Run ragged prompts, right-padded, into an empty ``cache``. Returns (kv_valid [B, P], hidden [B, P, H]).
+
+    Rows with the same prompt (several completions of one prompt) share one pass: the distinct prompts run
+    once, and their KV and hidden states are copied to each of their rows."""
+    shared = shared_prompts(prompts)
+    if shared is not None:
+        distinct, of_row = shared
+        valid, hidden = prefill(model, cache, distinct, device)  # [U, P], [U, P, H]
+        index = torch.tensor(of_row, dtype=torch.long, device=device)  # [B]
+        if cache.get_seq_length() > 0:
+            cache.batch_select_indices(index)  # row b becomes row index[b] (rows repeat)
+        return valid[index], None if hidden is None else hidden[index]
+    ids, valid, attend, positions = pad_prompts(prompts, device)
+    if ids.shape[1] == 0:
+        return valid, None
+    mask = additive_mask(torch.zeros(len(prompts), 0, dtype=torch.bool, device=device), attend, model.dtype)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+    return valid, hidden
 
 
 def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: slice = slice(None)) -> None:

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache,
-                            expand_rows, move_kv, new_cache, pad_prompts, prefill, shared_prompts)
+from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv,
+                            new_cache, pad_prompts, prefill, shared_prompts)
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
@@ -71,25 +71,18 @@ class PPDDecoder:
         if rows.size == 0:
             return rows.results
         # Draws below a row's last allowed token are made and thrown away: k uniforms of lookahead.
-        sampler = RowSampler(sampling, rows.limits, self.prompt_tokens.k, device) if sampling is not None else None
-        if sampler is not None and not sampler.any_sampled:
-            sampler = None  # all greedy: greedy verification
+        sampler = RowSampler.for_rows(sampling, rows.limits, self.prompt_tokens.k, device)  # None: greedy
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
         # Each row's last prompt token is its first root. The first step carries the rest of the prompts: they
         # ride in the same forward as the first tree (root + k prompt tokens). Completions of one prompt
         # instead share one prefill of it, its KV copied to each (then the first step is a tree like any).
-        shared = shared_prompts(active)
-        if shared is None:
+        if shared_prompts(active) is None:
             prefix = pad_prompts([p[:-1] for p in active], device)
             kv_len = prefix[1].sum(1)  # [B]: rows are contiguous after the prefix
         else:
-            distinct, of_row = shared
             prefix = None
-            kv_len = prefill(self.model, cache, [p[:-1] for p in distinct], device)[0].sum(1)  # [U]
-            index = torch.tensor(of_row, dtype=torch.long, device=device)  # [B]
-            expand_rows(cache, index)
-            kv_len = kv_len[index]  # [B]
+            kv_len = prefill(self.model, cache, [p[:-1] for p in active], device)[0].sum(1)  # [B]
         root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
         ts = self.tree_set
         guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
@@ -245,8 +238,8 @@ class PPDDecoder:
             best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
                                  sb.ancestor_or_self[state, :C, :C], depth)  # [B]
             n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
-            path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
             bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
+            path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
             tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
             tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
         else:

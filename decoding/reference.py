@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from decoding.results import FinishReason, RowResult
-from decoding.sampling import SamplingParams, sample_tokens, uniform_stream
+from decoding.sampling import GREEDY, SamplingParams, sample_tokens, uniform_stream
 
 
 def reference_greedy(model: nn.Module, prompt: Sequence[int], max_new_tokens: int,
                      eos_token_ids: Sequence[int] = ()) -> RowResult:
-    return reference_sample(model, prompt, max_new_tokens, SamplingParams(), eos_token_ids)
+    return reference_sample(model, prompt, max_new_tokens, GREEDY, eos_token_ids)
 
 
 @torch.inference_mode()

@@ -150,7 +150,6 @@ class RowSampler:
         if len(params) != len(limits):
             raise ValueError(f"{len(params)} sampling parameters for {len(limits)} prompts")
         self.params = list(params)
-        self.any_sampled = any(not p.greedy for p in self.params)
         self.temperature = torch.tensor([p.temperature for p in self.params], dtype=torch.float64, device=device)
         self.top_k = torch.tensor([p.top_k for p in self.params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in self.params], dtype=torch.float64, device=device)
@@ -159,6 +158,16 @@ class RowSampler:
         self.uniforms = torch.stack([
             uniform_stream(p.seed, length) if not p.greedy else torch.zeros(length, dtype=torch.float64)
             for p in self.params]).to(device) if self.params else torch.zeros(0, length, device=device)  # [R, L]
+
+    @classmethod
+    def for_rows(cls, params: Sequence[SamplingParams] | None, limits: Sequence[int], lookahead: int,
+                 device: torch.device) -> RowSampler | None:
+        """The sampler of a call, or None when no row samples (``params`` None or all greedy): the decoders
+        then take their greedy path, untouched by sampling."""
+        if params is None:
+            return None
+        sampler = cls(params, limits, lookahead, device)  # checks the parameters against the rows
+        return None if all(p.greedy for p in sampler.params) else sampler
 
     def draw(self, logits: torch.Tensor, index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """logits [B, V] of the input rows ``index`` [B] at their new-token ``position`` [B] -> tokens [B]."""

@@ -1,9 +1,9 @@
 """Plain batched greedy decoding with the same ragged-cache handling as PPD: the baseline.
 
 One token per row per step; the prefill's last position gives the first. A row with sampling parameters
-draws its t-th token with the t-th uniform of its own stream (decoding/sampling.py), as PPD does. Rows keep the holes their prefill
-padding left (hidden by the mask) instead of moving KV every step: every row advances by exactly one column,
-so nothing ever needs compacting.
+draws its t-th token with the t-th uniform of its own stream (decoding/sampling.py), as PPD does. Rows keep
+the holes their prefill padding left (hidden by the mask) instead of moving KV every step: every row advances
+by exactly one column, so nothing ever needs compacting.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import (ActiveRows, StopCheck, additive_mask, check_prompts, expand_rows, new_cache, prefill,
-                            shared_prompts)
+from decoding.batch import ActiveRows, StopCheck, additive_mask, check_prompts, new_cache, prefill
 from decoding.results import RowResult
 from decoding.sampling import RowSampler, SamplingParams
 
@@ -36,20 +35,10 @@ class VanillaDecoder:
         rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device, stop)
         if rows.size == 0:
             return rows.results
-        sampler = RowSampler(sampling, rows.limits, 0, device) if sampling is not None else None
-        if sampler is not None and not sampler.any_sampled:
-            sampler = None  # all greedy: the argmax path
+        sampler = RowSampler.for_rows(sampling, rows.limits, 0, device)  # None: all greedy, the argmax
         active = [prompts[i] for i in rows.index.tolist()]
         cache = new_cache(self.model)
-        shared = shared_prompts(active)
-        if shared is None:
-            kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
-        else:  # completions of one prompt: prefill it once, copy its KV to each
-            distinct, of_row = shared
-            index = torch.tensor(of_row, dtype=torch.long, device=device)  # [B]
-            kv_valid, hidden = prefill(self.model, cache, distinct, device)  # [U, P], [U, P, H]
-            expand_rows(cache, index)
-            kv_valid, hidden = kv_valid[index], hidden[index]
+        kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
         position = kv_valid.sum(1)  # [B]: where each row's next token goes
         last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))  # [B, 1, H]
         self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)

@@ -6,8 +6,8 @@ written. Rows an earlier run gave up on because their workers died are decoded a
 configuration would change the outputs is refused, never mixed in.
 
 Only settings that change a row's tokens shape the outputs: the model (and its weights), dtype,
-attention kernel, `max_new_tokens` and the sampling defaults. Decoding is lossless, so the decoding method, prompt tokens, tree,
-batch sizes and worker pool do not: a job may be resumed on a different cluster.
+attention kernel, `max_new_tokens` and the sampling defaults. Decoding is lossless, so the decoding method,
+prompt tokens, tree, batch sizes and worker pool do not: a job may be resumed on a different cluster.
 """
 
 from __future__ import annotations

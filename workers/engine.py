@@ -29,7 +29,7 @@ from workers.models import LoadedModel, ModelConfig, encode_row, load_model, res
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
-from workers.sampling import EffectiveSampling, SamplingConfig, StopStrings, resolve_sampling, text_before_stop
+from workers.sampling import SamplingConfig, StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class DecodeEngine:
                                               sampling=sampling, stop=stop))
 
         try:
-            return list(generate(batch))
+            return generate(batch)
         except Exception as exc:  # noqa: BLE001 - isolated per row below
             if len(batch) == 1:
                 return [exc]
@@ -295,7 +295,7 @@ class DecodeEngine:
             for index in range(sampling.n):
                 completion = replace(out, sample_index=index) if index else out
                 outputs.append(completion)
-                pending.append(Completion(completion, ids, budget, sampling.params(index), sampling, stop))
+                pending.append(Completion(completion, ids, budget, sampling.params(index), stop))
         return outputs, pending
 
     def _decode(self, batch: list[Completion]) -> None:
@@ -344,5 +344,4 @@ class Completion:
     prompt: list[int]
     budget: int
     params: SamplingParams
-    sampling: EffectiveSampling
     stop: StopStrings | None

@@ -28,6 +28,11 @@ def _check_stop(value: str | list[str] | None) -> list[str] | None:
     return stops
 
 
+def _check_n(n: int, temperature: float) -> None:
+    if n > 1 and temperature == 0:
+        raise ValueError(f"n = {n} needs temperature > 0: greedy completions of one prompt are all identical")
+
+
 class SamplingConfig(BaseModel):
     """The job's sampling defaults (`decoding.sampling`); a row's `sampling_params` override them."""
 
@@ -52,8 +57,7 @@ class SamplingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _n_needs_sampling(self) -> SamplingConfig:
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError("n > 1 needs temperature > 0: greedy completions of one prompt are all identical")
+        _check_n(self.n, self.temperature)
         return self
 
 
@@ -122,9 +126,7 @@ def resolve_sampling(defaults: SamplingConfig, max_new_tokens: int, row_id: str,
             raise ValueError(f"bad 'sampling_params': {problems}") from None
     given = own.model_dump(exclude_none=True)
     merged = {**defaults.model_dump(), "max_new_tokens": max_new_tokens, **given}
-    if merged["n"] > 1 and merged["temperature"] == 0:
-        raise ValueError(f"n = {merged['n']} needs temperature > 0: greedy completions of one prompt are all "
-                         "identical")
+    _check_n(merged["n"], merged["temperature"])
     return EffectiveSampling(
         temperature=float(merged["temperature"]), top_p=float(merged["top_p"]), top_k=max(int(merged["top_k"]), 0),
         max_new_tokens=int(merged["max_new_tokens"]), stop=tuple(merged["stop"]),
