@@ -48,19 +48,22 @@ class ProPDDecoder(PPDDecoder):
 
     ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
     set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``; a set
-    not yet run at the batch size and within ``explore_margin`` of the choice is run once to be measured.
+    not yet run at the batch size and within ``explore_margin`` of the choice is run once to be measured, as
+    is plain decoding (the narrowest set) at any rate, and again every ``reprobe_narrowest_every`` steps.
     """
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
                  top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
-                 explore_margin: float = 0.15, reprobe_every: int = 64, prune_head: PruneHead | None = None):
+                 explore_margin: float = 0.15, reprobe_every: int = 64, reprobe_narrowest_every: int = 512,
+                 prune_head: PruneHead | None = None):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
         self.yields = yields or YieldTracker()
         self.switch_margin, self.explore_margin, self.reprobe_every = switch_margin, explore_margin, reprobe_every
+        self.reprobe_narrowest_every = reprobe_narrowest_every
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.explored = False  # whether that set ran only to be measured (see choose)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
@@ -131,6 +134,15 @@ class ProPDDecoder(PPDDecoder):
                 choice = current
         near = [i for i in range(len(rates)) if i != choice and rates[i] * (1 + self.explore_margin) >= rates[choice]]
         untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
+        # The narrowest set (plain decoding) is measured at every batch size however far behind it looks, and
+        # again every ``reprobe_narrowest_every`` steps: its step is the cheapest there is, and its price is
+        # the reference every tree must beat. Priced by a profile taken in a busy moment (1 slot 1.4x too
+        # dear), it was never run, and ProPD kept a tree that lost 10% to it; measured once in a stall, it was
+        # never run again. In simulation, each cost ProPD 10% for good (tests/test_propd.py).
+        narrowest = min(range(len(rates)), key=lambda i: self.widest[i])
+        if narrowest != choice and narrowest not in near and not self.latency.has_run(
+                batch, self.widest[narrowest], within=self.reprobe_narrowest_every):
+            untried.append(narrowest)
         if not untried and near:  # the runner-up alone, if its price is stale: a probe costs ~2 steps
             runner_up = max(near, key=lambda i: rates[i])
             if not self.latency.has_run(batch, self.widest[runner_up], within=self.reprobe_every):

@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
@@ -57,6 +58,7 @@ def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.
     methods = list(decoders)
     seconds = {m: 0.0 for m in methods}
     results: dict[str, list] = {m: [] for m in methods}
+    slots_run: dict[str, Counter] = {m: Counter() for m in methods}  # ProPD: steps per slot count chosen
     for dec in decoders.values():
         if isinstance(dec, PPDDecoder):
             dec.passes, dec.tokens_processed = 0, 0.0
@@ -71,6 +73,8 @@ def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[m] += time.perf_counter() - t0
+            if isinstance(decoders[m], ProPDDecoder):
+                slots_run[m].update(slots for _, slots in decoders[m].choices)
     out = {}
     for m, dec in decoders.items():
         rs = results[m]
@@ -82,6 +86,8 @@ def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.
                                    for start in range(0, len(rs), batch))
         out[m] = {"seconds": seconds[m], "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
                   "outputs": [r.token_ids for r in rs]}
+        if slots_run[m]:
+            out[m]["slots_run"] = dict(sorted(slots_run[m].items()))
     return out
 
 
@@ -206,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             row[m] = {"tok_s": median["tokens"] / median["seconds"], "tau": median["tau"],
                       "per_pass": median["per_pass"], "rounds_tok_s": [r["tokens"] / r["seconds"] for r in rs],
                       "rows_same_as_plain": same}
+            if "slots_run" in median:  # why ProPD was as fast as it was: the trees it ran, by round
+                row[m]["rounds_slots_run"] = [r["slots_run"] for r in rs]
         row.update(paired_ratios(row))
         results.append(row)
         print(f"batch {batch:3d}: " + "  ".join(
             f"{m} {row[m]['tok_s']:7.1f} tok/s tau {row[m]['tau']:.2f} ({row[m]['per_pass']:.0f}/pass)"
             for m in decoders) + f"  propd/best {row['propd_vs_best']:.3f}"
-            + "  rows = plain: " + "/".join(str(row[m]["rows_same_as_plain"]) for m in decoders), flush=True)
+            + "  rows = plain: " + "/".join(str(row[m]["rows_same_as_plain"]) for m in decoders)
+            + "  propd steps by slots, per round: " + " ".join(str(c) for c in row["propd"]["rounds_slots_run"]),
+            flush=True)
 
     print_table(f"{name} {str(lm.dtype).removeprefix('torch.')}", args, results)
     if args.json:
