@@ -46,7 +46,8 @@ TreeFamilyBuilder = Callable[[list[list[float]]], Sequence[TreeOption]]
 class ProPDDecoder(PPDDecoder):
     """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step.
 
-    ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
+    ``start``: the tree set of the first step (the worker's planned tree), if the choice does not beat it by
+    the margin. ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
     set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``; a set
     not yet run at the batch size and within ``explore_margin`` of the choice is run once to be measured, as
     is plain decoding (the narrowest set) at any rate, and again every ``reprobe_narrowest_every`` steps.
@@ -57,7 +58,7 @@ class ProPDDecoder(PPDDecoder):
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
                  top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
                  explore_margin: float = 0.15, reprobe_every: int = 64, reprobe_narrowest_every: int = 512,
-                 prune_head: PruneHead | None = None):
+                 prune_head: PruneHead | None = None, start: TreeSet | None = None):
         self.build_family = build_family
         self.acceptance = AcceptanceTracker(acceptance_prior, prompt_tokens.k, top_k)
         self.latency = latency or LatencyModel()
@@ -76,6 +77,11 @@ class ProPDDecoder(PPDDecoder):
         super().__init__(model, prompt_tokens, family[0].tree_set, eos_token_ids, prune_head=prune_head)
         self._set_family(family)
         self.initial_family = tuple(self.family)
+        if start is not None:  # kept until another set is predicted faster by the margin
+            if start.tree_hash not in self.keys:
+                raise ValueError("the starting tree set is not in the family: plan it with the family's builder")
+            self.current = start.tree_hash
+        self.start = self.current
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
         self.choices: list[tuple[int, int]] = []
 

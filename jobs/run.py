@@ -64,8 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
                    "(default: the artifact shipped for the model, else untrained)")
     p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
-    p.add_argument("--tree-sizing", choices=["static", "propd"],
-                   help="static: one tree per worker (default); propd: re-sized every step (ProPD)")
+    p.add_argument("--tree-sizing", choices=["auto", "static", "propd"],
+                   help="propd: the tree re-sized every step (ProPD); static: one tree per worker; auto (default): "
+                   "propd when the prompt tokens have an acceptance table and --tree-nodes is not given")
     p.add_argument("--prune-head", metavar="DIR", help="ProPD early pruning: 'none' (default), 'auto' (the head "
                    "shipped for the model) or a prune-head artifact directory")
     p.add_argument("--keep-top-k", type=int, metavar="K", help="children kept per node by pruning (default: the "

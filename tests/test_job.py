@@ -409,9 +409,11 @@ def test_default_model_matches_hf_generate(ray_local, tmp_path):
                              "--profile-budget-s", "8", "--shard-size", "2")
     assert summary["rows_failed"] == 0 and summary["workers"][0]["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     got = {r["id"]: r["output_token_ids"] for r in table.to_pylist()}
-    # The worker profiled its device and built its own tree from the shipped artifact's acceptance table.
+    # The worker profiled its device and sized its trees with ProPD (the default) from the shipped artifact's
+    # acceptance table, starting from its planned tree.
     (worker,) = summary["workers"]
-    assert worker["tree"] == "hardware-aware" and worker["batch_size"] == 3
+    assert worker["tree"].startswith("propd") and worker["tree_hash"].startswith("propd-")
+    assert worker["batch_size"] == 3 and worker["tree_slots"] >= 1
     assert {(r["device"], r["tree_hash"]) for r in table.to_pylist()} == {(worker["device"], worker["tree_hash"])}
 
     lm = load_model(ModelConfig())

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decoding import PromptTokens, VanillaDecoder
+from decoding import PPDDecoder, PromptTokens, VanillaDecoder
+from decoding.propd import ProPDDecoder
 from decoding.tree import tree_set_buffers
 from profiling.device import identify
 from profiling.latency import LatencyPoint, LatencyProfile, max_tree_slots, measure_profile, synthetic_tree_set
@@ -212,7 +213,7 @@ def test_the_probe_times_more_than_one_tree(tiny, tmp_path, monkeypatch):
 
 def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
     path = save_trained_artifact(tiny, tmp_path / "pt")
-    config = DecodingConfig(prompts=str(path), profile_budget_s=5)
+    config = DecodingConfig(prompts=str(path), profile_budget_s=5, tree_sizing="static")
     engine = DecodeEngine(tiny, config, batch_size=2, cache_dir=str(tmp_path / "cache"))
     info = engine.describe()
     assert info["tree"] == "hardware-aware" and info["batch_size"] == 2
@@ -278,6 +279,27 @@ def test_engine_with_propd_sizing_decodes_losslessly(tiny, tmp_path):
     with pytest.raises(ValueError, match="pick one"):
         DecodeEngine(tiny, DecodingConfig(prompts=str(path), tree_sizing="propd", tree_nodes=5), batch_size=2,
                      latency_profile=latency)
+
+
+def test_tree_sizing_auto_is_propd_wherever_it_can_run(tiny, tmp_path):
+    """The default: ProPD with a trained artifact; a static tree when tree_nodes fixes one, and the built-in
+    tree for untrained prompt tokens (no acceptance table to size from), also when propd is asked for."""
+    path = save_trained_artifact(tiny, tmp_path / "pt")
+    latency = _profile_file(tmp_path / "p.json", {(2, s): 0.01 + 0.0001 * s for s in (1, 8, 32, 128)})
+
+    def engine(**config):
+        return DecodeEngine(tiny, DecodingConfig(**config), batch_size=2, latency_profile=latency)
+
+    assert DecodingConfig().tree_sizing == "auto"
+    default = engine(prompts=str(path))
+    assert type(default.decoder) is ProPDDecoder and default.describe()["tree"].startswith("propd")
+    static = engine(prompts=str(path), tree_sizing="static").decoder
+    assert type(static) is PPDDecoder and default.decoder.start == static.tree_set.tree_hash  # starts from it
+    fixed = engine(prompts=str(path), tree_nodes=5)
+    assert type(fixed.decoder) is PPDDecoder and fixed.describe()["tree"] == "fixed, 5 nodes"
+    for sizing in ("auto", "propd"):
+        untrained = engine(prompts="untrained", tree_sizing=sizing)
+        assert type(untrained.decoder) is PPDDecoder and untrained.describe()["tree"].startswith("default")
 
 
 def test_engine_with_a_prune_head_decodes_losslessly(tiny, tmp_path):

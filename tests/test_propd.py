@@ -277,6 +277,22 @@ def test_the_current_tree_is_kept_unless_another_is_faster_by_the_margin(model):
     assert choice(1, 0.94) == 0
 
 
+def test_the_first_step_keeps_the_planned_tree_unless_another_beats_it_by_the_margin(model):
+    build = family_of(1.0, 1.04, 1.10)
+    plain, near, far = (option.tree_set for option in build(TABLE))
+
+    def first_choice(start):
+        dec = ProPDDecoder(model, prompt_tokens(model), build, TABLE, FixedLatency(1.0), start=start)
+        return dec.choose(4, 64.0), dec.start
+
+    assert first_choice(None) == (2, None)
+    assert first_choice(near) == (2, near.tree_hash)  # 6% behind the best: left at once
+    dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.04), TABLE, FixedLatency(1.0), start=plain)
+    assert dec.choose(4, 64.0) == 0  # the tree is 4% ahead: within the margin, the planned tree stays
+    with pytest.raises(ValueError, match="not in the family"):
+        ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.04), TABLE, FixedLatency(1.0), start=far)
+
+
 def test_a_competitive_option_never_run_at_this_batch_size_is_tried_once(model):
     """The profile says plain decoding costs 1.2 s a step, but it really takes 1.0 s; a tree that yields 1.1
     tokens per step looks better than plain on paper. ProPD runs plain once (within the explore margin),

@@ -77,12 +77,13 @@ class DecodingConfig(BaseModel):
         description="Seconds a worker may spend timing its decode step at start-up (default: 60 on a "
         "CPU, 30 on a GPU). Profiles are cached per device, model and budget, so a restart reuses them.",
     )
-    tree_sizing: Literal["static", "propd"] = Field(
-        default="static",
+    tree_sizing: Literal["auto", "static", "propd"] = Field(
+        default="auto",
         description="'static': one tree per worker, chosen at start-up from its latency profile. 'propd': "
         "ProPD dynamic sizing: every step picks the tree with the most expected tokens per predicted second "
         "for the rows then in the batch, from online acceptance and latency statistics seeded by the "
-        "artifact and the profile (needs a trained artifact; not with tree_nodes).",
+        "artifact and the profile (needs a trained artifact; not with tree_nodes). 'auto': propd when the "
+        "prompt tokens carry an acceptance table and tree_nodes is not set, else static.",
     )
     prune_head: str = Field(
         default="none",
@@ -164,18 +165,27 @@ class DecodeEngine:
                 raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
         prune_head = self._load_prune_head()
-        acceptance = prompt_tokens.meta.extra.get("acceptance")
-        if self.config.tree_sizing == "propd" and acceptance:
-            if self.config.tree_nodes:
-                raise ValueError("tree_nodes fixes the tree; tree_sizing 'propd' sizes it every step: pick one")
+        if self._sizes_every_step(prompt_tokens):
             profile = plan.profile
             prior = [(p.batch, p.slots, float(profile.context_len), p.seconds) for p in profile.points]
             self.tree_info = {**self.tree_info, "tree": "propd (sized every step; starts from the planned tree)"}
-            return ProPDDecoder(lm.model, prompt_tokens, tree_family(prompt_tokens.k, DEFAULT_SLOTS, n=prompt_tokens.n),
-                                acceptance, LatencyModel(prior), eos_token_ids=lm.eos_token_ids,
-                                prune_head=prune_head)
+            family = tree_family(prompt_tokens.k, DEFAULT_SLOTS, n=prompt_tokens.n)
+            return ProPDDecoder(lm.model, prompt_tokens, family, prompt_tokens.meta.extra["acceptance"],
+                                LatencyModel(prior), eos_token_ids=lm.eos_token_ids, prune_head=prune_head,
+                                start=plan.tree_set)
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
                           prune_head=prune_head)
+
+    def _sizes_every_step(self, prompt_tokens: PromptTokens) -> bool:
+        """Whether the decoder is ProPD's: 'auto' takes it wherever it can run. ProPD plans from an acceptance
+        table, which untrained prompt tokens lack (they keep the built-in tree), and a fixed tree_nodes asks
+        for one tree."""
+        sizing, has_table = self.config.tree_sizing, bool(prompt_tokens.meta.extra.get("acceptance"))
+        if sizing == "propd" and self.config.tree_nodes:
+            raise ValueError("tree_nodes fixes the tree; tree_sizing 'propd' sizes it every step: pick one")
+        if sizing == "auto":
+            return has_table and not self.config.tree_nodes
+        return sizing == "propd" and has_table
 
     def _load_prune_head(self) -> PruneHead | None:
         """The early-pruning head the config asks for (recorded in tree_info), or None."""
@@ -215,9 +225,11 @@ class DecodeEngine:
 
     @property
     def tree_hash(self) -> str | None:
-        """The static tree set's hash; with ProPD, "propd-" and a hash of the family it started from."""
+        """The static tree set's hash; with ProPD, "propd-" and a hash of the family and the tree it started
+        from (workers on different devices plan different starting trees)."""
         if isinstance(self.decoder, ProPDDecoder):
-            joined = ",".join(option.tree_set.tree_hash for option in self.decoder.initial_family)
+            joined = ",".join([option.tree_set.tree_hash for option in self.decoder.initial_family]
+                              + [self.decoder.start or ""])
             return "propd-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
         tree_set = getattr(self.decoder, "tree_set", None)
         return tree_set.tree_hash if tree_set is not None else None
