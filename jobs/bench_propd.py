@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from decoding import PPDDecoder, VanillaDecoder  # noqa: E402
 from decoding.online_stats import LatencyModel  # noqa: E402
 from decoding.propd import ProPDDecoder  # noqa: E402
+from decoding.pruning import PruneHead  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from profiling.device import identify  # noqa: E402
@@ -108,6 +109,33 @@ def device_profile(lm, pt, batch_sizes, budget_s: float | None):
     name = identify(lm.device, lm.dtype).readable
     print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
     return profile, name
+
+
+def make_decoders(lm, pt, profile, batch: int, static_slots: int | None = None,
+                  prune_head: PruneHead | None = None) -> tuple[dict, int]:
+    """The methods at one batch size, with the static tree's slot count: plain decoding; PPD with the static
+    tree a worker of this batch size plans from its profile; ProPD starting from that tree, as a worker's does;
+    and, given a prune head, ProPD with early pruning. ``static_slots``: the static tree of that budget instead
+    of the planned one (to see what a tree of a given size yields where the profile says no tree pays)."""
+    table = pt.meta.extra["acceptance"]
+    budgets = [static_slots] if static_slots else profile.measured_slots(batch)
+    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), budgets, n=pt.n)
+    start = None if static_slots else choice.chosen.tree_set  # a forced budget may be outside the family
+    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
+    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
+
+    def propd(head: PruneHead | None = None) -> ProPDDecoder:
+        return ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids,
+                            prune_head=head, start=start)
+
+    decoders = {
+        "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
+        "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
+        "propd": propd(),
+    }
+    if prune_head is not None:
+        decoders["pruned"] = propd(prune_head)
+    return decoders, choice.chosen.slots
 
 
 def paired_ratios(row: dict) -> dict:
@@ -188,23 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for batch in args.batch_sizes:
         prompts = mixed[:max(batch, args.min_prompts)]
-        choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), profile.measured_slots(batch),
-                               n=pt.n)
-        decoders = {
-            "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
-            "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
-            "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
-        }
-        if head is not None:
-            decoders["pruned"] = ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior),
-                                              eos_token_ids=lm.eos_token_ids, prune_head=head)
+        decoders, static_slots = make_decoders(lm, pt, profile, batch, prune_head=head)
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
         run_round(decoders, prompts, args.max_new_tokens, lm.device, batch)  # warm-up (ProPD starts learning)
         for r in range(args.rounds):
             for m, out in run_round(decoders, prompts, args.max_new_tokens, lm.device, batch, rotation=r).items():
                 runs[m].append(out)
         reference = runs["plain"][0]["outputs"]
-        row = {"batch": batch, "static_slots": choice.chosen.slots}
+        row = {"batch": batch, "static_slots": static_slots}
         for m, rs in runs.items():
             same = min(sum(a == b for a, b in zip(r["outputs"], reference)) for r in rs)
             assert same == len(prompts) or lm.dtype != torch.float32, f"{m} at batch {batch} differs from plain"

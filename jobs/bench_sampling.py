@@ -44,15 +44,11 @@ from datetime import datetime, timezone  # noqa: E402
 
 import torch  # noqa: E402
 
-from decoding import PPDDecoder, SamplingParams, VanillaDecoder, completion_seed  # noqa: E402
+from decoding import SamplingParams, completion_seed  # noqa: E402
 from decoding.sampling import kept_threshold, uniform_stream  # noqa: E402
-from decoding.online_stats import LatencyModel  # noqa: E402
-from decoding.propd import ProPDDecoder  # noqa: E402
-from jobs.bench_propd import device_profile, load_model_and_prompts, run_round  # noqa: E402
+from jobs.bench_propd import device_profile, load_model_and_prompts, make_decoders, run_round  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from profiling.latency import DEFAULT_SLOTS  # noqa: E402
-from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
 
 METHODS = ("plain", "static", "propd")
 
@@ -60,23 +56,6 @@ METHODS = ("plain", "static", "propd")
 def row_sampling(n: int, temperature: float, top_p: float, seed: int) -> list[SamplingParams]:
     """Row i's parameters: the seed ``completion_seed(seed, i)``, the same for every method."""
     return [SamplingParams(temperature=temperature, top_p=top_p, seed=completion_seed(seed, i)) for i in range(n)]
-
-
-def make_decoders(lm, pt, profile, batch: int, static_slots: int | None = None) -> tuple[dict, int]:
-    """Plain, static and ProPD decoders for one batch size, built as jobs/bench_propd.py builds them; with
-    the static tree's slot count. ``static_slots``: the static tree of that budget instead of the planned one
-    (to see what a tree of a given size yields under sampling where the profile says no tree pays)."""
-    table = pt.meta.extra["acceptance"]
-    budgets = [static_slots] if static_slots else profile.measured_slots(batch)
-    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), budgets, n=pt.n)
-    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
-    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
-    decoders = {
-        "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
-        "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
-        "propd": ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids),
-    }
-    return decoders, choice.chosen.slots
 
 
 # A differing row whose first differing draw lay this close to an edge of plain sampling's token in the
