@@ -65,6 +65,7 @@ class ProPDDecoder(PPDDecoder):
         self.yields = yields or YieldTracker()
         self.switch_margin, self.explore_margin, self.reprobe_every = switch_margin, explore_margin, reprobe_every
         self.reprobe_narrowest_every = reprobe_narrowest_every
+        self.narrowest_probes: dict[int, int] = {}  # batch size -> times plain decoding was probed from afar
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.explored = False  # whether that set ran only to be measured (see choose)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
@@ -141,20 +142,29 @@ class ProPDDecoder(PPDDecoder):
         near = [i for i in range(len(rates)) if i != choice and rates[i] * (1 + self.explore_margin) >= rates[choice]]
         untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
         # The narrowest set (plain decoding) is measured at every batch size however far behind it looks, and
-        # again every ``reprobe_narrowest_every`` steps: its step is the cheapest there is, and its price is
-        # the reference every tree must beat. Priced by a profile taken in a busy moment (1 slot 1.4x too
-        # dear), it was never run, and ProPD kept a tree that lost 10% to it; measured once in a stall, it was
-        # never run again. In simulation, each cost ProPD 10% for good (tests/test_propd.py).
+        # measured again after reprobe_every steps, then twice as many, ... up to reprobe_narrowest_every: its
+        # step is the cheapest there is, and its price is the reference every tree must beat. Priced by a
+        # profile taken in a busy moment (1 slot 1.4x too dear), it was never run, and ProPD kept a tree that
+        # lost 10% to it; measured once in a stall, it was not run again for good. The doubling keeps the
+        # probes of a plain decoding that really is far behind (a GPU's) to a handful.
         narrowest = min(range(len(rates)), key=lambda i: self.widest[i])
+        probes = self.narrowest_probes.get(batch, 0)
+        probing = self.explored and self.current == self.keys[narrowest]  # a probe's unmeasured first step ran
+        every = min(self.reprobe_every * 2 ** max(probes - probing, 0), self.reprobe_narrowest_every)
         if narrowest != choice and narrowest not in near and not self.latency.has_run(
-                batch, self.widest[narrowest], within=self.reprobe_narrowest_every):
+                batch, self.widest[narrowest], within=every):
             untried.append(narrowest)
         if not untried and near:  # the runner-up alone, if its price is stale: a probe costs ~2 steps
             runner_up = max(near, key=lambda i: rates[i])
             if not self.latency.has_run(batch, self.widest[runner_up], within=self.reprobe_every):
                 untried = [runner_up]
         self.explored = bool(untried)
-        return max(untried, key=lambda i: rates[i]) if untried else choice
+        if not untried:
+            return choice
+        run = max(untried, key=lambda i: rates[i])
+        if run == narrowest and narrowest not in near and self.current != self.keys[narrowest]:
+            self.narrowest_probes[batch] = probes + 1  # a probe from afar begins (its first step goes unmeasured)
+        return run
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:
         """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps

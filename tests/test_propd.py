@@ -481,22 +481,30 @@ def test_plain_decoding_priced_too_dear_by_the_profile_is_measured_and_run(model
 
 
 def test_plain_decoding_measured_in_a_stall_is_measured_again(model):
-    """Plain decoding's first filed step came in a stall (1.6x): it looks 30% behind the tree, beyond the
-    explore margin, and would never run again. Every reprobe_narrowest_every steps it runs once more."""
+    """Plain decoding's first measured step came in a stall (1.6x): it looks 30% behind the tree, beyond the
+    explore margin, and would never run again. It runs again after reprobe_every steps, then after twice as
+    many, and so on (up to reprobe_narrowest_every), each probe's step weighing half in its price."""
     dec = vm_propd(model, VM_SECONDS)
-    dec.reprobe_narrowest_every, dec.reprobe_every = 50, 10 ** 6  # the runner-up (16 slots) is not reprobed
+    dec.reprobe_every, dec.reprobe_narrowest_every = 20, 1000
     plain, tree, wide = 0, 1, 2
-    dec.latency.observe(1, dec.widest[wide], 64.0, 0.086)
+    dec.latency.observe(1, dec.widest[wide], 64.0, 0.12)  # far behind too: never the runner-up
     dec.latency.observe(1, 1, 64.0, 0.043 * 1.6)
-    for _ in range(49):
-        dec.latency.observe(1, dec.widest[tree], 64.0, 0.070)
     dec.current = dec.keys[tree]
-    assert dec.choose(1, 64.0) == tree  # plain ran 49 steps ago: its price stands
+
+    def run_tree(steps):
+        for _ in range(steps):
+            assert dec.choose(1, 64.0) == tree
+            dec.latency.observe(1, dec.widest[tree], 64.0, 0.070)
+
+    run_tree(19)
     dec.latency.observe(1, dec.widest[tree], 64.0, 0.070)
-    assert dec.choose(1, 64.0) == plain and dec.explored
-    dec.latency.observe(1, 1, 64.0, 0.043)  # back after a gap: weighs half
-    assert dec.latency.predict(1, 1, 64.0) == pytest.approx((0.043 * 1.6 + 0.043 * 1.6 / 1.5) / 2)  # clipped
-    for _ in range(50):  # still behind (17.9 tokens/s against 21.0) and beyond the margin: the tree runs on ...
-        assert dec.choose(1, 64.0) == tree
-        dec.latency.observe(1, dec.widest[tree], 64.0, 0.070)
-    assert dec.choose(1, 64.0) == plain  # ... until the next probe
+    assert dec.choose(1, 64.0) == plain and dec.explored  # 20 steps on
+    dec.current = dec.keys[plain]
+    assert dec.choose(1, 64.0) == plain  # the probe's first step is not measured: it goes on
+    dec.latency.observe(1, 1, 64.0, 0.043)  # back after a gap: weighs half, clipped to 1.5x of its price
+    assert dec.latency.predict(1, 1, 64.0) == pytest.approx((0.043 * 1.6 + 0.043 * 1.6 / 1.5) / 2)
+    assert dec.choose(1, 64.0) == tree  # still behind: 17.4 tokens/s against 21.0
+    dec.current = dec.keys[tree]
+    run_tree(39)
+    dec.latency.observe(1, dec.widest[tree], 64.0, 0.070)
+    assert dec.choose(1, 64.0) == plain and dec.narrowest_probes == {1: 2}  # 40 steps on
