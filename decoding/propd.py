@@ -47,10 +47,11 @@ class ProPDDecoder(PPDDecoder):
     """PPD whose tree is re-chosen every step. ``choices`` records (active rows, slots per row) per step.
 
     ``start``: the tree set of the first step (the worker's planned tree), if the choice does not beat it by
-    the margin. ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker); the current
-    set is kept unless another's predicted tokens per second beat it by more than ``switch_margin``; a set
-    not yet run at the batch size and within ``explore_margin`` of the choice is run once to be measured, as
-    is plain decoding (the narrowest set) at any rate, and again every ``reprobe_narrowest_every`` steps.
+    the margin. ``yields`` learns each tree set's real tokens per row-step (default: a fresh YieldTracker);
+    the current set is kept unless another's predicted tokens per second beat it by more than
+    ``switch_margin``; a set not yet run at the batch size and within ``explore_margin`` of the choice is run
+    once to be measured, as is plain decoding (the narrowest set) at any rate, and again after
+    ``reprobe_every`` steps, then twice as many, up to every ``reprobe_narrowest_every``.
     """
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
@@ -151,8 +152,9 @@ class ProPDDecoder(PPDDecoder):
         probes = self.narrowest_probes.get(batch, 0)
         probing = self.explored and self.current == self.keys[narrowest]  # a probe's unmeasured first step ran
         every = min(self.reprobe_every * 2 ** max(probes - probing, 0), self.reprobe_narrowest_every)
-        if narrowest != choice and narrowest not in near and not self.latency.has_run(
-                batch, self.widest[narrowest], within=every):
+        probe_from_afar = narrowest != choice and narrowest not in near and not self.latency.has_run(
+            batch, self.widest[narrowest], within=every)
+        if probe_from_afar:
             untried.append(narrowest)
         if not untried and near:  # the runner-up alone, if its price is stale: a probe costs ~2 steps
             runner_up = max(near, key=lambda i: rates[i])
@@ -162,7 +164,7 @@ class ProPDDecoder(PPDDecoder):
         if not untried:
             return choice
         run = max(untried, key=lambda i: rates[i])
-        if run == narrowest and narrowest not in near and self.current != self.keys[narrowest]:
+        if run == narrowest and probe_from_afar and not probing:
             self.narrowest_probes[batch] = probes + 1  # a probe from afar begins (its first step goes unmeasured)
         return run
 

@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lm, pt = load_model_and_prompts(args.device, args.dtype, args.prompts)
-    table = pt.meta.extra["acceptance"]
     head_dir = args.prune_head or find_shipped_prune_head(lm.content_hash)
     head = None
     if head_dir is not None:
@@ -210,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prune head {head_dir}: layer {head.layer}, keep top {head.keep_top_k}", flush=True)
     profile, name = device_profile(lm, pt, args.batch_sizes, args.profile_budget_s)
     mixed = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
-    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
-    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
 
     results = []
     for batch in args.batch_sizes:
