@@ -9,6 +9,7 @@ per row (``position_ids``), so holes never shift a row's positions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -108,6 +109,45 @@ def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: s
                 index[B, H, D] = (src[:, None, :, None].expand(B, H, -1, D), dst[:, None, :, None].expand(B, H, -1, D))
             src_i, dst_i = index[B, H, D]
             t.scatter_(2, dst_i, t.gather(2, src_i))
+
+
+class RowKV(NamedTuple):
+    """Where each row's KV columns sit in the cache, for a decoder that appends a tree per step.
+
+    valid [B, T] bool: the columns the row holds, in order; the others are holes, hidden by the mask.
+    length [B] long: how many columns the row holds, which is the position of its next token.
+    end [B] long: one past the row's last held column. A tree step moves its accepted path there, so no
+    hole opens. A root-only step (plain decoding) leaves every row's one new column where the model wrote
+    it, at T, as plain decoding does: no KV moves, and a row that ended before T gets a hole of
+    T - end columns. Holes open only when a tree step (rows ragged) is followed by a root-only step, and
+    at the prefill (right-padded prompts); they cost nothing, as every row attends over T columns anyway.
+    """
+
+    valid: torch.Tensor
+    length: torch.Tensor
+    end: torch.Tensor
+
+    @classmethod
+    def right_padded(cls, valid: torch.Tensor) -> RowKV:
+        """Rows held from column 0 on, as a ragged prefill leaves them (valid [B, P])."""
+        length = valid.sum(1)  # [B]
+        return cls(valid, length, length)
+
+    def after_step(self, start: torch.Tensor, kept: torch.Tensor, new_columns: int) -> RowKV:
+        """The step appended ``new_columns`` to the cache; row b now holds ``kept[b]`` more columns from column
+        ``start[b]`` on (start, kept: [B] long)."""
+        B, T = self.valid.shape
+        cols = torch.arange(T + new_columns, device=start.device)  # [T+S]
+        new_end = start + kept  # [B]
+        held = (cols[None, :] >= start[:, None]) & (cols[None, :] < new_end[:, None])  # [B, T+S]
+        valid = torch.cat([self.valid, self.valid.new_zeros(B, new_columns)], 1) | held
+        return RowKV(valid, self.length + kept, new_end)
+
+    def cropped(self, cache: DynamicCache) -> RowKV:
+        """Drop the cache's columns past every row's end (a step's rejected slots, a finished row's)."""
+        T = int(self.end.max())  # syncs the device
+        crop_cache(cache, T)
+        return RowKV(self.valid[:, :T], self.length, self.end)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ candidate nodes (guessed by the prompt tokens of the previous step) and the prom
 nodes. Verification accepts the longest chain of candidates that equal the model's own argmax at their
 parent; the row emits those tokens plus the argmax at the deepest accepted node (the bonus token, next root).
 The prompt tokens of that node guess the next step's candidates; their count is the next depth state.
-Only the KV of the root and the accepted candidates is kept, moved to sit right after the row's prefix.
+Only the KV of the root and the accepted candidates is kept, moved to sit right after the row's last kept
+column; a step of root-only trees (plain decoding) moves nothing (decoding/batch.RowKV).
 
 Rows are ragged (own prompt length, own KV length, own depth state); each uses its own state's tree, padded
 to the widest tree in the step.
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import (ActiveRows, StopCheck, additive_mask, at_least_fp32, check_prompts, crop_cache, move_kv,
+from decoding.batch import (ActiveRows, RowKV, StopCheck, additive_mask, at_least_fp32, check_prompts, move_kv,
                             new_cache, pad_prompts, prefill, shared_prompts)
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
@@ -79,10 +80,10 @@ class PPDDecoder:
         # instead share one prefill of it, its KV copied to each (then the first step is a tree like any).
         if shared_prompts(active) is None:
             prefix = pad_prompts([p[:-1] for p in active], device)
-            kv_len = prefix[1].sum(1)  # [B]: rows are contiguous after the prefix
+            kv = RowKV.right_padded(prefix[1])  # the prefix's columns, written by the first step
         else:
             prefix = None
-            kv_len = prefill(self.model, cache, [p[:-1] for p in active], device)[0].sum(1)  # [B]
+            kv = RowKV.right_padded(prefill(self.model, cache, [p[:-1] for p in active], device)[0])
         root = torch.tensor([p[-1] for p in active], dtype=torch.long, device=device)  # [B]
         ts = self.tree_set
         guesses = torch.zeros(rows.size, ts.k, ts.top_k, dtype=torch.long, device=device)  # [B, k, top_k]
@@ -92,16 +93,16 @@ class PPDDecoder:
         first_step = True
 
         while rows.size > 0:
-            buffers = self._buffers_for_step(rows, kv_len, state)
+            buffers = self._buffers_for_step(rows, kv.length, state)
             draw = None if sampler is None else self._drawer(sampler, rows.index, rows.emitted())
-            tokens, counts, root, prompt_logits, state, kv_len = self.step(
-                cache, buffers, prompt_table, kv_len, root, guesses, state, prefix, draw)
+            tokens, counts, root, prompt_logits, state, kv = self.step(
+                cache, buffers, prompt_table, kv, root, guesses, state, prefix, draw)
             keep = rows.commit(tokens, counts)  # syncs the device: the step is done
             self._after_commit(rows, keep, first_step=first_step)
             prefix, first_step = None, False
-            root, prompt_logits, state, kv_len = rows.drop_finished(keep, cache, root, prompt_logits, state, kv_len)
+            root, prompt_logits, state, *kv = rows.drop_finished(keep, cache, root, prompt_logits, state, *kv)
             if rows.size:
-                crop_cache(cache, int(kv_len.max()))
+                kv = RowKV(*kv).cropped(cache)
                 guesses = self.propose(prompt_logits, rows)
                 self._after_propose(rows, guesses, state)
         return rows.results
@@ -123,7 +124,7 @@ class PPDDecoder:
         self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
 
     def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
-        """The tree buffers of the next step, for the rows now active (kv_len, state: [B])."""
+        """The tree buffers of the next step, for the rows now active (KV lengths, depth states: [B])."""
         return self._buffers
 
     def _after_commit(self, rows: ActiveRows, keep: torch.Tensor, first_step: bool) -> None:
@@ -145,15 +146,16 @@ class PPDDecoder:
             guesses[:, :m] = prompt_logits.topk(top_k, dim=-1).indices
         return guesses
 
-    def _forward_tree(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None):
+    def _forward_tree(self, cache, buffers, prompt_table, kv: RowKV, root, guesses, state, prefix=None):
         """Run every row's tree through the model.
 
         Returns (slot token ids [B, N], hidden states [B, N, H], pruning): row b uses the tree of its depth state
         ``state[b]``, padded to the widest tree among the rows (N slots). Prompt slots take the prompt-token
         embeddings; their entry in the returned ids is the root (unused). ``prefix`` (from ``pad_prompts``: ids,
         valid, attend, positions over P columns) is run in the same forward, ahead of the trees, which see its
-        valid columns: the prefill folded into the first step. ``pruning`` is None, or (kept nodes [B, C],
-        the later layers' Compaction) when early pruning ran: pruned slots' hidden states are zeros.
+        valid columns: the prefill folded into the first step (``kv`` then holds the prefix's columns).
+        ``pruning`` is None, or (kept nodes [B, C], the later layers' Compaction) when early pruning ran: pruned
+        slots' hidden states are zeros.
         """
         sb = buffers.stacked
         N = int(buffers.num_slots[state].max())
@@ -164,7 +166,7 @@ class PPDDecoder:
         embeds = self.embed(ids)  # [B, N, H]
         prompt_embeds = prompt_table[sb.prompt_index[state, :N]]  # [B, N, H]
         embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
-        positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [B, N]
+        positions = kv.length[:, None] + sb.position_offsets[state, :N]  # [B, N]
         attend = sb.attend[state, :N, :N]  # [B, N, N]
         B = ids.shape[0]
         if prefix is not None:
@@ -177,7 +179,8 @@ class PPDDecoder:
                 torch.cat([pre_attend, pre_attend.new_zeros(B, P, N)], 2),  # the prompt never sees the tree
                 torch.cat([pre_valid[:, None, :].expand(B, N, P), attend], 2),  # the tree sees its row's prompt
             ], 1)  # [B, P+N, P+N]
-        kv_valid = torch.arange(T, device=root.device)[None, :] < kv_len[:, None]  # [B, T]
+        assert kv.valid.shape[1] == (T if prefix is None else P), "the rows' KV layout and the cache disagree"
+        kv_valid = kv.valid[:, :T]  # [B, T]: none before the folded prefill (it brings its own)
         mask = additive_mask(kv_valid, attend, embeds.dtype)  # [B, 1, S, T+S]
         self.passes += 1
         # Pruning needs candidates to prune, and never meets the prefill (its trees are all in state 0).
@@ -216,18 +219,19 @@ class PPDDecoder:
         self.tokens_processed += B * (head.layer * N + (layers - head.layer) * c.width) / layers
         return ids, hidden, (kept, c)
 
-    def step(self, cache, buffers, prompt_table, kv_len, root, guesses, state, prefix=None, draw=None):
+    def step(self, cache, buffers, prompt_table, kv: RowKV, root, guesses, state, prefix=None, draw=None):
         """One guess-and-verify pass. ``draw``: None for greedy verification, else draw(logits [R, V], depth,
         rows [R]) gives batch rows' sampled tokens at a depth below the root (see ``_drawer``).
 
-        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, m, V], next state [B], kv_len [B]):
-        row b emits ``tokens[b, :counts[b]]``.
+        Returns (tokens [B, D+1], counts [B], next root [B], prompt logits [B, m, V], next state [B], the rows'
+        KV layout after the step): row b emits ``tokens[b, :counts[b]]``. The cache keeps the step's columns
+        past the rows' ends; the caller crops them (``RowKV.cropped``) once finished rows are dropped.
         """
         sb = buffers.stacked
         B, H = root.shape[0], prompt_table.shape[-1]
         C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
         D = int(buffers.depth[state].max())  # deepest tree among the rows
-        ids, hidden, pruning = self._forward_tree(cache, buffers, prompt_table, kv_len, root, guesses, state, prefix)
+        ids, hidden, pruning = self._forward_tree(cache, buffers, prompt_table, kv, root, guesses, state, prefix)
         T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache (layer 0 saw all)
 
         # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
@@ -262,19 +266,24 @@ class PPDDecoder:
         prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, m*n, H]
         prompt_logits = at_least_fp32(self.lm_head(prompt_hidden)).view(B, m, n, V).mean(2)  # [B, m, V]
 
-        # Keep the KV of the root and the accepted candidates only, right after each row's prefix.
-        if pruning is None:
-            # A root-only step (plain decoding) whose rows all end where the step began needs no move: its one
-            # column is in place (always so at batch 1). Checked only then: the check syncs the device.
-            if D > 0 or not bool((kv_len == T).all()):
-                move_kv(cache, src=T + path, dst=kv_len[:, None] + torch.arange(D + 1, device=root.device))
+        # Keep the KV of the root and the accepted candidates only, right after each row's end.
+        if D == 0:
+            # Root-only trees (plain decoding, or every row in state 0): the root's column stays where the model
+            # wrote it, at T, as in plain decoding. Moving it to each row's end cost 2 KV ops per layer a step,
+            # 1-2% of a batch-16 step on a CPU, and more where a step is bound by kernel launches.
+            start = torch.full_like(kv.end, T)  # [B]
+        elif pruning is None:
+            start = kv.end  # [B]
+            move_kv(cache, src=T + path, dst=start[:, None] + torch.arange(D + 1, device=root.device))
         else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
+            start = kv.end  # [B]
             c, L = pruning[1], self.prune_head.layer
             cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors
-            dst = kv_len[:, None] + torch.arange(cols, device=root.device)
+            dst = start[:, None] + torch.arange(cols, device=root.device)
             move_kv(cache, src=T + path[:, :cols], dst=dst, layers=slice(0, L))
             move_kv(cache, src=T + c.position.gather(1, path[:, :cols]), dst=dst, layers=slice(L, None))
-        return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv_len + n_acc + 1
+        kv = kv.after_step(start, n_acc + 1, hidden.shape[1])
+        return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv
 
 
 def greedy_accept(node_tokens: torch.Tensor, node_argmax: torch.Tensor, node_parent: torch.Tensor,

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
-from decoding.batch import crop_cache, new_cache, prefill
+from decoding.batch import RowKV, crop_cache, new_cache, prefill
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
 from profiling.trees import best_paths
@@ -137,8 +137,8 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     for bi, batch in enumerate(batch_sizes):
         batch_deadline = started + budget_s * (bi + 1) / len(batch_sizes)
         cache = new_cache(model)
-        prefill(model, cache, torch.randint(0, vocab, (batch, context_len), generator=g).tolist(), device)
-        kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
+        kv = RowKV.right_padded(
+            prefill(model, cache, torch.randint(0, vocab, (batch, context_len), generator=g).tolist(), device)[0])
         root = torch.randint(0, vocab, (batch,), generator=g).to(device)
         guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
         state = torch.full((batch,), k, dtype=torch.long, device=device)
@@ -156,7 +156,7 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
             for i in range(warmups + repeats):
                 _sync(device)
                 t0 = time.perf_counter()
-                decoder.step(cache, buffers, prompt_table, kv_len, root, guesses, state)
+                decoder.step(cache, buffers, prompt_table, kv, root, guesses, state)
                 _sync(device)
                 if i >= warmups:
                     times.append(time.perf_counter() - t0)

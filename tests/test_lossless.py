@@ -21,7 +21,7 @@ from decoding import (
     reference_greedy,
     vanilla_tree_set,
 )
-from decoding.batch import new_cache, prefill
+from decoding.batch import RowKV, new_cache, prefill
 from decoding.ppd import greedy_accept
 from decoding.tree import tree_buffers, tree_set_buffers
 from profiling.tree_builder import build_tree_set
@@ -188,7 +188,7 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
     root = torch.tensor([p[-1] for p in prompts])
     buffers = tree_set_buffers(ts, n=n)
     with torch.inference_mode():
-        ids, hidden, pruning = dec._forward_tree(cache, buffers, pt.flat(), kv_valid.sum(1), root, guesses,
+        ids, hidden, pruning = dec._forward_tree(cache, buffers, pt.flat(), RowKV.right_padded(kv_valid), root, guesses,
                                                  torch.full((2,), K))
     assert pruning is None
     b = tree_buffers(tree, k=K, top_k=4, n=n)
@@ -211,7 +211,9 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
 
 
 def test_compacted_cache_equals_a_sequential_prefill(model, truth):
-    """After a step that accepts a deep path, each row's kept KV equals a fresh prefill of the same tokens."""
+    """After a step that accepts a deep path, each row's kept KV equals a fresh prefill of the same tokens. The
+    root-only step before it moves nothing: each root stays at the column the model wrote it to, behind a hole
+    in the rows with shorter prompts; the deep path is then moved to sit right after each row's root."""
     prompts, full = truth
     prompts, full = prompts[:3], full[:3]
     ts = DEEP
@@ -227,24 +229,83 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
     first = torch.tensor([t[0] for t in full])  # the first new token plays the root here
     with torch.inference_mode():
         # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
-        kv_len = kv_valid.sum(1)
-        _, counts0, root, _, _, kv_len = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(), kv_len,
-                                                   root, guesses, torch.zeros(3, dtype=torch.long))
+        _, counts0, root, _, _, kv = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
+                                              RowKV.right_padded(kv_valid), root, guesses, torch.zeros(3, dtype=torch.long))
         assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
-        tokens, counts, _, _, _, kv_len = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
-                                                    kv_len, root, guesses, torch.full((3,), K))
+        kv = kv.cropped(cache)
+        P = kv_valid.shape[1]  # the longest prompt but its root
+        assert cache.get_seq_length() == P + 1 and kv.end.tolist() == [P + 1] * 3
+        for b, p in enumerate(prompts):  # the prompt, a hole up to column P, the root at P
+            assert kv.valid[b].tolist() == [True] * (len(p) - 1) + [False] * (P - len(p) + 1) + [True]
+        tokens, counts, _, _, _, kv = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
+                                               kv, root, guesses, torch.full((3,), K))
     assert counts.tolist() == [K + 1] * 3  # three accepted candidates plus the bonus
+    assert kv.end.tolist() == [P + 1 + K + 1] * 3
     for b, (p, t) in enumerate(zip(prompts, full)):
         assert tokens[b].tolist() == t[1: K + 2]
         kept = p + t[: K + 1]  # prompt, the root t[0], the accepted t[1..K] (the bonus is the next root)
-        assert int(kv_len[b]) == len(kept)
+        assert int(kv.length[b]) == len(kept) == int(kv.valid[b].sum())
         ref = new_cache(model)
         with torch.inference_mode():
             model(input_ids=torch.tensor([kept]), past_key_values=ref, use_cache=True)
         for layer, ref_layer in zip(cache.layers, ref.layers):
-            torch.testing.assert_close(layer.keys[b, :, : len(kept)], ref_layer.keys[0], rtol=0, atol=1e-9)
-            torch.testing.assert_close(layer.values[b, :, : len(kept)], ref_layer.values[0], rtol=0, atol=1e-9)
+            torch.testing.assert_close(layer.keys[b, :, kv.valid[b]], ref_layer.keys[0], rtol=0, atol=1e-9)
+            torch.testing.assert_close(layer.values[b, :, kv.valid[b]], ref_layer.values[0], rtol=0, atol=1e-9)
 
+
+
+def test_row_layout_after_a_tree_step_and_after_a_root_only_step():
+    """A tree step's kept columns sit right after each row's end; a root-only step's at the step's first
+    column for every row, behind a hole where a row ended earlier."""
+    kv = RowKV.right_padded(torch.tensor([[True, True, False], [True, False, False]]))  # prompts of 2 and 1
+    assert kv.length.tolist() == [2, 1] and kv.end.tolist() == [2, 1]
+    tree = kv.after_step(start=kv.end, kept=torch.tensor([3, 1]), new_columns=4)  # T=3, a 4-slot tree
+    assert tree.valid.int().tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
+    assert tree.length.tolist() == [5, 2] and tree.end.tolist() == [5, 2]
+    cache = new_cache(make_tiny_llama(vocab_size=VOCAB, hidden_size=32))  # cropped to the longest end
+    cache.update(torch.zeros(2, 4, 7, 8), torch.zeros(2, 4, 7, 8), 0)
+    tree = tree.cropped(cache)
+    assert cache.get_seq_length() == 5 and tree.valid.shape == (2, 5)
+    plain = tree.after_step(start=torch.tensor([5, 5]), kept=torch.tensor([1, 1]), new_columns=1)
+    assert plain.valid.int().tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1]]
+    assert plain.length.tolist() == [6, 3] and plain.end.tolist() == [6, 6]
+
+
+@pytest.mark.parametrize("plain_every", [1, 3])
+def test_root_only_steps_move_no_kv_and_stay_lossless(model, truth, monkeypatch, plain_every):
+    """Plain decoding through PPD (root-only trees) leaves each new column where the model wrote it: not one KV
+    move. With DEEP in between (every third step root-only: DEEP's state 0, then its deep state, then plain),
+    rows end ragged before each root-only step, which then opens holes. Either way the output is plain greedy
+    decoding's."""
+    import decoding.ppd as ppd
+
+    moved = []
+    move_kv = ppd.move_kv
+    monkeypatch.setattr(ppd, "move_kv", lambda cache, src, dst, layers=slice(None): (
+        moved.append(src.shape[1]), move_kv(cache, src, dst, layers)))
+    plain_buffers, deep_buffers = tree_set_buffers(vanilla_tree_set(K)), tree_set_buffers(DEEP)
+
+    class Alternating(OracleGuessDecoder):
+        steps, ends_before_plain = 0, []
+
+        def _buffers_for_step(self, rows, kv_len, state):
+            self.steps += 1
+            return plain_buffers if self.steps % plain_every == 0 else deep_buffers
+
+        def step(self, cache, buffers, prompt_table, kv, *args, **kwargs):
+            if buffers is plain_buffers:
+                self.ends_before_plain.append(kv.end.tolist())
+            return super().step(cache, buffers, prompt_table, kv, *args, **kwargs)
+
+    prompts, full = truth
+    dec = Alternating(model, prompt_tokens(model), DEEP, truth=full, miss_prob=0.3, max_rank=1, seed=5)
+    got = dec.generate(prompts[:5], MAX_NEW)
+    assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full[:5]]
+    if plain_every == 1:
+        assert moved == []
+    else:
+        assert 0 < len(moved) <= dec.steps // 3 + 1  # DEEP's deep steps alone moved KV
+        assert sum(len(set(ends)) > 1 for ends in dec.ends_before_plain) >= 3  # ragged ends met root-only steps
 
 SMALL = TreeSpec.build({(): 2, (0,): 1, (1,): 0, (0, 0): 1})
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoding import PPDDecoder, TreeSet, TreeSpec, reference_greedy
-from decoding.batch import new_cache, prefill
+from decoding.batch import RowKV, new_cache, prefill
 from decoding.pruning import PruneHead, compact, compacted_mask, kept_nodes
 from decoding.tree import tree_buffers, tree_set_buffers
 from tests.helpers_models import make_tiny_llama
@@ -79,8 +79,8 @@ def test_surviving_slots_equal_the_unpruned_pass(model):
         kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
         root = torch.tensor([p[-1] for p in prompts])
         with torch.inference_mode():
-            outs.append(dec._forward_tree(cache, tree_set_buffers(ts), pt.flat(), kv_valid.sum(1), root, guesses,
-                                          torch.full((3,), K)))
+            outs.append(dec._forward_tree(cache, tree_set_buffers(ts), pt.flat(), RowKV.right_padded(kv_valid), root,
+                                          guesses, torch.full((3,), K)))
     (_, full, none), (_, pruned, (kept, c)) = outs
     assert none is None
     assert 0 < int(kept.sum()) < kept.numel()  # some nodes pruned, some kept
