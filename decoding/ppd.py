@@ -34,12 +34,17 @@ from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, on_
 class PPDDecoder:
     """``prune_head``: ProPD early pruning (decoding/pruning.py); None runs every slot through every layer.
 
+    ``merged_logits_rows``: a step over at most this many slots in all (batch x slots) runs the lm_head once,
+    over every slot, instead of over the nodes and then the best node's prompt slots (see ``step``).
+
     ``passes`` and ``tokens_processed`` count the tree forwards and their input tokens (batch x slots, averaged
     over layers when pruning ran the later layers on fewer slots), for benchmarks."""
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, tree_set: TreeSet | None = None,
-                 eos_token_ids: Sequence[int] = (), prune_head: PruneHead | None = None):
+                 eos_token_ids: Sequence[int] = (), prune_head: PruneHead | None = None,
+                 merged_logits_rows: int = 32):
         self.model = model
+        self.merged_logits_rows = merged_logits_rows
         self.prompt_tokens = prompt_tokens
         self.tree_set = tree_set or default_tree_set(k=prompt_tokens.k)
         if self.tree_set.k != prompt_tokens.k:
@@ -240,10 +245,19 @@ class PPDDecoder:
         ids, hidden, pruning = self._forward_tree(cache, buffers, prompt_table, kv, root, guesses, state, prefix)
         T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache (layer 0 saw all)
 
+        # The lm_head reads its whole weight (V x H, 113 MB for the default model in float32) in every call, and
+        # over a few rows that read is most of its cost: one call over all the slots then costs about what a
+        # call over the nodes alone does, and saves a second read for the best node's prompt slots (a batch-1
+        # 8-slot step on the 2-core CPU: 2 x ~9 ms against ~9 ms). Over more rows, the slots never read would
+        # cost more than the read saved.
+        N = hidden.shape[1]
+        slot_logits = self.logits(hidden) if B * N <= self.merged_logits_rows else None  # [B, N, V] or None
+
         # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
         valid = sb.node_valid[state, :C] if pruning is None else sb.node_valid[state, :C] & pruning[0]
         if draw is None:
-            node_argmax = self.logits(hidden[:, :C]).argmax(-1)  # [B, C]
+            node_logits = self.logits(hidden[:, :C]) if slot_logits is None else slot_logits[:, :C]  # [B, C, V]
+            node_argmax = node_logits.argmax(-1)  # [B, C]
             depth = sb.node_depth[state, :C]  # [B, C]
             best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
                                  sb.ancestor_or_self[state, :C, :C], depth)  # [B]
@@ -254,7 +268,7 @@ class PPDDecoder:
             tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
         else:
             def logits_at(node: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R], [R] -> logits [R, V]
-                return self.logits(hidden[rows, node])
+                return self.logits(hidden[rows, node]) if slot_logits is None else slot_logits[rows, node]
 
             best, tokens, n_acc = self.accept_sampled(ids[:, :C], sb.node_parent[state, :C], valid, logits_at,
                                                       draw, D)  # [B], [B, D+1], [B]
@@ -263,14 +277,18 @@ class PPDDecoder:
 
         # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
         # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).
-        # Only the first m prompt tokens are ever read (m = most attached to any row's best node): the lm_head
-        # is as dear as a good part of the model, so it runs on those only (none when plain decoding).
+        # Only the first m prompt tokens are ever read (m = most attached to any row's best node): unless the
+        # slots' logits are at hand, the lm_head runs on those only (none when plain decoding).
         n_prompt = sb.node_prompt_count[state, best]  # [B]
         m = int(n_prompt.max())
         slots = sb.node_prompt_slots[state, best][:, :m]  # [B, m, n]
         n, V = slots.shape[2], self.lm_head.weight.shape[0]
-        prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, m*n, H]
-        prompt_logits = at_least_fp32(self.logits(prompt_hidden)).view(B, m, n, V).mean(2)  # [B, m, V]
+        if slot_logits is None:
+            prompt_hidden = hidden.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, H))  # [B, m*n, H]
+            prompt_slot_logits = self.logits(prompt_hidden)  # [B, m*n, V]
+        else:
+            prompt_slot_logits = slot_logits.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, V))  # [B, m*n, V]
+        prompt_logits = at_least_fp32(prompt_slot_logits).view(B, m, n, V).mean(2)  # [B, m, V]
 
         # Keep the KV of the root and the accepted candidates only, right after each row's end.
         if D == 0:
