@@ -125,6 +125,43 @@ def test_deep_acceptance_stays_lossless(model, truth, tree, n):
     assert all(sum(r.accepted_per_step) == r.num_tokens for r in got)
 
 
+
+@pytest.mark.parametrize("merged_logits_rows", [0, 10**6])
+def test_one_lm_head_call_over_every_slot_or_two_give_the_same_tokens(model, truth, merged_logits_rows):
+    """The lm_head over all slots at once (small steps) or over the nodes and then the best node's prompt
+    slots: the same tokens as plain greedy decoding."""
+    prompts, full = truth
+    dec = OracleGuessDecoder(model, prompt_tokens(model, n=2), BUILT, truth=full, seed=1,
+                             merged_logits_rows=merged_logits_rows)
+    got = dec.generate(prompts, MAX_NEW)
+    assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full]
+
+
+def test_one_lm_head_call_over_every_slot_gives_the_steps_outputs_of_two(model, truth):
+    """One step, both ways, on the same cache and guesses: the same tokens, next state, and prompt-token
+    logits (the next guesses), to float64 rounding."""
+    prompts, full = truth
+    pt = prompt_tokens(model, n=2)
+    guesses = torch.randint(0, VOCAB, (3, K, 10), generator=torch.Generator().manual_seed(4))
+    guesses[:, 0, 1] = torch.tensor([t[1] for t in full[:3]])  # rank 1 of the first guess is right: depth >= 1
+    outs = []
+    for rows in (0, 10**6):
+        dec = PPDDecoder(model, pt, DEEP, merged_logits_rows=rows)
+        cache = new_cache(model)
+        kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts[:3]], torch.device("cpu"))
+        root = torch.tensor([t[0] for t in full[:3]])  # as if the prompt's last token had been the step before
+        with torch.inference_mode():
+            _, _, root, _, _, kv = dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(), RowKV.right_padded(kv_valid),
+                                            torch.tensor([p[-1] for p in prompts[:3]]), guesses,
+                                            torch.zeros(3, dtype=torch.long))
+            outs.append(dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(), kv.cropped(cache), root, guesses,
+                                 torch.full((3,), K)))
+    (tokens, counts, bonus, logits, state, kv), (tokens2, counts2, bonus2, logits2, state2, kv2) = outs
+    assert counts.tolist() == counts2.tolist() and min(counts.tolist()) >= 2
+    assert torch.equal(tokens, tokens2) and torch.equal(bonus, bonus2) and torch.equal(state, state2)
+    assert logits.shape[1] > 0
+    torch.testing.assert_close(logits, logits2, rtol=0, atol=1e-12)
+
 def test_eos_mid_generation_and_per_row_limits(model, truth):
     prompts, full = truth
     eos = full[0][6]  # a token row 0 emits mid-way: every row stops at its first occurrence of it
