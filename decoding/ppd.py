@@ -228,7 +228,8 @@ class PPDDecoder:
         """hidden [..., H] -> logits [..., V], as one 2D matmul. A strided 3D input (the tree's leading slots,
         hidden[:, :C]) is not folded to 2D by the linear layer: on a CPU it then took 5-8x as long (batch 16,
         3 of 5 slots: 169 ms against 22 ms), 14% of a batch-16 run of an 8-slot tree."""
-        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], self.lm_head.weight.shape[0])
+        V = self.lm_head.weight.shape[0]
+        return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], V)
 
     def step(self, cache, buffers, prompt_table, kv: RowKV, root, guesses, state, prefix=None, draw=None):
         """One guess-and-verify pass. ``draw``: None for greedy verification, else draw(logits [R, V], depth,
@@ -243,14 +244,14 @@ class PPDDecoder:
         C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
         D = int(buffers.depth[state].max())  # deepest tree among the rows
         ids, hidden, pruning = self._forward_tree(cache, buffers, prompt_table, kv, root, guesses, state, prefix)
-        T = cache.get_seq_length() - hidden.shape[1]  # where this step's tree starts in the cache (layer 0 saw all)
+        N = hidden.shape[1]  # the widest tree's slots
+        T = cache.get_seq_length() - N  # where this step's tree starts in the cache (layer 0 saw all)
 
         # The lm_head reads its whole weight (V x H, 113 MB for the default model in float32) in every call, and
         # over a few rows that read is most of its cost: one call over all the slots then costs about what a
         # call over the nodes alone does, and saves a second read for the best node's prompt slots (a batch-1
         # 8-slot step on the 2-core CPU: 2 x ~9 ms against ~9 ms). Over more rows, the slots never read would
         # cost more than the read saved.
-        N = hidden.shape[1]
         slot_logits = self.logits(hidden) if B * N <= self.merged_logits_rows else None  # [B, N, V] or None
 
         # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
@@ -296,17 +297,17 @@ class PPDDecoder:
             # wrote it, at T, as in plain decoding. Moving it to each row's end cost 2 KV ops per layer a step,
             # 1-2% of a batch-16 step on a CPU, and more where a step is bound by kernel launches.
             start = torch.full_like(kv.end, T)  # [B]
-        elif pruning is None:
+        else:
             start = kv.end  # [B]
-            move_kv(cache, src=T + path, dst=start[:, None] + torch.arange(D + 1, device=root.device))
-        else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
-            start = kv.end  # [B]
-            c, L = pruning[1], self.prune_head.layer
-            cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors
-            dst = start[:, None] + torch.arange(cols, device=root.device)
-            move_kv(cache, src=T + path[:, :cols], dst=dst, layers=slice(0, L))
-            move_kv(cache, src=T + c.position.gather(1, path[:, :cols]), dst=dst, layers=slice(L, None))
-        kv = kv.after_step(start, n_acc + 1, hidden.shape[1])
+            if pruning is None:
+                move_kv(cache, src=T + path, dst=start[:, None] + torch.arange(D + 1, device=root.device))
+            else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
+                c, L = pruning[1], self.prune_head.layer
+                cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors
+                dst = start[:, None] + torch.arange(cols, device=root.device)
+                move_kv(cache, src=T + path[:, :cols], dst=dst, layers=slice(0, L))
+                move_kv(cache, src=T + c.position.gather(1, path[:, :cols]), dst=dst, layers=slice(L, None))
+        kv = kv.after_step(start, n_acc + 1, N)
         return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv
 
 

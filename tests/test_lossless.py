@@ -151,9 +151,9 @@ def test_one_lm_head_call_over_every_slot_gives_the_steps_outputs_of_two(model, 
         kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts[:3]], torch.device("cpu"))
         root = torch.tensor([t[0] for t in full[:3]])  # as if the prompt's last token had been the step before
         with torch.inference_mode():
-            _, _, root, _, _, kv = dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(), RowKV.right_padded(kv_valid),
-                                            torch.tensor([p[-1] for p in prompts[:3]]), guesses,
-                                            torch.zeros(3, dtype=torch.long))
+            _, _, root, _, _, kv = dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(),
+                                            RowKV.right_padded(kv_valid), torch.tensor([p[-1] for p in prompts[:3]]),
+                                            guesses, torch.zeros(3, dtype=torch.long))
             outs.append(dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(), kv.cropped(cache), root, guesses,
                                  torch.full((3,), K)))
     (tokens, counts, bonus, logits, state, kv), (tokens2, counts2, bonus2, logits2, state2, kv2) = outs
@@ -267,7 +267,8 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
     with torch.inference_mode():
         # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
         _, counts0, root, _, _, kv = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
-                                              RowKV.right_padded(kv_valid), root, guesses, torch.zeros(3, dtype=torch.long))
+                                              RowKV.right_padded(kv_valid), root, guesses,
+                                              torch.zeros(3, dtype=torch.long))
         assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
         kv = kv.cropped(cache)
         P = kv_valid.shape[1]  # the longest prompt but its root
