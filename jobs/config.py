@@ -120,6 +120,7 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "device": ("model", "device"),
     "attn_implementation": ("model", "attn_implementation"),
     "cache_dir": ("model", "cache_dir"),
+    "cpu_linear": ("model", "cpu_linear"),
     "decoding": ("decoding", "method"),
     "max_new_tokens": ("decoding", "max_new_tokens"),
     "prompts": ("decoding", "prompts"),

@@ -17,6 +17,7 @@ from profiling.tree_builder import tree_set_slots
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.engine import DecodeEngine, DecodingConfig
 from workers import profiles
+from workers.cpu_linear import use_weight_stationary_linears
 from workers.profiles import load_or_measure_profile, probe_slots, shape_error, worst_inversion
 
 
@@ -81,6 +82,12 @@ def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
     other, cached_other = load_or_measure_profile(tiny.model, pt, **{**kwargs, "model_hash": "other"})
     assert not cached_other
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+    # The same weights with weight-stationary linear layers step at another cost: measured on their own.
+    stationary = tiny_loaded_model().model
+    use_weight_stationary_linears(stationary)
+    _, cached_stationary = load_or_measure_profile(stationary, pt, **kwargs)
+    assert not cached_stationary
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 
 def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from workers.cpu_linear import use_weight_stationary_linears
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_KEYWORD = "default"
@@ -65,6 +67,12 @@ class ModelConfig(BaseModel):
         default=None,
         description=f"Where de-quantised GGUF models and file hashes are cached; default ${CACHE_DIR_ENV} "
         "or ~/.cache/ppd-batch.",
+    )
+    cpu_linear: Literal["weight_stationary", "torch"] = Field(
+        default="weight_stationary",
+        description="Linear layers on a CPU in float32: weight_stationary multiplies W @ x.T for the few rows of "
+        "a decode step (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; workers/cpu_linear.py); torch "
+        "keeps nn.Linear's x @ W.T. Ignored on other devices and dtypes.",
     )
 
     @field_validator("device")
@@ -208,6 +216,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     cache_dir = resolve_cache_dir(cfg.cache_dir)
 
+    loaded = _load(cfg, device, dtype, cache_dir)
+    if cfg.cpu_linear == "weight_stationary" and device.type == "cpu" and dtype == torch.float32:
+        use_weight_stationary_linears(loaded.model)
+    return loaded
+
+
+def _load(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedModel:
     if cfg.model == DEFAULT_MODEL_KEYWORD:
         gguf_path = default_gguf_path()
         return _load_gguf(gguf_path, cfg, device, dtype, cache_dir, model_id=DEFAULT_MODEL_ID)

@@ -14,15 +14,16 @@ from decoding import PromptTokens
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, measure_profile
 from profiling.tree_builder import choose_budget
+from workers.cpu_linear import linear_kind
 from workers.models import write_json_atomically
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the decode step's cost changes (2: the lm_head runs on the prompt tokens in use only; 3: the
 # lm_head over a tree's nodes folded to one 2D matmul, 5-8x cheaper on a CPU at batch 16; 4: one lm_head call
-# over all slots in small steps, a batch-1 tree step ~13% cheaper on a CPU), so a profile of older code is
-# measured again instead of reused.
-PROFILE_VERSION = 4
+# over all slots in small steps, a batch-1 tree step ~13% cheaper on a CPU; 5: the key names the CPU linear
+# layers, workers/cpu_linear.py), so a profile of older code is measured again instead of reused.
+PROFILE_VERSION = 5
 
 # A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps.
 # One measured while something else loaded the machine keeps its distorted shape for good (seen on the 2-core
@@ -51,12 +52,13 @@ SPOT_CHECK_MIN_SECONDS = 0.005
 
 
 def profile_path(cache_dir: Path, identity: DeviceIdentity, model_hash: str, k: int, n: int,
-                 batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None) -> Path:
+                 batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None,
+                 linear: str = "torch") -> Path:
     """Everything that shapes the measurement is in the key: a short-budget profile never stands in for a
-    full one."""
+    full one, nor one of nn.Linear for one of weight-stationary linear layers (``linear``)."""
     key = json.dumps({"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
                       "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
-                      "budget_s": budget_s},
+                      "budget_s": budget_s, "linear": linear},
                      sort_keys=True)
     return cache_dir / "profiles" / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -74,7 +76,7 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
     refused_as_inverted = False
     if cache_dir is not None:
         path = profile_path(cache_dir, identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes,
-                            slots, context_len, budget_s)
+                            slots, context_len, budget_s, linear=linear_kind(model))
         if path.exists():
             try:
                 cached = LatencyProfile.model_validate_json(path.read_text())

@@ -1,0 +1,100 @@
+"""Weight-stationary linear layers on a CPU (workers/cpu_linear.py): the same products as nn.Linear, the
+model's decoding unchanged, and the loader and the profile cache aware of them."""
+
+import pytest
+import torch
+from torch import nn
+
+from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set, reference_greedy
+from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
+from workers.cpu_linear import WeightStationaryLinear, linear_kind, use_weight_stationary_linears
+from workers.models import ModelConfig, load_model
+
+
+def linear_pair(in_features: int, out_features: int, bias: bool, seed: int = 0):
+    plain = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        plain.weight.copy_(torch.randn(out_features, in_features, generator=g) / in_features**0.5)
+        if bias:
+            plain.bias.copy_(torch.randn(out_features, generator=g))
+    stationary = nn.Linear(in_features, out_features, bias=bias)
+    stationary.load_state_dict(plain.state_dict())
+    assert use_weight_stationary_linears(stationary) == 1 and type(stationary) is WeightStationaryLinear
+    return plain, stationary
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (4, 24), (2, 4, 24), (7, 9, 24), (63, 24), (64, 24),
+                                   (130, 24)])
+def test_the_product_is_nn_linears_to_rounding(shape, bias):
+    plain, stationary = linear_pair(24, 40, bias)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    expected, got = plain(x), stationary(x)
+    assert got.shape == expected.shape == (*shape[:-1], 40)
+    assert got.is_contiguous()  # the model's attention .view()s its projections
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A strided input (a tree's leading slots) too.
+    if len(shape) == 3:
+        torch.testing.assert_close(stationary(x[:, :2]), plain(x[:, :2]), rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_take_nn_linears_own_path():
+    plain, stationary = linear_pair(24, 40, bias=True)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    plain, stationary = plain.double(), stationary.double()
+    assert torch.equal(stationary(x), plain(x))  # bit for bit: the same kernel
+
+
+def test_gradients_flow_as_through_nn_linear():
+    """Prompt-token training backpropagates through the frozen model's linear layers."""
+    plain, stationary = linear_pair(24, 40, bias=True)
+    grads = []
+    for layer in (plain, stationary):
+        x = torch.randn(3, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        layer(x).square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_linears_change_and_tied_weights_stay_tied():
+    class Adapted(nn.Linear):  # a subclass (a quantised or adapted layer) is not ours to change
+        pass
+
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32, tie_word_embeddings=True)
+    model.model.layers[0].mlp.up_proj.__class__ = Adapted
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert linear_kind(model) == "torch"
+    assert use_weight_stationary_linears(model) == linears
+    assert linear_kind(model) == "weight_stationary"
+    assert type(model.model.layers[0].mlp.up_proj) is Adapted
+    assert type(model.lm_head) is WeightStationaryLinear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_greedy_decoding_of_a_model_with_them_is_lossless():
+    """Plain, PPD and the reference decoder all run the model with weight-stationary linear layers; PPD's
+    output stays the plain greedy output, and the model's logits are nn.Linear's to rounding."""
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    before = model(input_ids=ids).logits
+    use_weight_stationary_linears(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    pt = PromptTokens.from_token_embeddings(model, k=3, n=1, base_model_id="tiny", base_model_hash="0",
+                                            generator=torch.Generator().manual_seed(0))
+    expected = [reference_greedy(model, p, 16).token_ids for p in prompts]
+    assert [r.token_ids for r in VanillaDecoder(model).generate(prompts, 16)] == expected
+    assert [r.token_ids for r in PPDDecoder(model, pt, default_tree_set(k=3)).generate(prompts, 16)] == expected
+
+
+def test_the_loader_uses_them_on_a_cpu_in_float32_only(tmp_path, default_tokenizer):
+    model_dir = save_tiny_llama_dir(tmp_path / "m", default_tokenizer)
+    cache = str(tmp_path / "cache")
+    assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=cache)).model) \
+        == "weight_stationary"
+    assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=cache,
+                                              cpu_linear="torch")).model) == "torch"
+    assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", dtype="bfloat16",
+                                              cache_dir=cache)).model) == "torch"
