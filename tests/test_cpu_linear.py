@@ -25,8 +25,8 @@ def linear_pair(in_features: int, out_features: int, bias: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (4, 24), (2, 4, 24), (7, 9, 24), (63, 24), (64, 24),
-                                   (130, 24)])
+@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 24), (4, 24), (2, 4, 24), (9, 24), (10, 24), (3, 3, 24),
+                                   (7, 9, 24), (130, 24)])
 def test_the_product_is_nn_linears_to_rounding(shape, bias):
     plain, stationary = linear_pair(24, 40, bias)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))

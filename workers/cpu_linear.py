@@ -2,14 +2,15 @@
 
 A decode step runs every linear layer of the model over a handful of rows (batch x slots), so its cost is
 reading the weights. On a CPU, ``torch.nn.Linear`` computes ``x @ W.T``, and MKL's kernel for that shape
-with few rows of ``x`` streams W at a fraction of the memory bandwidth: below 4 rows it reads W once per
-row. ``W @ x.T`` is the same product as a tall, thin matrix times a few columns, which MKL splits over the
-threads and streams at full speed. Measured on a 2-thread AMD EPYC (torch 2.13, MKL 2024.2, float32), 90
-distinct 1536 x 576 weights (318 MB, as a decode step reads them), milliseconds per pass by rows M:
+with few rows of ``x`` streams W at a fraction of the memory bandwidth (over the lm_head's 113 MB it took
+7.0, 14.6 and 21.1 ms for 1, 2 and 3 rows: a read of W per row). ``W @ x.T`` is the same product as a
+tall, thin matrix times a few columns, which MKL splits over the threads and streams at full speed. Measured on a 2-thread AMD EPYC (torch 2.13, MKL 2024.2, float32): one
+pass over the 90 distinct weights of 30 layers' MLPs (318 MB, as a decode step reads them), interleaved, the
+median of 9 (another run differed by up to 20%), milliseconds by rows M:
 
-    M                        1     2     4     8    16    32    64    128
-    nn.Linear, x @ W.T     19.6  27.4  28.0  24.8  30.9  42.6  67.0  111.6
-    (W @ x.T).T, copied     8.9   8.1   8.8  17.1  26.6  39.2  65.0  116.2
+    M                        1     2     3     4     5     6     8     9    10    12    32    64
+    nn.Linear, x @ W.T     18.7  28.3  31.3  27.7  26.3  22.0  28.3  33.1  33.2  33.8  47.9  75.6
+    (W @ x.T).T, copied     8.8   9.0  11.6   9.9  15.3  19.1  21.4  24.5  28.2  33.8  40.1  66.0
 
 (M = 1 runs as two copies of the row: a matrix-vector product is as slow as ``x @ W.T``.) So from the
 loader, on a CPU in float32, every ``nn.Linear`` of the model becomes a ``WeightStationaryLinear``: the
@@ -25,11 +26,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_WEIGHT_STATIONARY_BELOW = 64  # rows: from 64 up both forms cost the same on the CPU above
+_WEIGHT_STATIONARY_BELOW = 10  # rows: from 10 up the second form is no faster on the CPU above (at 12, slower)
 
 
 class WeightStationaryLinear(nn.Linear):
-    """``nn.Linear`` computing ``(W @ x.T).T`` for fewer than 64 rows of float32 input on a CPU."""
+    """``nn.Linear`` computing ``(W @ x.T).T`` for fewer than 10 rows of float32 input on a CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [M, in]
