@@ -1,5 +1,10 @@
 """Side-by-side decoding benchmark: transformers `generate` (greedy), our vanilla decoder, and PPD.
 
+`generate` runs the model as transformers builds it (nn.Linear). Ours run it as the workers load it: on a CPU
+in float32 with weight-stationary linear layers (workers/cpu_linear.py; `--cpu-linear torch` to turn them
+off), and then a fourth method, `vanilla_nn_linear`, runs our vanilla decoder on the stock model, so the
+linear layers' share and the decoder's show apart.
+
 Every method decodes the same prompts to the same fixed length (EOS switched off, so all do equal work) in
 one process, on one device, interleaved run by run; speeds are medians over repeats after a warm-up. Ratios
 are against `generate`, measured in the same run. Peak memory is the extra memory one run needs: on CUDA the
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
 from jobs.inputs import read_rows  # noqa: E402
 from workers.artifacts import load_prompt_tokens  # noqa: E402
+from workers.cpu_linear import linear_kind  # noqa: E402
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model  # noqa: E402
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
@@ -45,6 +51,9 @@ class BenchConfig(BaseModel):
                                description="Devices to measure; 'auto' = cpu, plus cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+    cpu_linear: Literal["weight_stationary", "torch"] = Field(
+        default="weight_stationary", description="Linear layers of our decoders' model on a CPU in float32 "
+        "(ModelConfig.cpu_linear); `generate` always runs nn.Linear.")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens generated per row (EOS ignored).")
     repeats: int = Field(default=3, ge=1, description="Timed runs per method; the median is reported.")
@@ -101,18 +110,28 @@ def timed(fn: Callable[[], tuple], device: torch.device) -> tuple[float, float |
 def cpu_peak_memory_mb(method: str, batch: int, cfg: BenchConfig) -> float:
     """One run of ``method`` in a fresh subprocess; its peak resident-set growth in MiB."""
     args = [sys.executable, __file__, "--memory-probe", f"{method}:{batch}", "--model", cfg.model,
-            "--dtype", cfg.dtype, "--max-new-tokens", str(cfg.max_new_tokens), "--input", cfg.input]
+            "--dtype", cfg.dtype, "--cpu-linear", cfg.cpu_linear, "--max-new-tokens", str(cfg.max_new_tokens),
+            "--input", cfg.input]
     if cfg.prompts:
         args += ["--prompts", cfg.prompts]
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
 
 
+def load_models(cfg: BenchConfig, device: str) -> tuple[LoadedModel, LoadedModel]:
+    """(the model as our decoders get it, the model as transformers builds it): the same object unless the
+    first has weight-stationary linear layers."""
+    ours = load_model(ModelConfig(model=cfg.model, device=device, dtype=cfg.dtype, cpu_linear=cfg.cpu_linear))
+    if linear_kind(ours.model) == "torch":
+        return ours, ours
+    return ours, load_model(ModelConfig(model=cfg.model, device=device, dtype=cfg.dtype, cpu_linear="torch"))
+
+
 def memory_probe(cfg: BenchConfig) -> None:
     method, batch = cfg.memory_probe.split(":")
-    lm = load_model(ModelConfig(model=cfg.model, device="cpu", dtype=cfg.dtype))
+    lm, stock = load_models(cfg, "cpu")
     prompts = read_prompts(cfg.input, lm.tokenizer, int(batch))
-    fn = methods(lm, cfg)[method]
+    fn = methods(lm, stock, cfg)[method]
     with torch.inference_mode():  # page in the (memory-mapped) weights with a one-token forward
         lm.model(input_ids=torch.tensor([prompts[0][:1]]))
     with PeakRSS() as mem:
@@ -126,7 +145,9 @@ def read_prompts(path: str, tokenizer, count: int) -> list[list[int]]:
     return [encoded[i % len(encoded)] for i in range(count)]
 
 
-def methods(lm: LoadedModel, cfg: BenchConfig) -> dict[str, Callable]:
+def methods(lm: LoadedModel, stock: LoadedModel, cfg: BenchConfig) -> dict[str, Callable]:
+    """``stock``: the model with nn.Linear, which `generate` runs (and `vanilla_nn_linear` when ``lm`` is not
+    the same model)."""
     model, tok, n = lm.model, lm.tokenizer, cfg.max_new_tokens
     if cfg.prompts:
         pt = load_prompt_tokens(cfg.prompts, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
@@ -143,7 +164,7 @@ def methods(lm: LoadedModel, cfg: BenchConfig) -> dict[str, Callable]:
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=lm.device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, eos_token_id=None,
+            out = stock.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, eos_token_id=None,
                                  do_sample=False, pad_token_id=pad_id, top_k=None, top_p=None, temperature=None)
         return out[:, width:].tolist(), None
 
@@ -153,13 +174,16 @@ def methods(lm: LoadedModel, cfg: BenchConfig) -> dict[str, Callable]:
             return [r.token_ids for r in results], results
         return run
 
-    return {"generate": hf, "vanilla": ours(vanilla), "ppd": ours(ppd)}
+    runners = {"generate": hf, "vanilla": ours(vanilla), "ppd": ours(ppd)}
+    if stock is not lm:
+        runners["vanilla_nn_linear"] = ours(VanillaDecoder(stock.model, eos_token_ids=[]))
+    return runners
 
 
 def bench_device(device: str, cfg: BenchConfig) -> list[dict]:
-    lm = load_model(ModelConfig(model=cfg.model, device=device, dtype=cfg.dtype))
+    lm, stock = load_models(cfg, device)
     dev = lm.device
-    runners = methods(lm, cfg)
+    runners = methods(lm, stock, cfg)
     rows = []
     for batch in cfg.batch_sizes:
         prompts = read_prompts(cfg.input, lm.tokenizer, batch)
@@ -191,12 +215,12 @@ def bench_device(device: str, cfg: BenchConfig) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'device':<22} {'dtype':<9} {'batch':>5} {'method':<9} {'tok/s':>8} {'x gen':>6} {'steps':>6} "
+    head = (f"{'device':<22} {'dtype':<9} {'batch':>5} {'method':<17} {'tok/s':>8} {'x gen':>6} {'steps':>6} "
             f"{'tau':>5} {'peak MiB':>9} {'= gen':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['device'][:22]:<22} {r['dtype']:<9} {r['batch']:>5} {r['method']:<9} {r['tokens_per_s']:>8.1f} "
+        print(f"{r['device'][:22]:<22} {r['dtype']:<9} {r['batch']:>5} {r['method']:<17} {r['tokens_per_s']:>8.1f} "
               f"{r['ratio_vs_generate']:>6.2f} {r['steps']:>6} {r['tau']:>5.2f} {r['peak_mem_mb']:>9.1f} "
               f"{r['same_tokens_as_generate']:>3}/{r['rows']:<2}")
 
