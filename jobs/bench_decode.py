@@ -133,7 +133,8 @@ def memory_probe(cfg: BenchConfig) -> None:
     prompts = read_prompts(cfg.input, lm.tokenizer, int(batch))
     fn = methods(lm, stock, cfg)[method]
     with torch.inference_mode():  # page in the (memory-mapped) weights with a one-token forward
-        lm.model(input_ids=torch.tensor([prompts[0][:1]]))
+        for model in {id(m.model): m.model for m in (lm, stock)}.values():
+            model(input_ids=torch.tensor([prompts[0][:1]]))
     with PeakRSS() as mem:
         fn(prompts)
     print(json.dumps({"peak_mem_mb": mem.delta_mb}))
