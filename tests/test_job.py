@@ -379,6 +379,8 @@ def test_rerun_resumes_and_a_changed_config_is_refused(ray_local, tiny_model_dir
     capsys.readouterr()
     assert main([*args, "--max-new-tokens", "4"]) == 2
     assert "max_new_tokens: 3 -> 4" in capsys.readouterr().err
+    assert main([*args, "--cpu-linear", "torch"]) == 2  # float32 logits on a CPU differ in the last bits
+    assert "cpu_linear: None -> 'torch'" in capsys.readouterr().err
     write_jsonl(src, GOOD_ROWS[:1])
     assert main([*args, "--max-new-tokens", "4", "--overwrite"]) == 0
     assert read_output(out).column("id").to_pylist() == ["r01"]
