@@ -4,9 +4,10 @@ A decode step runs every linear layer of the model over a handful of rows (batch
 reading the weights. On a CPU, ``torch.nn.Linear`` computes ``x @ W.T``, and MKL's kernel for that shape
 with few rows of ``x`` streams W at a fraction of the memory bandwidth (over the lm_head's 113 MB it took
 7.0, 14.6 and 21.1 ms for 1, 2 and 3 rows: a read of W per row). ``W @ x.T`` is the same product as a
-tall, thin matrix times a few columns, which MKL splits over the threads and streams at full speed. Measured on a 2-thread AMD EPYC (torch 2.13, MKL 2024.2, float32): one
-pass over the 90 distinct weights of 30 layers' MLPs (318 MB, as a decode step reads them), interleaved, the
-median of 9 (another run differed by up to 20%), milliseconds by rows M:
+tall, thin matrix times a few columns, which MKL splits over the threads and streams at full speed.
+Measured on a 2-thread AMD EPYC (torch 2.13, MKL 2024.2, float32): one pass over the 90 distinct weights of
+30 layers' MLPs (318 MB, as a decode step reads them), interleaved, the median of 9 (another run differed
+by up to 20%), milliseconds by rows M:
 
     M                        1     2     3     4     5     6     8     9    10    12    32    64
     nn.Linear, x @ W.T     18.7  28.3  31.3  27.7  26.3  22.0  28.3  33.1  33.2  33.8  47.9  75.6
