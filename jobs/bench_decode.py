@@ -51,8 +51,8 @@ class BenchConfig(BaseModel):
                                description="Devices to measure; 'auto' = cpu, plus cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype (auto: float32 on CPU, bfloat16 on CUDA).")
-    cpu_linear: Literal["weight_stationary", "torch"] = Field(
-        default="weight_stationary", description="Linear layers of our decoders' model on a CPU in float32 "
+    cpu_linear: Literal["auto", "weight_stationary", "torch"] = Field(
+        default="auto", description="Linear layers of our decoders' model on a CPU in float32 "
         "(ModelConfig.cpu_linear); `generate` always runs nn.Linear.")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens generated per row (EOS ignored).")

@@ -45,7 +45,7 @@ def output_shaping_config(cfg: JobConfig) -> dict[str, Any]:
         "max_new_tokens": cfg.decoding.max_new_tokens,
     }
     # Only when set: the directories of greedy jobs written before sampling existed keep their hash.
-    if cfg.model.cpu_linear != "weight_stationary":  # a CPU's float32 logits differ in the last bits
+    if cfg.model.cpu_linear != "auto":  # a CPU's float32 logits differ in the last bits
         shaping["cpu_linear"] = cfg.model.cpu_linear
     sampling = cfg.decoding.sampling.model_dump(mode="json")
     if sampling != SamplingConfig().model_dump(mode="json"):

@@ -51,8 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:0', ...")
     p.add_argument("--attn-implementation", choices=["sdpa", "eager"])
     p.add_argument("--cache-dir", metavar="DIR", help="where converted model weights are cached")
-    p.add_argument("--cpu-linear", choices=["weight_stationary", "torch"], help="linear layers on a CPU in float32 "
-                   "(default: weight_stationary, W @ x.T, faster for decode steps; torch: nn.Linear as it is)")
+    p.add_argument("--cpu-linear", choices=["auto", "weight_stationary", "torch"],
+                   help="linear layers on a CPU in float32 (default: auto, W @ x.T for a decode step's few rows "
+                   "where this CPU measures it faster; weight_stationary: below 10 rows, unmeasured; torch: "
+                   "nn.Linear as it is)")
     p.add_argument("--decoding", choices=["ppd", "vanilla"], help="decoding method (default: ppd)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 0, greedy)")

@@ -7,7 +7,19 @@ from torch import nn
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set, reference_greedy
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
-from workers.cpu_linear import WeightStationaryLinear, linear_kind, use_weight_stationary_linears
+from workers import models as models_module
+from workers.cpu_linear import (
+    DEFAULT_ROWS_BELOW,
+    ROW_CANDIDATES,
+    RowsBelowMeasurement,
+    WeightStationaryLinear,
+    _timed_weights,
+    choose_rows_below,
+    linear_kind,
+    linear_rows_below,
+    measure_rows_below,
+    use_weight_stationary_linears,
+)
 from workers.models import ModelConfig, load_model
 
 
@@ -92,9 +104,81 @@ def test_greedy_decoding_of_a_model_with_them_is_lossless():
 def test_the_loader_uses_them_on_a_cpu_in_float32_only(tmp_path, default_tokenizer):
     model_dir = save_tiny_llama_dir(tmp_path / "m", default_tokenizer)
     cache = str(tmp_path / "cache")
-    assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=cache)).model) \
-        == "weight_stationary"
+    fixed = load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=cache, cpu_linear="weight_stationary"))
+    assert linear_kind(fixed.model) == "weight_stationary"
+    assert linear_rows_below(fixed.model) == DEFAULT_ROWS_BELOW
     assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=cache,
                                               cpu_linear="torch")).model) == "torch"
     assert linear_kind(load_model(ModelConfig(model=str(model_dir), device="cpu", dtype="bfloat16",
                                               cache_dir=cache)).model) == "torch"
+
+
+@pytest.mark.parametrize("measured_rows_below", [1, 6])
+def test_auto_converts_below_the_measured_rows_or_not_at_all(tmp_path, default_tokenizer, monkeypatch,
+                                                             measured_rows_below):
+    """The default measures on the loaded model; where the second form never won (1), nn.Linear stays."""
+    seen = []
+
+    def fake_measure(model):
+        seen.append(linear_kind(model))
+        return RowsBelowMeasurement(rows_below=measured_rows_below, torch_ms={1: 2.0}, stationary_ms={1: 1.0})
+
+    monkeypatch.setattr(models_module, "measure_rows_below", fake_measure)
+    model_dir = save_tiny_llama_dir(tmp_path / "m", default_tokenizer)
+    loaded = load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=str(tmp_path / "cache")))
+    assert seen == ["torch"]  # measured once, on the model as loaded
+    assert linear_rows_below(loaded.model) == (None if measured_rows_below == 1 else measured_rows_below)
+    assert linear_kind(loaded.model) == ("torch" if measured_rows_below == 1 else "weight_stationary")
+    bf16 = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype="bfloat16",
+                                  cache_dir=str(tmp_path / "cache")))
+    assert linear_kind(bf16.model) == "torch" and len(seen) == 1  # nothing to measure off float32
+
+
+# This VM's table (the module docstring), milliseconds by rows.
+VM_TORCH_MS = {1: 18.7, 2: 28.3, 3: 31.3, 4: 27.7, 6: 22.0, 8: 28.3, 10: 33.2, 12: 33.8, 16: 40.0}
+VM_STATIONARY_MS = {1: 8.8, 2: 9.0, 3: 11.6, 4: 9.9, 6: 19.1, 8: 21.4, 10: 28.2, 12: 33.8, 16: 45.0}
+
+
+@pytest.mark.parametrize("torch_ms, stationary_ms, expected", [
+    (VM_TORCH_MS, VM_STATIONARY_MS, 12),                      # a tie counts as no faster
+    ({1: 5.0, 2: 6.0, 4: 7.0}, {1: 6.0, 2: 5.0, 4: 5.0}, 1),   # slower at one row: nn.Linear throughout
+    ({1: 5.0, 2: 6.0, 4: 7.0}, {1: 4.0, 2: 5.0, 4: 6.0}, 5),   # faster at every count: one past the largest
+    ({1: 5.0, 2: 6.0, 4: 7.0}, {1: 4.0, 2: 6.5, 4: 6.0}, 2),   # the first loss ends it
+])
+def test_the_rows_below_are_where_the_second_form_stops_winning(torch_ms, stationary_ms, expected):
+    assert choose_rows_below(torch_ms, stationary_ms) == expected
+
+
+def test_a_layer_runs_nn_linears_kernel_from_its_rows_below_up():
+    plain, stationary = linear_pair(24, 40, bias=True)
+    use_weight_stationary_linears(stationary, rows_below=3)  # converted again: the new threshold
+    assert stationary.rows_below == 3
+    g = torch.Generator().manual_seed(3)
+    for rows in (3, 4, 9):
+        x = torch.randn(rows, 24, generator=g)
+        assert torch.equal(stationary(x), plain(x))  # bit for bit: nn.Linear's own kernel
+    x = torch.randn(2, 24, generator=g)
+    torch.testing.assert_close(stationary(x), plain(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):
+        use_weight_stationary_linears(stationary, rows_below=0)
+
+
+def test_the_measurement_times_each_weight_shape_once_at_least_and_tied_weights_once():
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32, tie_word_embeddings=True)
+    linear_weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    shapes = {w.shape for w in linear_weights.values()}
+    one_of_each = _timed_weights(model, budget_bytes=0)
+    assert sorted(w.shape for w in one_of_each) == sorted(shapes)
+    everything = _timed_weights(model, budget_bytes=2**30)
+    assert len(everything) == len(linear_weights)  # the lm_head tied to the embedding counts once
+    assert {w.data_ptr() for w in everything} == set(linear_weights)
+
+
+def test_the_measurement_covers_every_candidate_and_chooses_by_its_own_table():
+    model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32)
+    measured = measure_rows_below(model, candidates=(1, 2, 4), repeats=2)
+    assert measured.torch_ms.keys() == measured.stationary_ms.keys() == {1, 2, 4}
+    assert all(ms > 0 for ms in [*measured.torch_ms.values(), *measured.stationary_ms.values()])
+    assert measured.rows_below == choose_rows_below(measured.torch_ms, measured.stationary_ms)
+    assert set(ROW_CANDIDATES) >= {1, 2, 4, 8} and max(ROW_CANDIDATES) >= DEFAULT_ROWS_BELOW
+    assert measure_rows_below(model.to(torch.float64)).rows_below == 1  # no float32 weight: nothing to time

@@ -25,7 +25,7 @@ from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from profiling.tree_builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
-from workers.cpu_linear import linear_kind
+from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
@@ -212,6 +212,7 @@ class DecodeEngine:
             "torch_device": str(lm.device),
             "dtype": self.dtype_name,
             "linear": linear_kind(lm.model),  # weight_stationary: workers/cpu_linear.py
+            "linear_rows_below": linear_rows_below(lm.model),  # where W @ x.T runs (measured with cpu_linear=auto)
             "max_context": lm.max_context,
             "decoding": self.config.method,
             "prompts": self.prompts_source,

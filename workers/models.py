@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from workers.cpu_linear import use_weight_stationary_linears
+from workers.cpu_linear import DEFAULT_ROWS_BELOW, measure_rows_below, use_weight_stationary_linears
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ class ModelConfig(BaseModel):
         description=f"Where de-quantised GGUF models and file hashes are cached; default ${CACHE_DIR_ENV} "
         "or ~/.cache/ppd-batch.",
     )
-    cpu_linear: Literal["weight_stationary", "torch"] = Field(
-        default="weight_stationary",
-        description="Linear layers on a CPU in float32: weight_stationary multiplies W @ x.T for the few rows of "
-        "a decode step (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; workers/cpu_linear.py); torch "
-        "keeps nn.Linear's x @ W.T. Ignored on other devices and dtypes.",
+    cpu_linear: Literal["auto", "weight_stationary", "torch"] = Field(
+        default="auto",
+        description="Linear layers on a CPU in float32. weight_stationary multiplies W @ x.T for the few rows of "
+        "a decode step, below 10 rows (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; "
+        "workers/cpu_linear.py); auto first measures both forms over the model's weights on this CPU (2.5 s on "
+        "the 2-core VM) and uses W @ x.T below the row count where it stops being faster, or not at all; torch keeps "
+        "nn.Linear's x @ W.T. Ignored on other devices and dtypes.",
     )
 
     @field_validator("device")
@@ -217,9 +219,20 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     cache_dir = resolve_cache_dir(cfg.cache_dir)
 
     loaded = _load(cfg, device, dtype, cache_dir)
-    if cfg.cpu_linear == "weight_stationary" and device.type == "cpu" and dtype == torch.float32:
-        use_weight_stationary_linears(loaded.model)
+    if cfg.cpu_linear != "torch" and device.type == "cpu" and dtype == torch.float32:
+        rows_below = DEFAULT_ROWS_BELOW
+        if cfg.cpu_linear == "auto":
+            measured = measure_rows_below(loaded.model)
+            rows_below = measured.rows_below
+            log.info("linear layers on this CPU: W @ x.T below %d rows (ms by rows, x @ W.T: %s; W @ x.T: %s)",
+                     rows_below, _rounded(measured.torch_ms), _rounded(measured.stationary_ms))
+        if rows_below > 1:
+            use_weight_stationary_linears(loaded.model, rows_below)
     return loaded
+
+
+def _rounded(ms_by_rows: dict[int, float]) -> dict[int, float]:
+    return {rows: round(ms, 1) for rows, ms in ms_by_rows.items()}
 
 
 def _load(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedModel:
