@@ -90,6 +90,34 @@ def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 
+
+def test_a_profile_covering_the_batch_sizes_asked_is_reused(tiny, tmp_path, monkeypatch):
+    """A worker of batch 8 reuses the profile of a worker that measured batch 1 to 32 (each batch size is
+    measured on its own); a profile missing a batch size asked, or measured otherwise, is not reused."""
+    device = {1: 0.010, 16: 0.020}  # seconds per step, by slots (a fixed table: no timing in this test)
+    measured = []
+
+    def measure(model, prompt_tokens, *, batch_sizes, slots, **kwargs):
+        measured.append(sorted(batch_sizes))
+        return profile_of([(b, s, device[s] * b) for b in batch_sizes for s in slots])
+    monkeypatch.setattr(profiles, "measure_profile", measure)
+    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)  # the spot check passes (tested above)
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, slots=[1, 16], budget_s=5)
+    wide, _ = load_or_measure_profile(tiny.model, pt, batch_sizes=[1, 2, 8, 32], **kwargs)
+    narrow, _ = load_or_measure_profile(tiny.model, pt, batch_sizes=[1, 4], **kwargs)
+    assert measured == [[1, 2, 8, 32], [1, 4]]
+    reused, cached = load_or_measure_profile(tiny.model, pt, batch_sizes=[8, 1], **kwargs)
+    assert cached and reused == wide and measured == [[1, 2, 8, 32], [1, 4]]
+    assert load_or_measure_profile(tiny.model, pt, batch_sizes=[1], **kwargs) == (narrow, True)  # the fewest
+    _, cached = load_or_measure_profile(tiny.model, pt, batch_sizes=[1, 16], **kwargs)  # 16 is in neither
+    assert not cached and measured[-1] == [1, 16]
+    _, cached = load_or_measure_profile(tiny.model, pt, batch_sizes=[1], **{**kwargs, "budget_s": 1})
+    assert not cached and measured[-1] == [1]  # a shorter budget measures on its own
+    # Only *.json files are profiles; the keys beside them are not.
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == len(list((tmp_path / "profiles").glob("*.key"))) == 4
+
+
 def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, monkeypatch):
     """A profile measured on a busy machine (its 1-slot step priced 3x against its tree step) is caught by the
     start-up spot check and replaced. The device's steps are a fixed table (see the probe test below)."""

@@ -1,5 +1,6 @@
 """Step-latency profiles cached on disk, so a restarted worker (or a second worker on the same kind of
-device) reuses the measurement instead of paying for it again."""
+device, or one of a batch size that a cached profile covers) reuses the measurement instead of paying for it
+again."""
 
 from __future__ import annotations
 
@@ -51,16 +52,43 @@ SPOT_CHECK_REPEATS = 9
 SPOT_CHECK_MIN_SECONDS = 0.005
 
 
-def profile_path(cache_dir: Path, identity: DeviceIdentity, model_hash: str, k: int, n: int,
-                 batch_sizes: Sequence[int], slots: Sequence[int], context_len: int, budget_s: float | None,
-                 linear: str = "torch") -> Path:
-    """Everything that shapes the measurement is in the key: a short-budget profile never stands in for a
-    full one, nor one of nn.Linear for one of weight-stationary linear layers (``linear``)."""
-    key = json.dumps({"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
-                      "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
-                      "budget_s": budget_s, "linear": linear},
-                     sort_keys=True)
-    return cache_dir / "profiles" / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+def profile_key(identity: DeviceIdentity, model_hash: str, k: int, n: int, batch_sizes: Sequence[int],
+                slots: Sequence[int], context_len: int, budget_s: float | None, linear: str = "torch") -> dict:
+    """Everything that shapes the measurement: a short-budget profile never stands in for a full one, nor one
+    of nn.Linear for one of weight-stationary linear layers (``linear``)."""
+    return {"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
+            "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
+            "budget_s": budget_s, "linear": linear}
+
+
+def profile_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / "profiles" / f"latency-{digest}.json"
+
+
+def _key_path(path: Path) -> Path:
+    return path.with_suffix(".key")  # beside the profile; not *.json: not a profile
+
+
+def covering_profile(cache_dir: Path, key: dict) -> Path | None:
+    """A cached profile measured as ``key`` asks in everything but the batch sizes, which it has all of (and
+    more): each batch size is measured on its own, so its points are what measuring ``key`` would give. A
+    worker of batch 8 then reuses the profile a worker of batch 32 measured (52 s on the 2-core VM). The one
+    with the fewest batch sizes, if several; None if none."""
+    want, rest = set(key["batches"]), {name: v for name, v in key.items() if name != "batches"}
+    best: tuple[int, Path] | None = None
+    for side in sorted((cache_dir / "profiles").glob("latency-*.key")):
+        try:
+            other = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(other, dict) or not isinstance(other.get("batches"), list):
+            continue
+        if {name: v for name, v in other.items() if name != "batches"} == rest and want <= set(other["batches"]):
+            candidate = side.with_suffix(".json")
+            if candidate.exists() and (best is None or len(other["batches"]) < best[0]):
+                best = (len(other["batches"]), candidate)
+    return None if best is None else best[1]
 
 
 def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, cache_dir: Path | None,
@@ -75,20 +103,22 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
     path = None
     refused_as_inverted = False
     if cache_dir is not None:
-        path = profile_path(cache_dir, identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes,
-                            slots, context_len, budget_s, linear=linear_kind(model))
-        if path.exists():
+        key = profile_key(identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes, slots,
+                          context_len, budget_s, linear=linear_kind(model))
+        path = profile_path(cache_dir, key)  # where a fresh measurement goes
+        source = path if path.exists() else covering_profile(cache_dir, key)
+        if source is not None:
             try:
-                cached = LatencyProfile.model_validate_json(path.read_text())
+                cached = LatencyProfile.model_validate_json(source.read_text())
             except ValueError as exc:  # a damaged or outdated file: measure again
-                log.warning("ignoring unreadable profile %s: %s", path, exc)
+                log.warning("ignoring unreadable profile %s: %s", source, exc)
             else:
                 if not spot_check:
                     return cached, True
                 inversion = worst_inversion(cached)  # first: it costs no timing
-                if inversion.factor > SPOT_CHECK_MONOTONE_TOLERANCE and not _inversions_accepted(path, cached):
+                if inversion.factor > SPOT_CHECK_MONOTONE_TOLERANCE and not _inversions_accepted(source, cached):
                     refused_as_inverted = True
-                    log.warning("cached profile %s is not monotone in slots (%s): measuring again", path,
+                    log.warning("cached profile %s is not monotone in slots (%s): measuring again", source,
                                 inversion)
                 # Both probes must disagree: one slow probe says more about now than about the profile.
                 elif any(shape_error(cached, model, prompt_tokens, model_hash) <= SPOT_CHECK_TOLERANCE
@@ -96,11 +126,12 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
                     return cached, True
                 else:
                     log.warning("cached profile %s is off in shape by over %.1fx against fresh steps: measuring "
-                                "again", path, SPOT_CHECK_TOLERANCE)
+                                "again", source, SPOT_CHECK_TOLERANCE)
     profile = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=batch_sizes, slots=slots,
                               context_len=context_len, budget_s=budget_s)
     if path is not None:
         write_json_atomically(path, profile.model_dump(mode="json"))
+        write_json_atomically(_key_path(path), key)  # after the profile: a key never names a missing profile
         marker = _inversions_accepted_path(path)
         inversion = worst_inversion(profile)
         if refused_as_inverted and inversion.factor > SPOT_CHECK_MONOTONE_TOLERANCE:
