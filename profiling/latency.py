@@ -109,6 +109,14 @@ def synthetic_tree_set(k: int, top_k: int, slots: int, n: int = 1) -> TreeSet:
     return TreeSet(k=k, top_k=top_k, trees=(TreeSpec.build({(): 0}),) * k + (tree,))
 
 
+PROFILE_TOP_K = 10  # ranks per prompt token in the synthetic trees a profile times
+
+
+def attempted_slots(k: int, n: int, slots: Sequence[int]) -> list[int]:
+    """The slot counts ``measure_profile`` times at each batch size, unless its time budget runs out first."""
+    return sorted(s for s in set(slots) if s <= max_tree_slots(k, PROFILE_TOP_K, n))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,7 +134,7 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     budget_s = budget_s if budget_s is not None else (30.0 if gpu else 60.0)
     repeats = repeats or (7 if gpu else 3)
     warmups = 2 if gpu else 1
-    k, n, top_k = prompt_tokens.k, prompt_tokens.n, 10
+    k, n, top_k = prompt_tokens.k, prompt_tokens.n, PROFILE_TOP_K
     vocab = model.get_input_embeddings().weight.shape[0]
     decoder = PPDDecoder(model, prompt_tokens, synthetic_tree_set(k, top_k, 1, n))
     prompt_table = prompt_tokens.flat(dtype)
@@ -143,7 +151,7 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
         guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
         state = torch.full((batch,), k, dtype=torch.long, device=device)
         previous: LatencyPoint | None = None  # this batch's last point
-        for size in sorted(s for s in set(slots) if s <= max_tree_slots(k, top_k, n)):
+        for size in attempted_slots(k, n, slots):
             # Predict this point's cost as proportional to its slots (pessimistic where the curve is flat)
             # and stop before the deadline.
             if previous is not None:

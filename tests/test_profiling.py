@@ -116,6 +116,14 @@ def test_a_profile_covering_the_batch_sizes_asked_is_reused(tiny, tmp_path, monk
     assert not cached and measured[-1] == [1]  # a shorter budget measures on its own
     # Only *.json files are profiles; the keys beside them are not.
     assert len(list((tmp_path / "profiles").glob("*.json"))) == len(list((tmp_path / "profiles").glob("*.key"))) == 4
+    # A profile whose time budget ran out before the 16-slot step at batch 32 does not stand in for batch 32.
+    wide_path = next(p for p in (tmp_path / "profiles").glob("*.json")
+                     if LatencyProfile.model_validate_json(p.read_text()) == wide)
+    cut = wide.model_copy(update={"points": [p for p in wide.points if (p.batch, p.slots) != (32, 16)]})
+    wide_path.write_text(cut.model_dump_json())
+    assert load_or_measure_profile(tiny.model, pt, batch_sizes=[2, 8], **kwargs) == (cut, True)  # complete there
+    _, cached = load_or_measure_profile(tiny.model, pt, batch_sizes=[32], **kwargs)
+    assert not cached and measured[-1] == [32]
 
 
 def test_a_cached_profile_of_the_wrong_shape_is_measured_again(tiny, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from decoding import PromptTokens
 from profiling.device import DeviceIdentity, identify
-from profiling.latency import DEFAULT_SLOTS, LatencyProfile, measure_profile
+from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
 from profiling.tree_builder import choose_budget
 from workers.cpu_linear import linear_kind
 from workers.models import write_json_atomically
@@ -72,9 +72,10 @@ def _key_path(path: Path) -> Path:
 
 def covering_profile(cache_dir: Path, key: dict) -> Path | None:
     """A cached profile measured as ``key`` asks in everything but the batch sizes, which it has all of (and
-    more): each batch size is measured on its own, so its points are what measuring ``key`` would give. A
-    worker of batch 8 then reuses the profile a worker of batch 32 measured (52 s on the 2-core VM). The one
-    with the fewest batch sizes, if several; None if none."""
+    more), each with every slot count a measurement attempts: each batch size is timed on its own, so its
+    points are what measuring ``key`` would give, unless the time budget (shared by the batch sizes) ran out
+    before the largest trees, hence the count. A worker of batch 8 then reuses the profile a worker of batch
+    32 measured (52 s on the 2-core VM). The one with the fewest batch sizes, if several; None if none."""
     want, rest = set(key["batches"]), {name: v for name, v in key.items() if name != "batches"}
     best: tuple[int, Path] | None = None
     for side in sorted((cache_dir / "profiles").glob("latency-*.key")):
@@ -86,9 +87,19 @@ def covering_profile(cache_dir: Path, key: dict) -> Path | None:
             continue
         if {name: v for name, v in other.items() if name != "batches"} == rest and want <= set(other["batches"]):
             candidate = side.with_suffix(".json")
-            if candidate.exists() and (best is None or len(other["batches"]) < best[0]):
+            if (best is None or len(other["batches"]) < best[0]) and _complete(candidate, key):
                 best = (len(other["batches"]), candidate)
     return None if best is None else best[1]
+
+
+def _complete(path: Path, key: dict) -> bool:
+    """Whether the profile at ``path`` timed every slot count a measurement attempts at ``key``'s batch sizes."""
+    try:
+        profile = LatencyProfile.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return False
+    attempted = len(attempted_slots(key["k"], key["n"], key["slots"]))
+    return all(len(profile.measured_slots(batch)) >= attempted for batch in key["batches"])
 
 
 def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, cache_dir: Path | None,
