@@ -41,6 +41,11 @@ ROW_CANDIDATES = (1, 2, 3, 4, 6, 8, 10, 12, 16)
 # Bytes of the model's own weights timed per pass: beyond the caches of most CPUs, as a decode step's weights
 # are, yet short (a pass of 256 MB is 10-30 ms), so a measurement costs a few seconds at start-up (2.5 s on the VM).
 _MEASURE_BYTES = 256 * 2**20
+# Below this many bytes of linear weights in all, nothing is measured and nn.Linear stays: such a model sits in
+# the caches of many CPUs, where the two forms differ by their kernels' overhead rather than by how they read
+# memory, and passes of well under a millisecond time mostly noise (a tiny test model could then choose
+# differently in two processes, and two workers' float32 logits differ in the last bits).
+_MEASURE_MIN_BYTES = 32 * 2**20
 
 
 def _weight_stationary_product(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -143,14 +148,16 @@ def _timed_weights(model: nn.Module, budget_bytes: int) -> list[torch.Tensor]:
 
 
 def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDIDATES, repeats: int = 5,
-                       budget_bytes: int = _MEASURE_BYTES) -> RowsBelowMeasurement:
+                       budget_bytes: int = _MEASURE_BYTES, min_bytes: int = _MEASURE_MIN_BYTES
+                       ) -> RowsBelowMeasurement:
     """Time ``x @ W.T`` (nn.Linear's product) against ``(W @ x.T).T`` over the model's own linear weights, on this
     CPU with this process's threads, for each row count in ``candidates``; ``repeats`` passes of each after a
     warm-up, the two forms interleaved and their order alternated, so drift hits both alike. The thresholds of
-    MKL's kernels differ by CPU and thread count: the table in this module's docstring is one machine's."""
+    MKL's kernels differ by CPU and thread count: the table in this module's docstring is one machine's.
+    A model with under ``min_bytes`` of such weights in all is not measured: 1, nn.Linear throughout."""
+    if sum(w.numel() * w.element_size() for w in _timed_weights(model, budget_bytes=2**62)) < min_bytes:
+        return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})  # also: none on a CPU in float32
     weights = _timed_weights(model, budget_bytes)
-    if not weights:  # nothing float32 on a CPU: the second form would never run
-        return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})
     g = torch.Generator().manual_seed(0)
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], generator=g)
               for rows in candidates for w in weights}  # [M, in] per row count and input width
