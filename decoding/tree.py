@@ -110,6 +110,11 @@ class TreeSet:
                        trees=tuple(TreeSpec.from_json(t) for t in data["trees"]))
 
     @property
+    def root_only(self) -> bool:
+        """Plain decoding: every state's tree is the root alone, without prompt tokens (one slot per row)."""
+        return all(tree.num_slots == 1 for tree in self.trees)
+
+    @property
     def tree_hash(self) -> str:
         """Stable identity of the tree set, for provenance in outputs."""
         blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()

@@ -345,6 +345,42 @@ def test_root_only_steps_move_no_kv_and_stay_lossless(model, truth, monkeypatch,
         assert 0 < len(moved) <= dec.steps // 3 + 1  # DEEP's deep steps alone moved KV
         assert sum(len(set(ends)) > 1 for ends in dec.ends_before_plain) >= 3  # ragged ends met root-only steps
 
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_the_root_only_step_is_the_general_steps_shortcut(model, truth, monkeypatch, sampled):
+    """A root-only tree set takes a shortcut through the step (decoding/ppd.py, _root_only_step); with it
+    turned off, the general path gives the same rows (tokens and steps, greedy and sampled alike), the same
+    pass and token counts, and the same tokens when rows end at different steps (EOS, per-row limits)."""
+    from decoding import SamplingParams
+    from decoding.tree import TreeSet as TreeSetClass
+
+    prompts, full = truth
+    eos = [full[0][10]]  # row 0's 11th greedy token: greedy row 0 ends there, before its limit
+    limits = [MAX_NEW, 5, 1, MAX_NEW, 9, MAX_NEW, 2, 13]
+    sampling = [SamplingParams(temperature=0.9, top_p=0.95, seed=i) for i in range(len(prompts))] if sampled else None
+
+    def run():
+        dec = PPDDecoder(model, prompt_tokens(model), vanilla_tree_set(K), eos_token_ids=eos)
+        rows = dec.generate(prompts, limits, sampling=sampling)
+        return [(r.token_ids, r.accepted_per_step) for r in rows], dec.passes, dec.tokens_processed
+
+    shortcut = run()
+    monkeypatch.setattr(TreeSetClass, "root_only", property(lambda self: False))
+    assert not vanilla_tree_set(K).root_only  # the general path from here on
+    assert run() == shortcut
+    if not sampled:
+        assert len(shortcut[0][0][0]) <= 11 < limits[0]
+        assert [tokens for tokens, _ in shortcut[0]] == [VanillaDecoder(model, eos_token_ids=eos).generate(
+            [p], n)[0].token_ids for p, n in zip(prompts, limits)]
+
+
+def test_only_plain_decodings_tree_set_is_root_only():
+    assert vanilla_tree_set(K).root_only
+    assert not any(TREES[name].root_only for name in ("chain", "wide", "deep", "default", "built"))
+    # Prompt tokens at the root alone are a tree: the step must run them to make guesses.
+    assert not TreeSet(k=1, top_k=2, trees=(TreeSpec.build({(): 1}), TreeSpec.build({(): 0}))).root_only
+
+
 SMALL = TreeSpec.build({(): 2, (0,): 1, (1,): 0, (0, 0): 1})
 
 
