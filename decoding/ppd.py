@@ -312,7 +312,6 @@ class PPDDecoder:
         kv = kv.after_step(start, n_acc + 1, N)
         return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt, kv
 
-
     def _root_only_step(self, cache, kv: RowKV, root, draw=None):
         """``step`` for a root-only tree set (plain decoding, as ProPD chooses where no tree pays): the same
         forward and the same results as the general path, without its tree gathers, acceptance walk and KV

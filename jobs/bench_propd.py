@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
+        saved = saved.get("bench", saved)  # a shipped file (artifacts/measurements/) wraps it with its provenance
         results = [{**row, **paired_ratios(row)} for row in saved["results"]]
         args.max_new_tokens, args.rounds = saved.get("max_new_tokens", "?"), saved.get("rounds", "?")
         print_table(saved["device"], args, results)
