@@ -95,6 +95,18 @@ def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device
     return valid, hidden
 
 
+def one_token_forward(decoder, cache: DynamicCache, tokens: torch.Tensor, kv_valid: torch.Tensor,
+                      positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A plain decoding pass: each row's one token (tokens, positions [B] long) over the columns its
+    ``kv_valid`` [B, T] holds, appended to the cache at column T. Returns the hidden states [B, H]."""
+    B = tokens.shape[0]
+    self_only = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)  # [B, 1, 1]
+    mask = additive_mask(kv_valid, self_only, dtype)  # [B, 1, 1, T+1]
+    hidden = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                     past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
+    return hidden[:, 0]
+
+
 def move_kv(cache: DynamicCache, src: torch.Tensor, dst: torch.Tensor, layers: slice = slice(None)) -> None:
     """For every layer in ``layers`` and row b, copy KV columns ``src[b]`` to ``dst[b]`` (both [B, L] long).
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from decoding.batch import (ActiveRows, RowKV, StopCheck, additive_mask, at_least_fp32, check_prompts, move_kv,
-                            new_cache, pad_prompts, prefill, shared_prompts)
+                            new_cache, one_token_forward, pad_prompts, prefill, shared_prompts)
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_mask, kept_nodes, run_layers
 from decoding.results import RowResult
@@ -320,14 +320,10 @@ class PPDDecoder:
         B = root.shape[0]
         T = cache.get_seq_length()
         assert kv.valid.shape[1] == T, "the rows' KV layout and the cache disagree"
-        embeds = self.embed(root[:, None])  # [B, 1, H]
-        self_only = torch.ones(B, 1, 1, dtype=torch.bool, device=root.device)  # [B, 1, 1]
-        mask = additive_mask(kv.valid, self_only, embeds.dtype)  # [B, 1, 1, T+1]
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=kv.length[:, None],
-                              past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
+        hidden = one_token_forward(self.decoder, cache, root, kv.valid, kv.length, self.embed.weight.dtype)  # [B, H]
         self.passes += 1
         self.tokens_processed += B
-        logits = self.logits(hidden[:, 0])  # [B, V]
+        logits = self.logits(hidden)  # [B, V]
         rows = torch.arange(B, device=root.device)
         bonus = logits.argmax(-1) if draw is None else draw(logits, 0, rows)  # [B]
         ones = torch.ones_like(bonus)  # [B]: one token each

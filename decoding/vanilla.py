@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, StopCheck, additive_mask, check_prompts, new_cache, prefill
+from decoding.batch import ActiveRows, StopCheck, check_prompts, new_cache, one_token_forward, prefill
 from decoding.results import RowResult
 from decoding.sampling import RowSampler, SamplingParams
 
@@ -40,19 +40,16 @@ class VanillaDecoder:
         cache = new_cache(self.model)
         kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
         position = kv_valid.sum(1)  # [B]: where each row's next token goes
-        last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))  # [B, 1, H]
-        self_only = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
+        last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]  # [B, H]
 
         while True:
-            logits = self.lm_head(last[:, -1])  # [B, V]
+            logits = self.lm_head(last)  # [B, V]
             token = logits.argmax(-1) if sampler is None else sampler.draw(logits, rows.index, rows.emitted())  # [B]
             keep = rows.commit(token[:, None], torch.ones_like(token))
             token, position, kv_valid = rows.drop_finished(keep, cache, token, position, kv_valid)
             if rows.size == 0:
                 return rows.results
+            last = one_token_forward(self.decoder, cache, token, kv_valid, position, self.lm_head.weight.dtype)
             B = token.shape[0]
-            mask = additive_mask(kv_valid, self_only.expand(B, 1, 1), self.lm_head.weight.dtype)  # [B,1,1,T+1]
-            last = self.decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                                past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
             kv_valid = torch.cat([kv_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
             position = position + 1

@@ -38,7 +38,7 @@ from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set 
 from jobs.inputs import read_rows  # noqa: E402
 from workers.artifacts import load_prompt_tokens  # noqa: E402
 from workers.cpu_linear import linear_kind  # noqa: E402
-from workers.models import LoadedModel, ModelConfig, encode_row, load_model  # noqa: E402
+from workers.models import CpuLinear, LoadedModel, ModelConfig, encode_row, load_model  # noqa: E402
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 
@@ -51,7 +51,7 @@ class BenchConfig(BaseModel):
                                description="Devices to measure; 'auto' = cpu, plus cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype (auto: float32 on CPU, bfloat16 on CUDA).")
-    cpu_linear: Literal["auto", "weight_stationary", "torch"] = Field(
+    cpu_linear: CpuLinear = Field(
         default="auto", description="Linear layers of our decoders' model on a CPU in float32 "
         "(ModelConfig.cpu_linear); `generate` always runs nn.Linear.")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")

@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 import argparse  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, get_args  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
@@ -35,6 +35,7 @@ from jobs.output import read_output, write_part, write_summary  # noqa: E402
 from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards, start_workers  # noqa: E402
 from jobs.progress import Progress, device_table  # noqa: E402
 from jobs.resume import ResumeError, check_model_hash, config_hash, open_output, output_shaping_config  # noqa: E402
+from workers.models import CpuLinear  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:0', ...")
     p.add_argument("--attn-implementation", choices=["sdpa", "eager"])
     p.add_argument("--cache-dir", metavar="DIR", help="where converted model weights are cached")
-    p.add_argument("--cpu-linear", choices=["auto", "weight_stationary", "torch"],
+    p.add_argument("--cpu-linear", choices=get_args(CpuLinear),
                    help="linear layers on a CPU in float32 (default: auto, W @ x.T for a decode step's few rows "
                    "where this CPU measures it faster; weight_stationary: below 10 rows, unmeasured; torch: "
                    "nn.Linear as it is)")

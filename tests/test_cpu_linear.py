@@ -13,6 +13,7 @@ from workers.cpu_linear import (
     ROW_CANDIDATES,
     RowsBelowMeasurement,
     WeightStationaryLinear,
+    _linear_weights,
     _timed_weights,
     choose_rows_below,
     linear_kind,
@@ -169,9 +170,9 @@ def test_the_measurement_times_each_weight_shape_once_at_least_and_tied_weights_
     model = make_tiny_llama(vocab_size=64, hidden_size=32, dtype=torch.float32, tie_word_embeddings=True)
     linear_weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
     shapes = {w.shape for w in linear_weights.values()}
-    one_of_each = _timed_weights(model, budget_bytes=0)
+    one_of_each = _timed_weights(_linear_weights(model), budget_bytes=0)
     assert sorted(w.shape for w in one_of_each) == sorted(shapes)
-    everything = _timed_weights(model, budget_bytes=2**30)
+    everything = _timed_weights(_linear_weights(model), budget_bytes=2**30)
     assert len(everything) == len(linear_weights)  # the lm_head tied to the embedding counts once
     assert {w.data_ptr() for w in everything} == set(linear_weights)
 

