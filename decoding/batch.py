@@ -91,7 +91,7 @@ def prefill(model, cache: DynamicCache, prompts: Sequence[Sequence[int]], device
         return valid, None
     mask = additive_mask(torch.zeros(len(prompts), 0, dtype=torch.bool, device=device), attend, model.dtype)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
+                                 cache=cache, use_cache=True).last_hidden_state
     return valid, hidden
 
 
@@ -103,7 +103,7 @@ def one_token_forward(decoder, cache: DynamicCache, tokens: torch.Tensor, kv_val
     self_only = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)  # [B, 1, 1]
     mask = additive_mask(kv_valid, self_only, dtype)  # [B, 1, 1, T+1]
     hidden = decoder(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                     past_key_values=cache, use_cache=True).last_hidden_state  # [B, 1, H]
+                     cache=cache, use_cache=True).last_hidden_state  # [B, 1, H]
     return hidden[:, 0]
 
 

@@ -31,7 +31,7 @@ def prefix_pass(model: nn.Module, seq: torch.Tensor):
     """No-grad pass over the whole sequence [L]. Returns (KV cache, last hidden states [L, H])."""
     cache = new_cache(model)
     with torch.no_grad():
-        hidden = model.get_decoder()(input_ids=seq[None], past_key_values=cache,
+        hidden = model.get_decoder()(input_ids=seq[None], cache=cache,
                                      use_cache=True).last_hidden_state[0]  # [L, H]
     return cache, hidden
 
@@ -67,7 +67,7 @@ def student_logits(model: nn.Module, prompt_tokens: PromptTokens, cache, seq_len
     visible = torch.cat([sees_prefix, sees_slots], 1)  # [S, L+S]
     mask = additive_from_visible(visible, dtype)  # [S, L+S]
     hidden = model.get_decoder()(inputs_embeds=embeds[None], attention_mask=mask[None, None],
-                                 position_ids=positions[None], past_key_values=cache,
+                                 position_ids=positions[None], cache=cache,
                                  use_cache=True).last_hidden_state[0]  # [S, H]
     crop_cache(cache, seq_len)  # forget the slots' KV (and their graph)
     logits = at_least_fp32(model.get_output_embeddings()(hidden))  # [S, V]

@@ -192,7 +192,7 @@ class PPDDecoder:
         I = 0 if self.prune_head is None or prefix is not None else int(buffers.num_internal[state].max())
         if I == 0:
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True).last_hidden_state  # [B, S, H]
+                                  cache=cache, use_cache=True).last_hidden_state  # [B, S, H]
             self.tokens_processed += B * N
             return ids, hidden[:, -N:], None
         return self._forward_pruned(cache, buffers, state, I, ids, embeds, positions, attend, mask, kv_valid)

@@ -56,7 +56,7 @@ def run_layers(decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, pos
     position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
     for layer in decoder.layers[layers]:
         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=positions,
-                       past_key_values=cache, use_cache=True)
+                       cache=cache, use_cache=True)
     return hidden
 
 

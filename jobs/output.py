@@ -47,6 +47,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("tree_hash", pa.string()),
         pa.field("device", pa.string()),
         pa.field("dtype", pa.string()),
+        pa.field("numeric_path", pa.string()),  # the kernels: device, dtype, attention, linear layers
+        pa.field("batch_fallback", pa.bool_()),  # its batch failed and it was decoded alone
         pa.field("worker", pa.string()),
         pa.field("worker_group", pa.string()),
         pa.field("config_hash", pa.string()),

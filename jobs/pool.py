@@ -80,8 +80,9 @@ def _feasible(group: WorkerGroup, cpus: float) -> bool:
                for node in ray.nodes() if node.get("Alive"))
 
 
-def start_workers(cfg: JobConfig, config_hash: str) -> list[Worker]:
-    """Create every group's actors (their constructors load the model and profile the device)."""
+def start_workers(cfg: JobConfig, config_hash: str, numerics_board: Any = None) -> list[Worker]:
+    """Create every group's actors (their constructors load the model and profile the device). Their numeric
+    decisions come from ``numerics_board``, the job's NumericsBoard actor (workers/actor.py), when given."""
     workers = []
     for group in cfg.workers:
         cpus = _group_cpus(group)
@@ -95,7 +96,8 @@ def start_workers(cfg: JobConfig, config_hash: str) -> list[Worker]:
         for index in range(group.count):
             handle = cls.remote(model, cfg.decoding.model_dump(), group=group.name, index=index,
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
-                                num_threads=max(1, int(cpus)), latency_profile=group.latency_profile)
+                                num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
+                                numerics_board=numerics_board)
             workers.append(Worker(handle, group.name, index))
     return workers
 

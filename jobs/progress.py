@@ -17,6 +17,7 @@ class Tally:
     output_tokens: int = 0
     steps: int = 0
     device_seconds: float = 0.0
+    batch_fallback_rows: int = 0  # rows whose batch failed and that were decoded alone (a bug: workers/engine.py)
 
     def add(self, records: list[dict], seconds: float) -> None:
         ok = [r for r in records if r["error"] is None]
@@ -26,6 +27,7 @@ class Tally:
         self.output_tokens += sum(r["num_output_tokens"] for r in ok)
         self.steps += sum(r["num_steps"] for r in ok)
         self.device_seconds += seconds
+        self.batch_fallback_rows += sum(bool(r.get("batch_fallback")) for r in records)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +38,7 @@ class Tally:
             "mean_tau": self.output_tokens / self.steps if self.steps else None,
             "device_seconds": self.device_seconds,
             "tokens_per_device_s": self.output_tokens / self.device_seconds if self.device_seconds else None,
+            "batch_fallback_rows": self.batch_fallback_rows,
         }
 
 
@@ -110,13 +113,16 @@ class Progress:
 
 
 def device_table(by_device: dict[str, dict[str, Any]]) -> str:
-    """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s)."""
-    header = ("device", "workers", "output rows", "output tokens", "tokens/s", "mean tau", "device-s")
+    """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s, and
+    the rows decoded alone after their batch failed)."""
+    header = ("device", "workers", "output rows", "output tokens", "tokens/s", "mean tau", "device-s",
+              "batch fallback rows")
     lines = [header]
     for device, d in sorted(by_device.items()):
         lines.append((device, str(d["workers"]), str(d["rows"]), str(d["output_tokens"]),
                       f"{d['tokens_per_device_s']:.1f}" if d["tokens_per_device_s"] else "-",
-                      f"{d['mean_tau']:.2f}" if d["mean_tau"] else "-", f"{d['device_seconds']:.1f}"))
+                      f"{d['mean_tau']:.2f}" if d["mean_tau"] else "-", f"{d['device_seconds']:.1f}",
+                      str(d["batch_fallback_rows"])))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                      for row in lines)

@@ -138,16 +138,38 @@ def open_output(out_dir: Path, cfg: JobConfig, input_ids: set[str], *, overwrite
     return ResumeState(set(written), retried)
 
 
-def check_model_hash(out_dir: Path, model_hashes: set[str]) -> None:
-    """Every worker must have loaded the same weights, and the weights the directory was written with."""
-    if len(model_hashes) != 1:
-        raise ResumeError(f"the workers loaded different weights for the same model: {sorted(model_hashes)}")
-    (model_hash,) = model_hashes
+def recorded_numerics(out_dir: Path) -> dict[str, int]:
+    """The linear-kernel decisions job.json records, ``rows_below`` by machine-kind key (workers/numerics.py): a
+    resumed run's workers take them instead of deciding again."""
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    return {key: entry["rows_below"] for key, entry in (manifest.get("numerics") or {}).items()}
+
+
+def record_worker(out_dir: Path, info: dict[str, Any], started: list[dict[str, Any]]) -> None:
+    """Check a worker that has (re)started, from its ``describe()``, against the workers ``started`` before it and
+    against job.json, then record in job.json what it brings. Every worker must have loaded the same weights, the
+    ones the directory was written with, and a linear-kernel decision for its kind of machine must be the one
+    job.json records (the board hands it out, so a difference is a bug, never silently mixed in)."""
+    for other in started:
+        if other["model_hash"] != info["model_hash"]:
+            raise ResumeError(f"the workers loaded different weights for the same model: {other['worker']} "
+                              f"{other['model_hash'][:12]}…, {info['worker']} {info['model_hash'][:12]}… (do the "
+                              "model files differ between nodes?)")
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("model_hash") in (None, model_hash):
-        if manifest.get("model_hash") is None:
-            write_json(manifest_path, {**manifest, "model_hash": model_hash})
-        return
-    raise ResumeError(f"{out_dir} was written by model weights {manifest['model_hash'][:12]}…, but the workers "
-                      f"loaded {model_hash[:12]}… (the model files changed); use a new --output directory")
+    if manifest.get("model_hash") not in (None, info["model_hash"]):
+        raise ResumeError(f"{out_dir} was written by model weights {manifest['model_hash'][:12]}…, but the workers "
+                          f"loaded {info['model_hash'][:12]}… (the model files changed); use a new --output directory")
+    numerics = dict(manifest.get("numerics") or {})
+    decision = info.get("linear_decision")
+    if decision and decision["key"] is not None:
+        recorded = numerics.get(decision["key"])
+        if recorded is not None and recorded["rows_below"] != decision["rows_below"]:
+            raise ResumeError(f"worker {info['worker']} on {info['device']} computes with {info['numeric_path']}, "
+                              f"but this job decided W @ x.T below {recorded['rows_below']} rows for that kind of "
+                              "machine (model.cpu_linear: auto); its rows would not match the others'")
+        numerics[decision["key"]] = {"rows_below": decision["rows_below"], "machine": info["device"],
+                                     "numeric_path": info["numeric_path"]}
+    updated = {**manifest, "model_hash": info["model_hash"], "numerics": numerics}
+    if updated != manifest:
+        write_json(manifest_path, updated)

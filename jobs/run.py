@@ -34,7 +34,15 @@ from jobs.inputs import InputError, read_rows  # noqa: E402
 from jobs.output import read_output, write_part, write_summary  # noqa: E402
 from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards, start_workers  # noqa: E402
 from jobs.progress import Progress, device_table  # noqa: E402
-from jobs.resume import ResumeError, check_model_hash, config_hash, open_output, output_shaping_config  # noqa: E402
+from jobs.resume import (  # noqa: E402
+    ResumeError,
+    config_hash,
+    open_output,
+    output_shaping_config,
+    record_worker,
+    recorded_numerics,
+)
+from workers.actor import remote_board  # noqa: E402
 from workers.models import CpuLinear  # noqa: E402
 
 
@@ -145,6 +153,8 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
         "rows_this_run": total.rows,
         "output_tokens": total.output_tokens,
         "steps": total.steps,
+        # Rows whose batch failed and that were decoded alone: a bug in the batched path (workers/engine.py).
+        "batch_fallback_rows": total.batch_fallback_rows,
         "mean_tau": total.output_tokens / total.steps if total.steps else 0.0,
         "decode_seconds": decode_seconds,
         "tokens_per_s": total.output_tokens / decode_seconds if decode_seconds > 0 else 0.0,
@@ -184,13 +194,16 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
         if we_started_ray:
             ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
         try:
-            workers = start_workers(cfg, chash)
+            # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
+            # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
+            board = remote_board(recorded_numerics(out_dir))
+            workers = start_workers(cfg, chash, board)
 
             def on_ready(w: Worker) -> None:
                 run.setdefault("first_ready", time.perf_counter())
-                run["worker_starts"].append(w.info)
                 print(describe_worker(w.info), flush=True)
-                check_model_hash(out_dir, {w.info["model_hash"]})
+                record_worker(out_dir, w.info, run["worker_starts"])
+                run["worker_starts"].append(w.info)
                 progress.worker_ready(w.group)
 
             for shard, records, w in run_shards(
@@ -212,6 +225,9 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
     write_summary(out_dir, summary)
     if summary["by_device"]:
         print(device_table(summary["by_device"]), flush=True)
+    if summary["batch_fallback_rows"]:
+        print(f"warning: {summary['batch_fallback_rows']} rows were decoded alone because their batch failed: a "
+              "bug in the batched decoder (the workers' logs hold the exception)", file=sys.stderr, flush=True)
     return summary
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set, reference_greedy
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
-from workers import models as models_module
+from workers import numerics
 from workers.cpu_linear import (
     DEFAULT_ROWS_BELOW,
     ROW_CANDIDATES,
@@ -126,12 +126,14 @@ def test_auto_converts_below_the_measured_rows_or_not_at_all(tmp_path, default_t
         seen.append(linear_kind(model))
         return RowsBelowMeasurement(rows_below=measured_rows_below, torch_ms={1: 2.0}, stationary_ms={1: 1.0})
 
-    monkeypatch.setattr(models_module, "measure_rows_below", fake_measure)
+    monkeypatch.setattr(numerics, "measure_rows_below", fake_measure)
+    monkeypatch.setattr(numerics, "worth_measuring", lambda model: True)  # the tiny model is under the floor
     model_dir = save_tiny_llama_dir(tmp_path / "m", default_tokenizer)
     loaded = load_model(ModelConfig(model=str(model_dir), device="cpu", cache_dir=str(tmp_path / "cache")))
     assert seen == ["torch"]  # measured once, on the model as loaded
     assert linear_rows_below(loaded.model) == (None if measured_rows_below == 1 else measured_rows_below)
     assert linear_kind(loaded.model) == ("torch" if measured_rows_below == 1 else "weight_stationary")
+    assert loaded.rows_below_decision.rows_below == measured_rows_below  # recorded, nn.Linear's 1 too
     bf16 = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype="bfloat16",
                                   cache_dir=str(tmp_path / "cache")))
     assert linear_kind(bf16.model) == "torch" and len(seen) == 1  # nothing to measure off float32

@@ -285,7 +285,7 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
         assert int(kv.length[b]) == len(kept) == int(kv.valid[b].sum())
         ref = new_cache(model)
         with torch.inference_mode():
-            model(input_ids=torch.tensor([kept]), past_key_values=ref, use_cache=True)
+            model(input_ids=torch.tensor([kept]), cache=ref, use_cache=True)
         for layer, ref_layer in zip(cache.layers, ref.layers):
             torch.testing.assert_close(layer.keys[b, :, kv.valid[b]], ref_layer.keys[0], rtol=0, atol=1e-9)
             torch.testing.assert_close(layer.values[b, :, kv.valid[b]], ref_layer.values[0], rtol=0, atol=1e-9)

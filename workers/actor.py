@@ -17,7 +17,7 @@ class DecodeWorker:
 
     def __init__(self, model: dict[str, Any], decoding: dict[str, Any], *, group: str, index: int,
                  config_hash: str, batch_size: int | str = 1, max_batch_size: int = 64,
-                 num_threads: int | None = None, latency_profile: str | None = None):
+                 num_threads: int | None = None, latency_profile: str | None = None, numerics_board: Any = None):
         if num_threads:
             import torch
 
@@ -28,7 +28,10 @@ class DecodeWorker:
         # process decoded a row.
         self.name = f"{group}/{index} pid {os.getpid()} on {socket.gethostname()}"
         # Profiles the device (or loads its cached profile) and builds this worker's tree and batch size.
-        self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size,
+        # The model's numeric decisions come from the job's board (a NumericsBoard actor), so every worker on one
+        # kind of machine, and this one after a restart, computes with the same kernels.
+        board = BoardClient(numerics_board) if numerics_board is not None else None
+        self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
                                                max_batch_size=max_batch_size, latency_profile=latency_profile)
 
     def ready(self) -> dict[str, Any]:
@@ -42,6 +45,43 @@ class DecodeWorker:
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
         return records
+
+
+class NumericsBoard:
+    """The job's numeric decisions (workers/numerics.py), by machine-kind key: the first proposal for a key is the
+    decision, for every worker of the job. The driver seeds it with the decisions job.json records."""
+
+    def __init__(self, decisions: dict[str, int] | None = None):
+        self.decisions = dict(decisions or {})
+
+    def get(self, key: str) -> int | None:
+        return self.decisions.get(key)
+
+    def settle(self, key: str, rows_below: int) -> int:
+        return self.decisions.setdefault(key, rows_below)
+
+
+class BoardClient:
+    """A NumericsBoard actor seen as the ``workers.numerics.DecisionBoard`` the loader asks (the loader knows no
+    Ray)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def get(self, key: str) -> int | None:
+        return ray.get(self.handle.get.remote(key))
+
+    def settle(self, key: str, rows_below: int) -> int:
+        return ray.get(self.handle.settle.remote(key, rows_below))
+
+
+def remote_board(decisions: dict[str, int]):
+    """A NumericsBoard actor on this (the driver's) node, which lives as long as the job: it takes no CPU, and its
+    node going away ends the job anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(NumericsBoard).remote(decisions)
 
 
 def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str | None = None,

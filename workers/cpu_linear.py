@@ -157,6 +157,13 @@ def _timed_weights(weights: list[torch.Tensor], budget_bytes: int) -> list[torch
     return chosen
 
 
+def worth_measuring(model: nn.Module, min_bytes: int = _MEASURE_MIN_BYTES) -> bool:
+    """Whether the model has at least ``min_bytes`` of linear weights that could convert (float32, on a CPU):
+    below that a measurement would time noise (``_MEASURE_MIN_BYTES``), and none at all leaves nothing to time."""
+    weights = _linear_weights(model)
+    return bool(weights) and _nbytes(weights) >= min_bytes
+
+
 def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDIDATES, repeats: int = 5,
                        budget_bytes: int = _MEASURE_BYTES, min_bytes: int = _MEASURE_MIN_BYTES
                        ) -> RowsBelowMeasurement:
@@ -165,10 +172,9 @@ def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDI
     warm-up, the two forms interleaved and their order alternated, so drift hits both alike. The thresholds of
     MKL's kernels differ by CPU and thread count: the table in this module's docstring is one machine's.
     A model with under ``min_bytes`` of such weights in all is not measured: 1, nn.Linear throughout."""
-    every = _linear_weights(model)
-    if not every or _nbytes(every) < min_bytes:  # none on a CPU in float32: the second form would never run
+    if not worth_measuring(model, min_bytes):
         return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})
-    weights = _timed_weights(every, budget_bytes)
+    weights = _timed_weights(_linear_weights(model), budget_bytes)
     g = torch.Generator().manual_seed(0)
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], generator=g)
               for rows in candidates for w in weights}  # [M, in] per row count and input width

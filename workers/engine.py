@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from profiling.tree_builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
+from workers.numerics import DecisionBoard, numeric_path
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
@@ -121,13 +122,16 @@ class DecodeEngine:
         self.latency_profile = latency_profile
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.device_name = identify(loaded.device, loaded.dtype).readable
+        self.numeric_path = numeric_path(loaded.model)
+        self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
         self.tree_info: dict[str, Any] = {}
         self.decoder = self._build_decoder()  # also settles self.batch_size (an `auto` one is measured)
 
     @classmethod
     def from_config(cls, model: ModelConfig, decoding: DecodingConfig, batch_size: int | Literal["auto"] = 1,
-                    **kwargs: Any) -> DecodeEngine:
-        return cls(load_model(model), decoding, batch_size=batch_size, cache_dir=model.cache_dir, **kwargs)
+                    board: DecisionBoard | None = None, **kwargs: Any) -> DecodeEngine:
+        """Load the model (its numeric decisions from ``board``, the job's, when given) and build the engine."""
+        return cls(load_model(model, board), decoding, batch_size=batch_size, cache_dir=model.cache_dir, **kwargs)
 
     def _build_decoder(self):
         lm = self.loaded
@@ -205,6 +209,7 @@ class DecodeEngine:
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
+        decision = lm.rows_below_decision
         return {
             "model_id": lm.model_id,
             "model_hash": lm.content_hash,
@@ -212,7 +217,10 @@ class DecodeEngine:
             "torch_device": str(lm.device),
             "dtype": self.dtype_name,
             "linear": linear_kind(lm.model),  # weight_stationary: workers/cpu_linear.py
-            "linear_rows_below": linear_rows_below(lm.model),  # where W @ x.T runs (measured with cpu_linear=auto)
+            "linear_rows_below": linear_rows_below(lm.model),  # where W @ x.T runs (decided with cpu_linear=auto)
+            "numeric_path": self.numeric_path,  # each output row's too (workers/numerics.py)
+            # cpu_linear=auto: the linear kernel decided for this kind of machine ({key, rows_below, source})
+            "linear_decision": asdict(decision) if decision else None,
             "max_context": lm.max_context,
             "decoding": self.config.method,
             "prompts": self.prompts_source,
@@ -242,7 +250,9 @@ class DecodeEngine:
 
     def _generate(self, batch: list[Completion]) -> list[RowResult | Exception]:
         """Decode the completions together; if the batch fails, decode them one by one so one bad row
-        does not take its neighbours down."""
+        does not take its neighbours down. Such a fallback is a bug in the batched path, never an expected
+        slowdown: each is logged (the first with its traceback), counted in ``batch_fallbacks`` and marked on
+        its rows (``batch_fallback``), which the job counts in summary.json and the per-device table."""
         def generate(part: list[Completion]) -> list[RowResult]:
             sampling = [c.params for c in part] if any(not c.params.greedy for c in part) else None
             stop = [c.stop for c in part] if any(c.stop for c in part) else None
@@ -254,9 +264,12 @@ class DecodeEngine:
         except Exception as exc:  # noqa: BLE001 - isolated per row below
             if len(batch) == 1:
                 return [exc]
-            log.warning("batch of %d failed (%r); retrying row by row", len(batch), exc)
+            self.batch_fallbacks += 1
+            log.warning("a batch of %d rows failed and is decoded row by row (%d such batches on this worker): %r",
+                        len(batch), self.batch_fallbacks, exc, exc_info=exc if self.batch_fallbacks == 1 else None)
         results: list[RowResult | Exception] = []
         for completion in batch:
+            completion.output.batch_fallback = True
             try:
                 results.append(generate([completion])[0])
             except Exception as exc:  # noqa: BLE001
@@ -292,7 +305,7 @@ class DecodeEngine:
             row_id = row.get("id") if isinstance(row, dict) else None
             out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id,
                             model_hash=lm.content_hash, prompts_hash=self.prompts_hash, device=self.device_name,
-                            dtype=self.dtype_name, tree_hash=self.tree_hash)
+                            dtype=self.dtype_name, numeric_path=self.numeric_path, tree_hash=self.tree_hash)
             ids = self._check_and_encode(row, out)
             sampling = None
             if ids is not None:

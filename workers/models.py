@@ -26,7 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from workers.cpu_linear import DEFAULT_ROWS_BELOW, measure_rows_below, use_weight_stationary_linears
+from workers.cpu_linear import DEFAULT_ROWS_BELOW, use_weight_stationary_linears
+from workers.numerics import DecisionBoard, RowsBelowDecision, settle_rows_below
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class LoadedModel:
     dtype: torch.dtype
     max_context: int
     loaded_from: str = ""  # the directory transformers actually read (a cache entry for a GGUF)
+    # cpu_linear="auto" on a CPU in float32: the linear kernel decided for this kind of machine, and where from
+    rows_below_decision: RowsBelowDecision | None = None
 
 
 def resolve_cache_dir(cache_dir: str | None) -> Path:
@@ -216,7 +219,9 @@ def cached_content_hash(paths: Sequence[Path], cache_dir: Path) -> str:
 # Loading
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, board: DecisionBoard | None = None) -> LoadedModel:
+    """Load the model as ``cfg`` asks. With ``cpu_linear="auto"`` on a CPU in float32, the linear layers' kernel
+    is the one decided for this kind of machine (workers/numerics.py): ``board`` holds the job's decisions."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     cache_dir = resolve_cache_dir(cfg.cache_dir)
@@ -225,17 +230,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.cpu_linear != "torch" and device.type == "cpu" and dtype == torch.float32:
         rows_below = DEFAULT_ROWS_BELOW
         if cfg.cpu_linear == "auto":
-            measured = measure_rows_below(loaded.model)
-            rows_below = measured.rows_below
-            log.info("linear layers on this CPU: W @ x.T below %d rows (ms by rows, x @ W.T: %s; W @ x.T: %s)",
-                     rows_below, _rounded(measured.torch_ms), _rounded(measured.stationary_ms))
+            loaded.rows_below_decision = settle_rows_below(loaded.model, loaded.content_hash, cache_dir, board)
+            rows_below = loaded.rows_below_decision.rows_below
         if rows_below > 1:
             use_weight_stationary_linears(loaded.model, rows_below)
     return loaded
-
-
-def _rounded(ms_by_rows: dict[int, float]) -> dict[int, float]:
-    return {rows: round(ms, 1) for rows, ms in ms_by_rows.items()}
 
 
 def _load(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedModel:

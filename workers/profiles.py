@@ -15,7 +15,7 @@ from decoding import PromptTokens
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
 from profiling.tree_builder import choose_budget
-from workers.cpu_linear import linear_kind
+from workers.numerics import numeric_path
 from workers.models import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,13 @@ SPOT_CHECK_MIN_SECONDS = 0.005
 
 
 def profile_key(identity: DeviceIdentity, model_hash: str, k: int, n: int, batch_sizes: Sequence[int],
-                slots: Sequence[int], context_len: int, budget_s: float | None, linear: str = "torch") -> dict:
+                slots: Sequence[int], context_len: int, budget_s: float | None, numerics: str) -> dict:
     """Everything that shapes the measurement: a short-budget profile never stands in for a full one, nor one
-    of nn.Linear for one of weight-stationary linear layers (``linear``)."""
+    of nn.Linear for one of weight-stationary linear layers, or of one attention kernel for another
+    (``numerics``: workers.numerics.numeric_path)."""
     return {"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
             "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
-            "budget_s": budget_s, "linear": linear}
+            "budget_s": budget_s, "numerics": numerics}
 
 
 def profile_path(cache_dir: Path, key: dict) -> Path:
@@ -116,7 +117,7 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
     refused_as_inverted = False
     if cache_dir is not None:
         key = profile_key(identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes, slots,
-                          context_len, budget_s, linear=linear_kind(model))
+                          context_len, budget_s, numerics=numeric_path(model))
         path = profile_path(cache_dir, key)  # where a fresh measurement goes
         source = path if path.exists() else covering_profile(cache_dir, key)
         if source is not None:

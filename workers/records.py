@@ -56,6 +56,8 @@ class RowOutput:
     tree_hash: str | None = None
     device: str = ""
     dtype: str = ""
+    numeric_path: str = ""  # the kernels that computed it (workers/numerics.py), e.g. the CPU linear layers'
+    batch_fallback: bool = False  # its batch failed and it was decoded alone: a bug in the batched path
     worker: str = ""  # group/index, pid and node of the actor that decoded the row
     worker_group: str = ""
     config_hash: str = ""  # the output-shaping part of the job config (jobs/resume.py)
