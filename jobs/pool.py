@@ -80,9 +80,9 @@ def _feasible(group: WorkerGroup, cpus: float) -> bool:
                for node in ray.nodes() if node.get("Alive"))
 
 
-def start_workers(cfg: JobConfig, config_hash: str, numerics_board: Any = None) -> list[Worker]:
+def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None = None) -> list[Worker]:
     """Create every group's actors (their constructors load the model and profile the device). Their numeric
-    decisions come from ``numerics_board``, the job's NumericsBoard actor (workers/actor.py), when given."""
+    decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/actor.py)."""
     workers = []
     for group in cfg.workers:
         cpus = _group_cpus(group)

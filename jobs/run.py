@@ -42,7 +42,7 @@ from jobs.resume import (  # noqa: E402
     record_worker,
     recorded_numerics,
 )
-from workers.actor import remote_board  # noqa: E402
+from workers.actor import start_board  # noqa: E402
 from workers.models import CpuLinear  # noqa: E402
 
 
@@ -188,6 +188,7 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
     run["shards"] = len(shards)
     progress = Progress(sum(len(s.rows) for s in shards), len(resumed.done_ids), interval_s=progress_interval_s)
     workers: list[Worker] = []
+    board = None
     if shards:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         we_started_ray = not ray.is_initialized()
@@ -196,8 +197,8 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
-            board = remote_board(recorded_numerics(out_dir))
-            workers = start_workers(cfg, chash, board)
+            board, board_name = start_board(recorded_numerics(out_dir))
+            workers = start_workers(cfg, chash, board_name)
 
             def on_ready(w: Worker) -> None:
                 run.setdefault("first_ready", time.perf_counter())
@@ -217,6 +218,8 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
         finally:
             for w in workers:
                 ray.kill(w.handle)
+            if board is not None:
+                ray.kill(board)
             if we_started_ray:
                 ray.shutdown()
     run["decoded"] = time.perf_counter()

@@ -291,8 +291,11 @@ def test_every_row_once_with_errors_on_bad_rows(tiny_runs):
     for method, (table, summary) in tiny_runs.items():
         rows = table.to_pylist()
         assert [r["id"] for r in rows] == sorted(r["id"] for r in GOOD_ROWS + BAD_ROWS)
+        assert summary["batch_fallback_rows"] == 0
         for r in rows:
             assert r["decoding"] == method
+            # a model this small is never measured: nn.Linear, the same on every machine
+            assert r["numeric_path"] == "cpu float32 attn=sdpa linear=torch" and r["batch_fallback"] is False
             if r["id"].startswith("e"):
                 assert r["error"], r
                 assert r["output_token_ids"] == [] and r["output_text"] is None and r["finish_reason"] is None
@@ -459,3 +462,33 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     assert (tmp_path / "part-00002-00000000.parquet.unreadable").exists()
     # The retried rows are gone from the files, so a second look finds nothing more to retry.
     assert open_output(tmp_path, cfg, ids).retried == 0
+
+
+def test_workers_are_checked_against_each_other_and_the_job_record(tmp_path):
+    from jobs.resume import ResumeError, open_output, record_worker, recorded_numerics
+
+    open_output(tmp_path, build_config(None, {"output": str(tmp_path)}), {"a"})
+    first = {"worker": "g/0 pid 1", "model_hash": "a" * 64, "device": "cpu: X (2 threads)",
+             "numeric_path": "cpu float32 attn=sdpa linear=weight_stationary<8",
+             "linear_decision": {"key": "kind1", "rows_below": 8, "source": "measured"}}
+    record_worker(tmp_path, first, [])
+    manifest = json.loads((tmp_path / "job.json").read_text())
+    assert manifest["model_hash"] == "a" * 64 and recorded_numerics(tmp_path) == {"kind1": 8}
+    assert manifest["numerics"]["kind1"] == {"rows_below": 8, "machine": "cpu: X (2 threads)",
+                                             "numeric_path": first["numeric_path"]}
+    record_worker(tmp_path, {**first, "worker": "g/1 pid 2"}, [first])  # the same: fine
+    # Two workers that loaded different weights, named both.
+    with pytest.raises(ResumeError, match=r"different weights.*g/0 pid 1 aaaaaaaaaaaa.*g/1 pid 2 bbbbbbbbbbbb"):
+        record_worker(tmp_path, {**first, "worker": "g/1 pid 2", "model_hash": "b" * 64}, [first])
+    # The first worker of a later run, with weights other than the directory's.
+    with pytest.raises(ResumeError, match="the model files changed"):
+        record_worker(tmp_path, {**first, "model_hash": "c" * 64}, [])
+    # A worker whose linear kernel is not the one the job decided for its kind of machine.
+    other_kernel = {**first, "numeric_path": "cpu float32 attn=sdpa linear=weight_stationary<12",
+                    "linear_decision": {"key": "kind1", "rows_below": 12, "source": "measured"}}
+    with pytest.raises(ResumeError, match=r"decided W @ x.T below 8 rows .*model.cpu_linear: auto"):
+        record_worker(tmp_path, other_kernel, [first])
+    # Another kind of machine is recorded beside the first.
+    record_worker(tmp_path, {**other_kernel, "linear_decision": {"key": "kind2", "rows_below": 12,
+                                                                "source": "cache"}}, [first])
+    assert recorded_numerics(tmp_path) == {"kind1": 8, "kind2": 12}

@@ -75,7 +75,7 @@ def test_the_jobs_decision_comes_before_the_disk_and_the_first_proposal_wins(tmp
     # A board that is empty takes what the disk holds, and the next worker gets it from the board.
     fresh = NumericsBoard()
     assert settle_rows_below(model, "hash-a", tmp_path, fresh).source == "cache"
-    assert fresh.get(key) == 6
+    assert fresh.get(key) == 6 and fresh.settle(key, 7) == (6, False)
     assert settle_rows_below(model, "hash-a", tmp_path / "other-node", fresh).source == "job"
     assert read_decision(decision_path(tmp_path / "other-node", key)) == 6  # left for later runs there
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from typing import Any
 
 import ray
@@ -17,7 +18,8 @@ class DecodeWorker:
 
     def __init__(self, model: dict[str, Any], decoding: dict[str, Any], *, group: str, index: int,
                  config_hash: str, batch_size: int | str = 1, max_batch_size: int = 64,
-                 num_threads: int | None = None, latency_profile: str | None = None, numerics_board: Any = None):
+                 num_threads: int | None = None, latency_profile: str | None = None,
+                 numerics_board: str | None = None):
         if num_threads:
             import torch
 
@@ -28,8 +30,8 @@ class DecodeWorker:
         # process decoded a row.
         self.name = f"{group}/{index} pid {os.getpid()} on {socket.gethostname()}"
         # Profiles the device (or loads its cached profile) and builds this worker's tree and batch size.
-        # The model's numeric decisions come from the job's board (a NumericsBoard actor), so every worker on one
-        # kind of machine, and this one after a restart, computes with the same kernels.
+        # The model's numeric decisions come from the job's board (the NumericsBoard actor of that name), so every
+        # worker on one kind of machine, and this one after a restart, computes with the same kernels.
         board = BoardClient(numerics_board) if numerics_board is not None else None
         self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
                                                max_batch_size=max_batch_size, latency_profile=latency_profile)
@@ -57,31 +59,36 @@ class NumericsBoard:
     def get(self, key: str) -> int | None:
         return self.decisions.get(key)
 
-    def settle(self, key: str, rows_below: int) -> int:
-        return self.decisions.setdefault(key, rows_below)
+    def settle(self, key: str, rows_below: int) -> tuple[int, bool]:
+        first = key not in self.decisions
+        return self.decisions.setdefault(key, rows_below), first
 
 
 class BoardClient:
-    """A NumericsBoard actor seen as the ``workers.numerics.DecisionBoard`` the loader asks (the loader knows no
-    Ray)."""
+    """The NumericsBoard actor named ``name`` seen as the ``workers.numerics.DecisionBoard`` the loader asks (the
+    loader knows no Ray)."""
 
-    def __init__(self, handle: Any):
-        self.handle = handle
+    def __init__(self, name: str):
+        self.handle = ray.get_actor(name)
 
     def get(self, key: str) -> int | None:
         return ray.get(self.handle.get.remote(key))
 
-    def settle(self, key: str, rows_below: int) -> int:
+    def settle(self, key: str, rows_below: int) -> tuple[int, bool]:
         return ray.get(self.handle.settle.remote(key, rows_below))
 
 
-def remote_board(decisions: dict[str, int]):
-    """A NumericsBoard actor on this (the driver's) node, which lives as long as the job: it takes no CPU, and its
-    node going away ends the job anyway."""
+def start_board(decisions: dict[str, int]) -> tuple[Any, str]:
+    """A NumericsBoard actor for this job on this (the driver's) node, and its name, which workers look it up by (a
+    handle among an actor's constructor arguments would sit in the object store, which Ray warns about for
+    restartable actors). It takes no CPU; it lives while the returned handle does, and its node going away ends
+    the job anyway."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    name = f"ppd-numerics-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(NumericsBoard).remote(decisions)
+    handle = ray.remote(NumericsBoard).options(name=name, num_cpus=0, scheduling_strategy=here).remote(decisions)
+    return handle, name
 
 
 def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str | None = None,

@@ -54,8 +54,9 @@ class DecisionBoard(Protocol):
     def get(self, key: str) -> int | None:
         """The decided ``rows_below`` for ``key``, or None when none has been decided."""
 
-    def settle(self, key: str, rows_below: int) -> int:
-        """Propose ``rows_below`` for ``key``; returns the decision, which is the first proposal made."""
+    def settle(self, key: str, rows_below: int) -> tuple[int, bool]:
+        """Propose ``rows_below`` for ``key``; returns the decision, which is the first proposal made, and whether
+        it is this one."""
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,8 @@ def settle_rows_below(model: nn.Module, model_hash: str, cache_dir: Path,
         rows_below, source = measured.rows_below, "measured"
         record.update(torch_ms=measured.torch_ms, stationary_ms=measured.stationary_ms)
     if board is not None and source != "job":
-        settled = board.settle(key, rows_below)
-        if settled != rows_below:  # another worker of the job decided first, from another disk
+        settled, first = board.settle(key, rows_below)
+        if not first:  # another worker of the job decided first (the same way, or from another disk)
             rows_below, source = settled, "job"
     if cached is None:  # later runs on this machine take this decision too
         published, won = _publish(path, {**record, "rows_below": rows_below, "source": source})

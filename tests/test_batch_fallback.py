@@ -1,0 +1,61 @@
+"""A batch that fails is decoded row by row, and that is loud: logged with its exception, marked on its rows, and
+counted in the job's summary and per-device table (a bug in the batched path must not hide as a slowdown)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jobs.progress import Progress, device_table
+from workers.engine import DecodeEngine, DecodingConfig
+from workers.models import ModelConfig, load_model
+
+ROWS = [{"id": f"r{i}", "prompt": text} for i, text in enumerate(["The sea is", "1, 2, 3,", "Once upon a", "x"])]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(ModelConfig(model=str(tiny_model_dir)))
+
+
+class BatchBug(RuntimeError):
+    pass
+
+
+def test_a_failed_batch_is_decoded_row_by_row_marked_counted_and_logged(tiny, monkeypatch, caplog):
+    config = DecodingConfig(method="vanilla", max_new_tokens=6)
+    expected = DecodeEngine(tiny, config, batch_size=2).run_rows(ROWS)
+    engine = DecodeEngine(tiny, config, batch_size=2)
+    generate = engine.decoder.generate
+
+    def generate_unless_batched(prompts, *args, **kwargs):
+        if len(prompts) > 1:
+            raise BatchBug("a bug in the batched path")
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "generate", generate_unless_batched)
+    with caplog.at_level(logging.WARNING, logger="workers.engine"):
+        got = engine.run_rows(ROWS)
+    assert [o.output_token_ids for o in got] == [o.output_token_ids for o in expected]
+    assert all(o.batch_fallback and o.error is None for o in got)
+    assert not any(o.batch_fallback for o in expected)
+    assert engine.batch_fallbacks == 2  # two batches of two
+    records = [r for r in caplog.records if r.name == "workers.engine"]
+    assert len(records) == 2 and all("BatchBug" in r.getMessage() for r in records)
+    # The first carries the traceback; later ones are one line each.
+    assert records[0].exc_info and records[0].exc_info[0] is BatchBug and not records[1].exc_info
+
+
+def test_fallback_rows_are_counted_per_device_and_in_the_table():
+    progress = Progress(4, 0, interval_s=1e9)
+    record = {"id": "a", "error": None, "num_output_tokens": 3, "num_steps": 3}
+    progress.add([{**record, "batch_fallback": True}, {**record, "id": "b", "batch_fallback": True}],
+                 group="g", device="cpu: X", seconds=1.0)
+    progress.add([{**record, "id": "c", "batch_fallback": False}], group="g", device="gpu: Y", seconds=1.0)
+    assert progress.total.batch_fallback_rows == 2
+    by_device = {device: {"workers": 1, **tally.as_dict()} for device, tally in progress.devices.items()}
+    assert by_device["cpu: X"]["batch_fallback_rows"] == 2 and by_device["gpu: Y"]["batch_fallback_rows"] == 0
+    header, cpu, gpu = device_table(by_device).splitlines()
+    assert header.split()[-3:] == ["batch", "fallback", "rows"]
+    assert cpu.split()[-1] == "2" and gpu.split()[-1] == "0"
