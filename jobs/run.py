@@ -111,7 +111,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def describe_worker(info: dict[str, Any]) -> str:
-    """One line per worker: its device, batch size and the tree it chose."""
+    """One line per worker: its device, batch size, the tree it chose, and the kernels it computes with."""
     line = f"worker {info['worker']} [{info['device']}]: {info['decoding']}, batch {info['batch_size']}"
     if info.get("tree_hash"):
         line += f", tree {info['tree_hash']} ({info.get('tree', '')}"
@@ -126,6 +126,9 @@ def describe_worker(info: dict[str, Any]) -> str:
         line += f", pruning after layer {info['prune_layer']} (keep top {info['keep_top_k']})"
     if info.get("profile"):
         line += f"; profile {info['profile']}"
+    if info.get("numeric_path"):
+        decision = info.get("linear_decision")
+        line += f"; numerics {info['numeric_path']}" + (f" ({decision['source']})" if decision else "")
     return line
 
 

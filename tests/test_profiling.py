@@ -1,7 +1,7 @@
 """Device profiling: the synthetic trees the profiler times, latency interpolation, a real (short) profile of a
 tiny model, the profile cache, and the engine choosing its tree from the profile."""
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder
 from decoding.propd import ProPDDecoder
 from decoding.tree import tree_set_buffers
+from profiling import latency
 from profiling.device import identify
 from profiling.latency import LatencyPoint, LatencyProfile, max_tree_slots, measure_profile, synthetic_tree_set
 from profiling.tree_builder import tree_set_slots
@@ -58,19 +59,38 @@ def tiny():
     return tiny_loaded_model()
 
 
-def test_measure_profile_on_a_tiny_model(tiny):
+class StepClock:
+    """A clock for ``measure_profile`` that moves only when a decode step runs, by 1 ms per slot of its tree: the
+    profile's budget logic then runs the same on a quiet machine and a loaded one."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        step = PPDDecoder.step
+
+        def timed_step(decoder, cache, buffers, *args, **kwargs):
+            self.now += 1e-3 * int(buffers.num_slots.max())
+            return step(decoder, cache, buffers, *args, **kwargs)
+
+        monkeypatch.setattr(PPDDecoder, "step", timed_step)
+        monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: self.now))
+
+
+def test_measure_profile_on_a_tiny_model(tiny, monkeypatch):
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
-    started = time.perf_counter()
+    clock = StepClock(monkeypatch)
     profile = measure_profile(tiny.model, pt, model_hash="tinyhash", batch_sizes=[2, 1], slots=[1, 4, 16, 64],
                               context_len=32, budget_s=20)
-    assert time.perf_counter() - started < 20 + 10  # the budget, plus the last step that overran it
     assert profile.batches() == [1, 2] and profile.measured_slots(2) == [1, 4, 16, 64]
-    assert all(p.seconds > 0 and p.repeats >= 1 for p in profile.points)
+    assert [p.seconds for p in profile.points if p.batch == 2] == pytest.approx([1e-3, 4e-3, 16e-3, 64e-3])
+    assert all(p.repeats == 3 for p in profile.points)
     assert profile.device.kind == "cpu" and profile.device.threads == torch.get_num_threads()
-    # A budget too small for the larger sizes stops early, keeping what it measured.
+    # A budget too small for the larger sizes stops before a size it predicts would overrun it (slots x the
+    # last point's time per slot, for a warm-up and 3 repeats), keeping what it measured: 1 slot takes 4 ms, 4
+    # slots 16 ms, and 16 slots would end at 84 ms.
+    clock.now = 0.0
     short = measure_profile(tiny.model, pt, model_hash="tinyhash", batch_sizes=[1], slots=[1, 4, 16, 64, 4096],
                             context_len=32, budget_s=0.05)
-    assert short.measured_slots(1)[0] == 1 and 4096 not in short.measured_slots(1)
+    assert short.measured_slots(1) == [1, 4] and short.profile_seconds == pytest.approx(0.02)
 
 
 def test_profile_is_cached_per_device_and_model(tiny, tmp_path):
