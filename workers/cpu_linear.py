@@ -17,9 +17,10 @@ by up to 20%), milliseconds by rows M:
 loader, on a CPU in float32, every ``nn.Linear`` of the model becomes a ``WeightStationaryLinear``: the
 same module and parameters (tied weights stay tied), whose forward takes the second form below
 ``rows_below`` rows and is ``nn.Linear``'s otherwise, and on any other device or dtype. Where the forms
-cross depends on the CPU, its MKL and the threads, so by default (``cpu_linear="auto"``) the loader measures
-both over the model's own weights on the machine it runs on (``measure_rows_below``, 2.5 s on the VM) and
-sets ``rows_below`` from that; ``"weight_stationary"`` takes the 10 measured above without measuring.
+cross depends on the CPU, its MKL and the threads, so by default (``cpu_linear="auto"``) ``rows_below`` comes
+from measuring both over the model's own weights (``measure_rows_below``, 2.5 s on the VM), once per kind of
+machine, and every later load reuses that decision (workers/numerics.py); ``"weight_stationary"`` takes the 10
+measured above without measuring.
 
 Its results differ from ``nn.Linear``'s in the last bits, as a change of batch size does. Plain and tree
 decoding, and the reference decoder, all run the same model, so the lossless check is unaffected.

@@ -75,10 +75,10 @@ class ModelConfig(BaseModel):
         default="auto",
         description="Linear layers on a CPU in float32. weight_stationary multiplies W @ x.T for the few rows of "
         "a decode step, below 10 rows (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; "
-        "workers/cpu_linear.py); auto first measures both forms over the model's weights on this CPU (2.5 s on "
-        "the 2-core VM) and uses W @ x.T below the row count where it stops being faster, or not at all (nor "
-        "for models under 32 MB of linear weights); torch keeps nn.Linear's x @ W.T. Ignored on other devices "
-        "and dtypes.",
+        "workers/cpu_linear.py); auto uses W @ x.T below the row count where it stops being faster, or not at "
+        "all (nor for models under 32 MB of linear weights), as measured over the model's weights once per kind "
+        "of machine (2.5 s on the 2-core VM) and then reused by every worker, restart and later run on that kind "
+        "(workers/numerics.py); torch keeps nn.Linear's x @ W.T. Ignored on other devices and dtypes.",
     )
 
     @field_validator("device")
