@@ -82,7 +82,7 @@ def _feasible(group: WorkerGroup, cpus: float) -> bool:
 
 def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None = None) -> list[Worker]:
     """Create every group's actors (their constructors load the model and profile the device). Their numeric
-    decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/actor.py)."""
+    decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/board.py)."""
     workers = []
     for group in cfg.workers:
         cpus = _group_cpus(group)

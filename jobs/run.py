@@ -42,7 +42,7 @@ from jobs.resume import (  # noqa: E402
     record_worker,
     recorded_numerics,
 )
-from workers.actor import start_board  # noqa: E402
+from workers.board import start_board  # noqa: E402
 from workers.models import CpuLinear  # noqa: E402
 
 

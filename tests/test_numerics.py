@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
 from workers import numerics
-from workers.actor import NumericsBoard
+from workers.board import NumericsBoard
 from workers.cpu_linear import RowsBelowMeasurement, use_weight_stationary_linears
 from workers.models import ModelConfig, load_model
 from workers.numerics import (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from typing import Any
 
 import ray
 
+from workers.board import BoardClient
 from workers.engine import DecodeEngine, DecodingConfig
 from workers.models import ModelConfig
 
@@ -47,48 +47,6 @@ class DecodeWorker:
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
         return records
-
-
-class NumericsBoard:
-    """The job's numeric decisions (workers/numerics.py), by machine-kind key: the first proposal for a key is the
-    decision, for every worker of the job. The driver seeds it with the decisions job.json records."""
-
-    def __init__(self, decisions: dict[str, int] | None = None):
-        self.decisions = dict(decisions or {})
-
-    def get(self, key: str) -> int | None:
-        return self.decisions.get(key)
-
-    def settle(self, key: str, rows_below: int) -> tuple[int, bool]:
-        first = key not in self.decisions
-        return self.decisions.setdefault(key, rows_below), first
-
-
-class BoardClient:
-    """The NumericsBoard actor named ``name`` seen as the ``workers.numerics.DecisionBoard`` the loader asks (the
-    loader knows no Ray)."""
-
-    def __init__(self, name: str):
-        self.handle = ray.get_actor(name)
-
-    def get(self, key: str) -> int | None:
-        return ray.get(self.handle.get.remote(key))
-
-    def settle(self, key: str, rows_below: int) -> tuple[int, bool]:
-        return ray.get(self.handle.settle.remote(key, rows_below))
-
-
-def start_board(decisions: dict[str, int]) -> tuple[Any, str]:
-    """A NumericsBoard actor for this job on this (the driver's) node, and its name, which workers look it up by (a
-    handle among an actor's constructor arguments would sit in the object store, which Ray warns about for
-    restartable actors). It takes no CPU; it lives while the returned handle does, and its node going away ends
-    the job anyway."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    name = f"ppd-numerics-{uuid.uuid4().hex[:12]}"
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    handle = ray.remote(NumericsBoard).options(name=name, num_cpus=0, scheduling_strategy=here).remote(decisions)
-    return handle, name
 
 
 def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str | None = None,

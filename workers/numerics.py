@@ -49,7 +49,7 @@ DecisionSource = Literal["job", "cache", "measured", "unmeasured"]
 
 
 class DecisionBoard(Protocol):
-    """The job's decisions by machine-kind key (workers/actor.py keeps one for all the job's workers)."""
+    """The job's decisions by machine-kind key (workers/board.py keeps one for all the job's workers)."""
 
     def get(self, key: str) -> int | None:
         """The decided ``rows_below`` for ``key``, or None when none has been decided."""
