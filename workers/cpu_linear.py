@@ -161,7 +161,10 @@ def _timed_weights(weights: list[torch.Tensor], budget_bytes: int) -> list[torch
 def worth_measuring(model: nn.Module, min_bytes: int = _MEASURE_MIN_BYTES) -> bool:
     """Whether the model has at least ``min_bytes`` of linear weights that could convert (float32, on a CPU):
     below that a measurement would time noise (``_MEASURE_MIN_BYTES``), and none at all leaves nothing to time."""
-    weights = _linear_weights(model)
+    return _enough(_linear_weights(model), min_bytes)
+
+
+def _enough(weights: list[torch.Tensor], min_bytes: int) -> bool:
     return bool(weights) and _nbytes(weights) >= min_bytes
 
 
@@ -173,9 +176,10 @@ def measure_rows_below(model: nn.Module, candidates: tuple[int, ...] = ROW_CANDI
     warm-up, the two forms interleaved and their order alternated, so drift hits both alike. The thresholds of
     MKL's kernels differ by CPU and thread count: the table in this module's docstring is one machine's.
     A model with under ``min_bytes`` of such weights in all is not measured: 1, nn.Linear throughout."""
-    if not worth_measuring(model, min_bytes):
+    every = _linear_weights(model)
+    if not _enough(every, min_bytes):  # none on a CPU in float32, or too few bytes to time (worth_measuring)
         return RowsBelowMeasurement(rows_below=1, torch_ms={}, stationary_ms={})
-    weights = _timed_weights(_linear_weights(model), budget_bytes)
+    weights = _timed_weights(every, budget_bytes)
     g = torch.Generator().manual_seed(0)
     inputs = {(rows, w.shape[1]): torch.randn(rows, w.shape[1], generator=g)
               for rows in candidates for w in weights}  # [M, in] per row count and input width
