@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows
 from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
@@ -187,33 +186,39 @@ class ProPDDecoder(PPDDecoder):
                 self._set_family(family)
                 self.built_from = table
 
-    def _start(self) -> None:
-        self.choices = []
-        self.states = None  # depth states of the active rows; all 0 (no guesses) before the first step
-        self.ran_last: dict[int, str] = {}  # input row -> tree_hash of the set its last step ran
-        self.last_step_key: str | None = None  # tree_hash of the set the previous step of this call ran
+    @property
+    def max_step_tokens(self) -> int:
+        n = self.prompt_tokens.n
+        return max(tree.num_nodes + sum(tree.prompt_counts) * n
+                   for option in self.family for tree in option.tree_set.trees)
 
-    def _buffers_for_step(self, rows: ActiveRows, kv_len: torch.Tensor, state: torch.Tensor):
+    def begin(self) -> None:
+        super().begin()
+        self.choices = []
+        self.ran_last: dict[int, str] = {}  # row id -> tree_hash of the set its last step ran
+        self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
+        self.step_seconds = 0.0
+
+    def plan_step(self, rows, kv_len: torch.Tensor, state: torch.Tensor):
         self.context = float(kv_len.float().mean())
         self.chosen = self.choose(rows.size, self.context)
         self.current = self.keys[self.chosen]
         self.tree_set = self.family[self.chosen].tree_set
         if self.chosen not in self.buffers:
             self.buffers[self.chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
-        states = set(self.states) if self.states is not None else {0}
-        self.choices.append((rows.size, max(self.slots_per_state[self.chosen][m] for m in states)))
+        buffers = self.buffers[self.chosen]
+        self.choices.append((rows.size, int(buffers.num_slots[state].max())))
         self.step_started = time.perf_counter()
-        return self.buffers[self.chosen]
+        return buffers
 
-    def _after_commit(self, rows: ActiveRows, keep: torch.Tensor, first_step: bool) -> None:
+    def after_commit(self, rows, keep: list[bool]) -> None:
         self.step_seconds = time.perf_counter() - self.step_started
         # Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
         # long-run average over the states a set passes through, so the price must be the long-run average
-        # step of that set too. Hence not filed: the first step (it also ran the prompts) and the first step
-        # of a set after a switch, whose rows are in the states the previous set left (after plain decoding,
-        # state 0: root and prompt tokens only, far cheaper than the set's steady steps; filed, it made a tree
-        # tried from plain decoding look cheap).
-        if not first_step and self.last_step_key == self.current:
+        # step of that set too. Hence not filed: the first step of a set after a switch, whose rows are in the
+        # states the previous set left (after plain decoding, state 0: root and prompt tokens only, far cheaper
+        # than the set's steady steps; filed, it made a tree tried from plain decoding look cheap).
+        if self.last_step_key == self.current:
             self.latency.observe(rows.size, self.widest[self.chosen], self.context, self.step_seconds)
         self.last_step_key = self.current
         # The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
@@ -223,15 +228,16 @@ class ProPDDecoder(PPDDecoder):
         # Also left out: a row's last step, cut short by EOS or max_new_tokens.
         key = self.current
         own = []
-        for row, kept in zip(rows.index.tolist(), keep.tolist()):
-            self.acceptance.resolve(row, rows.results[row].token_ids, finished=not kept)
+        for row, result, kept in zip(rows.ids, rows.results, keep):
+            self.acceptance.resolve(row, result.token_ids, finished=not kept)
             if kept and self.ran_last.get(row) == key:
-                own.append(rows.results[row].accepted_per_step[-1])
+                own.append(result.accepted_per_step[-1])
             self.ran_last[row] = key
         self.yields.observe(key, self.family[self.chosen].expected_tokens, own)
 
-    def _after_propose(self, rows: ActiveRows, guesses: torch.Tensor, state: torch.Tensor) -> None:
-        self.states = state.tolist()
-        active = rows.index.tolist()
-        self.acceptance.record(active, [len(rows.results[r].token_ids) for r in active], guesses, self.states)
+    def row_finished(self, row_id: int) -> None:
+        self.ran_last.pop(row_id, None)
+
+    def after_propose(self, rows, guesses: torch.Tensor, state: torch.Tensor) -> None:
+        self.acceptance.record(rows.ids, [len(r.token_ids) for r in rows.results], guesses, state.tolist())
         self._maybe_rebuild(self.step_seconds)

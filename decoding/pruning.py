@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decoding.batch import additive_mask
 from decoding.tree import on_whole_root_path
 
 
@@ -112,12 +111,11 @@ def compact(keep: torch.Tensor) -> Compaction:
     return Compaction(order=order, valid=valid, position=position)
 
 
-def compacted_mask(attend: torch.Tensor, kv_valid: torch.Tensor, c: Compaction, dtype: torch.dtype) -> torch.Tensor:
-    """The later layers' 4D float mask [B, 1, N', T+N']: surviving slots see what they saw before among the
-    survivors; padding sees the cached prefix and itself (no attention row is empty)."""
+def compacted_attend(attend: torch.Tensor, c: Compaction) -> torch.Tensor:
+    """Which surviving slots see which [B, N', N'] bool (from the tree's ``attend`` [B, N, N]): what they saw
+    before, among the survivors; padding sees itself only (with the cached prefix, no attention row is empty)."""
     B, width = c.order.shape
     sub = attend.gather(1, c.order[..., None].expand(-1, -1, attend.shape[2]))  # [B, N', N]
     sub = sub.gather(2, c.order[:, None, :].expand(-1, width, -1))  # [B, N', N']
     sub = sub & c.valid[:, :, None] & c.valid[:, None, :]
-    sub |= torch.eye(width, dtype=torch.bool, device=attend.device)[None] & ~c.valid[:, :, None]
-    return additive_mask(kv_valid, sub, dtype)
+    return sub | (torch.eye(width, dtype=torch.bool, device=attend.device)[None] & ~c.valid[:, :, None])

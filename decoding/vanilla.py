@@ -1,9 +1,9 @@
-"""Plain batched greedy decoding with the same ragged-cache handling as PPD: the baseline.
+"""Plain batched decoding, one token per row per step: the baseline, on the same slots as PPD.
 
-One token per row per step; the prefill's last position gives the first. A row with sampling parameters
-draws its t-th token with the t-th uniform of its own stream (decoding/sampling.py), as PPD does. Rows keep
-the holes their prefill padding left (hidden by the mask) instead of moving KV every step: every row advances
-by exactly one column, so nothing ever needs compacting.
+A row's prompt but its last token is prefilled into its slot; the last token is the first root. Each step
+runs every row's root through the model at column ``kv_len`` of its slot and draws the next token there: the
+argmax, or for a row with sampling parameters the t-th token with the t-th uniform of its own stream
+(decoding/sampling.py), as PPD does. Nothing ever moves: every row advances by exactly one column.
 """
 
 from __future__ import annotations
@@ -13,43 +13,80 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from decoding.batch import ActiveRows, StopCheck, check_prompts, new_cache, one_token_forward, prefill
+from decoding.batch import StopCheck, at_least_fp32
 from decoding.results import RowResult
-from decoding.sampling import RowSampler, SamplingParams
+from decoding.sampling import SamplingParams
+from decoding.slot_cache import SlotCache, step_mask, step_view
+from decoding.slots import generate as generate_in_slots
+
+
+def root_only_step(decoder: nn.Module, lm_head: nn.Module, cache: SlotCache, kv_len: torch.Tensor,
+                   root: torch.Tensor, draw, longest: int):
+    """One plain decoding step over slots 0..A-1: each row's root (root [A]) at position and column
+    ``kv_len[b]`` (kv_len [A] long; ``longest`` its largest value, known on the host). ``draw``: None for the
+    argmax, else draw(logits [R, V], depth, rows [R]).
+
+    Returns (tokens [A, 1], counts [A] (ones), next root [A], prompt logits [A, 0, V] (no guesses), next
+    state [A] (zeros)): the decoders' ``step`` contract (decoding/slots.py)."""
+    A = root.shape[0]
+    cache.ensure_capacity(longest + 1)
+    view = step_view(longest, 1, cache.capacity)
+    self_only = torch.ones(A, 1, 1, dtype=torch.bool, device=root.device)  # [A, 1, 1]
+    cache.for_step(kv_len, view)
+    mask = step_mask(kv_len, self_only, view, lm_head.weight.dtype)  # [A, 1, 1, view]
+    hidden = decoder(input_ids=root[:, None], attention_mask=mask, position_ids=kv_len[:, None],
+                     cache=cache, use_cache=True).last_hidden_state[:, 0]  # [A, H]
+    logits = lm_head(hidden)  # [A, V]
+    token = logits.argmax(-1) if draw is None else draw(logits, 0, torch.arange(A, device=root.device))  # [A]
+    ones = torch.ones_like(token)
+    no_guesses = at_least_fp32(logits.new_empty(A, 0, logits.shape[-1]))  # [A, 0, V]
+    return token[:, None], ones, token, no_guesses, torch.zeros_like(token)
 
 
 class VanillaDecoder:
+    """Plain decoding through the slot protocol of decoding/slots.py (no guesses: k = 0)."""
+
+    k, top_k, max_step_tokens = 0, 1, 1
+
     def __init__(self, model: nn.Module, eos_token_ids: Sequence[int] = ()):
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  sampling: Sequence[SamplingParams] | None = None,
                  stop: Sequence[StopCheck | None] | None = None) -> list[RowResult]:
         """``sampling``: per-row parameters (None: all greedy); ``stop``: per-row stop checks (stop strings)."""
-        check_prompts(prompts)
-        device = self.lm_head.weight.device
-        rows = ActiveRows(len(prompts), max_new_tokens, self.eos_token_ids, device, stop)
-        if rows.size == 0:
-            return rows.results
-        sampler = RowSampler.for_rows(sampling, rows.limits, 0, device)  # None: all greedy, the argmax
-        active = [prompts[i] for i in rows.index.tolist()]
-        cache = new_cache(self.model)
-        kv_valid, hidden = prefill(self.model, cache, active, device)  # [B, P], [B, P, H]
-        position = kv_valid.sum(1)  # [B]: where each row's next token goes
-        last = hidden.gather(1, (position - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]  # [B, H]
+        return generate_in_slots(self, prompts, max_new_tokens, sampling, stop)
 
-        while True:
-            logits = self.lm_head(last)  # [B, V]
-            token = logits.argmax(-1) if sampler is None else sampler.draw(logits, rows.index, rows.emitted())  # [B]
-            keep = rows.commit(token[:, None], torch.ones_like(token))
-            token, position, kv_valid = rows.drop_finished(keep, cache, token, position, kv_valid)
-            if rows.size == 0:
-                return rows.results
-            last = one_token_forward(self.decoder, cache, token, kv_valid, position, self.lm_head.weight.dtype)
-            B = token.shape[0]
-            kv_valid = torch.cat([kv_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-            position = position + 1
+    # The slot protocol (decoding/slots.py).
+    def begin(self) -> None:
+        pass
+
+    def plan_step(self, rows, kv_len, state):
+        return None
+
+    def step(self, cache, buffers, kv_len, root, guesses, state, draw=None, *, longest: int):
+        return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, longest)
+
+    def after_commit(self, rows, keep) -> None:
+        pass
+
+    def propose(self, prompt_logits: torch.Tensor, rows) -> torch.Tensor:
+        return torch.zeros(prompt_logits.shape[0], 0, 1, dtype=torch.long, device=prompt_logits.device)
+
+    def after_propose(self, rows, guesses, state) -> None:
+        pass
+
+    def row_finished(self, row_id: int) -> None:
+        pass

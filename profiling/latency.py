@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
-from decoding.batch import RowKV, crop_cache, new_cache, prefill
+from decoding.slot_cache import SlotCache
+from decoding.slots import prefill_slots
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
 from profiling.trees import best_paths
@@ -137,16 +138,16 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     k, n, top_k = prompt_tokens.k, prompt_tokens.n, PROFILE_TOP_K
     vocab = model.get_input_embeddings().weight.shape[0]
     decoder = PPDDecoder(model, prompt_tokens, synthetic_tree_set(k, top_k, 1, n))
-    prompt_table = prompt_tokens.flat(dtype)
+    decoder.begin()
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     points: list[LatencyPoint] = []
     batch_sizes = sorted(set(batch_sizes))
     for bi, batch in enumerate(batch_sizes):
         batch_deadline = started + budget_s * (bi + 1) / len(batch_sizes)
-        cache = new_cache(model)
-        kv = RowKV.right_padded(
-            prefill(model, cache, torch.randint(0, vocab, (batch, context_len), generator=g).tolist(), device)[0])
+        cache = SlotCache.for_model(model, batch, context_len + max(slots))
+        prefill_slots(model, cache, 0, torch.randint(0, vocab, (batch, context_len), generator=g).tolist())
+        kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
         root = torch.randint(0, vocab, (batch,), generator=g).to(device)
         guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
         state = torch.full((batch,), k, dtype=torch.long, device=device)
@@ -164,11 +165,10 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
             for i in range(warmups + repeats):
                 _sync(device)
                 t0 = time.perf_counter()
-                decoder.step(cache, buffers, prompt_table, kv, root, guesses, state)
+                decoder.step(cache, buffers, kv_len, root, guesses, state, longest=context_len)
                 _sync(device)
                 if i >= warmups:
                     times.append(time.perf_counter() - t0)
-                crop_cache(cache, context_len)
                 if i >= warmups and time.perf_counter() > batch_deadline:
                     break
             actual = int(buffers.num_slots[k])  # = size, or just below for a few ensemble sizes

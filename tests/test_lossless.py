@@ -21,8 +21,10 @@ from decoding import (
     reference_greedy,
     vanilla_tree_set,
 )
-from decoding.batch import RowKV, new_cache, prefill
+from decoding.batch import new_cache
 from decoding.ppd import greedy_accept
+from decoding.slot_cache import SlotCache, step_mask
+from decoding.slots import prefill_slots
 from decoding.tree import tree_buffers, tree_set_buffers
 from profiling.tree_builder import build_tree_set
 from tests.helpers_models import make_tiny_llama
@@ -53,6 +55,13 @@ def hf_greedy(model, prompt, max_new_tokens, eos) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def prefilled(model, prompts):
+    """A slot cache holding each prompt but its last token, from column 0, and those lengths [B]."""
+    cache = SlotCache.for_model(model, len(prompts))
+    prefill_slots(model, cache, 0, [p[:-1] for p in prompts])
+    return cache, torch.tensor([len(p) - 1 for p in prompts])
+
+
 def prompt_tokens(model, n=1, seed=0):
     return PromptTokens.from_token_embeddings(model, k=K, n=n, base_model_id="tiny", base_model_hash="0",
                                               generator=torch.Generator().manual_seed(seed))
@@ -69,8 +78,8 @@ class OracleGuessDecoder(PPDDecoder):
 
     def propose(self, prompt_logits, rows):
         guesses = super().propose(prompt_logits, rows).clone()  # [B, k, top_k]: filler
-        for b, row in enumerate(rows.index.tolist()):
-            done = len(rows.results[row].token_ids)
+        for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
+            done = len(result.token_ids)
             for d in range(guesses.shape[1]):
                 true = self.truth[row][done + d]  # the token at depth d+1 beyond the next root
                 filler = [t for t in guesses[b, d].tolist() if t != true]
@@ -147,16 +156,17 @@ def test_one_lm_head_call_over_every_slot_gives_the_steps_outputs_of_two(model, 
     outs = []
     for rows in (0, 10**6):
         dec = PPDDecoder(model, pt, DEEP, merged_logits_rows=rows)
-        cache = new_cache(model)
-        kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts[:3]], torch.device("cpu"))
+        dec.begin()
+        cache, kv_len = prefilled(model, prompts[:3])
         root = torch.tensor([t[0] for t in full[:3]])  # as if the prompt's last token had been the step before
         with torch.inference_mode():
-            _, _, root, _, _, kv = dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(),
-                                            RowKV.right_padded(kv_valid), torch.tensor([p[-1] for p in prompts[:3]]),
-                                            guesses, torch.zeros(3, dtype=torch.long))
-            outs.append(dec.step(cache, tree_set_buffers(DEEP, n=2), pt.flat(), kv.cropped(cache), root, guesses,
-                                 torch.full((3,), K)))
-    (tokens, counts, bonus, logits, state, kv), (tokens2, counts2, bonus2, logits2, state2, kv2) = outs
+            _, counts, root, _, _ = dec.step(cache, tree_set_buffers(DEEP, n=2), kv_len,
+                                             torch.tensor([p[-1] for p in prompts[:3]]), guesses,
+                                             torch.zeros(3, dtype=torch.long), longest=int(kv_len.max()))
+            kv_len = kv_len + counts
+            outs.append(dec.step(cache, tree_set_buffers(DEEP, n=2), kv_len, root, guesses, torch.full((3,), K),
+                                 longest=int(kv_len.max())))
+    (tokens, counts, bonus, logits, state), (tokens2, counts2, bonus2, logits2, state2) = outs
     assert counts.tolist() == counts2.tolist() and min(counts.tolist()) >= 2
     assert torch.equal(tokens, tokens2) and torch.equal(bonus, bonus2) and torch.equal(state, state2)
     assert logits.shape[1] > 0
@@ -220,13 +230,13 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
     prompts = [[4, 8, 15, 16], [23, 42]]
     g = torch.Generator().manual_seed(3)
     guesses = torch.randint(0, VOCAB, (2, K, 4), generator=g)
-    cache = new_cache(model)
-    kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    dec.begin()
+    cache, kv_len = prefilled(model, prompts)
     root = torch.tensor([p[-1] for p in prompts])
     buffers = tree_set_buffers(ts, n=n)
     with torch.inference_mode():
-        ids, hidden, pruning = dec._forward_tree(cache, buffers, pt.flat(), RowKV.right_padded(kv_valid), root, guesses,
-                                                 torch.full((2,), K))
+        ids, hidden, pruning = dec._forward_tree(cache, buffers, kv_len, root, guesses, torch.full((2,), K),
+                                                 longest=int(kv_len.max()))
     assert pruning is None
     b = tree_buffers(tree, k=K, top_k=4, n=n)
     nodes = [()] + list(tree.paths)
@@ -247,16 +257,16 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
                     torch.testing.assert_close(hidden[row, s], ref_p[-1], rtol=0, atol=1e-9)
 
 
-def test_compacted_cache_equals_a_sequential_prefill(model, truth):
-    """After a step that accepts a deep path, each row's kept KV equals a fresh prefill of the same tokens. The
-    root-only step before it moves nothing: each root stays at the column the model wrote it to, behind a hole
-    in the rows with shorter prompts; the deep path is then moved to sit right after each row's root."""
+def test_kept_kv_equals_a_sequential_prefill(model, truth):
+    """After a step that accepts a deep path, each row's kept KV (columns 0..kv_len-1 of its slot) equals a fresh
+    prefill of the same tokens. The root-only step before it writes each root at its row's own column and
+    moves nothing; the deep path is then moved to sit right after the root."""
     prompts, full = truth
     prompts, full = prompts[:3], full[:3]
     ts = DEEP
     dec = OracleGuessDecoder(model, prompt_tokens(model), ts, truth=full, miss_prob=0.0, max_rank=1)
-    cache = new_cache(model)
-    kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+    dec.begin()
+    cache, kv_len = prefilled(model, prompts)
     root = torch.tensor([p[-1] for p in prompts])
     # Guesses: the true next K tokens at rank 0 for every row.
     guesses = torch.zeros(3, K, 10, dtype=torch.long)
@@ -266,74 +276,54 @@ def test_compacted_cache_equals_a_sequential_prefill(model, truth):
     first = torch.tensor([t[0] for t in full])  # the first new token plays the root here
     with torch.inference_mode():
         # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
-        _, counts0, root, _, _, kv = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
-                                              RowKV.right_padded(kv_valid), root, guesses,
-                                              torch.zeros(3, dtype=torch.long))
+        _, counts0, root, _, _ = dec.step(cache, tree_set_buffers(ts), kv_len, root, guesses,
+                                          torch.zeros(3, dtype=torch.long), longest=int(kv_len.max()))
         assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
-        kv = kv.cropped(cache)
-        P = kv_valid.shape[1]  # the longest prompt but its root
-        assert cache.get_seq_length() == P + 1 and kv.end.tolist() == [P + 1] * 3
-        for b, p in enumerate(prompts):  # the prompt, a hole up to column P, the root at P
-            assert kv.valid[b].tolist() == [True] * (len(p) - 1) + [False] * (P - len(p) + 1) + [True]
-        tokens, counts, _, _, _, kv = dec.step(cache, tree_set_buffers(ts), dec.prompt_tokens.flat(),
-                                               kv, root, guesses, torch.full((3,), K))
+        kv_len = kv_len + counts0
+        assert kv_len.tolist() == [len(p) for p in prompts]
+        tokens, counts, _, _, _ = dec.step(cache, tree_set_buffers(ts), kv_len, root, guesses,
+                                           torch.full((3,), K), longest=int(kv_len.max()))
     assert counts.tolist() == [K + 1] * 3  # three accepted candidates plus the bonus
-    assert kv.end.tolist() == [P + 1 + K + 1] * 3
+    kv_len = kv_len + counts
     for b, (p, t) in enumerate(zip(prompts, full)):
         assert tokens[b].tolist() == t[1: K + 2]
         kept = p + t[: K + 1]  # prompt, the root t[0], the accepted t[1..K] (the bonus is the next root)
-        assert int(kv.length[b]) == len(kept) == int(kv.valid[b].sum())
+        assert int(kv_len[b]) == len(kept)
         ref = new_cache(model)
         with torch.inference_mode():
             model(input_ids=torch.tensor([kept]), cache=ref, use_cache=True)
         for layer, ref_layer in zip(cache.layers, ref.layers):
-            torch.testing.assert_close(layer.keys[b, :, kv.valid[b]], ref_layer.keys[0], rtol=0, atol=1e-9)
-            torch.testing.assert_close(layer.values[b, :, kv.valid[b]], ref_layer.values[0], rtol=0, atol=1e-9)
+            torch.testing.assert_close(layer.keys[b, :, : len(kept)], ref_layer.keys[0], rtol=0, atol=1e-9)
+            torch.testing.assert_close(layer.values[b, :, : len(kept)], ref_layer.values[0], rtol=0, atol=1e-9)
 
 
-
-def test_row_layout_after_a_tree_step_and_after_a_root_only_step():
-    """A tree step's kept columns sit right after each row's end; a root-only step's at the step's first
-    column for every row, behind a hole where a row ended earlier."""
-    kv = RowKV.right_padded(torch.tensor([[True, True, False], [True, False, False]]))  # prompts of 2 and 1
-    assert kv.length.tolist() == [2, 1] and kv.end.tolist() == [2, 1]
-    tree = kv.after_step(start=kv.end, kept=torch.tensor([3, 1]), new_columns=4)  # T=3, a 4-slot tree
-    assert tree.valid.int().tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
-    assert tree.length.tolist() == [5, 2] and tree.end.tolist() == [5, 2]
-    cache = new_cache(make_tiny_llama(vocab_size=VOCAB, hidden_size=32))  # cropped to the longest end
-    cache.update(torch.zeros(2, 4, 7, 8), torch.zeros(2, 4, 7, 8), 0)
-    tree = tree.cropped(cache)
-    assert cache.get_seq_length() == 5 and tree.valid.shape == (2, 5)
-    plain = tree.after_step(start=torch.tensor([5, 5]), kept=torch.tensor([1, 1]), new_columns=1)
-    assert plain.valid.int().tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 1]]
-    assert plain.length.tolist() == [6, 3] and plain.end.tolist() == [6, 6]
+def test_step_mask_places_each_rows_tree_at_its_kv_length():
+    """Literal masks: row 0 holds 2 columns, row 1 holds 0; a 2-slot tree (slot 1 sees slot 0) over 5 columns."""
+    attend = torch.tensor([[True, False], [True, True]]).expand(2, 2, 2)
+    mask = step_mask(torch.tensor([2, 0]), attend, 5, torch.float32)  # [2, 1, 2, 5]
+    visible = (mask[:, 0] == 0).int().tolist()
+    assert visible == [[[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]],
+                       [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]]
+    assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
 
 
 @pytest.mark.parametrize("plain_every", [1, 3])
 def test_root_only_steps_move_no_kv_and_stay_lossless(model, truth, monkeypatch, plain_every):
     """Plain decoding through PPD (root-only trees) leaves each new column where the model wrote it: not one KV
     move. With DEEP in between (every third step root-only: DEEP's state 0, then its deep state, then plain),
-    rows end ragged before each root-only step, which then opens holes. Either way the output is plain greedy
-    decoding's."""
-    import decoding.ppd as ppd
-
+    the output is still plain greedy decoding's."""
     moved = []
-    move_kv = ppd.move_kv
-    monkeypatch.setattr(ppd, "move_kv", lambda cache, src, dst, layers=slice(None): (
-        moved.append(src.shape[1]), move_kv(cache, src, dst, layers)))
+    move_columns = SlotCache.move_columns
+    monkeypatch.setattr(SlotCache, "move_columns", lambda self, src, dst, layers=slice(None): (
+        moved.append(src.shape[1]), move_columns(self, src, dst, layers)))
     plain_buffers, deep_buffers = tree_set_buffers(vanilla_tree_set(K)), tree_set_buffers(DEEP)
 
     class Alternating(OracleGuessDecoder):
-        steps, ends_before_plain = 0, []
+        steps = 0
 
-        def _buffers_for_step(self, rows, kv_len, state):
+        def plan_step(self, rows, kv_len, state):
             self.steps += 1
             return plain_buffers if self.steps % plain_every == 0 else deep_buffers
-
-        def step(self, cache, buffers, prompt_table, kv, *args, **kwargs):
-            if buffers is plain_buffers:
-                self.ends_before_plain.append(kv.end.tolist())
-            return super().step(cache, buffers, prompt_table, kv, *args, **kwargs)
 
     prompts, full = truth
     dec = Alternating(model, prompt_tokens(model), DEEP, truth=full, miss_prob=0.3, max_rank=1, seed=5)
@@ -343,12 +333,11 @@ def test_root_only_steps_move_no_kv_and_stay_lossless(model, truth, monkeypatch,
         assert moved == []
     else:
         assert 0 < len(moved) <= dec.steps // 3 + 1  # DEEP's deep steps alone moved KV
-        assert sum(len(set(ends)) > 1 for ends in dec.ends_before_plain) >= 3  # ragged ends met root-only steps
 
 
 @pytest.mark.parametrize("sampled", [False, True])
 def test_the_root_only_step_is_the_general_steps_shortcut(model, truth, monkeypatch, sampled):
-    """A root-only tree set takes a shortcut through the step (decoding/ppd.py, _root_only_step); with it
+    """A root-only tree set takes a shortcut through the step (decoding/vanilla.root_only_step); with it
     turned off, the general path gives the same rows (tokens and steps, greedy and sampled alike), the same
     pass and token counts, and the same tokens when rows end at different steps (EOS, per-row limits)."""
     from decoding import SamplingParams

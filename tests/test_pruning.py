@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from decoding import PPDDecoder, TreeSet, TreeSpec, reference_greedy
-from decoding.batch import RowKV, new_cache, prefill
-from decoding.pruning import PruneHead, compact, compacted_mask, kept_nodes
+from decoding.pruning import PruneHead, compact, compacted_attend, kept_nodes
+from decoding.slot_cache import step_mask
 from decoding.tree import tree_buffers, tree_set_buffers
 from tests.helpers_models import make_tiny_llama
-from tests.test_lossless import BUILT, DEEP, K, MAX_NEW, VOCAB, OracleGuessDecoder, prompt_tokens, ragged_prompts
+from tests.test_lossless import (BUILT, DEEP, K, MAX_NEW, VOCAB, OracleGuessDecoder, prefilled, prompt_tokens,
+                                 ragged_prompts)
 
 LAYERS, HEAD_LAYER = 4, 2
 SMALL = TreeSpec.build({(): 2, (0,): 1, (1,): 0, (0, 0): 1})  # nodes: 0 root, 1 (0), 2 (1), 3 (0,0)
@@ -60,7 +61,7 @@ def test_compaction_on_literals():
     assert c.valid.tolist() == [[True, True, True], [True, True, False]]
     assert c.position.tolist() == [[0, -1, 1, -1, 2], [0, 1, -1, -1, -1]]
     attend = torch.ones(2, 5, 5, dtype=torch.bool).tril()
-    mask = compacted_mask(attend, torch.ones(2, 1, dtype=torch.bool), c, torch.float32)  # [2, 1, 3, 1+3]
+    mask = step_mask(torch.tensor([1, 1]), compacted_attend(attend, c), 4, torch.float32)  # [2, 1, 3, 1+3]
     visible = (mask[:, 0] == 0).tolist()
     assert visible[0] == [[True, True, False, False], [True, True, True, False], [True, True, True, True]]
     assert visible[1] == [[True, True, False, False], [True, True, True, False], [True, False, False, True]]  # padding: the prefix and itself
@@ -75,12 +76,12 @@ def test_surviving_slots_equal_the_unpruned_pass(model):
     outs = []
     for head in (None, random_head(model, keep_top_k=12)):
         dec = PPDDecoder(model, pt, ts, prune_head=head)
-        cache = new_cache(model)
-        kv_valid, _ = prefill(model, cache, [p[:-1] for p in prompts], torch.device("cpu"))
+        dec.begin()
+        cache, kv_len = prefilled(model, prompts)
         root = torch.tensor([p[-1] for p in prompts])
         with torch.inference_mode():
-            outs.append(dec._forward_tree(cache, tree_set_buffers(ts), pt.flat(), RowKV.right_padded(kv_valid), root,
-                                          guesses, torch.full((3,), K)))
+            outs.append(dec._forward_tree(cache, tree_set_buffers(ts), kv_len, root, guesses, torch.full((3,), K),
+                                          longest=int(kv_len.max())))
     (_, full, none), (_, pruned, (kept, c)) = outs
     assert none is None
     assert 0 < int(kept.sum()) < kept.numel()  # some nodes pruned, some kept

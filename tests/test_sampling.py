@@ -430,7 +430,7 @@ def test_completions_of_one_prompt_share_its_prefill_and_stay_exact(method):
     finally:
         hook.remove()
     assert [r.token_ids for r in got] == [reference_sample(model, p, 12, s).token_ids for p, s in zip(prompts, params)]
-    # One forward ran the distinct prompts alone (3 rows, the longest prompt minus its root for PPD).
-    prefill_len = max(len(a), len(b)) - (0 if method == "vanilla" else 1)
+    # One forward ran the distinct prompts alone (3 rows, the longest prompt minus its last token, the first root).
+    prefill_len = max(len(a), len(b)) - 1
     assert tuple(widths[0]) == (3, prefill_len)
     assert len({tuple(r.token_ids) for r, p in zip(got, prompts) if p == a}) == 3  # distinct completions

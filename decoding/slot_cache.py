@@ -1,0 +1,172 @@
+"""The decoders' KV cache: a fixed number of slots, each a row of preallocated columns, written in place.
+
+Every layer holds keys and values of shape [slots, kv_heads, capacity, head_dim], allocated at the first write
+and never concatenated, gathered or cropped. The rows now decoding sit in the leading slots 0..A-1 (the batch
+engine, decoding/slots.py, moves the last row into a finished row's slot), so a step's attention reads a view
+of the leading rows and columns, never a copy. Slot b holds ``kv_len[b]`` valid columns from column 0 on; what
+lies past them is scratch, hidden by the mask and overwritten by later steps.
+
+A forward writes in one of two ways, set on the cache before it runs:
+- ``for_step(kv_len, view)``: the batch is slots 0..A-1 and each row's n new tokens go to columns
+  ``kv_len[b] .. kv_len[b] + n - 1``; attention sees columns [0, view). n is taken per layer from the
+  incoming keys, so early pruning's later layers (fewer slots, decoding/pruning.py) write their own n.
+- ``for_prefill(first, rows, sources)``: the batch is a set of newcomers' prompts, written from column 0 into
+  slots ``first .. first + rows - 1`` (row i takes batch entry ``sources[i]``: completions of one prompt share
+  its pass). Attention sees the prompts alone.
+
+This is transformers' ``Cache`` interface (``update`` per layer): the models' own attention writes here. A
+``StaticCache`` would not do: it writes at its own running length, one per layer, not where a tree step needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+COLUMN_BUCKET = 16  # attention views are this many columns wide at a time (fewer distinct shapes)
+CAPACITY_BUCKET = 256  # capacity grows in steps of this many columns
+
+
+def round_up(x: int, bucket: int) -> int:
+    return -(-x // bucket) * bucket
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's slots. The write pattern lives on the owning ``SlotCache``."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        o = self.owner
+        self.keys = key_states.new_zeros(o.num_slots, key_states.shape[1], o.capacity, key_states.shape[3])
+        self.values = value_states.new_zeros(o.num_slots, value_states.shape[1], o.capacity, value_states.shape[3])
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.owner.write(self, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.owner.view
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.view, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def grow(self, capacity: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+
+class SlotCache(Cache):
+    """Per-slot KV for ``num_slots`` rows of up to ``capacity`` columns each (grown by ``ensure_capacity``)."""
+
+    def __init__(self, num_layers: int, num_slots: int, capacity: int = CAPACITY_BUCKET):
+        assert num_slots >= 1 and capacity >= 1
+        self.num_slots, self.capacity = num_slots, round_up(capacity, CAPACITY_BUCKET)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.view = 0  # columns the current forward's attention sees
+        self._mode = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
+        self._index: dict[tuple[int, int, int], torch.Tensor] = {}  # this forward's scatter indices by shape
+
+    @classmethod
+    def for_model(cls, model, num_slots: int, capacity: int = CAPACITY_BUCKET) -> SlotCache:
+        return cls(model.config.get_text_config().num_hidden_layers, num_slots, capacity)
+
+    # -- what the next forward writes --------------------------------------------------------------------------
+    def for_step(self, kv_len: torch.Tensor, view: int) -> None:
+        """The next forward is a step over slots 0..A-1 (kv_len [A] long), attending to columns [0, view)."""
+        assert kv_len.shape[0] <= self.num_slots and view <= self.capacity, (kv_len.shape, view, self.capacity)
+        self._mode, self.view, self._index = ("step", kv_len.shape[0], kv_len), view, {}
+
+    def for_prefill(self, first: int, rows: int, length: int, sources: torch.Tensor | None = None) -> None:
+        """The next forward is ``length`` prompt columns for slots first..first+rows-1 (row i from batch entry
+        ``sources[i]``, default i)."""
+        assert first + rows <= self.num_slots and length <= self.capacity
+        self._mode, self.view, self._index = ("prefill", first, rows, sources), length, {}
+
+    def write(self, layer: SlotLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Store a forward's new keys and values [B, H, n, D]; return what its attention reads."""
+        mode = self._mode
+        assert mode is not None, "set the write pattern (for_step / for_prefill) before a forward"
+        if mode[0] == "prefill":
+            _, first, rows, sources = mode
+            n = key_states.shape[2]
+            k, v = (key_states, value_states) if sources is None else (key_states[sources], value_states[sources])
+            layer.keys[first : first + rows, :, :n] = k
+            layer.values[first : first + rows, :, :n] = v
+            return key_states, value_states
+        _, A, kv_len = mode
+        B, H, n, D = key_states.shape
+        assert B == A, f"a step over {A} slots got a batch of {B}"
+        keys, values = layer.keys[:A], layer.values[:A]
+        for t, new in ((keys, key_states), (values, value_states)):
+            shape = (B, new.shape[1], n, new.shape[3])
+            index = self._index.get(shape)
+            if index is None:  # built once per shape and forward, not per layer
+                cols = kv_len[:, None] + torch.arange(n, device=kv_len.device)  # [A, n]
+                index = self._index[shape] = cols[:, None, :, None].expand(shape)
+            t.scatter_(2, index, new)
+        return keys[:, :, : self.view], values[:, :, : self.view]
+
+    # -- moving what is held -----------------------------------------------------------------------------------
+    def ensure_capacity(self, columns: int) -> None:
+        """Room for ``columns`` columns per slot: grown (a copy of what is held) in buckets when short."""
+        if columns <= self.capacity:
+            return
+        self.capacity = round_up(columns, CAPACITY_BUCKET)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(self.capacity)
+
+    def move_columns(self, src: torch.Tensor, dst: torch.Tensor, layers: slice = slice(None)) -> None:
+        """In every layer of ``layers``, slot b's columns ``src[b]`` go to ``dst[b]`` (both [A, L] long, A the
+        leading slots). Sources are read before anything is written: overlapping columns are safe."""
+        A = src.shape[0]
+        index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in self.layers[layers]:
+            for t in (layer.keys[:A], layer.values[:A]):
+                H, D = t.shape[1], t.shape[3]
+                if (H, D) not in index:
+                    index[H, D] = (src[:, None, :, None].expand(A, H, -1, D), dst[:, None, :, None].expand(A, H, -1, D))
+                src_i, dst_i = index[H, D]
+                t.scatter_(2, dst_i, t.gather(2, src_i))
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
+        """Slot ``src[i]``'s first ``columns`` columns become slot ``dst[i]``'s (src, dst [M] long, disjoint)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[dst, :, :columns] = layer.keys[src, :, :columns]
+                layer.values[dst, :, :columns] = layer.values[src, :, :columns]
+
+
+def step_mask(kv_len: torch.Tensor, attend: torch.Tensor, view: int, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D float mask [A, 1, N, view] of a step whose N new tokens sit at columns kv_len[b].. of their slot.
+
+    Each new token sees the row's held columns (< kv_len[b]) and, among the new ones, those ``attend``
+    [A, N, N] bool allows. A float mask: a 4D bool mask is silently wrong on the eager attention path.
+    """
+    A, N, _ = attend.shape
+    rel = torch.arange(view, device=kv_len.device)[None, :] - kv_len[:, None]  # [A, view]: column - first new
+    new = (rel >= 0) & (rel < N)  # [A, view]
+    among_new = attend.gather(2, rel.clamp(0, N - 1)[:, None, :].expand(A, N, view)) & new[:, None, :]  # [A, N, view]
+    visible = (rel < 0)[:, None, :] | among_new
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]  # [A, 1, N, view]
+
+
+def step_view(longest: int, new_tokens: int, capacity: int) -> int:
+    """Columns a step's attention reads: the longest row plus the step's new tokens, rounded up to a bucket."""
+    return min(capacity, round_up(longest + new_tokens, COLUMN_BUCKET))

@@ -1,0 +1,323 @@
+"""Continuous batching: a fixed set of decode slots, each finished row's slot refilled at the next step.
+
+``SlotBatch`` owns the slots' state, all of it in tensors of a fixed leading size (the slot count) indexed by
+slot: the KV cache (decoding/slot_cache.py), each row's KV length, root token, guesses and depth state, and its
+sampling parameters and uniform stream. The rows now decoding sit in slots 0..A-1. Each ``step()``:
+
+1. admits waiting rows into the free slots (all of them; or, ``refill="when_empty"``, only once every slot is
+   free: static batching, each batch run until its longest row ends), prefilling their prompts but the last
+   token into their slots in one forward beside the step;
+2. runs one decoding step of the decoder over slots 0..A-1 (one token per row for plain decoding, a
+   guess-and-verify tree for PPD and ProPD), which keeps the accepted KV in place;
+3. commits each row's tokens (EOS, stop strings and its own ``max_new_tokens`` honoured exactly) and returns
+   the rows that finished, moving the last rows into their slots.
+
+Lossless: a row's tokens do not depend on which rows share its steps or on when it joined. Each row attends to
+its own columns only, positions are its own, and a sampled row draws its t-th token with the t-th uniform of
+its own stream. ``tests/test_continuous.py`` checks rows joining at every step offset against the naive
+reference of each row alone.
+
+A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
+``top_k`` (the guesses' shape), ``plan_step``, ``step``, ``after_commit``, ``propose``, ``after_propose`` and
+``row_finished``. The decoders' own ``generate`` is a ``SlotBatch`` with a slot per prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from decoding.batch import StopCheck, additive_mask, pad_prompts
+from decoding.results import FinishReason, RowResult
+from decoding.sampling import GREEDY, SamplingParams, sample_tokens, uniform_stream
+from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up
+
+Refill = Literal["continuous", "when_empty"]
+
+
+@dataclass
+class Request:
+    """One row to decode. ``tag`` is the caller's, handed back with the result."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams = GREEDY
+    stop: StopCheck | None = None
+    tag: Any = None
+
+    def __post_init__(self) -> None:
+        if len(self.prompt) == 0:
+            raise ValueError("a prompt is empty: a decoder needs at least one prompt token")
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+
+
+@dataclass
+class _Row:
+    request: Request
+    id: int  # unique for the SlotBatch's life: the decoders' per-row statistics are keyed by it
+    kv_len: int  # host copy of the slot's KV length
+    result: RowResult = field(default_factory=RowResult)
+
+
+class ActiveView(NamedTuple):
+    """The rows in slots 0..A-1, for the decoders' hooks: their ids and results, in slot order."""
+
+    ids: list[int]
+    results: list[RowResult]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Occupancy:
+    """Busy slots per step, over the steps that began with rows waiting for a slot (and over all steps)."""
+
+    slots: int
+    steps: int = 0
+    busy: int = 0  # sum of busy slots over all steps
+    steps_waiting: int = 0
+    busy_waiting: int = 0
+
+    @property
+    def while_waiting(self) -> float | None:
+        """Mean busy slots / slots over the steps while rows waited; None when rows never waited."""
+        return self.busy_waiting / (self.steps_waiting * self.slots) if self.steps_waiting else None
+
+    def as_dict(self) -> dict[str, int]:
+        return {"slots": self.slots, "steps": self.steps, "busy": self.busy, "steps_waiting": self.steps_waiting,
+                "busy_waiting": self.busy_waiting}
+
+
+class SlotBatch:
+    def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
+                 eos_token_ids: Sequence[int] | None = None):
+        assert num_slots >= 1
+        self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
+        self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
+        model = decoder.model
+        self.device = decoder.device
+        self.cache = SlotCache.for_model(model, num_slots)
+        S, k, top_k = num_slots, decoder.k, decoder.top_k
+        long = dict(dtype=torch.long, device=self.device)
+        self.kv_len = torch.zeros(S, **long)  # [S]
+        self.root = torch.zeros(S, **long)  # [S] the last emitted token, not yet in the cache
+        self.state = torch.zeros(S, **long)  # [S] depth state: how many guesses the row holds
+        self.guesses = torch.zeros(S, k, top_k, **long)  # [S, k, top_k]
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.temperature, self.top_p = torch.zeros(S, **f64), torch.ones(S, **f64)  # [S]
+        self.top_k = torch.zeros(S, **long)  # [S]
+        self.uniforms = torch.zeros(S, CAPACITY_BUCKET, **f64)  # [S, L]: each sampled row's stream
+        self.rows: list[_Row] = []  # slots 0..A-1
+        self.waiting: deque[Request] = deque()
+        self.occupancy = Occupancy(num_slots)
+        self._ids = itertools.count()
+        self.decoder.begin()
+
+    # -- the queue ---------------------------------------------------------------------------------------------
+    def add(self, requests: Sequence[Request] | Request) -> None:
+        self.waiting.extend([requests] if isinstance(requests, Request) else requests)
+
+    @property
+    def busy(self) -> int:
+        return len(self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    def view(self) -> ActiveView:
+        return ActiveView([r.id for r in self.rows], [r.result for r in self.rows])
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Request, RowResult]]:
+        """Admit, decode one step, commit. Returns the rows that finished (a row with max_new_tokens 0
+        finishes at admission, without a step)."""
+        finished: list[tuple[Request, RowResult]] = []
+        waited = bool(self.waiting)
+        if self.waiting and (self.refill == "continuous" or not self.rows):
+            finished += self._admit()
+        A = len(self.rows)
+        if A == 0:
+            return finished
+        occ = self.occupancy
+        occ.steps += 1
+        occ.busy += A
+        if waited:
+            occ.steps_waiting += 1
+            occ.busy_waiting += A
+        view = self.view()
+        kv_len, state = self.kv_len[:A], self.state[:A]
+        buffers = self.decoder.plan_step(view, kv_len, state)
+        draw = self._drawer(A)
+        tokens, counts, root, prompt_logits, next_state = self.decoder.step(
+            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], state, draw, longest=max(r.kv_len for r in self.rows))
+        kept_cols = counts.tolist()  # syncs the device: the step is done
+        keep = self._commit(tokens, kept_cols)
+        self.decoder.after_commit(view, keep)
+        self.kv_len[:A] += counts
+        self.root[:A] = root
+        self.state[:A] = next_state
+        self.guesses[:A] = self.decoder.propose(prompt_logits, view)
+        for row, cols in zip(self.rows, kept_cols):
+            row.kv_len += cols
+        done = [b for b in range(A) if not keep[b]]
+        for b in done:
+            finished.append((self.rows[b].request, self.rows[b].result))
+            self.decoder.row_finished(self.rows[b].id)
+        self._release(done)
+        if self.rows:
+            self.decoder.after_propose(self.view(), self.guesses[: len(self.rows)], self.state[: len(self.rows)])
+        return finished
+
+    def run(self) -> list[tuple[Request, RowResult]]:
+        """Step until every row added has finished; the finished rows in the order they finished."""
+        out = []
+        while not self.idle:
+            out += self.step()
+        return out
+
+    def _drawer(self, A: int):
+        """draw(logits [R, V], depth, rows [R]) for this step (rows index slots 0..A-1), or None when every
+        row is greedy: the decoders then take their greedy path."""
+        if all(r.request.sampling.greedy for r in self.rows):
+            return None
+        emitted = torch.tensor([r.result.num_tokens for r in self.rows], dtype=torch.long, device=self.device)
+
+        def draw(logits: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
+            u = self.uniforms[rows, emitted[rows] + depth]  # [R]
+            return sample_tokens(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u)
+
+        return draw
+
+    def _commit(self, tokens: torch.Tensor, counts: list[int]) -> list[bool]:
+        """Append ``tokens[b, :counts[b]]`` to each row, honouring EOS, stop checks and max_new_tokens exactly.
+        Returns, per slot, whether the row is still decoding."""
+        keep = []
+        for row, toks, count in zip(self.rows, tokens.tolist(), counts):
+            res, req = row.result, row.request
+            new = toks[: min(count, req.max_new_tokens - len(res.token_ids))]
+            for i, t in enumerate(new):
+                if t in self.eos:
+                    new = new[: i + 1]
+                    res.finish_reason = FinishReason.STOP
+                    break
+            start = len(res.token_ids)
+            res.token_ids.extend(new)
+            stopped = req.stop(res.token_ids, start) if req.stop is not None and new else None
+            if stopped is not None:
+                keep_len, res.stop_reason = stopped
+                del res.token_ids[keep_len:]
+                new = res.token_ids[start:]
+                res.finish_reason = FinishReason.STOP
+            res.num_steps += 1
+            res.accepted_per_step.append(len(new))
+            if res.finish_reason is None and len(res.token_ids) >= req.max_new_tokens:
+                res.finish_reason = FinishReason.LENGTH
+            keep.append(res.finish_reason is None)
+        return keep
+
+    # -- slots in and out --------------------------------------------------------------------------------------
+    def _admit(self) -> list[tuple[Request, RowResult]]:
+        """Move waiting rows into the free slots and prefill them (one forward for all newcomers)."""
+        finished, newcomers = [], []
+        while self.waiting and len(self.rows) + len(newcomers) < self.num_slots:
+            req = self.waiting.popleft()
+            row = _Row(req, next(self._ids), kv_len=len(req.prompt) - 1)
+            if req.max_new_tokens == 0:
+                row.result.finish_reason = FinishReason.LENGTH
+                finished.append((req, row.result))
+                continue
+            newcomers.append(row)
+        if not newcomers:
+            return finished
+        first, R = len(self.rows), len(newcomers)
+        need = max(len(r.request.prompt) + r.request.max_new_tokens for r in self.rows + newcomers)
+        self.cache.ensure_capacity(need + self.decoder.max_step_tokens)
+        slots = torch.arange(first, first + R, device=self.device)
+        self.kv_len[slots] = torch.tensor([r.kv_len for r in newcomers], device=self.device)
+        self.root[slots] = torch.tensor([r.request.prompt[-1] for r in newcomers], device=self.device)
+        self.state[slots] = 0
+        self.guesses[slots] = 0
+        self._admit_sampling(first, newcomers)
+        prefill_slots(self.decoder.model, self.cache, first, [r.request.prompt[:-1] for r in newcomers])
+        self.rows += newcomers
+        return finished
+
+    def _admit_sampling(self, first: int, newcomers: list[_Row]) -> None:
+        # Draws below a row's last allowed token are made and thrown away: k uniforms of lookahead.
+        length = max(r.request.max_new_tokens for r in newcomers) + self.decoder.k + 1
+        if length > self.uniforms.shape[1]:
+            grown = self.uniforms.new_zeros(self.num_slots, round_up(length, CAPACITY_BUCKET))
+            grown[:, : self.uniforms.shape[1]] = self.uniforms
+            self.uniforms = grown
+        for i, row in enumerate(newcomers):
+            p, slot = row.request.sampling, first + i
+            self.temperature[slot], self.top_k[slot], self.top_p[slot] = p.temperature, p.top_k, p.top_p
+            if not p.greedy:
+                self.uniforms[slot] = uniform_stream(p.seed, self.uniforms.shape[1]).to(self.device)
+
+    def _release(self, done: list[int]) -> None:
+        """Free the finished rows' slots: the last rows move into them, so slots 0..A'-1 stay the busy ones."""
+        if not done:
+            return
+        gone = set(done)
+        survivors = len(self.rows) - len(done)
+        holes = [b for b in done if b < survivors]
+        movers = [b for b in range(survivors, len(self.rows)) if b not in gone]
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            self.cache.move_slots(src, dst, max(self.rows[b].kv_len for b in movers))
+            for t in (self.kv_len, self.root, self.state, self.guesses, self.temperature, self.top_k, self.top_p,
+                      self.uniforms):
+                t[dst] = t[src]
+            for h, m in zip(holes, movers):
+                self.rows[h] = self.rows[m]
+        del self.rows[survivors:]
+
+
+@torch.inference_mode()
+def prefill_slots(model, cache: SlotCache, first: int, prompts: Sequence[Sequence[int]]) -> None:
+    """Run the prompts into slots first.. of ``cache``, from column 0, in one right-padded forward. Rows with the
+    same prompt (several completions of one prompt) share one pass of it."""
+    distinct: dict[tuple[int, ...], int] = {}
+    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    device = model.get_input_embeddings().weight.device
+    ids, _, attend, positions = pad_prompts([list(p) for p in distinct], device)  # [U, P] ...
+    if ids.shape[1] == 0:
+        return
+    sources = None if len(distinct) == len(prompts) else torch.tensor(source, device=device)
+    cache.for_prefill(first, len(prompts), ids.shape[1], sources)
+    mask = additive_mask(attend.new_zeros(len(distinct), 0), attend, model.dtype)  # [U, 1, P, P]
+    model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+
+
+def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+             sampling: Sequence[SamplingParams] | None = None,
+             stop: Sequence[StopCheck | None] | None = None) -> list[RowResult]:
+    """Decode the prompts together, a slot each (static batching), and return their results in input order."""
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    for name, values in (("max_new_tokens", limits), ("sampling", sampling), ("stop", stop)):
+        if values is not None and len(values) != len(prompts):
+            raise ValueError(f"{name} has {len(values)} entries for {len(prompts)} prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a decoder needs at least one prompt token")
+    requests = [Request(p, limit, sampling[i] if sampling else GREEDY, stop[i] if stop else None, tag=i)
+                for i, (p, limit) in enumerate(zip(prompts, limits))]
+    results: list[RowResult | None] = [None] * len(prompts)
+    if not prompts:
+        return []
+    batch = SlotBatch(decoder, len(prompts), refill="when_empty")
+    batch.add(requests)
+    for req, res in batch.run():
+        results[req.tag] = res
+    return results  # type: ignore[return-value]
