@@ -25,6 +25,7 @@ A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``,
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Request:
     sampling: SamplingParams = GREEDY
     stop: StopCheck | None = None
     tag: Any = None
+    admitted_at: float | None = None  # time.time() when it took a slot
 
     def __post_init__(self) -> None:
         if len(self.prompt) == 0:
@@ -116,6 +118,7 @@ class SlotBatch:
         self.top_k = torch.zeros(S, **long)  # [S]
         self.uniforms = torch.zeros(S, CAPACITY_BUCKET, **f64)  # [S, L]: each sampled row's stream
         self.rows: list[_Row] = []  # slots 0..A-1
+        self._admitting: list[_Row] = []  # taking slots A.. (prefill running)
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy(num_slots)
         self._ids = itertools.count()
@@ -137,6 +140,7 @@ class SlotBatch:
         return ActiveView([r.id for r in self.rows], [r.result for r in self.rows])
 
     # -- one step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[tuple[Request, RowResult]]:
         """Admit, decode one step, commit. Returns the rows that finished (a row with max_new_tokens 0
         finishes at admission, without a step)."""
@@ -183,6 +187,14 @@ class SlotBatch:
         while not self.idle:
             out += self.step()
         return out
+
+    def take_in_flight(self) -> list[Request]:
+        """After a step failed: the requests in the slots and those being admitted, taken out (every slot is
+        free again; the waiting queue is kept)."""
+        rows, self.rows, self._admitting = self.rows + self._admitting, [], []
+        for row in rows:
+            self.decoder.row_finished(row.id)
+        return [row.request for row in rows]
 
     def _drawer(self, A: int):
         """draw(logits [R, V], depth, rows [R]) for this step (rows index slots 0..A-1), or None when every
@@ -238,6 +250,10 @@ class SlotBatch:
             newcomers.append(row)
         if not newcomers:
             return finished
+        self._admitting = newcomers  # in flight from here on (take_in_flight)
+        now = time.time()
+        for row in newcomers:
+            row.request.admitted_at = now
         first, R = len(self.rows), len(newcomers)
         need = max(len(r.request.prompt) + r.request.max_new_tokens for r in self.rows + newcomers)
         self.cache.ensure_capacity(need + self.decoder.max_step_tokens)
@@ -249,6 +265,7 @@ class SlotBatch:
         self._admit_sampling(first, newcomers)
         prefill_slots(self.decoder.model, self.cache, first, [r.request.prompt[:-1] for r in newcomers])
         self.rows += newcomers
+        self._admitting = []
         return finished
 
     def _admit_sampling(self, first: int, newcomers: list[_Row]) -> None:

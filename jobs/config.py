@@ -122,6 +122,7 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "cache_dir": ("model", "cache_dir"),
     "cpu_linear": ("model", "cpu_linear"),
     "decoding": ("decoding", "method"),
+    "batching": ("decoding", "batching"),
     "max_new_tokens": ("decoding", "max_new_tokens"),
     "prompts": ("decoding", "prompts"),
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),

@@ -1,8 +1,8 @@
 """The pool of decode actors: every worker group's actors pull shards from one queue.
 
 Ray places each actor by its group's resources (CPUs, GPUs, accelerator type, custom resources) and
-restarts one that dies (`faults.max_restarts`). Shards are handed out one at a time to whichever
-actor is free, so a faster device takes more of them. A shard whose actor died is handed back to the
+restarts one that dies (`faults.max_restarts`). Each actor holds its shard and, with continuous batching,
+the next one; a new shard goes to an actor with room, so a faster device takes more of them. A shard whose actor died is handed back to the
 queue for the next free actor; after `faults.max_shard_attempts` deaths its rows are returned with a
 `worker_died` error. A restarted actor rejoins the pool once its constructor has run again.
 """
@@ -59,7 +59,12 @@ class Worker:
     group: str
     index: int
     info: dict[str, Any] = field(default_factory=dict)  # from DecodeWorker.ready(); refreshed on restart
-    last_busy_seconds: float = 0.0  # its latest shard, submit to result
+    last_busy_seconds: float = 0.0  # its latest shard: from its submission, or the worker's previous result
+    last_slots: dict[str, int] = field(default_factory=dict)  # its latest shard's slot counters
+    in_flight: int = 0  # shards submitted and not yet returned
+    joined: bool = False  # in the pool: started, not known dead
+    probing: bool = False  # a ready() probe is waiting on its (re)start
+    last_result_at: float = 0.0
 
 
 def _group_cpus(group: WorkerGroup) -> float:
@@ -114,29 +119,41 @@ class AllWorkersFailed(RuntimeError):
 
 def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int, config_hash: str,
                on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
-               on_tick: Callable[[], None] = lambda: None,
-               wait_for_all: bool = False) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
+               on_tick: Callable[[], None] = lambda: None, wait_for_all: bool = False,
+               prefetch: int = 0) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
     """Decode every shard on the pool; yield (shard, records, worker) as shards finish.
 
     Workers join the pool as their constructors finish (`on_ready` is called for each, also after a
-    restart). Raises AllWorkersFailed when no worker is alive or starting and shards remain, or when
-    none has started within `startup_timeout_s`. With `wait_for_all`, no shard is handed out until every
-    worker has started or failed (or the timeout passed): every device then gets a share of the work.
+    restart). Each worker holds up to 1 + `prefetch` shards: the one it decodes and those it will take next
+    (with continuous batching its slots are refilled from them, never after a round trip to the driver).
+    Shards go first to the workers holding the fewest. A worker that dies hands every shard it held back to
+    the queue. Raises AllWorkersFailed when no worker is alive or starting and shards remain, or when none
+    has started within `startup_timeout_s`. With `wait_for_all`, no shard is handed out until every worker
+    has started or failed (or the timeout passed): every device then gets a share of the work.
     """
     queue = deque(shards)
-    idle: deque[Worker] = deque()
+    depth = 1 + prefetch
     # In flight: object ref -> (worker, the shard it decodes, or None for a ready() probe, submit time).
     inflight: dict[Any, tuple[Worker, Shard | None, float]] = {}
+
+    def probe(w: Worker, **options: Any) -> None:
+        w.probing = True
+        inflight[w.handle.ready.options(**options).remote()] = (w, None, time.perf_counter())
+
     for w in workers:
-        inflight[w.handle.ready.remote()] = (w, None, time.perf_counter())
+        probe(w)
     started = time.perf_counter()
     any_ready = False
     failures: list[str] = []
     starting = len(workers)  # first starts still pending
     while queue or any(shard is not None for _, shard, _ in inflight.values()):
         held = wait_for_all and starting > 0 and time.perf_counter() - started < startup_timeout_s
-        while queue and idle and not held:
-            w, shard = idle.popleft(), queue.popleft()
+        while queue and not held:
+            free = [w for w in workers if w.joined and w.in_flight < depth]
+            if not free:
+                break
+            w, shard = min(free, key=lambda w: w.in_flight), queue.popleft()
+            w.in_flight += 1
             inflight[w.handle.process.remote(shard.rows)] = (w, shard, time.perf_counter())
         if not inflight:
             raise AllWorkersFailed("every worker has died or failed to start; last errors: "
@@ -150,6 +167,10 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
             continue
         ref = done[0]
         w, shard, submitted = inflight.pop(ref)
+        if shard is not None:
+            w.in_flight -= 1
+        else:
+            w.probing = False
         try:
             result = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
@@ -167,21 +188,24 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
             else:
                 queue.appendleft(shard)  # the next free worker takes it
             if isinstance(exc, RayActorError):
-                # The probe waits out a restart, and fails only once Ray has given up on the actor.
-                inflight[w.handle.ready.options(max_task_retries=-1).remote()] = (w, None, time.perf_counter())
-            else:  # process() raised, the actor lives on (rows fail alone, so this is not a row's fault)
-                idle.append(w)
+                # Out of the pool until it is back; the probe waits out a restart, and fails only once Ray has
+                # given up on the actor. The other shards it held fail the same way and go back too.
+                w.joined = False
+                if not w.probing:
+                    probe(w, max_task_retries=-1)
             continue
         if shard is None:  # a worker (re)started
             starting -= not w.info
             w.info = result
             any_ready = True
             on_ready(w)
-            idle.append(w)
+            w.joined = True
             continue
-        w.last_busy_seconds = time.perf_counter() - submitted
-        idle.append(w)
-        yield shard, result, w
+        now = time.perf_counter()
+        w.last_busy_seconds = now - max(submitted, w.last_result_at)
+        w.last_result_at = now
+        w.last_slots = result.get("slots") or {}
+        yield shard, result["records"], w
 
 
 def _brief(exc: BaseException) -> str:

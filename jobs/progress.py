@@ -18,8 +18,12 @@ class Tally:
     steps: int = 0
     device_seconds: float = 0.0
     batch_fallback_rows: int = 0  # rows whose batch failed and that were decoded alone (a bug: workers/engine.py)
+    # Decode slots over the steps that began with rows waiting for a slot (decoding/slots.Occupancy): busy
+    # slot-steps, and slot-steps offered (steps x slots).
+    busy_slot_steps: int = 0
+    slot_steps: int = 0
 
-    def add(self, records: list[dict], seconds: float) -> None:
+    def add(self, records: list[dict], seconds: float, slots: dict[str, int] | None = None) -> None:
         ok = [r for r in records if r["error"] is None]
         self.prompts += len({r["id"] for r in records})  # a shard holds each input row's completions together
         self.rows += len(records)
@@ -28,6 +32,14 @@ class Tally:
         self.steps += sum(r["num_steps"] for r in ok)
         self.device_seconds += seconds
         self.batch_fallback_rows += sum(bool(r.get("batch_fallback")) for r in records)
+        if slots:
+            self.busy_slot_steps += slots["busy_waiting"]
+            self.slot_steps += slots["steps_waiting"] * slots["slots"]
+
+    @property
+    def occupancy(self) -> float | None:
+        """Mean busy slots per step over slots, over the steps while rows waited (None: rows never waited)."""
+        return self.busy_slot_steps / self.slot_steps if self.slot_steps else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +51,7 @@ class Tally:
             "device_seconds": self.device_seconds,
             "tokens_per_device_s": self.output_tokens / self.device_seconds if self.device_seconds else None,
             "batch_fallback_rows": self.batch_fallback_rows,
+            "slot_occupancy": self.occupancy,
         }
 
 
@@ -71,13 +84,15 @@ class Progress:
             self.started = time.perf_counter()
         self.group_started.setdefault(group, time.perf_counter())
 
-    def add(self, records: list[dict], *, group: str | None, device: str | None, seconds: float) -> None:
-        """A finished shard; group and device are None for rows given up on (their workers died)."""
-        self.total.add(records, seconds)
+    def add(self, records: list[dict], *, group: str | None, device: str | None, seconds: float,
+            slots: dict[str, int] | None = None) -> None:
+        """A finished shard and its worker's slot counters; group and device are None for rows given up on
+        (their workers died)."""
+        self.total.add(records, seconds, slots)
         if group is not None:
-            self.groups[group].add(records, seconds)
+            self.groups[group].add(records, seconds, slots)
         if device is not None:
-            self.devices[device].add(records, seconds)
+            self.devices[device].add(records, seconds, slots)
         self.show()
 
     def line(self) -> str:
@@ -89,6 +104,8 @@ class Progress:
         tokens_per_s = self.total.output_tokens / elapsed if elapsed > 0 else 0.0
         parts = [f"rows {done}/{self.rows_to_do}" + (f" (+{self.rows_skipped} skipped)" if self.rows_skipped else ""),
                  f"{tokens_per_s:.1f} tok/s", f"ETA {eta}"]
+        if self.total.occupancy is not None:
+            parts.append(f"slots {self.total.occupancy:.0%} busy")
         for name, tally in sorted(self.groups.items()):
             since = now - self.group_started.get(name, self.started)
             parts.append(f"{name}: {tally.prompts} rows, {tally.output_tokens / since if since > 0 else 0:.1f} tok/s")
@@ -113,15 +130,16 @@ class Progress:
 
 
 def device_table(by_device: dict[str, dict[str, Any]]) -> str:
-    """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s, and
-    the rows decoded alone after their batch failed)."""
+    """The per-device-type table printed at the end (rows, tokens, tokens/s per device, mean tau, device-s, slot
+    occupancy while rows waited, and the rows decoded alone after their batch failed)."""
     header = ("device", "workers", "output rows", "output tokens", "tokens/s", "mean tau", "device-s",
-              "batch fallback rows")
+              "slot occupancy", "batch fallback rows")
     lines = [header]
     for device, d in sorted(by_device.items()):
         lines.append((device, str(d["workers"]), str(d["rows"]), str(d["output_tokens"]),
                       f"{d['tokens_per_device_s']:.1f}" if d["tokens_per_device_s"] else "-",
                       f"{d['mean_tau']:.2f}" if d["mean_tau"] else "-", f"{d['device_seconds']:.1f}",
+                      f"{d['slot_occupancy']:.3f}" if d.get("slot_occupancy") is not None else "-",
                       str(d["batch_fallback_rows"])))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

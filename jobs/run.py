@@ -42,6 +42,7 @@ from jobs.resume import (  # noqa: E402
     record_worker,
     recorded_numerics,
 )
+from workers.actor import PREFETCH_SHARDS  # noqa: E402
 from workers.board import start_board  # noqa: E402
 from workers.models import CpuLinear  # noqa: E402
 
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "where this CPU measures it faster; weight_stationary: below 10 rows, unmeasured; torch: "
                    "nn.Linear as it is)")
     p.add_argument("--decoding", choices=["ppd", "vanilla"], help="decoding method (default: ppd)")
+    p.add_argument("--batching", choices=["continuous", "static"],
+                   help="continuous (default): a finished row's slot takes the next row at the next step; static: "
+                   "batches of --batch-size rows, each run until its longest row ends (for comparisons)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 0, greedy)")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most probable tokens up "
@@ -158,6 +162,8 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
         "steps": total.steps,
         # Rows whose batch failed and that were decoded alone: a bug in the batched path (workers/engine.py).
         "batch_fallback_rows": total.batch_fallback_rows,
+        # Mean busy decode slots per step over slots, over the steps while rows waited for a slot.
+        "slot_occupancy": total.occupancy,
         "mean_tau": total.output_tokens / total.steps if total.steps else 0.0,
         "decode_seconds": decode_seconds,
         "tokens_per_s": total.output_tokens / decode_seconds if decode_seconds > 0 else 0.0,
@@ -213,11 +219,12 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
             for shard, records, w in run_shards(
                 workers, shards, max_attempts=cfg.faults.max_shard_attempts, config_hash=chash, on_ready=on_ready,
                 startup_timeout_s=startup_timeout_s, on_tick=progress.show, wait_for_all=cfg.wait_for_workers,
+                prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
                 write_part(out_dir, shard.index, records)
                 run["retries"] += shard.attempts
                 progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
-                             seconds=w.last_busy_seconds if w else 0.0)
+                             seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
         finally:
             for w in workers:
                 ray.kill(w.handle)

@@ -21,10 +21,10 @@ class ScriptedWorker:
     def ready(self) -> dict:
         return {"worker": self.name, "device": "fake"}
 
-    def process(self, rows: list[dict]) -> list[dict]:
+    def process(self, rows: list[dict]) -> dict:
         for row in rows:
             marker = self.marker_dir / f"died-on-{row['id']}"
             if row["id"] in self.die_always or (row["id"] in self.die_once and not marker.exists()):
                 marker.touch()
                 os._exit(1)
-        return [{"id": row["id"], "error": None, "worker": self.name} for row in rows]
+        return {"records": [{"id": row["id"], "error": None, "worker": self.name} for row in rows], "slots": {}}

@@ -23,24 +23,25 @@ class BatchBug(RuntimeError):
     pass
 
 
-def test_a_failed_batch_is_decoded_row_by_row_marked_counted_and_logged(tiny, monkeypatch, caplog):
-    config = DecodingConfig(method="vanilla", max_new_tokens=6)
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_failed_step_is_decoded_row_by_row_marked_counted_and_logged(tiny, monkeypatch, caplog, batching):
+    config = DecodingConfig(method="vanilla", max_new_tokens=6, batching=batching)
     expected = DecodeEngine(tiny, config, batch_size=2).run_rows(ROWS)
     engine = DecodeEngine(tiny, config, batch_size=2)
-    generate = engine.decoder.generate
+    step = engine.decoder.step
 
-    def generate_unless_batched(prompts, *args, **kwargs):
-        if len(prompts) > 1:
+    def step_unless_batched(cache, buffers, kv_len, *args, **kwargs):
+        if kv_len.shape[0] > 1:
             raise BatchBug("a bug in the batched path")
-        return generate(prompts, *args, **kwargs)
+        return step(cache, buffers, kv_len, *args, **kwargs)
 
-    monkeypatch.setattr(engine.decoder, "generate", generate_unless_batched)
+    monkeypatch.setattr(engine.decoder, "step", step_unless_batched)
     with caplog.at_level(logging.WARNING, logger="workers.engine"):
         got = engine.run_rows(ROWS)
     assert [o.output_token_ids for o in got] == [o.output_token_ids for o in expected]
     assert all(o.batch_fallback and o.error is None for o in got)
     assert not any(o.batch_fallback for o in expected)
-    assert engine.batch_fallbacks == 2  # two batches of two
+    assert engine.batch_fallbacks == 2  # two steps over two rows: each pair of rows was decoded alone
     records = [r for r in caplog.records if r.name == "workers.engine"]
     assert len(records) == 2 and all("BatchBug" in r.getMessage() for r in records)
     # The first carries the traceback; later ones are one line each.
@@ -58,4 +59,5 @@ def test_fallback_rows_are_counted_per_device_and_in_the_table():
     assert by_device["cpu: X"]["batch_fallback_rows"] == 2 and by_device["gpu: Y"]["batch_fallback_rows"] == 0
     header, cpu, gpu = device_table(by_device).splitlines()
     assert header.split()[-3:] == ["batch", "fallback", "rows"]
+    assert cpu.split()[-2] == "-"  # no slot counters were reported: no occupancy
     assert cpu.split()[-1] == "2" and gpu.split()[-1] == "0"

@@ -1,9 +1,17 @@
-"""The Ray actor that decodes shards of rows: a thin wrapper over `workers.engine.DecodeEngine`."""
+"""The Ray actor that decodes shards of rows: a thin wrapper over `workers.engine.DecodeEngine`.
+
+The actor is threaded: each `process(rows)` call (one shard) queues its rows on the engine and waits for them,
+while one loop thread steps the engine. The driver keeps a shard or two more in flight than the worker is
+decoding (jobs/pool.py), so with continuous batching a finished row's slot is refilled from the next shard
+at the next step, never after a round trip to the driver.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from typing import Any
 
 import ray
@@ -11,6 +19,12 @@ import ray
 from workers.board import BoardClient
 from workers.engine import DecodeEngine, DecodingConfig
 from workers.models import ModelConfig
+
+
+log = logging.getLogger(__name__)
+
+# Shards a worker holds beyond the one it decodes, with continuous batching (static batching: none).
+PREFETCH_SHARDS = 1
 
 
 class DecodeWorker:
@@ -35,18 +49,39 @@ class DecodeWorker:
         board = BoardClient(numerics_board) if numerics_board is not None else None
         self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
                                                max_batch_size=max_batch_size, latency_profile=latency_profile)
+        self._work = threading.Condition()
+        threading.Thread(target=self._decode_loop, name="decode-loop", daemon=True).start()
+
+    def _decode_loop(self) -> None:
+        """Step the engine whenever it has rows; sleep when it has none."""
+        while True:
+            with self._work:
+                while self.engine.idle:
+                    self._work.wait()
+            try:
+                self.engine.step()
+            except BaseException as exc:  # noqa: BLE001 - fail the shards, keep the actor serving
+                log.exception("the decode loop failed")
+                self.engine.fail_open_shards(exc)
 
     def ready(self) -> dict[str, Any]:
         """What this worker loaded and chose (returns once the model is in memory)."""
         return {**self.engine.describe(), "worker": self.name, "group": self.group, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def process(self, rows: list[dict]) -> list[dict]:
-        """Decode one shard of input rows into result records (one per row, same order)."""
-        records = [out.to_dict() for out in self.engine.run_rows(rows)]
+    def process(self, rows: list[dict]) -> dict[str, Any]:
+        """Decode one shard of input rows: {"records": one per completion, in input order; "slots": the slot
+        counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy)}."""
+        job = self.engine.add_shard(rows)
+        with self._work:
+            self._work.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise RuntimeError("the worker's decode loop failed") from job.error
+        records = [out.to_dict() for out in job.outputs]
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
-        return records
+        return {"records": records, "slots": job.occupancy}
 
 
 def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str | None = None,
@@ -57,8 +92,9 @@ def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str
     in-flight shard is not retried on it: the driver hands the shard back to the pool, so another
     worker takes it (jobs/pool.py).
     """
+    # Threaded: shards queued ahead (jobs/pool.py) wait in process() while the loop decodes, and ready() answers.
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                   max_task_retries=0)
+                                   max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 2)
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
     if resources:

@@ -1,26 +1,31 @@
 """Row -> result logic for the batch job, free of Ray (and of pyarrow) so it can be tested alone.
 
-A `DecodeEngine` owns one loaded model and one decoder. `run_rows(rows)` validates and encodes each
-row, resolves its sampling parameters (workers/sampling.py), decodes the valid rows' completions
-`batch_size` at a time, and returns one `RowOutput` per completion (n per row, in input order, then
-sample_index). A bad row never fails the batch: it comes back as one output with `error` set.
+A `DecodeEngine` owns one loaded model, one decoder and its `batch_size` decode slots (decoding/slots.py).
+`add_shard(rows)` validates and encodes each row, resolves its sampling parameters (workers/sampling.py) and
+queues the valid rows' completions; `step()` advances every busy slot by one decoding step, refilling a
+finished row's slot at once (continuous batching) or once all are free (static). A shard is done when all its
+completions are: one `RowOutput` per completion (n per row, in input order, then sample_index). A bad row never
+fails the others: it comes back as one output with `error` set. `run_rows(rows)` does both for one shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from decoding import PPDDecoder, PromptTokens, RowResult, SamplingParams, VanillaDecoder
+from decoding import PPDDecoder, PromptTokens, SamplingParams, VanillaDecoder
 from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
 from decoding.pruning import PruneHead
+from decoding.results import RowResult
+from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from profiling.tree_builder import tree_family
@@ -43,6 +48,13 @@ class DecodingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    batching: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="'continuous': a worker keeps batch_size decode slots busy; a finished row's slot takes the next "
+        "waiting row at the next step, from the worker's shard or the next one, which it holds before the current one "
+        "runs dry. 'static': each shard is decoded in batches of batch_size rows, each batch run until its longest row "
+        "ends (for comparisons). The outputs are the same.",
+    )
     method: DecodingMethod = Field(
         default="ppd",
         description="'ppd' (parallel prompt decoding: guess and verify a token tree per step) or "
@@ -126,6 +138,12 @@ class DecodeEngine:
         self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
         self.tree_info: dict[str, Any] = {}
         self.decoder = self._build_decoder()  # also settles self.batch_size (an `auto` one is measured)
+        # batch_size decode slots; static batching refills them only once all are free
+        self.batch = SlotBatch(self.decoder, self.batch_size,
+                               refill="continuous" if self.config.batching == "continuous" else "when_empty")
+        self._lock = threading.Lock()
+        self._open: list[ShardJob] = []  # shards added and not yet done
+        self._occupancy_reported: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, model: ModelConfig, decoding: DecodingConfig, batch_size: int | Literal["auto"] = 1,
@@ -248,34 +266,6 @@ class DecodeEngine:
     def _encode(self, row: dict) -> list[int]:
         return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
 
-    def _generate(self, batch: list[Completion]) -> list[RowResult | Exception]:
-        """Decode the completions together; if the batch fails, decode them one by one so one bad row
-        does not take its neighbours down. Such a fallback is a bug in the batched path, never an expected
-        slowdown: each is logged (the first with its traceback), counted in ``batch_fallbacks`` and marked on
-        its rows (``batch_fallback``), which the job counts in summary.json and the per-device table."""
-        def generate(part: list[Completion]) -> list[RowResult]:
-            sampling = [c.params for c in part] if any(not c.params.greedy for c in part) else None
-            stop = [c.stop for c in part] if any(c.stop for c in part) else None
-            return list(self.decoder.generate([c.prompt for c in part], [c.budget for c in part],
-                                              sampling=sampling, stop=stop))
-
-        try:
-            return generate(batch)
-        except Exception as exc:  # noqa: BLE001 - isolated per row below
-            if len(batch) == 1:
-                return [exc]
-            self.batch_fallbacks += 1
-            log.warning("a batch of %d rows failed and is decoded row by row (%d such batches on this worker): %r",
-                        len(batch), self.batch_fallbacks, exc, exc_info=exc if self.batch_fallbacks == 1 else None)
-        results: list[RowResult | Exception] = []
-        for completion in batch:
-            completion.output.batch_fallback = True
-            try:
-                results.append(generate([completion])[0])
-            except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
-
     def _check_and_encode(self, row: Any, out: RowOutput) -> list[int] | None:
         """The row's prompt ids, or None with `out.error` set."""
         lm = self.loaded
@@ -326,19 +316,74 @@ class DecodeEngine:
                 pending.append(Completion(completion, ids, budget, sampling.params(index), stop))
         return outputs, pending
 
-    def _decode(self, batch: list[Completion]) -> None:
-        """Decode one batch of completions into their outputs."""
-        started_at = datetime.now(timezone.utc)
-        start = time.perf_counter()
-        results = self._generate(batch)
-        latency = time.perf_counter() - start
-        finished_at = datetime.now(timezone.utc)
-        for completion, result in zip(batch, results):
-            out = completion.output
-            out.latency_s, out.started_at, out.finished_at = latency, started_at, finished_at
-            if isinstance(result, Exception):
-                out.error = RowError(ErrorCode.DECODE_FAILED, f"decoding failed: {type(result).__name__}: {result}")
-                continue
+    # -- decoding shards ----------------------------------------------------------------------------------------
+    def add_shard(self, rows: list[dict]) -> ShardJob:
+        """Queue a shard's completions behind those already waiting; returns the shard's handle, done once every
+        completion is. Thread-safe against ``step`` (the actor adds shards while its loop steps)."""
+        outputs, pending = self._prepare(rows)
+        job = ShardJob(outputs, remaining=len(pending))
+        with self._lock:
+            self._open.append(job)
+        self.batch.add([Request(c.prompt, c.budget, c.params, c.stop, tag=(job, c)) for c in pending])
+        if not pending:
+            self._close(job)
+        return job
+
+    @property
+    def idle(self) -> bool:
+        """No row is decoding or waiting."""
+        return self.batch.idle
+
+    def step(self) -> None:
+        """One step of the slot batch: waiting rows fill the free slots, every busy slot advances, finished rows
+        fill their outputs, finished shards are closed."""
+        try:
+            finished = self.batch.step()
+        except Exception as exc:  # noqa: BLE001 - the rows in flight are decoded alone below
+            finished = self._fall_back(exc)
+        for request, result in finished:
+            self._complete(request, result)
+
+    def run_rows(self, rows: list[dict]) -> list[RowOutput]:
+        """Decode one shard here and now (the caller's thread): one output per completion (n per row; one for a
+        row that fails before decoding), in input order, then sample_index."""
+        job = self.add_shard(rows)
+        while not job.done.is_set():
+            self.step()
+        return job.outputs
+
+    def _fall_back(self, exc: Exception) -> list[tuple[Request, RowResult | Exception]]:
+        """A step failed: decode each row that was in flight alone, so one bad row does not take its neighbours
+        down. Such a fallback is a bug in the batched path, never an expected slowdown: each is logged (the
+        first with its traceback), counted in ``batch_fallbacks`` and marked on its rows (``batch_fallback``),
+        which the job counts in summary.json and the per-device table."""
+        requests = self.batch.take_in_flight()
+        if len(requests) <= 1:
+            return [(r, exc) for r in requests]
+        self.batch_fallbacks += 1
+        log.warning("a step over %d rows failed; they are decoded one by one (%d such steps on this worker): %r",
+                    len(requests), self.batch_fallbacks, exc, exc_info=exc if self.batch_fallbacks == 1 else None)
+        results: list[tuple[Request, RowResult | Exception]] = []
+        for r in requests:
+            r.tag[1].output.batch_fallback = True
+            try:
+                results.append((r, self.decoder.generate([r.prompt], [r.max_new_tokens], sampling=[r.sampling],
+                                                         stop=[r.stop])[0]))
+            except Exception as row_exc:  # noqa: BLE001 - this row's own failure
+                results.append((r, row_exc))
+        return results
+
+    def _complete(self, request: Request, result: RowResult | Exception) -> None:
+        job, completion = request.tag
+        out = completion.output
+        now = time.time()
+        admitted = request.admitted_at or now
+        out.latency_s = now - admitted
+        out.started_at = datetime.fromtimestamp(admitted, timezone.utc)
+        out.finished_at = datetime.fromtimestamp(now, timezone.utc)
+        if isinstance(result, Exception):
+            out.error = RowError(ErrorCode.DECODE_FAILED, f"decoding failed: {type(result).__name__}: {result}")
+        else:
             out.output_token_ids = [int(t) for t in result.token_ids]
             out.num_output_tokens = result.num_tokens
             out.num_steps = result.num_steps
@@ -347,21 +392,40 @@ class DecodeEngine:
             out.stop_reason = result.stop_reason
             text = self.loaded.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
             out.output_text = text_before_stop(text, result.stop_reason)
+        job.remaining -= 1
+        if job.remaining == 0:
+            self._close(job)
 
-    def run_rows(self, rows: list[dict]) -> list[RowOutput]:
-        """Any number of rows, their completions decoded `batch_size` at a time; one output per completion
-        (n per row; one for a row that fails before decoding), in input order, then sample_index."""
-        outputs, pending = self._prepare(rows)
-        for i in range(0, len(pending), self.batch_size):
-            self._decode(pending[i : i + self.batch_size])
-        return outputs
+    def _close(self, job: ShardJob) -> None:
+        """The shard is done: it takes the slot counters gathered since the last shard closed (their sum over a
+        worker's shards is the worker's)."""
+        now = self.batch.occupancy.as_dict()
+        job.occupancy = {key: now[key] - self._occupancy_reported.get(key, 0) if key != "slots" else now[key]
+                         for key in now}
+        self._occupancy_reported = now
+        with self._lock:
+            self._open.remove(job)
+        job.done.set()
 
-    def run_batch(self, rows: list[dict]) -> list[RowOutput]:
-        """As run_rows, with every completion of the rows decoded in one batch."""
-        outputs, pending = self._prepare(rows)
-        if pending:
-            self._decode(pending)
-        return outputs
+    def fail_open_shards(self, exc: BaseException) -> None:
+        """The decode loop itself broke: every open shard is failed with ``exc`` (its caller re-raises)."""
+        with self._lock:
+            jobs, self._open = self._open, []
+        for job in jobs:
+            job.error = exc
+            job.done.set()
+
+
+@dataclass
+class ShardJob:
+    """One shard in the engine: its outputs (filled as its completions finish), the slot counters of the steps
+    since the previous shard closed, and ``done``, set once all of its completions are."""
+
+    outputs: list[RowOutput]
+    remaining: int
+    occupancy: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass

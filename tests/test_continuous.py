@@ -1,0 +1,149 @@
+"""Continuous batching (decoding/slots.py): a finished row's slot is refilled at the next step, and a row's tokens
+do not depend on which rows share its steps or on when it joined.
+
+Tiny random models in float64. Rows join a batch already in flight at every step offset, greedy and sampled,
+for plain decoding, PPD, ProPD (its tree switched every step) and pruned PPD. Guesses come from an oracle that
+knows each row's true continuation (at random ranks, sometimes missing), so trees accept deep paths and the
+rows' depth states differ when a newcomer arrives. Each row must equal the naive reference of that row alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding import PPDDecoder, SamplingParams, VanillaDecoder, default_tree_set, reference_sample
+from decoding.propd import ProPDDecoder
+from decoding.sampling import GREEDY
+from decoding.slot_cache import CAPACITY_BUCKET
+from decoding.slots import Request, SlotBatch
+from profiling.tree_builder import tree_family
+from tests.helpers_models import make_tiny_llama
+from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
+from tests.test_pruning import LAYERS, random_head
+from tests.test_sampling import K, VOCAB, prompts_for, untrained
+
+LONG, SHORT, LATE = 14, 6, 4  # max_new_tokens of the row in flight, the newcomer, and a row queued behind it
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, seed=3)
+
+
+class OracleGuesses:
+    """Mixed into a decoder: guesses hold each row's true continuation (``truth[row id]``) at random ranks, or
+    miss it. Row ids are given in admission order, so the test knows them."""
+
+    truth: list[list[int]]
+    g: torch.Generator
+
+    def propose(self, prompt_logits, rows):
+        guesses = super().propose(prompt_logits, rows).clone()  # [A, k, top_k]: filler
+        for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
+            done = len(result.token_ids)
+            for d in range(guesses.shape[1]):
+                true = self.truth[row][done + d]
+                filler = [t for t in guesses[b, d].tolist() if t != true]
+                if torch.rand(1, generator=self.g).item() >= 0.2:
+                    filler.insert(int(torch.randint(0, 3, (1,), generator=self.g)), true)
+                pad = [t for t in range(VOCAB) if t not in filler]
+                guesses[b, d] = torch.tensor((filler + pad)[: guesses.shape[2]])
+        return guesses
+
+
+def make_decoder(method: str, model, truth):
+    build = {
+        "vanilla": lambda cls: cls(model),
+        "ppd": lambda cls: cls(model, untrained(model), tree_set=default_tree_set(K)),
+        "propd": lambda cls: cls(model, untrained(model), tree_family(K, BUDGETS), TABLE, FlipFlopLatency()),
+        "pruned": lambda cls: cls(model, untrained(model), tree_set=default_tree_set(K),
+                                  prune_head=random_head(model, 4)),
+    }[method]
+    base = {"vanilla": VanillaDecoder, "propd": ProPDDecoder}.get(method, PPDDecoder)
+    if method == "vanilla":
+        return build(base)
+    decoder = build(type(f"Oracle{base.__name__}", (OracleGuesses, base), {}))
+    decoder.truth, decoder.g = truth, torch.Generator().manual_seed(11)
+    return decoder
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    """Three rows (in flight, newcomer, queued), greedy and sampled: (prompt, limit, params, reference tokens)."""
+    prompts = prompts_for(3, seed=21)
+    out = {}
+    for sampled in (False, True):
+        params = [SamplingParams(0.8, top_p=0.9, seed=s) if sampled else GREEDY for s in (1, 2, 3)]
+        out[sampled] = [(p, n, s, reference_sample(model, p, n + K + 1, s).token_ids)
+                        for p, n, s in zip(prompts, (LONG, SHORT, LATE), params)]
+    return out
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ppd", "propd", "pruned"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_joining_at_every_step_offset_equal_each_row_decoded_alone(model, rows, method, sampled):
+    (p0, n0, s0, t0), (p1, n1, s1, t1), (p2, n2, s2, t2) = rows[sampled]
+    truth = [t0, t1, t2]  # by row id: the order rows take slots
+    for offset in range(LONG):
+        decoder = make_decoder(method, model, truth)
+        batch = SlotBatch(decoder, num_slots=2)
+        batch.add(Request(p0, n0, s0, tag=0))
+        finished = []
+        for _ in range(offset):
+            finished += batch.step()
+        batch.add([Request(p1, n1, s1, tag=1), Request(p2, n2, s2, tag=2)])  # row 2 waits for a free slot
+        finished += batch.run()
+        got = {req.tag: res.token_ids for req, res in finished}
+        assert got == {0: t0[:n0], 1: t1[:n1], 2: t2[:n2]}, f"offset {offset}"
+
+
+def test_a_finished_rows_slot_is_refilled_at_the_next_step(model):
+    """Two slots, rows of 1, 4 and 3 tokens (plain decoding: one token a step). Continuous: the third row takes
+    the first's slot at step 2, and every step runs both slots. Static: it waits for both rows to finish."""
+    prompts = prompts_for(3, seed=5)
+    busy = {}
+    for refill in ("continuous", "when_empty"):
+        batch = SlotBatch(VanillaDecoder(model), num_slots=2, refill=refill)
+        batch.add([Request(p, n) for p, n in zip(prompts, (1, 4, 3))])
+        busy[refill] = []
+        while not batch.idle:
+            batch.step()
+            busy[refill].append(batch.occupancy.busy - sum(busy[refill]))
+        occ = batch.occupancy
+        if refill == "continuous":
+            assert busy[refill] == [2, 2, 2, 2]
+            assert (occ.steps, occ.steps_waiting, occ.busy_waiting) == (4, 2, 4) and occ.while_waiting == 1.0
+        else:
+            assert busy[refill] == [2, 1, 1, 1, 1, 1, 1]  # the third row runs after the second is done
+            # Steps 1-5 began with it waiting (it takes a slot at the start of step 5).
+            assert (occ.steps, occ.steps_waiting, occ.busy_waiting) == (7, 5, 6) and occ.while_waiting == 6 / 10
+
+
+def test_slot_kv_is_written_in_place_and_grown_in_buckets(model):
+    """Rows come and go over a persistent batch without its KV being reallocated; a row longer than the
+    capacity grows it (once, to the next bucket) and still decodes exactly."""
+    decoder = make_decoder("vanilla", model, [])
+    batch = SlotBatch(decoder, num_slots=2)
+    prompts = prompts_for(4, seed=8)
+    batch.add([Request(p, n) for p, n in zip(prompts, (3, 7, 2, 5))])
+    batch.step()
+    keys = [layer.keys.data_ptr() for layer in batch.cache.layers]
+    done = batch.run()
+    assert len(done) == 4 and [layer.keys.data_ptr() for layer in batch.cache.layers] == keys
+    assert batch.cache.capacity == CAPACITY_BUCKET
+    long_prompt = torch.randint(0, VOCAB, (CAPACITY_BUCKET - 3,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(1.0, seed=4)
+    batch.add([Request(long_prompt, 6, params), Request(prompts[0], 3)])
+    got = {tuple(req.prompt): res.token_ids for req, res in batch.run()}
+    assert batch.cache.capacity == 2 * CAPACITY_BUCKET
+    assert got[tuple(long_prompt)] == reference_sample(model, long_prompt, 6, params).token_ids
+    assert got[tuple(prompts[0])] == reference_sample(model, prompts[0], 3, GREEDY).token_ids
+
+
+def test_rows_with_no_new_tokens_finish_at_admission(model):
+    batch = SlotBatch(VanillaDecoder(model), num_slots=1)
+    batch.add([Request([1, 2], 0, tag="empty"), Request([3], 2, tag="two")])
+    finished = batch.step()  # the empty row takes no slot and no step
+    assert [(req.tag, res.token_ids, res.num_steps) for req, res in finished] == [("empty", [], 0)]
+    assert batch.busy == 1 and [req.tag for req, _ in batch.run()] == ["two"]
