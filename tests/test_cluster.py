@@ -125,7 +125,7 @@ def test_outputs_do_not_depend_on_the_worker(uninterrupted, job_files, tiny_mode
                           DecodingConfig(method="vanilla", max_new_tokens=16))
     table = {r["id"]: r for r in read_output(uninterrupted).to_pylist()}
     for row in job_files["rows"]:
-        (reference,) = engine.run_batch([row])
+        (reference,) = engine.run_rows([row])
         assert table[row["id"]]["output_token_ids"] == reference.output_token_ids, row["id"]
 
 

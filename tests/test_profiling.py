@@ -284,7 +284,7 @@ def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path):
     assert info["profile"].startswith("measured") and info["device"].startswith("cpu: ")
     again = DecodeEngine(tiny, config, batch_size=2, cache_dir=str(tmp_path / "cache"))
     assert again.describe()["profile"] == "cached" and again.tree_hash == engine.tree_hash
-    out = engine.run_batch([{"id": "a", "prompt": "x"}, {"id": "b"}])
+    out = engine.run_rows([{"id": "a", "prompt": "x"}, {"id": "b"}])
     assert [(o.device, o.tree_hash) for o in out] == [(info["device"], engine.tree_hash)] * 2
     # The chosen tree decodes losslessly.
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
