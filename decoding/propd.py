@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class ProPDDecoder(PPDDecoder):
             self.current = start.tree_hash
         self.start = self.current
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
-        self.choices: list[tuple[int, int]] = []
+        self.choices: deque[tuple[int, int]] = deque()  # (rows, slots) per step, the latest 65536 (begin())
 
     def _slots_per_state(self, option: TreeOption) -> list[int]:
         return tree_set_buffers(option.tree_set, self.prompt_tokens.n).num_slots.tolist()
@@ -194,7 +195,7 @@ class ProPDDecoder(PPDDecoder):
 
     def begin(self) -> None:
         super().begin()
-        self.choices = []
+        self.choices = deque(maxlen=1 << 16)  # bounded: a worker's batch lives for the whole job
         self.ran_last: dict[int, str] = {}  # row id -> tree_hash of the set its last step ran
         self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
         self.step_seconds = 0.0

@@ -112,6 +112,7 @@ class SlotBatch:
         self.kv_len = torch.zeros(S, **long)  # [S]
         self.root = torch.zeros(S, **long)  # [S] the last emitted token, not yet in the cache
         self.state = torch.zeros(S, **long)  # [S] depth state: how many guesses the row holds
+        self.emitted = torch.zeros(S, **long)  # [S] tokens emitted: the sampler's position in the row's stream
         self.guesses = torch.zeros(S, k, top_k, **long)  # [S, k, top_k]
         f64 = dict(dtype=torch.float64, device=self.device)
         self.temperature, self.top_p = torch.zeros(S, **f64), torch.ones(S, **f64)  # [S]
@@ -167,6 +168,7 @@ class SlotBatch:
         keep = self._commit(tokens, kept_cols)
         self.decoder.after_commit(view, keep)
         self.kv_len[:A] += counts
+        self.emitted[:A] += counts  # exact for every row still decoding (EOS and limits end a row)
         self.root[:A] = root
         self.state[:A] = next_state
         self.guesses[:A] = self.decoder.propose(prompt_logits, view)
@@ -201,7 +203,7 @@ class SlotBatch:
         row is greedy: the decoders then take their greedy path."""
         if all(r.request.sampling.greedy for r in self.rows):
             return None
-        emitted = torch.tensor([r.result.num_tokens for r in self.rows], dtype=torch.long, device=self.device)
+        emitted = self.emitted[:A]
 
         def draw(logits: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
             u = self.uniforms[rows, emitted[rows] + depth]  # [R]
@@ -261,6 +263,7 @@ class SlotBatch:
         self.kv_len[slots] = torch.tensor([r.kv_len for r in newcomers], device=self.device)
         self.root[slots] = torch.tensor([r.request.prompt[-1] for r in newcomers], device=self.device)
         self.state[slots] = 0
+        self.emitted[slots] = 0
         self.guesses[slots] = 0
         self._admit_sampling(first, newcomers)
         prefill_slots(self.decoder.model, self.cache, first, [r.request.prompt[:-1] for r in newcomers])
@@ -293,8 +296,8 @@ class SlotBatch:
             src = torch.tensor(movers, device=self.device)
             dst = torch.tensor(holes, device=self.device)
             self.cache.move_slots(src, dst, max(self.rows[b].kv_len for b in movers))
-            for t in (self.kv_len, self.root, self.state, self.guesses, self.temperature, self.top_k, self.top_p,
-                      self.uniforms):
+            for t in (self.kv_len, self.root, self.state, self.emitted, self.guesses, self.temperature, self.top_k,
+                      self.top_p, self.uniforms):
                 t[dst] = t[src]
             for h, m in zip(holes, movers):
                 self.rows[h] = self.rows[m]
