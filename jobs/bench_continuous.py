@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--methods", nargs="+", default=["vanilla", "ppd"], choices=["vanilla", "ppd"])
     p.add_argument("--inputs", nargs="+", default=["cycling", "eos", "same"], choices=["cycling", "eos", "same"])
-    p.add_argument("--rows-per-slot", type=int, default=3, help="rows decoded per slot (rows = this x batch)")
+    p.add_argument("--rows-per-slot", type=int, default=8, help="rows decoded per slot (rows = this x batch; the "
+                   "eos input half as many): a job's long run, where the last rows' tail does not weigh much")
     p.add_argument("--same-tokens", type=int, default=48, help="tokens of every row of the 'same' input")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.inputs:
         for batch in args.batch_sizes:
-            requests, eos = inputs(prompts, args.rows_per_slot * batch, args.same_tokens)[name]
+            per_slot = max(1, args.rows_per_slot // 2) if name == "eos" else args.rows_per_slot
+            requests, eos = inputs(prompts, per_slot * batch, args.same_tokens)[name]
             for method in args.methods:
                 row = {"input": name, **bench(lm, method, batch, requests, eos, args.rounds)}
                 results.append(row)

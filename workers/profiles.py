@@ -20,12 +20,9 @@ from workers.models import write_json_atomically
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the decode step's cost changes (2: the lm_head runs on the prompt tokens in use only; 3: the
-# lm_head over a tree's nodes folded to one 2D matmul, 5-8x cheaper on a CPU at batch 16; 4: one lm_head call
-# over all slots in small steps, a batch-1 tree step ~13% cheaper on a CPU; 5: the key names the CPU linear
-# layers, workers/cpu_linear.py; 6: root-only steps take a shortcut, ~1-2% cheaper at batch 1 on a CPU), so a
-# profile of older code is measured again instead of reused.
-PROFILE_VERSION = 6
+# Bumped whenever the decode step's cost changes (the commit log says how), so a profile of older code is
+# measured again instead of reused.
+PROFILE_VERSION = 7
 
 # A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps.
 # One measured while something else loaded the machine keeps its distorted shape for good (seen on the 2-core
