@@ -119,6 +119,9 @@ class PPDDecoder:
     def row_finished(self, row_id: int) -> None:
         """The row of this id has left its slot."""
 
+    def after_step(self) -> None:
+        """The step and its bookkeeping are done."""
+
     def propose(self, prompt_logits: torch.Tensor, rows) -> torch.Tensor:
         """Next step's candidates from the first m prompt tokens' logits [A, m, V]: their top_k tokens, as
         [A, k, top_k] (zeros past m: no row's next tree reads them).

@@ -52,12 +52,18 @@ class ProPDDecoder(PPDDecoder):
     ``switch_margin``; a set not yet run at the batch size and within ``explore_margin`` of the choice is run
     once to be measured, as is plain decoding (the narrowest set) at any rate, and again after
     ``reprobe_every`` steps, then twice as many, up to every ``reprobe_narrowest_every``.
+
+    A tree is chosen over plain decoding (the narrowest set) only when its predicted rate beats plain decoding's
+    by more than ``tree_margin``. The two estimates are not equally sure: plain decoding yields exactly one
+    token a row-step, a tree's yield and price are learned from noisy steps. Where a tree's edge is within that
+    noise it is as likely a loss, and ProPD promises never to lose to plain decoding; where trees pay (a GPU,
+    where a wide step costs about what a narrow one does) their edge is far beyond the margin.
     """
 
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
-                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
+                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05, tree_margin: float = 0.05,
                  explore_margin: float = 0.15, reprobe_every: int = 64, reprobe_narrowest_every: int = 512,
                  prune_head: PruneHead | None = None, start: TreeSet | None = None):
         self.build_family = build_family
@@ -65,6 +71,7 @@ class ProPDDecoder(PPDDecoder):
         self.latency = latency or LatencyModel()
         self.yields = yields or YieldTracker()
         self.switch_margin, self.explore_margin, self.reprobe_every = switch_margin, explore_margin, reprobe_every
+        self.tree_margin = tree_margin
         self.reprobe_narrowest_every = reprobe_narrowest_every
         self.narrowest_probes: dict[int, int] = {}  # batch size -> times plain decoding was probed from afar
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
@@ -135,10 +142,19 @@ class ProPDDecoder(PPDDecoder):
         at different times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled
         on an 8-slot tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
         rates = self.rates(batch, context)
-        choice = max(range(len(rates)), key=lambda i: (rates[i], -i))
+        narrowest = min(range(len(rates)), key=lambda i: self.widest[i])
+        # A tree must beat plain decoding by tree_margin to be chosen at all (see the class docstring).
+        eligible = [i for i in range(len(rates))
+                    if i == narrowest or rates[i] > rates[narrowest] * (1 + self.tree_margin)]
+        choice = max(eligible, key=lambda i: (rates[i], -i))
         if self.current in self.keys and not self.explored:
+            # The set in use keeps the benefit of the switch margin against plain decoding too (a tree in use is
+            # left once plain decoding is within tree_margin / switch_margin of it): leaving and coming back need
+            # different rates, or a tree whose estimate hovers at the margin flips in and out.
             current = self.keys.index(self.current)
-            if rates[choice] <= rates[current] * (1 + self.switch_margin):
+            kept = current == narrowest or (
+                rates[current] * (1 + self.switch_margin) > rates[narrowest] * (1 + self.tree_margin))
+            if kept and rates[choice] <= rates[current] * (1 + self.switch_margin):
                 choice = current
         near = [i for i in range(len(rates)) if i != choice and rates[i] * (1 + self.explore_margin) >= rates[choice]]
         untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
@@ -148,7 +164,6 @@ class ProPDDecoder(PPDDecoder):
         # profile taken in a busy moment (1 slot 1.4x too dear), it was never run, and ProPD kept a tree that
         # lost 10% to it; measured once in a stall, it was not run again for good. The doubling keeps the
         # probes of a plain decoding that really is far behind (a GPU's) to a handful.
-        narrowest = min(range(len(rates)), key=lambda i: self.widest[i])
         probes = self.narrowest_probes.get(batch, 0)
         probing = self.explored and self.current == self.keys[narrowest]  # a probe's unmeasured first step ran
         every = min(self.reprobe_every * 2 ** max(probes - probing, 0), self.reprobe_narrowest_every)
@@ -213,15 +228,6 @@ class ProPDDecoder(PPDDecoder):
         return buffers
 
     def after_commit(self, rows, keep: list[bool]) -> None:
-        self.step_seconds = time.perf_counter() - self.step_started
-        # Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
-        # long-run average over the states a set passes through, so the price must be the long-run average
-        # step of that set too. Hence not filed: the first step of a set after a switch, whose rows are in the
-        # states the previous set left (after plain decoding, state 0: root and prompt tokens only, far cheaper
-        # than the set's steady steps; filed, it made a tree tried from plain decoding look cheap).
-        if self.last_step_key == self.current:
-            self.latency.observe(rows.size, self.widest[self.chosen], self.context, self.step_seconds)
-        self.last_step_key = self.current
         # The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
         # it too). Left out: a row's first step and the step after a switch, whose state another set (or the
         # start) left behind, e.g. state 0 after plain decoding, which emits one token whatever the tree; that
@@ -235,10 +241,25 @@ class ProPDDecoder(PPDDecoder):
                 own.append(result.accepted_per_step[-1])
             self.ran_last[row] = key
         self.yields.observe(key, self.family[self.chosen].expected_tokens, own)
+        self.step_rows = rows.size
 
     def row_finished(self, row_id: int) -> None:
         self.ran_last.pop(row_id, None)
 
     def after_propose(self, rows, guesses: torch.Tensor, state: torch.Tensor) -> None:
         self.acceptance.record(rows.ids, [len(r.token_ids) for r in rows.results], guesses, state.tolist())
+
+    def after_step(self) -> None:
+        """The step is over, its bookkeeping too (the next guesses, the acceptance record): all of that is the
+        step's price, and a tree's bookkeeping is dearer than plain decoding's.
+
+        Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
+        long-run average over the states a set passes through, so the price must be the long-run average step
+        of that set too. Hence not filed: the first step of a set after a switch, whose rows are in the states
+        the previous set left (after plain decoding, state 0: root and prompt tokens only, far cheaper than the
+        set's steady steps; filed, it made a tree tried from plain decoding look cheap)."""
+        self.step_seconds = time.perf_counter() - self.step_started
+        if self.last_step_key == self.current:
+            self.latency.observe(self.step_rows, self.widest[self.chosen], self.context, self.step_seconds)
+        self.last_step_key = self.current
         self._maybe_rebuild(self.step_seconds)

@@ -18,8 +18,8 @@ its own stream. ``tests/test_continuous.py`` checks rows joining at every step o
 reference of each row alone.
 
 A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
-``top_k`` (the guesses' shape), ``plan_step``, ``step``, ``after_commit``, ``propose``, ``after_propose`` and
-``row_finished``. The decoders' own ``generate`` is a ``SlotBatch`` with a slot per prompt.
+``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``step``, ``after_commit``,
+``propose``, ``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a ``SlotBatch`` with a slot per prompt.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ class SlotBatch:
         self._release(done)
         if self.rows:
             self.decoder.after_propose(self.view(), self.guesses[: len(self.rows)], self.state[: len(self.rows)])
+        self.decoder.after_step()
         return finished
 
     def run(self) -> list[tuple[Request, RowResult]]:

@@ -90,3 +90,6 @@ class VanillaDecoder:
 
     def row_finished(self, row_id: int) -> None:
         pass
+
+    def after_step(self) -> None:
+        pass

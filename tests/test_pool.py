@@ -13,10 +13,11 @@ def _pool(ray, tmp_path, n: int, *, max_restarts: int, **behaviour) -> list[Work
     return [Worker(cls.remote(f"w{i}", str(tmp_path), **behaviour), "g", i) for i in range(n)]
 
 
-def _run(workers, rows, shard_size=2, max_attempts=3, startup_timeout_s=600.0):
+def _run(workers, rows, shard_size=2, max_attempts=3, startup_timeout_s=600.0, prefetch=0):
     ready = []
     results = list(run_shards(workers, make_shards(rows, shard_size), max_attempts=max_attempts, config_hash="c",
-                              on_ready=lambda w: ready.append(w.info["worker"]), startup_timeout_s=startup_timeout_s))
+                              on_ready=lambda w: ready.append(w.info["worker"]), startup_timeout_s=startup_timeout_s,
+                              prefetch=prefetch))
     return results, ready
 
 
@@ -35,6 +36,18 @@ def test_a_shard_whose_worker_dies_runs_again_elsewhere(ray_local, tmp_path):
     (died,) = retried.deaths
     assert {r["worker"] for r in retried_records}.isdisjoint({died.split(":")[0]})
     assert len(ready) >= 2
+
+
+def test_a_dead_worker_hands_back_every_shard_it_held(ray_local, tmp_path):
+    """With a shard fetched ahead, the worker holds two; it dies on the first, and the one it held next (not
+    begun) goes back to the queue too, counted as that worker's: every row is still written exactly once."""
+    (worker,) = _pool(ray_local, tmp_path, 1, max_restarts=1, die_once={"r01"})
+    results, ready = _run([worker], ROWS, prefetch=1)
+    records = [r for _, recs, _ in results for r in recs]
+    assert sorted(r["id"] for r in records) == [r["id"] for r in ROWS] and all(r["error"] is None for r in records)
+    attempts = {shard.index: shard.attempts for shard, _, _ in results}
+    assert attempts == {0: 1, 1: 1, 2: 0, 3: 0, 4: 0}  # shards 0 and 1 were held when it died
+    assert len(ready) == 2  # the first start and the restart
 
 
 def test_a_shard_that_kills_every_worker_is_given_up_with_a_row_error(ray_local, tmp_path):

@@ -256,25 +256,43 @@ def test_a_tree_that_yields_far_less_than_its_table_says_is_dropped_within_a_few
     ran = [slots > 1 for _, slots in dec.choices]
     # The first step is not evidence (no row has guesses yet); each later one adds 5 row-steps of 1 token where
     # 3 were promised. With n such row-steps the pooled factor is 16 / (16 + 2n), the tree's prior 1 + 2x that,
-    # worth 16 row-steps against its own n. Plain decoding takes over once it is 5% faster than the tree:
-    # estimate < 1.5 / 1.05; at n = 15 (3 steps of evidence) it is 1.36. Then plain decoding for good: the
-    # tree's evidence would take hundreds of steps to fade back past the margin.
+    # worth 16 row-steps against its own n. A tree in use is kept while it is no slower than plain decoding
+    # (tree margin over switch margin): estimate >= 1.5; at n = 15 (3 steps of evidence) it is 1.36. Then plain
+    # decoding for good: to come back, the tree must beat plain by the tree margin (estimate > 1.575), and its
+    # evidence would take hundreds of steps to fade back past that.
     assert ran == [True] * 4 + [False] * (MAX_NEW - 4), ran
     assert dec.expected_tokens(1) < 1.5  # still no faster than plain decoding, margin aside
 
 
 def test_the_current_tree_is_kept_unless_another_is_faster_by_the_margin(model):
-    def choice(current, tau):
-        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, tau), TABLE, FixedLatency(1.0),
-                           switch_margin=0.05)
+    def choice(current, *tau):
+        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, *tau), TABLE, FixedLatency(1.0),
+                           switch_margin=0.05, tree_margin=0.0)
         dec.current = None if current is None else dec.keys[current]
         return dec.choose(4, 64.0)
 
     assert choice(None, 1.04) == 1  # nothing in use: simply the fastest
     assert choice(0, 1.04) == 0  # 4% faster: not worth a switch
     assert choice(0, 1.06) == 1
-    assert choice(1, 0.97) == 1  # 3% slower than plain decoding: kept
-    assert choice(1, 0.94) == 0
+    assert choice(1, 1.5, 1.53) == 1  # the other tree is 2% faster: kept
+    assert choice(1, 1.5, 1.6) == 2
+
+
+def test_a_tree_must_beat_plain_decoding_by_the_tree_margin(model):
+    """Plain decoding's yield is exact, a tree's is learned: a tree within tree_margin of plain is not run,
+    nor kept, whatever the other margins say."""
+    def choice(current, *tau):
+        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, *tau), TABLE, FixedLatency(1.0),
+                           switch_margin=0.05, tree_margin=0.05)
+        dec.current = None if current is None else dec.keys[current]
+        return dec.choose(4, 64.0)
+
+    assert choice(None, 1.04) == 0  # 4% faster on paper: not enough
+    assert choice(None, 1.06) == 1
+    assert choice(1, 1.01) == 1  # in use: kept while it is no slower than plain decoding (1.05 / 1.05)
+    assert choice(1, 0.99) == 0
+    assert choice(None, 1.04, 1.2) == 2  # the trees that clear the margin compete as before
+    assert choice(2, 1.04, 1.2) == 2
 
 
 def test_the_first_step_keeps_the_planned_tree_unless_another_beats_it_by_the_margin(model):
@@ -334,7 +352,8 @@ def test_an_option_not_run_lately_is_measured_again(model):
 def test_after_an_exploration_the_choice_is_made_on_the_merits(model):
     """The margin keeps a settled choice; a set that ran once only to be measured gets no such protection."""
     def choice(explored):
-        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.03), TABLE, FixedLatency(1.0))
+        dec = ProPDDecoder(model, prompt_tokens(model), family_of(1.0, 1.03), TABLE, FixedLatency(1.0),
+                           tree_margin=0.0)
         dec.current, dec.explored = dec.keys[0], explored
         return dec.choose(4, 64.0)
 
