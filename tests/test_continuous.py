@@ -147,3 +147,23 @@ def test_rows_with_no_new_tokens_finish_at_admission(model):
     finished = batch.step()  # the empty row takes no slot and no step
     assert [(req.tag, res.token_ids, res.num_steps) for req, res in finished] == [("empty", [], 0)]
     assert batch.busy == 1 and [req.tag for req, _ in batch.run()] == ["two"]
+
+
+def test_the_jobs_occupancy_pools_every_shards_slot_counters():
+    """summary.json's occupancy: busy slot-steps over offered slot-steps, summed over shards and workers of any
+    slot count (steps that began with no row waiting do not count)."""
+    from jobs.progress import Progress, device_table
+
+    progress = Progress(3, 0, interval_s=1e9)
+    record = {"id": "a", "error": None, "num_output_tokens": 3, "num_steps": 3}
+    progress.add([record], group="g", device="cpu: X", seconds=1.0,
+                 slots={"slots": 4, "steps": 10, "busy": 30, "steps_waiting": 5, "busy_waiting": 20})
+    progress.add([{**record, "id": "b"}], group="g", device="cpu: X", seconds=1.0,
+                 slots={"slots": 2, "steps": 8, "busy": 9, "steps_waiting": 5, "busy_waiting": 6})
+    progress.add([{**record, "id": "c"}], group="g", device="gpu: Y", seconds=1.0, slots=None)
+    assert progress.total.occupancy == (20 + 6) / (5 * 4 + 5 * 2)
+    by_device = {device: {"workers": 1, **tally.as_dict()} for device, tally in progress.devices.items()}
+    assert by_device["cpu: X"]["slot_occupancy"] == progress.total.occupancy and by_device["gpu: Y"]["slot_occupancy"] is None
+    header, cpu, gpu = device_table(by_device).splitlines()
+    assert "slot occupancy" in header and cpu.split()[-2] == "0.867" and gpu.split()[-2] == "-"
+    assert "slots 87% busy" in progress.line()
