@@ -93,13 +93,8 @@ def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str
     worker takes it (jobs/pool.py).
     """
     # Threaded: shards queued ahead (jobs/pool.py) wait in process() while the loop decodes, and ready() answers.
-    # Niceness 0, not Ray's 15 for workers: a decode step is hundreds of small ops (kernel launches on a GPU),
-    # each waiting for every one of its threads, so any process on the node preempts the whole step. At 15 even
-    # Ray's own agents did: on a 2-core VM a job's PPD ran 23% slower than the same decoder outside Ray (plain
-    # decoding, fewer ops a step, 8%); at 0 they share the CPU evenly. The job's runtime_env env_vars merge in.
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                   max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 2,
-                                   runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
+                                   max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 2)
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
     if resources:
