@@ -37,12 +37,11 @@ import torch  # noqa: E402
 
 from decoding.batch import crop_cache, new_cache  # noqa: E402
 from decoding.slots import Request, SlotBatch  # noqa: E402
+from jobs.bench_propd import load_model_and_prompts  # noqa: E402
 from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
 from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
 from profiling.device import identify  # noqa: E402
-from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
 from workers.engine import DecodeEngine, DecodingConfig  # noqa: E402
-from workers.models import ModelConfig, load_model  # noqa: E402
 
 CYCLE = (8, 16, 32, 128)
 
@@ -152,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    lm = load_model(ModelConfig(device=args.device, dtype=args.dtype))
-    artifact = find_shipped_artifact(lm.content_hash)
-    if artifact is None:
-        raise SystemExit("no prompt-token artifact shipped for the model: the held-out split needs one")
-    pt = load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+    lm, pt = load_model_and_prompts(args.device, args.dtype, None)  # the artifact names the held-out split
     prompts = mixed_held_out_prompts(lm, pt, Path(args.data_dir))
     device = f"{identify(lm.device, lm.dtype).readable} {str(lm.dtype).removeprefix('torch.')}"
     print(device, flush=True)
