@@ -63,7 +63,8 @@ class ProPDDecoder(PPDDecoder):
     def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
-                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05, tree_margin: float = 0.05,
+                 top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
+                 tree_margin: float = 0.05,
                  explore_margin: float = 0.15, reprobe_every: int = 64, reprobe_narrowest_every: int = 512,
                  prune_head: PruneHead | None = None, start: TreeSet | None = None):
         self.build_family = build_family

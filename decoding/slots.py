@@ -19,7 +19,8 @@ reference of each row alone.
 
 A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
 ``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``step``, ``after_commit``,
-``propose``, ``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a ``SlotBatch`` with a slot per prompt.
+``propose``, ``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a
+``SlotBatch`` with a slot per prompt.
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ class SlotBatch:
         kv_len, state = self.kv_len[:A], self.state[:A]
         buffers = self.decoder.plan_step(view, kv_len, state)
         draw = self._drawer(A)
+        longest = max(r.kv_len for r in self.rows)  # known on the host: sizes the attention view
         tokens, counts, root, prompt_logits, next_state = self.decoder.step(
-            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], state, draw, longest=max(r.kv_len for r in self.rows))
+            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], state, draw, longest=longest)
         kept_cols = counts.tolist()  # syncs the device: the step is done
         keep = self._commit(tokens, kept_cols)
         self.decoder.after_commit(view, keep)

@@ -163,7 +163,8 @@ def test_the_jobs_occupancy_pools_every_shards_slot_counters():
     progress.add([{**record, "id": "c"}], group="g", device="gpu: Y", seconds=1.0, slots=None)
     assert progress.total.occupancy == (20 + 6) / (5 * 4 + 5 * 2)
     by_device = {device: {"workers": 1, **tally.as_dict()} for device, tally in progress.devices.items()}
-    assert by_device["cpu: X"]["slot_occupancy"] == progress.total.occupancy and by_device["gpu: Y"]["slot_occupancy"] is None
+    assert by_device["cpu: X"]["slot_occupancy"] == progress.total.occupancy
+    assert by_device["gpu: Y"]["slot_occupancy"] is None
     header, cpu, gpu = device_table(by_device).splitlines()
     assert "slot occupancy" in header and cpu.split()[-2] == "0.867" and gpu.split()[-2] == "-"
     assert "slots 87% busy" in progress.line()
