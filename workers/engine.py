@@ -399,11 +399,11 @@ class DecodeEngine:
     def _close(self, job: ShardJob) -> None:
         """The shard is done: it takes the slot counters gathered since the last shard closed (their sum over a
         worker's shards is the worker's)."""
-        now = self.batch.occupancy.as_dict()
-        job.occupancy = {key: now[key] - self._occupancy_reported.get(key, 0) if key != "slots" else now[key]
-                         for key in now}
-        self._occupancy_reported = now
-        with self._lock:
+        with self._lock:  # the actor's process() closes an empty shard from its own thread
+            now = self.batch.occupancy.as_dict()
+            job.occupancy = {key: now[key] - self._occupancy_reported.get(key, 0) if key != "slots" else now[key]
+                             for key in now}
+            self._occupancy_reported = now
             self._open.remove(job)
         job.done.set()
 
