@@ -168,3 +168,28 @@ def test_the_jobs_occupancy_pools_every_shards_slot_counters():
     header, cpu, gpu = device_table(by_device).splitlines()
     assert "slot occupancy" in header and cpu.split()[-2] == "0.867" and gpu.split()[-2] == "-"
     assert "slots 87% busy" in progress.line()
+
+
+def test_engine_shards_share_the_slots_and_an_empty_shard_closes_at_once(tiny_model_dir):
+    """A worker's engine takes a shard while another is decoding: both share the slots, each closes when its own
+    rows are done, with the rows static batching gives; a shard with nothing to decode closes at once; the
+    slot counters handed out with the shards add up to the engine's."""
+    from workers.engine import DecodeEngine, DecodingConfig
+    from workers.models import ModelConfig, load_model
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
+    first_rows = [{"id": "a", "prompt": "The sea is"}, {"id": "b", "prompt": "1, 2, 3,"}, {"id": "c", "prompt": "Once"}]
+    second_rows = [{"id": "d", "prompt": "x y z"}]
+    engine = DecodeEngine(loaded, DecodingConfig(method="vanilla", max_new_tokens=6), batch_size=2)
+    first = engine.add_shard(first_rows)
+    engine.step()
+    empty = engine.add_shard([{"id": "e"}])  # neither prompt nor messages: a row error, nothing to decode
+    assert empty.done.is_set() and empty.outputs[0].error is not None
+    second = engine.add_shard(second_rows)
+    while not (first.done.is_set() and second.done.is_set()):
+        engine.step()
+    static = DecodeEngine(loaded, DecodingConfig(method="vanilla", max_new_tokens=6, batching="static"), batch_size=2)
+    for job, rows in ((first, first_rows), (second, second_rows)):
+        assert [o.id for o in job.outputs] == [r["id"] for r in rows] and all(o.error is None for o in job.outputs)
+        assert [o.output_token_ids for o in job.outputs] == [o.output_token_ids for o in static.run_rows(rows)]
+    assert sum(job.occupancy["steps"] for job in (first, empty, second)) == engine.batch.occupancy.steps
