@@ -83,9 +83,8 @@ class PPDDecoder:
 
     @property
     def max_step_tokens(self) -> int:
-        """The most slots a step may put into a row's KV (its widest tree)."""
-        n = self.prompt_tokens.n
-        return max(tree.num_nodes + sum(tree.prompt_counts) * n for tree in self.tree_set.trees)
+        """The most slots a step may put into a row's KV (its widest tree; the buffers are cached per tree set)."""
+        return int(tree_set_buffers(self.tree_set, self.prompt_tokens.n).num_slots.max())
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],

@@ -205,9 +205,7 @@ class ProPDDecoder(PPDDecoder):
 
     @property
     def max_step_tokens(self) -> int:
-        n = self.prompt_tokens.n
-        return max(tree.num_nodes + sum(tree.prompt_counts) * n
-                   for option in self.family for tree in option.tree_set.trees)
+        return max(self.widest)  # the family's widest state
 
     def begin(self) -> None:
         super().begin()

@@ -29,7 +29,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -95,8 +95,7 @@ class Occupancy:
         return self.busy_waiting / (self.steps_waiting * self.slots) if self.steps_waiting else None
 
     def as_dict(self) -> dict[str, int]:
-        return {"slots": self.slots, "steps": self.steps, "busy": self.busy, "steps_waiting": self.steps_waiting,
-                "busy_waiting": self.busy_waiting}
+        return asdict(self)
 
 
 class SlotBatch:
