@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from decoding.batch import additive_from_visible
+
 COLUMN_BUCKET = 16  # attention views are this many columns wide at a time (fewer distinct shapes)
 CAPACITY_BUCKET = 256  # capacity grows in steps of this many columns
 
@@ -163,8 +165,7 @@ def step_mask(kv_len: torch.Tensor, attend: torch.Tensor, view: int, dtype: torc
     new = (rel >= 0) & (rel < N)  # [A, view]
     among_new = attend.gather(2, rel.clamp(0, N - 1)[:, None, :].expand(A, N, view)) & new[:, None, :]  # [A, N, view]
     visible = (rel < 0)[:, None, :] | among_new
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]  # [A, 1, N, view]
+    return additive_from_visible(visible, dtype)[:, None]  # [A, 1, N, view]
 
 
 def step_view(longest: int, new_tokens: int, capacity: int) -> int:
