@@ -34,26 +34,46 @@ class DecodeWorker:
                  config_hash: str, batch_size: int | str = 1, max_batch_size: int = 64,
                  num_threads: int | None = None, latency_profile: str | None = None,
                  numerics_board: str | None = None):
-        if num_threads:
-            import torch
-
-            torch.set_num_threads(num_threads)
         self.group = group
         self.config_hash = config_hash
         # A restarted actor is a new process: its pid (and maybe its node) differ, so the name says which
         # process decoded a row.
         self.name = f"{group}/{index} pid {os.getpid()} on {socket.gethostname()}"
-        # Profiles the device (or loads its cached profile) and builds this worker's tree and batch size.
-        # The model's numeric decisions come from the job's board (the NumericsBoard actor of that name), so every
-        # worker on one kind of machine, and this one after a restart, computes with the same kernels.
-        board = BoardClient(numerics_board) if numerics_board is not None else None
-        self.engine = DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
-                                               max_batch_size=max_batch_size, latency_profile=latency_profile)
-        self._work = threading.Condition()
-        threading.Thread(target=self._decode_loop, name="decode-loop", daemon=True).start()
 
-    def _decode_loop(self) -> None:
-        """Step the engine whenever it has rows; sleep when it has none."""
+        def build_engine() -> DecodeEngine:
+            if num_threads:
+                import torch
+
+                torch.set_num_threads(num_threads)  # OpenMP's thread count is per calling thread
+            # Profiles the device (or loads its cached profile) and builds this worker's tree and batch size.
+            # The model's numeric decisions come from the job's board (the NumericsBoard actor of that name), so
+            # every worker on one kind of machine, and this one after a restart, computes with the same kernels.
+            board = BoardClient(numerics_board) if numerics_board is not None else None
+            return DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
+                                            max_batch_size=max_batch_size, latency_profile=latency_profile)
+
+        # Every torch op of this actor runs in the one decode-loop thread, the engine's construction and profile
+        # included. On CPU, each thread that runs OpenMP regions gets its own team of workers, and once a process
+        # holds more OpenMP threads than cores libgomp stops spinning between regions: a step decoded in a second
+        # thread after the first had run the profile took 1.2-1.9x as long (2-core VM, the default model).
+        self._work = threading.Condition()
+        built = threading.Event()
+        failure: list[BaseException] = []
+        threading.Thread(target=self._decode_loop, args=(build_engine, built, failure), name="decode-loop",
+                         daemon=True).start()
+        built.wait()
+        if failure:
+            raise failure[0]
+
+    def _decode_loop(self, build_engine, built: threading.Event, failure: list[BaseException]) -> None:
+        """Build the engine, then step it whenever it has rows; sleep when it has none."""
+        try:
+            self.engine = build_engine()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by __init__, which fails the actor's creation
+            failure.append(exc)
+            return
+        finally:
+            built.set()
         while True:
             with self._work:
                 while self.engine.idle:

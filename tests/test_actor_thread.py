@@ -1,0 +1,58 @@
+"""The decode worker runs every torch op of its engine in one thread: the engine is built (model load, profile)
+in the thread that then steps it. On CPU, a second thread running OpenMP regions makes libgomp stop spinning
+between regions, which cost a step 1.2-1.9x (workers/actor.py); the thread is what is checked here."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from workers import actor
+
+
+class FakeEngine:
+    def __init__(self):
+        self.built_in = threading.get_ident()
+        self.stepped_in: set[int] = set()
+        self.steps = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.steps >= 3
+
+    def step(self) -> None:
+        self.stepped_in.add(threading.get_ident())
+        self.steps += 1
+
+
+def make_worker():
+    return actor.DecodeWorker({}, {}, group="g", index=0, config_hash="h")
+
+
+def test_the_engine_is_built_and_stepped_in_one_thread_not_the_callers(monkeypatch):
+    monkeypatch.setattr(actor, "ModelConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor, "DecodingConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor.DecodeEngine, "from_config", classmethod(lambda cls, *a, **kw: FakeEngine()))
+    worker = make_worker()
+    engine = worker.engine
+    with worker._work:
+        worker._work.notify()  # the loop steps while the engine is not idle
+    for _ in range(200):
+        if engine.steps >= 3:
+            break
+        threading.Event().wait(0.01)
+    assert engine.steps == 3
+    assert engine.stepped_in == {engine.built_in}
+    assert engine.built_in != threading.get_ident()
+
+
+def test_a_failure_to_build_the_engine_fails_the_constructor(monkeypatch):
+    def broken(cls, *args, **kwargs):
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(actor, "ModelConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor, "DecodingConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor.DecodeEngine, "from_config", classmethod(broken))
+    with pytest.raises(ValueError, match="no such model"):
+        make_worker()
