@@ -46,7 +46,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device):
     """
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    P = int(lens.max()) if B else 0
+    P = max((len(p) for p in prompts), default=0)  # from the host lists: no read of the device
     ids = torch.zeros(B, P, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)

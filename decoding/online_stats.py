@@ -37,13 +37,16 @@ class AcceptanceTracker:
         # Per input row: guesses waiting for their answer, as (output position of guess 0, [m][top_k] ids).
         self.pending: dict[int, deque[tuple[int, list[list[int]]]]] = {}
 
-    def record(self, rows: Sequence[int], lengths: Sequence[int], guesses: torch.Tensor, counts: Sequence[int]) -> None:
+    def record(self, rows: Sequence[int], lengths: Sequence[int], guesses: Sequence[Sequence[int]],
+               counts: Sequence[int]) -> None:
         """This step's guesses: row ``rows[b]`` (an input index) has ``lengths[b]`` committed tokens; its
-        ``counts[b]`` first guesses [b, :counts[b], :] predict its next output positions."""
-        ids = guesses.tolist()  # [B, k, top_k]
-        for row, length, row_ids, m in zip(rows, lengths, ids, counts):
+        ``counts[b]`` first guesses predict its next output positions. ``guesses[b]`` is flat, [k * top_k]
+        (guess i's ranks at i * top_k ..); only the first ``top_k`` ranks of each are scored."""
+        for row, length, flat, m in zip(rows, lengths, guesses, counts):
             if m > 0:
-                self.pending.setdefault(row, deque()).append((length, row_ids[:m]))
+                width = len(flat) // self.k
+                ranked = [list(flat[i * width : i * width + self.top_k]) for i in range(m)]
+                self.pending.setdefault(row, deque()).append((length, ranked))
 
     def resolve(self, row: int, output: Sequence[int], finished: bool) -> None:
         """Score the row's pending guesses whose answers ``output`` (its committed tokens) now holds."""

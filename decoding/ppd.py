@@ -28,10 +28,11 @@ from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead, check_splittable, compact, compacted_attend, kept_nodes, run_layers
 from decoding.results import RowResult
 from decoding.sampling import SamplingParams, sample_accept
-from decoding.slot_cache import SlotCache, step_mask, step_view
+from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import generate as generate_in_slots
 from decoding.vanilla import root_only_step
-from decoding.tree import CANDIDATE, PAD, PROMPT, TreeSet, default_tree_set, on_whole_root_path, tree_set_buffers
+from decoding.tree import (CANDIDATE, PAD, PROMPT, StepSizes, TreeSet, default_tree_set, on_whole_root_path,
+                           tree_set_buffers)
 
 
 class PPDDecoder:
@@ -84,7 +85,7 @@ class PPDDecoder:
     @property
     def max_step_tokens(self) -> int:
         """The most slots a step may put into a row's KV (its widest tree; the buffers are cached per tree set)."""
-        return int(tree_set_buffers(self.tree_set, self.prompt_tokens.n).num_slots.max())
+        return tree_set_buffers(self.tree_set, self.prompt_tokens.n).widest.slots
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
@@ -95,8 +96,10 @@ class PPDDecoder:
 
     def accept_sampled(self, node_tokens, node_parent, node_valid, logits_at, draw, max_depth):
         """Sampled verification (decoding/sampling.sample_accept); a method so that a test can put a wrong
-        scheme in its place and see the statistical tests catch it."""
-        return sample_accept(node_tokens, node_parent, node_valid, logits_at, draw, max_depth)
+        scheme in its place and see the statistical tests catch it. A draw that says ``fixed_shapes`` (a
+        captured step's) walks every row to the full depth."""
+        return sample_accept(node_tokens, node_parent, node_valid, logits_at, draw, max_depth,
+                             all_rows=getattr(draw, "fixed_shapes", False))
 
     # The slot protocol (decoding/slots.py). ProPD (decoding/propd.py) changes the tree between steps here.
     def begin(self) -> None:
@@ -104,16 +107,16 @@ class PPDDecoder:
         self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
         self.prompt_table = self.prompt_tokens.flat(self.dtype)  # [k*n, H]
 
-    def plan_step(self, rows, kv_len: torch.Tensor, state: torch.Tensor):
-        """The tree buffers of the next step, for the rows in slots 0..A-1 (``rows``: an ActiveView; KV lengths,
-        depth states: [A])."""
+    def plan_step(self, rows):
+        """The tree buffers of the next step, for the rows in slots 0..A-1 (``rows``: an ActiveView, host only)."""
         return self._buffers
 
     def after_commit(self, rows, keep: list[bool]) -> None:
         """The step's tokens are committed; ``keep`` [A] marks the rows still decoding."""
 
-    def after_propose(self, rows, guesses: torch.Tensor, state: torch.Tensor) -> None:
-        """The surviving rows (slots 0..A'-1) have their next guesses [A', k, top_k] and depth states [A']."""
+    def after_propose(self, rows, guesses: torch.Tensor) -> None:
+        """The surviving rows (slots 0..A'-1, ``rows``) have their next guesses: ``guesses`` [A', k, top_k] on the
+        device (the slots' own tensor), ``rows.guesses`` and ``rows.states`` on the host."""
 
     def row_finished(self, row_id: int) -> None:
         """The row of this id has left its slot."""
@@ -121,12 +124,9 @@ class PPDDecoder:
     def after_step(self) -> None:
         """The step and its bookkeeping are done."""
 
-    def propose(self, prompt_logits: torch.Tensor, rows) -> torch.Tensor:
+    def propose(self, prompt_logits: torch.Tensor) -> torch.Tensor:
         """Next step's candidates from the first m prompt tokens' logits [A, m, V]: their top_k tokens, as
-        [A, k, top_k] (zeros past m: no row's next tree reads them).
-
-        Called after the step's tokens are committed; ``rows`` (an ActiveView) says which row each slot holds.
-        """
+        [A, k, top_k] (zeros past m; a row's next state says how many are real). Part of the device step."""
         B, m, _ = prompt_logits.shape
         top_k = self.tree_set.top_k
         guesses = torch.zeros(B, self.prompt_tokens.k, top_k, dtype=torch.long, device=prompt_logits.device)
@@ -134,16 +134,16 @@ class PPDDecoder:
             guesses[:, :m] = prompt_logits.topk(top_k, dim=-1).indices
         return guesses
 
-    def _forward_tree(self, cache: SlotCache, buffers, kv_len, root, guesses, state, longest: int):
+    def _forward_tree(self, cache: SlotCache, buffers, kv_len, root, guesses, state, sizes: StepSizes, view: int):
         """Run every row's tree through the model, its N slots written at columns kv_len[b].. of its slot.
 
         Returns (slot token ids [A, N], hidden states [A, N, H], pruning): row b uses the tree of its depth state
-        ``state[b]``, padded to the widest tree among the rows (N slots). Prompt slots take the prompt-token
+        ``state[b]``, padded to ``sizes.slots`` (N, at least the widest tree among the rows). Prompt slots take the prompt-token
         embeddings; their entry in the returned ids is the root (unused). ``pruning`` is None, or (kept nodes
         [A, C], the later layers' Compaction) when early pruning ran: pruned slots' hidden states are zeros.
         """
         sb = buffers.stacked
-        N = int(buffers.num_slots[state].max())
+        N = sizes.slots
         kind = sb.slot_kind[state, :N]  # [A, N]
         cand = guesses.flatten(1).gather(1, sb.guess_index[state, :N])  # [A, N]
         ids = torch.where(kind == CANDIDATE, cand, root[:, None])  # [A, N]
@@ -153,26 +153,24 @@ class PPDDecoder:
         positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [A, N]
         attend = sb.attend[state, :N, :N]  # [A, N, N]
         A = ids.shape[0]
-        cache.ensure_capacity(longest + N)
-        view = step_view(longest, N, cache.capacity)
         mask = step_mask(kv_len, attend, view, embeds.dtype)  # [A, 1, N, view]
         cache.for_step(kv_len, view)
         self.passes += 1
-        I = 0 if self.prune_head is None else int(buffers.num_internal[state].max())  # pruning needs candidates
+        I = 0 if self.prune_head is None else sizes.internal  # pruning needs candidates
         if I == 0:
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True).last_hidden_state  # [A, N, H]
             self.tokens_processed += A * N
             return ids, hidden, None
-        return self._forward_pruned(cache, buffers, state, I, ids, embeds, positions, attend, mask, kv_len, view)
+        return self._forward_pruned(cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view)
 
-    def _forward_pruned(self, cache, buffers, state, I, ids, embeds, positions, attend, mask, kv_len, view):
+    def _forward_pruned(self, cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view):
         """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the I internal
         nodes, then layers [L, end) over the surviving slots only (see decoding/pruning.py). Those write their
         N' slots at columns kv_len[b].. of their own layers."""
         sb, head = buffers.stacked, self.prune_head
         A, N, H = embeds.shape
-        C = int(buffers.num_nodes[state].max())
+        C, I = sizes.nodes, sizes.internal
         early = run_layers(self.decoder, embeds, mask, positions, cache, slice(0, head.layer))  # [A, N, H]
         internal = sb.internal_nodes[state, :I]  # [A, I] node slots (nodes lead every tree)
         at_internal = early.gather(1, internal[..., None].expand(-1, -1, H))  # [A, I, H]
@@ -201,24 +199,32 @@ class PPDDecoder:
         V = self.lm_head.weight.shape[0]
         return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], V)
 
-    def step(self, cache: SlotCache, buffers, kv_len, root, guesses, state, draw=None, *, longest: int):
+    def step_sizes(self, buffers, states: Sequence[int] | None) -> StepSizes:
+        """The sizes of a step over rows in these depth states (None: in any state, a fixed-shape step's), host
+        ints: a step's shapes never read the device."""
+        return buffers.widest if states is None else buffers.sizes(states)
+
+    def step(self, cache: SlotCache, buffers, kv_len, root, guesses, state, draw=None, *, sizes: StepSizes,
+             view: int):
         """One guess-and-verify pass over slots 0..A-1. kv_len, root, state [A] long, guesses [A, k, top_k];
-        ``longest``: the largest kv_len, known on the host. ``draw``: None for greedy verification, else
-        draw(logits [R, V], depth, rows [R]) gives rows' sampled tokens at a depth below the root.
+        ``sizes``: the step's sizes, at least those of the rows' trees (``step_sizes``; a captured step passes
+        the tree set's widest); ``view``: the KV columns attention reads, at least the longest row plus
+        ``sizes.slots``. ``draw``: None for greedy verification, else draw(logits [R, V], depth, rows [R]) gives
+        rows' sampled tokens at a depth below the root. Without pruning and greedy, nothing reads the device.
 
         Returns (tokens [A, D+1], counts [A], next root [A], prompt logits [A, m, V], next state [A]): row b
         emits ``tokens[b, :counts[b]]``, and the KV of its root and accepted candidates now sits at columns
-        kv_len[b] .. kv_len[b] + counts[b] - 1 (the caller advances kv_len by counts).
+        kv_len[b] .. kv_len[b] + counts[b] - 1 (the caller advances kv_len by counts). m = ``sizes.prompts``;
+        a row's next state says how many of its m guesses are real.
         """
         if buffers.tree_set.root_only:
             self.passes += 1
             self.tokens_processed += root.shape[0]
-            return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, longest)
+            return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, view)
         sb = buffers.stacked
         B, H = root.shape[0], self.prompt_table.shape[-1]
-        C = int(buffers.num_nodes[state].max())  # most nodes (root included) among the rows
-        D = int(buffers.depth[state].max())  # deepest tree among the rows
-        ids, hidden, pruning = self._forward_tree(cache, buffers, kv_len, root, guesses, state, longest)
+        C, D = sizes.nodes, sizes.depth  # most nodes (root included) and deepest path among the rows' trees
+        ids, hidden, pruning = self._forward_tree(cache, buffers, kv_len, root, guesses, state, sizes, view)
         N = hidden.shape[1]  # the widest tree's slots
 
         # The lm_head reads its whole weight (V x H, 113 MB for the default model in float32) in every call, and
@@ -252,10 +258,10 @@ class PPDDecoder:
 
         # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
         # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).
-        # Only the first m prompt tokens are ever read (m = most attached to any row's best node): unless the
-        # slots' logits are at hand, the lm_head runs on those only (none when plain decoding).
+        # Only the first m prompt tokens are ever read (m = most attached to any node of the rows' trees):
+        # unless the slots' logits are at hand, the lm_head runs on those only.
         n_prompt = sb.node_prompt_count[state, best]  # [B]
-        m = int(n_prompt.max())
+        m = sizes.prompts
         slots = sb.node_prompt_slots[state, best][:, :m]  # [B, m, n]
         n, V = slots.shape[2], self.lm_head.weight.shape[0]
         if slot_logits is None:
@@ -266,7 +272,7 @@ class PPDDecoder:
         prompt_logits = at_least_fp32(prompt_slot_logits).view(B, m, n, V).mean(2)  # [B, m, V]
 
         # Keep the KV of the root and the accepted candidates only: the path's columns move to kv_len[b]..
-        # (the root's is there already). A step whose rows are all in state 0 (D = 0) moves nothing.
+        # (the root's is there already). A step whose rows' trees are all the root alone (D = 0) moves nothing.
         if D > 0:
             dst = kv_len[:, None] + torch.arange(D + 1, device=root.device)  # [A, D+1]
             if pruning is None:

@@ -96,7 +96,7 @@ class ProPDDecoder(PPDDecoder):
         self.choices: deque[tuple[int, int]] = deque()  # (rows, slots) per step, the latest 65536 (begin())
 
     def _slots_per_state(self, option: TreeOption) -> list[int]:
-        return tree_set_buffers(option.tree_set, self.prompt_tokens.n).num_slots.tolist()
+        return [s.slots for s in tree_set_buffers(option.tree_set, self.prompt_tokens.n).state_sizes]
 
     def _set_family(self, family: Sequence[TreeOption]) -> None:
         old = dict(zip(self.keys, self.widest)) if hasattr(self, "keys") else {}
@@ -214,15 +214,15 @@ class ProPDDecoder(PPDDecoder):
         self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
         self.step_seconds = 0.0
 
-    def plan_step(self, rows, kv_len: torch.Tensor, state: torch.Tensor):
-        self.context = float(kv_len.float().mean())
+    def plan_step(self, rows):
+        self.context = sum(rows.kv_lens) / rows.size
         self.chosen = self.choose(rows.size, self.context)
         self.current = self.keys[self.chosen]
         self.tree_set = self.family[self.chosen].tree_set
         if self.chosen not in self.buffers:
             self.buffers[self.chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
         buffers = self.buffers[self.chosen]
-        self.choices.append((rows.size, int(buffers.num_slots[state].max())))
+        self.choices.append((rows.size, buffers.sizes(rows.states).slots))
         self.step_started = time.perf_counter()
         return buffers
 
@@ -245,8 +245,8 @@ class ProPDDecoder(PPDDecoder):
     def row_finished(self, row_id: int) -> None:
         self.ran_last.pop(row_id, None)
 
-    def after_propose(self, rows, guesses: torch.Tensor, state: torch.Tensor) -> None:
-        self.acceptance.record(rows.ids, [len(r.token_ids) for r in rows.results], guesses, state.tolist())
+    def after_propose(self, rows, guesses: torch.Tensor) -> None:
+        self.acceptance.record(rows.ids, [len(r.token_ids) for r in rows.results], rows.guesses, rows.states)
 
     def after_step(self) -> None:
         """The step is over, its bookkeeping too (the next guesses, the acceptance record): all of that is the

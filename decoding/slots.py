@@ -36,8 +36,9 @@ import torch
 
 from decoding.batch import StopCheck, additive_mask, pad_prompts
 from decoding.results import FinishReason, RowResult
-from decoding.sampling import GREEDY, SamplingParams, sample_tokens, uniform_stream
-from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up
+from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
+from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up, step_view
+from decoding.tree import StepSizes
 
 Refill = Literal["continuous", "when_empty"]
 
@@ -64,15 +65,21 @@ class Request:
 class _Row:
     request: Request
     id: int  # unique for the SlotBatch's life: the decoders' per-row statistics are keyed by it
-    kv_len: int  # host copy of the slot's KV length
+    kv_len: int  # host copies of the slot's KV length, depth state and guesses (flat [k * top_k])
+    state: int = 0
+    guesses: list[int] = field(default_factory=list)
     result: RowResult = field(default_factory=RowResult)
 
 
 class ActiveView(NamedTuple):
-    """The rows in slots 0..A-1, for the decoders' hooks: their ids and results, in slot order."""
+    """The rows in slots 0..A-1, for the decoders' hooks, in slot order: ids, results, and host copies of their
+    KV lengths, depth states and guesses (flat [k * top_k] each; empty before a row's first step)."""
 
     ids: list[int]
     results: list[RowResult]
+    kv_lens: list[int]
+    states: list[int]
+    guesses: list[list[int]]
 
     @property
     def size(self) -> int:
@@ -98,18 +105,31 @@ class Occupancy:
         return asdict(self)
 
 
+def slot_bucket(rows: int, num_slots: int) -> int:
+    """The rows a fixed-shape step runs for ``rows`` busy slots: the next power of two, at most ``num_slots``."""
+    return min(num_slots, 1 << max(rows - 1, 0).bit_length())
+
+
 class SlotBatch:
+    """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
+    be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
+    tree set's widest tree for every row, attention over the cache's whole capacity, sampling without
+    data-dependent shapes. Otherwise (eager) each step is sized to its rows: the narrowest tree that fits
+    their depth states and the longest row's columns. The tokens are the same either way."""
+
     def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False):
         assert num_slots >= 1
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
+        self.fixed_shapes = fixed_shapes
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
         model = decoder.model
         self.device = decoder.device
         self.cache = SlotCache.for_model(model, num_slots)
         S, k, top_k = num_slots, decoder.k, decoder.top_k
         long = dict(dtype=torch.long, device=self.device)
-        self.kv_len = torch.zeros(S, **long)  # [S]
+        self.kv_len = torch.zeros(S, **long)  # [S] (0 in a free slot)
+        self.busy_slots = torch.zeros(S, dtype=torch.bool, device=self.device)  # [S] slots 0..A-1
         self.root = torch.zeros(S, **long)  # [S] the last emitted token, not yet in the cache
         self.state = torch.zeros(S, **long)  # [S] depth state: how many guesses the row holds
         self.emitted = torch.zeros(S, **long)  # [S] tokens emitted: the sampler's position in the row's stream
@@ -138,7 +158,9 @@ class SlotBatch:
         return not self.rows and not self.waiting
 
     def view(self) -> ActiveView:
-        return ActiveView([r.id for r in self.rows], [r.result for r in self.rows])
+        rows = self.rows
+        return ActiveView([r.id for r in rows], [r.result for r in rows], [r.kv_len for r in rows],
+                          [r.state for r in rows], [r.guesses for r in rows])
 
     # -- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -159,31 +181,50 @@ class SlotBatch:
             occ.steps_waiting += 1
             occ.busy_waiting += A
         view = self.view()
-        kv_len, state = self.kv_len[:A], self.state[:A]
-        buffers = self.decoder.plan_step(view, kv_len, state)
-        draw = self._drawer(A)
-        longest = max(r.kv_len for r in self.rows)  # known on the host: sizes the attention view
-        tokens, counts, root, prompt_logits, next_state = self.decoder.step(
-            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], state, draw, longest=longest)
-        kept_cols = counts.tolist()  # syncs the device: the step is done
-        keep = self._commit(tokens, kept_cols)
+        buffers = self.decoder.plan_step(view)
+        longest = max(view.kv_lens)
+        if self.fixed_shapes:
+            run, sizes = slot_bucket(A, self.num_slots), self.decoder.step_sizes(buffers, None)
+            columns = self.cache.capacity
+        else:
+            run, sizes = A, self.decoder.step_sizes(buffers, view.states)
+            columns = step_view(longest, sizes.slots, self.cache.capacity)
+        assert longest + sizes.slots <= self.cache.capacity, "admission makes room for every row's longest step"
+        packed = self._device_step(run, buffers, sizes, columns, self._drawer())
+        host = packed[:A].tolist()  # the step's one read of the device (it waits for the step to finish)
+        D1 = sizes.depth + 1
+        keep = self._commit([h[:D1] for h in host], [h[D1] for h in host])
         self.decoder.after_commit(view, keep)
-        self.kv_len[:A] += counts
-        self.emitted[:A] += counts  # exact for every row still decoding (EOS and limits end a row)
-        self.root[:A] = root
-        self.state[:A] = next_state
-        self.guesses[:A] = self.decoder.propose(prompt_logits, view)
-        for row, cols in zip(self.rows, kept_cols):
-            row.kv_len += cols
+        for row, h in zip(self.rows, host):
+            row.kv_len += h[D1]
+            row.state, row.guesses = h[D1 + 1], h[D1 + 2:]
         done = [b for b in range(A) if not keep[b]]
         for b in done:
             finished.append((self.rows[b].request, self.rows[b].result))
             self.decoder.row_finished(self.rows[b].id)
         self._release(done)
         if self.rows:
-            self.decoder.after_propose(self.view(), self.guesses[: len(self.rows)], self.state[: len(self.rows)])
+            self.decoder.after_propose(self.view(), self.guesses[: len(self.rows)])
         self.decoder.after_step()
         return finished
+
+    def _device_step(self, A: int, buffers, sizes: StepSizes, view: int, draw) -> torch.Tensor:
+        """The decoder's step over slots 0..A-1 (those past the busy ones idle along) and the slots'
+        bookkeeping, all on the device: KV lengths, sampler positions, roots, depth states and guesses advance
+        in place. Returns what the host reads, one row per slot [A, D+1 tokens | count | next state | k * top_k
+        next guesses]. Nothing here reads the device from the host: this is the part compiled and captured."""
+        kv_len, emitted = self.kv_len[:A], self.emitted[:A]
+        tokens, counts, root, prompt_logits, next_state = self.decoder.step(
+            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], self.state[:A], draw, sizes=sizes,
+            view=view)
+        advance = counts * self.busy_slots[:A]  # an idle slot stays empty
+        kv_len += advance
+        emitted += advance  # exact for every row still decoding (EOS and limits end a row)
+        self.root[:A] = root
+        self.state[:A] = next_state
+        guesses = self.guesses[:A]
+        guesses.copy_(self.decoder.propose(prompt_logits))
+        return torch.cat([tokens, counts[:, None], next_state[:, None], guesses.flatten(1)], 1)
 
     def run(self) -> list[tuple[Request, RowResult]]:
         """Step until every row added has finished; the finished rows in the order they finished."""
@@ -196,28 +237,24 @@ class SlotBatch:
         """After a step failed: the requests in the slots and those being admitted, taken out (every slot is
         free again; the waiting queue is kept)."""
         rows, self.rows, self._admitting = self.rows + self._admitting, [], []
+        self.busy_slots.zero_()
+        self.kv_len.zero_()
         for row in rows:
             self.decoder.row_finished(row.id)
         return [row.request for row in rows]
 
-    def _drawer(self, A: int):
-        """draw(logits [R, V], depth, rows [R]) for this step (rows index slots 0..A-1), or None when every
-        row is greedy: the decoders then take their greedy path."""
-        if all(r.request.sampling.greedy for r in self.rows):
+    def _drawer(self) -> SlotDraw | None:
+        """This step's draw, or None when every row is greedy: the decoders then take their greedy path."""
+        params = [r.request.sampling for r in self.rows]
+        if all(p.greedy for p in params):
             return None
-        emitted = self.emitted[:A]
+        return SlotDraw(self, Filters.of(params, exhaustive=self.fixed_shapes), self.fixed_shapes)
 
-        def draw(logits: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
-            u = self.uniforms[rows, emitted[rows] + depth]  # [R]
-            return sample_tokens(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u)
-
-        return draw
-
-    def _commit(self, tokens: torch.Tensor, counts: list[int]) -> list[bool]:
+    def _commit(self, tokens: list[list[int]], counts: list[int]) -> list[bool]:
         """Append ``tokens[b, :counts[b]]`` to each row, honouring EOS, stop checks and max_new_tokens exactly.
         Returns, per slot, whether the row is still decoding."""
         keep = []
-        for row, toks, count in zip(self.rows, tokens.tolist(), counts):
+        for row, toks, count in zip(self.rows, tokens, counts):
             res, req = row.result, row.request
             new = toks[: min(count, req.max_new_tokens - len(res.token_ids))]
             for i, t in enumerate(new):
@@ -263,6 +300,7 @@ class SlotBatch:
         self.cache.ensure_capacity(need + self.decoder.max_step_tokens)
         slots = torch.arange(first, first + R, device=self.device)
         self.kv_len[slots] = torch.tensor([r.kv_len for r in newcomers], device=self.device)
+        self.busy_slots[slots] = True
         self.root[slots] = torch.tensor([r.request.prompt[-1] for r in newcomers], device=self.device)
         self.state[slots] = 0
         self.emitted[slots] = 0
@@ -304,6 +342,23 @@ class SlotBatch:
             for h, m in zip(holes, movers):
                 self.rows[h] = self.rows[m]
         del self.rows[survivors:]
+        self.busy_slots[survivors:] = False
+        self.kv_len[survivors:] = 0
+
+
+@dataclass(frozen=True)
+class SlotDraw:
+    """draw(logits [R, V], depth, rows [R]): the tokens of slots ``rows`` at ``depth`` below their root, each
+    with its own uniform at its stream position (tokens emitted so far, plus depth)."""
+
+    batch: SlotBatch
+    filters: Filters
+    fixed_shapes: bool  # the verifier draws for every row at every depth (decoding/sampling.sample_accept)
+
+    def __call__(self, logits: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        u = b.uniforms[rows, b.emitted[rows] + depth]  # [R]
+        return sample_tokens(logits, b.temperature[rows], b.top_k[rows], b.top_p[rows], u, self.filters)
 
 
 @torch.inference_mode()
@@ -343,3 +398,12 @@ def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Se
     for req, res in batch.run():
         results[req.tag] = res
     return results  # type: ignore[return-value]
+
+
+def one_step(decoder, cache: SlotCache, buffers, kv_len: torch.Tensor, root: torch.Tensor, guesses: torch.Tensor,
+             state: torch.Tensor, draw=None):
+    """One ``decoder.step`` over slots 0..A-1 outside a SlotBatch (the latency profile, tests): its sizes and
+    attention view come from ``kv_len`` and ``state`` [A], read from the device here."""
+    sizes = decoder.step_sizes(buffers, state.tolist())
+    view = step_view(int(kv_len.max()), sizes.slots, cache.capacity)
+    return decoder.step(cache, buffers, kv_len, root, guesses, state, draw, sizes=sizes, view=view)

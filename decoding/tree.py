@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -263,21 +264,45 @@ def tree_buffers(tree: TreeSpec, *, k: int, top_k: int, n: int = 1, max_depth: i
     )
 
 
+class StepSizes(NamedTuple):
+    """A step's sizes, known on the host: the largest of each over the trees of the rows' depth states."""
+
+    slots: int  # N: slots per row
+    nodes: int  # C: nodes per row, the root included
+    depth: int  # D: deepest path
+    prompts: int  # m: the most prompt tokens attached to one node (the next step's guesses per row)
+    internal: int  # I: nodes with children (early pruning reads their heads)
+
+    def max(self, other: StepSizes) -> StepSizes:
+        return StepSizes(*map(max, self, other))
+
+
 @dataclass(frozen=True)
 class TreeSetBuffers:
     """Every state's buffers padded to common sizes and stacked on a leading state axis [k+1, ...].
 
     Padding sits at the end of each axis, so a step whose rows need at most N slots and C+1 nodes slices
     ``[:, :N]`` / ``[:, :C+1]``. Padded slots attend only to themselves; padded nodes are never valid.
+    ``state_sizes`` are each state's tree sizes on the host, so that a step's shapes never read the device.
     """
 
     tree_set: TreeSet
     n: int
     stacked: TreeBuffers  # every field with a leading [k+1] axis
-    num_slots: torch.Tensor  # [k+1] long
-    num_nodes: torch.Tensor  # [k+1] long
-    depth: torch.Tensor  # [k+1] long
-    num_internal: torch.Tensor  # [k+1] long: nodes with children
+    state_sizes: tuple[StepSizes, ...]  # [k+1]
+
+    def sizes(self, states: Iterable[int]) -> StepSizes:
+        """The sizes of a step over rows in these depth states (host ints)."""
+        out = None
+        for s in set(states):
+            out = self.state_sizes[s] if out is None else out.max(self.state_sizes[s])
+        assert out is not None, "a step has at least one row"
+        return out
+
+    @property
+    def widest(self) -> StepSizes:
+        """The sizes of a step that fits rows in any state: the fixed shape of a captured step."""
+        return self.sizes(range(len(self.state_sizes)))
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int], fill) -> torch.Tensor:
@@ -319,15 +344,10 @@ def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
         slot_node=stack("slot_node", (n_slots,), 0),
         internal_nodes=stack("internal_nodes", (n_internal,), 0),
     )
-    return TreeSetBuffers(
-        tree_set=tree_set,
-        n=n,
-        stacked=stacked,
-        num_slots=torch.tensor([b.attend.shape[0] for b in per_state]),
-        num_nodes=torch.tensor([b.node_depth.shape[0] for b in per_state]),
-        depth=torch.tensor([t.depth for t in tree_set.trees]),
-        num_internal=torch.tensor([b.internal_nodes.shape[0] for b in per_state]),
-    )
+    sizes = tuple(StepSizes(slots=b.attend.shape[0], nodes=b.node_depth.shape[0], depth=t.depth,
+                            prompts=max(t.prompt_counts, default=0), internal=b.internal_nodes.shape[0])
+                  for b, t in zip(per_state, tree_set.trees))
+    return TreeSetBuffers(tree_set=tree_set, n=n, stacked=stacked, state_sizes=sizes)
 
 
 def tree_set_buffers(tree_set: TreeSet, n: int = 1, device: torch.device | str = "cpu") -> TreeSetBuffers:
@@ -342,6 +362,4 @@ def tree_set_buffers(tree_set: TreeSet, n: int = 1, device: torch.device | str =
 def _tree_set_buffers_on_device(tree_set: TreeSet, n: int, device: str) -> TreeSetBuffers:
     cpu = _tree_set_buffers_cpu(tree_set, n)
     moved = TreeBuffers(**{f: getattr(cpu.stacked, f).to(device) for f in TreeBuffers.__dataclass_fields__})
-    return TreeSetBuffers(tree_set=tree_set, n=n, stacked=moved, num_slots=cpu.num_slots.to(device),
-                          num_nodes=cpu.num_nodes.to(device), depth=cpu.depth.to(device),
-                          num_internal=cpu.num_internal.to(device))
+    return TreeSetBuffers(tree_set=tree_set, n=n, stacked=moved, state_sizes=cpu.state_sizes)

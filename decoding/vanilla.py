@@ -16,21 +16,20 @@ from torch import nn
 from decoding.batch import StopCheck, at_least_fp32
 from decoding.results import RowResult
 from decoding.sampling import SamplingParams
-from decoding.slot_cache import SlotCache, step_mask, step_view
+from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import generate as generate_in_slots
+from decoding.tree import StepSizes
 
 
 def root_only_step(decoder: nn.Module, lm_head: nn.Module, cache: SlotCache, kv_len: torch.Tensor,
-                   root: torch.Tensor, draw, longest: int):
+                   root: torch.Tensor, draw, view: int):
     """One plain decoding step over slots 0..A-1: each row's root (root [A]) at position and column
-    ``kv_len[b]`` (kv_len [A] long; ``longest`` its largest value, known on the host). ``draw``: None for the
-    argmax, else draw(logits [R, V], depth, rows [R]).
+    ``kv_len[b]`` (kv_len [A] long), attention reading KV columns [0, ``view``). ``draw``: None for the argmax,
+    else draw(logits [R, V], depth, rows [R]).
 
     Returns (tokens [A, 1], counts [A] (ones), next root [A], prompt logits [A, 0, V] (no guesses), next
     state [A] (zeros)): the decoders' ``step`` contract (decoding/slots.py)."""
     A = root.shape[0]
-    cache.ensure_capacity(longest + 1)
-    view = step_view(longest, 1, cache.capacity)
     self_only = torch.ones(A, 1, 1, dtype=torch.bool, device=root.device)  # [A, 1, 1]
     cache.for_step(kv_len, view)
     mask = step_mask(kv_len, self_only, view, lm_head.weight.dtype)  # [A, 1, 1, view]
@@ -47,6 +46,7 @@ class VanillaDecoder:
     """Plain decoding through the slot protocol of decoding/slots.py (no guesses: k = 0)."""
 
     k, top_k, max_step_tokens = 0, 1, 1
+    SIZES = StepSizes(slots=1, nodes=1, depth=0, prompts=0, internal=0)
 
     def __init__(self, model: nn.Module, eos_token_ids: Sequence[int] = ()):
         self.model = model
@@ -73,19 +73,22 @@ class VanillaDecoder:
     def begin(self) -> None:
         pass
 
-    def plan_step(self, rows, kv_len, state):
+    def plan_step(self, rows):
         return None
 
-    def step(self, cache, buffers, kv_len, root, guesses, state, draw=None, *, longest: int):
-        return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, longest)
+    def step_sizes(self, buffers, states) -> StepSizes:
+        return self.SIZES
+
+    def step(self, cache, buffers, kv_len, root, guesses, state, draw=None, *, sizes: StepSizes, view: int):
+        return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, view)
 
     def after_commit(self, rows, keep) -> None:
         pass
 
-    def propose(self, prompt_logits: torch.Tensor, rows) -> torch.Tensor:
+    def propose(self, prompt_logits: torch.Tensor) -> torch.Tensor:
         return torch.zeros(prompt_logits.shape[0], 0, 1, dtype=torch.long, device=prompt_logits.device)
 
-    def after_propose(self, rows, guesses, state) -> None:
+    def after_propose(self, rows, guesses) -> None:
         pass
 
     def row_finished(self, row_id: int) -> None:

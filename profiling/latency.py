@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
 from decoding.slot_cache import SlotCache
-from decoding.slots import prefill_slots
+from decoding.slots import one_step, prefill_slots
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
 from profiling.trees import best_paths
@@ -165,13 +165,13 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
             for i in range(warmups + repeats):
                 _sync(device)
                 t0 = time.perf_counter()
-                decoder.step(cache, buffers, kv_len, root, guesses, state, longest=context_len)
+                one_step(decoder, cache, buffers, kv_len, root, guesses, state)
                 _sync(device)
                 if i >= warmups:
                     times.append(time.perf_counter() - t0)
                 if i >= warmups and time.perf_counter() > batch_deadline:
                     break
-            actual = int(buffers.num_slots[k])  # = size, or just below for a few ensemble sizes
+            actual = buffers.state_sizes[k].slots  # = size, or just below for a few ensemble sizes
             previous = LatencyPoint(batch=batch, slots=actual, seconds=statistics.median(times), repeats=len(times))
             points.append(previous)
         del cache

@@ -38,8 +38,9 @@ class OracleGuesses:
     truth: list[list[int]]
     g: torch.Generator
 
-    def propose(self, prompt_logits, rows):
-        guesses = super().propose(prompt_logits, rows).clone()  # [A, k, top_k]: filler
+    def after_propose(self, rows, guesses):
+        """Rewrites the slots' guesses [A, k, top_k] (the model's are filler), on the device and the host."""
+        top_k = guesses.shape[2]
         for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
             done = len(result.token_ids)
             for d in range(guesses.shape[1]):
@@ -48,8 +49,9 @@ class OracleGuesses:
                 if torch.rand(1, generator=self.g).item() >= 0.2:
                     filler.insert(int(torch.randint(0, 3, (1,), generator=self.g)), true)
                 pad = [t for t in range(VOCAB) if t not in filler]
-                guesses[b, d] = torch.tensor((filler + pad)[: guesses.shape[2]])
-        return guesses
+                guesses[b, d] = torch.tensor((filler + pad)[:top_k])
+                rows.guesses[b][d * top_k : (d + 1) * top_k] = guesses[b, d].tolist()
+        super().after_propose(rows, guesses)
 
 
 def make_decoder(method: str, model, truth):

@@ -24,7 +24,7 @@ from decoding import (
 from decoding.batch import new_cache
 from decoding.ppd import greedy_accept
 from decoding.slot_cache import SlotCache, step_mask
-from decoding.slots import prefill_slots
+from decoding.slots import one_step, prefill_slots
 from decoding.tree import tree_buffers, tree_set_buffers
 from profiling.tree_builder import build_tree_set
 from tests.helpers_models import make_tiny_llama
@@ -76,8 +76,9 @@ class OracleGuessDecoder(PPDDecoder):
         self.g = torch.Generator().manual_seed(seed)
         self.miss_prob, self.max_rank = miss_prob, max_rank
 
-    def propose(self, prompt_logits, rows):
-        guesses = super().propose(prompt_logits, rows).clone()  # [B, k, top_k]: filler
+    def after_propose(self, rows, guesses):
+        """Rewrites the slots' guesses [A, k, top_k] (the model's are filler), on the device and the host."""
+        top_k = guesses.shape[2]
         for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
             done = len(result.token_ids)
             for d in range(guesses.shape[1]):
@@ -86,9 +87,10 @@ class OracleGuessDecoder(PPDDecoder):
                 if torch.rand(1, generator=self.g).item() >= self.miss_prob:
                     rank = int(torch.randint(0, self.max_rank, (1,), generator=self.g))
                     filler.insert(rank, true)
-                guesses[b, d] = torch.tensor(filler[: guesses.shape[2]] + [t for t in range(VOCAB)
-                                             if t not in filler][: max(0, guesses.shape[2] - len(filler))])
-        return guesses
+                guesses[b, d] = torch.tensor(filler[:top_k] + [t for t in range(VOCAB)
+                                             if t not in filler][: max(0, top_k - len(filler))])
+                rows.guesses[b][d * top_k : (d + 1) * top_k] = guesses[b, d].tolist()
+        super().after_propose(rows, guesses)
 
 
 WIDE = TreeSet(k=K, top_k=10, trees=tuple(
@@ -160,12 +162,11 @@ def test_one_lm_head_call_over_every_slot_gives_the_steps_outputs_of_two(model, 
         cache, kv_len = prefilled(model, prompts[:3])
         root = torch.tensor([t[0] for t in full[:3]])  # as if the prompt's last token had been the step before
         with torch.inference_mode():
-            _, counts, root, _, _ = dec.step(cache, tree_set_buffers(DEEP, n=2), kv_len,
+            _, counts, root, _, _ = one_step(dec, cache, tree_set_buffers(DEEP, n=2), kv_len,
                                              torch.tensor([p[-1] for p in prompts[:3]]), guesses,
-                                             torch.zeros(3, dtype=torch.long), longest=int(kv_len.max()))
+                                             torch.zeros(3, dtype=torch.long))
             kv_len = kv_len + counts
-            outs.append(dec.step(cache, tree_set_buffers(DEEP, n=2), kv_len, root, guesses, torch.full((3,), K),
-                                 longest=int(kv_len.max())))
+            outs.append(one_step(dec, cache, tree_set_buffers(DEEP, n=2), kv_len, root, guesses, torch.full((3,), K)))
     (tokens, counts, bonus, logits, state), (tokens2, counts2, bonus2, logits2, state2) = outs
     assert counts.tolist() == counts2.tolist() and min(counts.tolist()) >= 2
     assert torch.equal(tokens, tokens2) and torch.equal(bonus, bonus2) and torch.equal(state, state2)
@@ -236,7 +237,7 @@ def test_tree_node_outputs_equal_the_chain_over_their_root_path(model):
     buffers = tree_set_buffers(ts, n=n)
     with torch.inference_mode():
         ids, hidden, pruning = dec._forward_tree(cache, buffers, kv_len, root, guesses, torch.full((2,), K),
-                                                 longest=int(kv_len.max()))
+                                                 buffers.sizes([K]), cache.capacity)
     assert pruning is None
     b = tree_buffers(tree, k=K, top_k=4, n=n)
     nodes = [()] + list(tree.paths)
@@ -276,13 +277,13 @@ def test_kept_kv_equals_a_sequential_prefill(model, truth):
     first = torch.tensor([t[0] for t in full])  # the first new token plays the root here
     with torch.inference_mode():
         # Put each row's prompt last token into the cache first (a root-only step), so the root is `first`.
-        _, counts0, root, _, _ = dec.step(cache, tree_set_buffers(ts), kv_len, root, guesses,
-                                          torch.zeros(3, dtype=torch.long), longest=int(kv_len.max()))
+        _, counts0, root, _, _ = one_step(dec, cache, tree_set_buffers(ts), kv_len, root, guesses,
+                                          torch.zeros(3, dtype=torch.long))
         assert torch.equal(root, first) and counts0.tolist() == [1, 1, 1]
         kv_len = kv_len + counts0
         assert kv_len.tolist() == [len(p) for p in prompts]
-        tokens, counts, _, _, _ = dec.step(cache, tree_set_buffers(ts), kv_len, root, guesses,
-                                           torch.full((3,), K), longest=int(kv_len.max()))
+        tokens, counts, _, _, _ = one_step(dec, cache, tree_set_buffers(ts), kv_len, root, guesses,
+                                           torch.full((3,), K))
     assert counts.tolist() == [K + 1] * 3  # three accepted candidates plus the bonus
     kv_len = kv_len + counts
     for b, (p, t) in enumerate(zip(prompts, full)):
@@ -321,7 +322,7 @@ def test_root_only_steps_move_no_kv_and_stay_lossless(model, truth, monkeypatch,
     class Alternating(OracleGuessDecoder):
         steps = 0
 
-        def plan_step(self, rows, kv_len, state):
+        def plan_step(self, rows):
             self.steps += 1
             return plain_buffers if self.steps % plain_every == 0 else deep_buffers
 

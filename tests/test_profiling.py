@@ -31,7 +31,7 @@ def test_synthetic_tree_has_the_slots_asked(slots, n, k):
         return
     ts = synthetic_tree_set(k, 10, slots, n)
     got = tree_set_slots(ts, n)
-    assert int(tree_set_buffers(ts, n=n).num_slots[k]) == got
+    assert tree_set_buffers(ts, n=n).state_sizes[k].slots == got
     if n == 1:
         assert got == slots
     else:  # every prompt token takes n slots: a few sizes are out of reach, and the next one down is taken
@@ -68,7 +68,7 @@ class StepClock:
         step = PPDDecoder.step
 
         def timed_step(decoder, cache, buffers, *args, **kwargs):
-            self.now += 1e-3 * int(buffers.num_slots.max())
+            self.now += 1e-3 * buffers.widest.slots
             return step(decoder, cache, buffers, *args, **kwargs)
 
         monkeypatch.setattr(PPDDecoder, "step", timed_step)

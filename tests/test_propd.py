@@ -24,14 +24,14 @@ BUDGETS = (4, 8, 16, 32, 64)
 def test_every_guess_is_scored_once_its_answer_is_committed():
     tracker = AcceptanceTracker([[0.0] * 3] * 2, k=2, top_k=3, prior_weight=0.0)
     # Row 7 has 4 tokens; its guesses for output positions 4 and 5.
-    tracker.record([7], [4], torch.tensor([[[10, 11, 12], [20, 21, 22]]]), [2])
+    tracker.record([7], [4], [[10, 11, 12, 20, 21, 22]], [2])
     tracker.resolve(7, [1, 2, 3, 4, 11], finished=False)  # position 4 is known, position 5 not yet: wait
     assert tracker.scored == [0, 0]
     # Position 5 holds 22. Guess 1 is scored although guess 0 ranked second: a rejected path still counts.
     tracker.resolve(7, [1, 2, 3, 4, 11, 22], finished=False)
     assert tracker.scored == [1, 1] and tracker.hits == [[0, 1, 0], [0, 0, 1]]
     # A miss, and a row that ends before its last guess's answer: only the known guess is scored.
-    tracker.record([7], [6], torch.tensor([[[30, 31, 32], [40, 41, 42]]]), [2])
+    tracker.record([7], [6], [[30, 31, 32, 40, 41, 42]], [2])
     tracker.resolve(7, [1, 2, 3, 4, 11, 22, 99], finished=True)
     assert tracker.scored == [2, 1] and tracker.hits == [[0, 1, 0], [0, 0, 1]]
     assert tracker.table() == [[0.0, 0.5, 0.0], [0.0, 0.0, 1.0]]
@@ -40,7 +40,7 @@ def test_every_guess_is_scored_once_its_answer_is_committed():
 
 def test_the_prior_weighs_as_many_observations_as_asked():
     tracker = AcceptanceTracker([[0.5, 0.0]], k=1, top_k=2, prior_weight=3.0)
-    tracker.record([0], [1], torch.tensor([[[5, 6]]]), [1])
+    tracker.record([0], [1], [[5, 6]], [1])
     tracker.resolve(0, [9, 6], finished=True)  # rank 1
     assert tracker.table() == [[pytest.approx(1.5 / 4), pytest.approx(1 / 4)]]
 

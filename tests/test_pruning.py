@@ -80,8 +80,9 @@ def test_surviving_slots_equal_the_unpruned_pass(model):
         cache, kv_len = prefilled(model, prompts)
         root = torch.tensor([p[-1] for p in prompts])
         with torch.inference_mode():
-            outs.append(dec._forward_tree(cache, tree_set_buffers(ts), kv_len, root, guesses, torch.full((3,), K),
-                                          longest=int(kv_len.max())))
+            buffers = tree_set_buffers(ts)
+            outs.append(dec._forward_tree(cache, buffers, kv_len, root, guesses, torch.full((3,), K),
+                                          buffers.sizes([K]), cache.capacity))
     (_, full, none), (_, pruned, (kept, c)) = outs
     assert none is None
     assert 0 < int(kept.sum()) < kept.numel()  # some nodes pruned, some kept

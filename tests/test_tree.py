@@ -153,9 +153,9 @@ def test_stacked_buffers_pad_without_changing_any_state(trees):
     ts = TreeSet(k=2, top_k=4, trees=tuple(fixed))
     sb = tree_set_buffers(ts, n=1)
     for m, tree in enumerate(fixed):
-        own = tree_buffers(tree, k=2, top_k=4, n=1, max_depth=int(sb.depth.max()))
+        own = tree_buffers(tree, k=2, top_k=4, n=1, max_depth=sb.widest.depth)
         N, C = own.attend.shape[0], own.node_depth.shape[0]
-        assert sb.num_slots[m] == N and sb.num_nodes[m] == C
+        assert sb.state_sizes[m].slots == N and sb.state_sizes[m].nodes == C
         assert torch.equal(sb.stacked.attend[m, :N, :N], own.attend)
         assert torch.equal(sb.stacked.node_path[m, :C], own.node_path)
         assert not bool(sb.stacked.node_valid[m, C:].any())

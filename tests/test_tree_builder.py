@@ -131,7 +131,7 @@ def test_budget_respected_and_trees_valid_for_the_decoder(budget, n):
         if budget >= 1 + n:  # the root can carry a prompt token: no node goes without one
             assert min(tree.prompt_counts) >= 1
     buffers = tree_set_buffers(ts, n=n)
-    assert int(buffers.num_slots.max()) == built.slots
+    assert buffers.widest.slots == built.slots
     # More budget never predicts fewer tokens.
     if budget > 1:
         assert built.estimate.expected_tokens >= build_tree_set(TABLE, 3, budget - 1, n=n).estimate.expected_tokens - 1e-9
