@@ -122,6 +122,9 @@ class SlotBatch:
         assert num_slots >= 1
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
         self.fixed_shapes = fixed_shapes
+        if fixed_shapes and getattr(decoder, "prune_head", None) is not None:
+            raise ValueError("early pruning keeps a data-dependent number of slots: its steps run eager, not at "
+                             "fixed shapes")
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
         model = decoder.model
         self.device = decoder.device

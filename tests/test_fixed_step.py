@@ -1,0 +1,124 @@
+"""The fixed-shape step (decoding/slots.py, ``fixed_shapes=True``): the part of a step that is compiled and
+captured. It must give every row the tokens of that row decoded alone, read nothing back from the device
+inside, and trace as one graph per shape bucket (dynamo ``fullgraph=True``), on tiny float64 models."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from decoding.slots import Request, SlotBatch, slot_bucket
+from tests.test_continuous import make_decoder, model, rows  # noqa: F401 - fixtures
+
+aten = torch.ops.aten
+DECODING = str(Path(__file__).resolve().parents[1] / "decoding")
+# Ops that read the device from the host (on a GPU each waits for the device to drain its queue).
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops dispatched that read device memory on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_slot_buckets_are_powers_of_two_up_to_the_slots():
+    assert [slot_bucket(a, 6) for a in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert [slot_bucket(a, 8) for a in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+def run_joining(model, rows, method, sampled, offset, **batch_args):
+    """Rows 0 and 1 start in a batch of 4 slots (one idle in the bucket of 4 once row 2 joins); row 2 joins
+    after ``offset`` steps. Returns each row's tokens and the batch."""
+    (p0, n0, s0, t0), (p1, n1, s1, t1), (p2, n2, s2, t2) = rows[sampled]
+    batch = SlotBatch(make_decoder(method, model, [t0, t1, t2]), num_slots=4, **batch_args)
+    batch.add([Request(p0, n0, s0, tag=0), Request(p1, n1, s1, tag=1)])
+    finished = []
+    for _ in range(offset):
+        finished += batch.step()
+    batch.add(Request(p2, n2, s2, tag=2))
+    finished += batch.run()
+    return {req.tag: res.token_ids for req, res in finished}, [t0[:n0], t1[:n1], t2[:n2]]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ppd", "propd"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fixed_shape_steps_equal_each_row_decoded_alone(model, rows, method, sampled):  # noqa: F811
+    for offset in (0, 2, 5):
+        got, want = run_joining(model, rows, method, sampled, offset, fixed_shapes=True)
+        assert got == dict(enumerate(want)), f"offset {offset}"
+
+
+@pytest.mark.parametrize("method,sampled,fixed", [
+    ("vanilla", False, False), ("ppd", False, False), ("propd", False, False),
+    ("vanilla", True, True), ("ppd", True, True), ("propd", True, True), ("ppd", False, True)])
+def test_the_device_step_reads_nothing_back_and_the_loop_reads_once_a_step(model, rows, method, sampled, fixed,
+                                                                           monkeypatch):  # noqa: F811
+    """Inside the device step no op reads the device (eager greedy steps too; sampled ones only at fixed
+    shapes, where top_p's cut is found without a data-dependent look). Around it, the decoding code reads the
+    device once a step: the packed tokens, counts, states and guesses (``.tolist()`` does not dispatch on a
+    CPU tensor, so it is counted where it is called)."""
+    modes: list[HostReads] = []
+    device_step = SlotBatch._device_step
+
+    def watched(self, *args):
+        modes.append(HostReads())
+        with modes[-1]:
+            return device_step(self, *args)
+
+    tolist_calls = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        caller = inspect.stack(0)[1].filename
+        if caller.startswith(DECODING) and not caller.endswith("online_stats.py"):  # host-side statistics
+            tolist_calls.append(caller)
+        return tolist(t)
+
+    monkeypatch.setattr(SlotBatch, "_device_step", watched)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    got, want = run_joining(model, rows, method, sampled, 2, fixed_shapes=fixed)
+    assert got == dict(enumerate(want))
+    assert modes and all(m.reads == [] for m in modes), [m.reads for m in modes if m.reads][:1]
+    assert len(tolist_calls) == len(modes), set(tolist_calls)
+
+
+def test_pruning_is_refused_at_fixed_shapes(model, rows):  # noqa: F811
+    with pytest.raises(ValueError, match="pruning"):
+        SlotBatch(make_decoder("pruned", model, []), num_slots=2, fixed_shapes=True)
+
+
+SLOW = pytest.mark.slow  # ~25-30 s each: every tree set and bucket is traced anew
+
+
+@pytest.mark.parametrize("method,sampled", [
+    ("vanilla", False), ("vanilla", True), ("ppd", False),
+    pytest.param("ppd", True, marks=SLOW), pytest.param("propd", False, marks=SLOW),
+    pytest.param("propd", True, marks=SLOW)])
+def test_every_buckets_step_traces_as_one_graph(model, rows, method, sampled, monkeypatch):  # noqa: F811
+    """dynamo with fullgraph=True raises at the first graph break (a host read, a data-dependent shape, an
+    unsupported call): every step of a run, in every bucket it reaches, traces whole."""
+    torch._dynamo.reset()
+    traced = torch.compile(SlotBatch._device_step, fullgraph=True, backend="eager", dynamic=False)
+    shapes = set()
+
+    def device_step(self, A, buffers, sizes, view, draw):
+        shapes.add((A, sizes.slots, view))
+        return traced(self, A, buffers, sizes, view, draw)
+
+    monkeypatch.setattr(SlotBatch, "_device_step", device_step)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        got, want = run_joining(model, rows, method, sampled, 2, fixed_shapes=True)
+    assert got == dict(enumerate(want))
+    assert {a for a, _, _ in shapes} >= {2, 4}  # two rows, then three in the bucket of four
