@@ -35,6 +35,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from decoding.batch import StopCheck, additive_mask, pad_prompts
+from decoding.captured_step import StepMode, step_runner
 from decoding.results import FinishReason, RowResult
 from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
 from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up, step_view
@@ -115,14 +116,20 @@ class SlotBatch:
     be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
     tree set's widest tree for every row, attention over the cache's whole capacity, sampling without
     data-dependent shapes. Otherwise (eager) each step is sized to its rows: the narrowest tree that fits
-    their depth states and the longest row's columns. The tokens are the same either way."""
+    their depth states and the longest row's columns. The tokens are the same either way.
+
+    ``step_mode``: "eager", "compile" (torch.compile, one graph per shape) or "cuda_graphs" (one captured CUDA
+    graph per shape, replayed); the last two imply fixed shapes (decoding/captured_step.py)."""
 
     def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
-                 eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False):
+                 eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False,
+                 step_mode: StepMode = "eager"):
         assert num_slots >= 1
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
-        self.fixed_shapes = fixed_shapes
-        if fixed_shapes and getattr(decoder, "prune_head", None) is not None:
+        self.fixed_shapes = fixed_shapes or step_mode != "eager"
+        self.step_mode = step_mode
+        self._runner = step_runner(step_mode, SlotBatch._device_step)
+        if self.fixed_shapes and getattr(decoder, "prune_head", None) is not None:
             raise ValueError("early pruning keeps a data-dependent number of slots: its steps run eager, not at "
                              "fixed shapes")
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
@@ -193,7 +200,11 @@ class SlotBatch:
             run, sizes = A, self.decoder.step_sizes(buffers, view.states)
             columns = step_view(longest, sizes.slots, self.cache.capacity)
         assert longest + sizes.slots <= self.cache.capacity, "admission makes room for every row's longest step"
-        packed = self._device_step(run, buffers, sizes, columns, self._drawer())
+        draw = self._drawer()
+        if self._runner is None:
+            packed = self._device_step(run, buffers, sizes, columns, draw)
+        else:
+            packed = self._runner(self, run, buffers, sizes, columns, draw)
         host = packed[:A].tolist()  # the step's one read of the device (it waits for the step to finish)
         D1 = sizes.depth + 1
         keep = self._commit([h[:D1] for h in host], [h[D1] for h in host])

@@ -122,3 +122,39 @@ def test_every_buckets_step_traces_as_one_graph(model, rows, method, sampled, mo
         got, want = run_joining(model, rows, method, sampled, 2, fixed_shapes=True)
     assert got == dict(enumerate(want))
     assert {a for a, _, _ in shapes} >= {2, 4}  # two rows, then three in the bucket of four
+
+
+@pytest.mark.slow  # ~2 minutes each: inductor compiles every shape the run reaches
+@pytest.mark.parametrize("method,sampled", [("vanilla", True), ("ppd", False), ("propd", True)])
+def test_the_compiled_step_gives_each_row_its_tokens_alone(model, rows, method, sampled):  # noqa: F811
+    """torch.compile (inductor) on float64: the same tokens, with a row joining mid-flight."""
+    torch._dynamo.reset()
+    got, want = run_joining(model, rows, method, sampled, 2, step_mode="compile")
+    assert got == dict(enumerate(want))
+
+
+def test_a_compiled_step_of_one_shape_gives_each_row_its_tokens_alone(model, rows):  # noqa: F811
+    """The default run's compiled check: two greedy rows of one length in two slots, a single shape."""
+    torch._dynamo.reset()
+    (p0, _, _, t0), (p1, _, _, t1), _ = rows[False]
+    batch = SlotBatch(make_decoder("vanilla", model, []), num_slots=2, step_mode="compile")
+    batch.add([Request(p0, 5, tag=0), Request(p1, 5, tag=1)])
+    got = {req.tag: res.token_ids for req, res in batch.run()}
+    assert got == {0: t0[:5], 1: t1[:5]}
+    assert len(batch._runner.shapes) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["vanilla", "ppd", "propd"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cuda_graph_steps_equal_each_row_decoded_alone(rows, method, sampled):  # noqa: F811
+    """On a GPU: every step replayed from a captured graph, rows joining mid-flight, float64."""
+    from tests.test_continuous import K, LAYERS, VOCAB  # noqa: F401
+    from tests.helpers_models import make_tiny_llama
+
+    cuda_model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, seed=3).cuda()
+    cpu_rows = {s: [(p, n, params, t) for p, n, params, t in rows[s]] for s in rows}
+    for offset in (0, 3):
+        got, want = run_joining(cuda_model, cpu_rows, method, sampled, offset, step_mode="cuda_graphs")
+        assert got == dict(enumerate(want)), f"offset {offset}"
