@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""What a decode step costs beyond its arithmetic: eager, eager at fixed shapes, compiled and (on CUDA) CUDA
+graphs, side by side in one run, on the default model.
+
+    python jobs/bench_overhead.py                                   # CPU: batch 1 and 8, vanilla and PPD
+    python jobs/bench_overhead.py --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
+
+For each batch size, method (``vanilla``; ``ppd``: the default tree set) and step mode, a SlotBatch decodes
+batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
+does the same work). A first pass warms up (it compiles or captures every shape the run meets: its time is
+the start-up cost); the timed passes follow, the modes taking turns. Reported: tokens/s, the ratio to eager,
+the warm-up seconds, torch ops dispatched and host reads per step (counted on one eager step), and whether
+every mode's tokens equal eager's (float32 kernels differ in their last bits between compiled and eager, so
+a rare divergence late in a row is rounding, not a bug; the float64 tests check equality).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from decoding import PPDDecoder, VanillaDecoder, default_tree_set  # noqa: E402
+from decoding.slots import Request, SlotBatch  # noqa: E402
+from jobs.bench_propd import load_model_and_prompts  # noqa: E402
+from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
+from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
+
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode(decoder, batch_size: int, prompts: list[list[int]], new_tokens: int, mode: str) -> tuple[float, dict]:
+    """(seconds, outputs by row) of one pass."""
+    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=mode != "eager",
+                      step_mode="eager" if mode in ("eager", "fixed") else mode)
+    batch.add([Request(p, new_tokens, tag=i) for i, p in enumerate(prompts)])
+    sync(decoder.device)
+    t0 = time.perf_counter()
+    finished = batch.run()
+    sync(decoder.device)
+    return time.perf_counter() - t0, {req.tag: res.token_ids for req, res in finished}
+
+
+def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool) -> tuple[int, int]:
+    """(torch ops dispatched, host reads) in one eager step of a full batch, admission excluded."""
+    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=fixed)
+    batch.add([Request(p, 8) for p in prompts[:batch_size]])
+    batch.step()  # admission and a first step
+    counter = OpCounter()
+    with counter:
+        batch.step()
+    return sum(counter.ops.values()), sum(n for op, n in counter.ops.items() if op in HOST_READS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--methods", nargs="+", default=["vanilla", "ppd"], choices=["vanilla", "ppd"])
+    p.add_argument("--modes", nargs="+", default=["eager", "fixed", "compile"],
+                   choices=["eager", "fixed", "compile", "cuda_graphs"])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rows-per-slot", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    lm, pt = load_model_and_prompts(args.device, args.dtype, None)
+    all_prompts = mixed_held_out_prompts(lm, pt, args.data_dir)
+    print(f"{lm.device} {lm.dtype}; {args.new_tokens} tokens a row, {args.rounds} timed rounds", flush=True)
+    decoders = {"vanilla": lambda: VanillaDecoder(lm.model),
+                "ppd": lambda: PPDDecoder(lm.model, pt, default_tree_set(pt.k))}
+    results = []
+    header = f"{'batch':>5} {'method':<8} {'mode':<12} {'tok/s':>7} {'x eager':>7} {'warm-up s':>9} {'ops/step':>8} " \
+             f"{'reads':>5} {'= eager':>7}"
+    print(header, flush=True)
+    for batch_size in args.batch_sizes:
+        prompts = [all_prompts[i % len(all_prompts)] for i in range(batch_size * args.rows_per_slot)]
+        for method in args.methods:
+            decoder = decoders[method]()
+            warm, outputs, times = {}, {}, {mode: [] for mode in args.modes}
+            for mode in args.modes:
+                torch._dynamo.reset()
+                warm[mode], outputs[mode] = decode(decoder, batch_size, prompts, args.new_tokens, mode)
+            for r in range(args.rounds):
+                for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):
+                    seconds, _ = decode(decoder, batch_size, prompts, args.new_tokens, mode)
+                    times[mode].append(seconds)
+            eager_rate = None
+            for mode in args.modes:
+                tokens = sum(len(t) for t in outputs[mode].values())
+                rate = tokens / statistics.median(times[mode])
+                eager_rate = eager_rate or (rate if mode == "eager" else None)
+                ops, reads = ops_per_step(decoder, batch_size, prompts, mode == "fixed") \
+                    if mode in ("eager", "fixed") else (None, None)
+                same = sum(outputs[mode][i] == outputs[args.modes[0]][i] for i in outputs[mode])
+                row = {"batch": batch_size, "method": method, "mode": mode, "tokens_per_s": rate,
+                       "vs_eager": rate / eager_rate if eager_rate else None, "warmup_s": warm[mode],
+                       "ops_per_step": ops, "host_reads_per_step": reads, "rows_equal_first_mode": same,
+                       "rows": len(outputs[mode])}
+                results.append(row)
+                print(f"{batch_size:>5} {method:<8} {mode:<12} {rate:>7.1f} "
+                      f"{(row['vs_eager'] or float('nan')):>7.2f} {warm[mode]:>9.1f} {ops or '-':>8} "
+                      f"{'-' if reads is None else reads:>5} {same:>3}/{len(outputs[mode]):<3}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
