@@ -123,6 +123,8 @@ CLI_FIELDS: dict[str, tuple[str, ...]] = {
     "cpu_linear": ("model", "cpu_linear"),
     "decoding": ("decoding", "method"),
     "batching": ("decoding", "batching"),
+    "compile": ("decoding", "compile"),
+    "cuda_graphs": ("decoding", "cuda_graphs"),
     "max_new_tokens": ("decoding", "max_new_tokens"),
     "prompts": ("decoding", "prompts"),
     "num_prompt_tokens": ("decoding", "num_prompt_tokens"),

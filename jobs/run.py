@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batching", choices=["continuous", "static"],
                    help="continuous (default): a finished row's slot takes the next row at the next step; static: "
                    "batches of --batch-size rows, each run until its longest row ends (for comparisons)")
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the decode step at fixed shapes (minutes of start-up on a CPU)")
+    p.add_argument("--cuda-graphs", choices=["on", "off"], type=str,
+                   help="on a CUDA device, replay the decode step from captured CUDA graphs (default: on)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 0, greedy)")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most probable tokens up "

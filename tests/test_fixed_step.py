@@ -158,3 +158,19 @@ def test_cuda_graph_steps_equal_each_row_decoded_alone(rows, method, sampled):  
     for offset in (0, 3):
         got, want = run_joining(cuda_model, cpu_rows, method, sampled, offset, step_mode="cuda_graphs")
         assert got == dict(enumerate(want)), f"offset {offset}"
+
+
+def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_model_dir):
+    """On a CPU: eager unless compile is asked (cuda_graphs is for CUDA devices); the mode is in the worker's
+    description and in each row's numeric path, since compiled kernels round differently."""
+    from workers.engine import DecodeEngine, DecodingConfig
+    from workers.models import ModelConfig, load_model
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
+    for config, mode in ((DecodingConfig(method="vanilla"), "eager"),
+                         (DecodingConfig(method="vanilla", cuda_graphs=True), "eager"),
+                         (DecodingConfig(method="vanilla", compile=True), "compile")):
+        engine = DecodeEngine(loaded, config, batch_size=2)
+        assert engine.step_mode == engine.batch.step_mode == engine.describe()["step_mode"] == mode
+        assert engine.batch.fixed_shapes == (mode != "eager")
+        assert ("step=compile" in engine.numeric_path) == (mode == "compile")

@@ -25,6 +25,7 @@ from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
 from decoding.pruning import PruneHead
 from decoding.results import RowResult
+from decoding.captured_step import StepMode
 from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
@@ -54,6 +55,17 @@ class DecodingConfig(BaseModel):
         "waiting row at the next step, from the worker's shard or the next one, which it holds before the current one "
         "runs dry. 'static': each shard is decoded in batches of batch_size rows, each batch run until its longest row "
         "ends (for comparisons). The outputs are the same.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Run the decode step through torch.compile at fixed shapes (one graph per slot bucket and tree "
+        "set, compiled at first use: minutes on a CPU). Off by default on a CPU, where its start-up outweighs "
+        "short jobs; on CUDA the step is captured as CUDA graphs instead (cuda_graphs).",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On a CUDA device, capture the decode step as one CUDA graph per shape and replay it (the step "
+        "is host-bound otherwise). Early pruning's steps stay eager. Ignored on a CPU.",
     )
     method: DecodingMethod = Field(
         default="ppd",
@@ -138,9 +150,13 @@ class DecodeEngine:
         self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
         self.tree_info: dict[str, Any] = {}
         self.decoder = self._build_decoder()  # also settles self.batch_size (an `auto` one is measured)
+        self.step_mode = self._step_mode()
+        if self.step_mode != "eager":
+            self.numeric_path += f" step={self.step_mode}"
         # batch_size decode slots; static batching refills them only once all are free
         self.batch = SlotBatch(self.decoder, self.batch_size,
-                               refill="continuous" if self.config.batching == "continuous" else "when_empty")
+                               refill="continuous" if self.config.batching == "continuous" else "when_empty",
+                               step_mode=self.step_mode)
         self._lock = threading.Lock()
         self._open: list[ShardJob] = []  # shards added and not yet done
         self._occupancy_reported: dict[str, int] = {}
@@ -199,6 +215,15 @@ class DecodeEngine:
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
                           prune_head=prune_head)
 
+    def _step_mode(self) -> StepMode:
+        """CUDA graphs on CUDA (unless turned off), torch.compile where asked, else eager. Early pruning keeps a
+        data-dependent number of slots, so its steps stay eager."""
+        if getattr(self.decoder, "prune_head", None) is not None:
+            return "eager"
+        if self.loaded.device.type == "cuda" and self.config.cuda_graphs:
+            return "cuda_graphs"
+        return "compile" if self.config.compile else "eager"
+
     def _sizes_every_step(self, prompt_tokens: PromptTokens) -> bool:
         """Whether the decoder is ProPD's: 'auto' takes it wherever it can run. ProPD plans from an acceptance
         table, which untrained prompt tokens lack (they keep the built-in tree), and a fixed tree_nodes asks
@@ -246,6 +271,7 @@ class DecodeEngine:
             "tree_hash": self.tree_hash,
             **self.tree_info,
             "batch_size": self.batch_size,
+            "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/captured_step.py)
         }
 
     @property
