@@ -14,7 +14,7 @@ STAMP      := $(VENV)/.setup-$(SETUP_KEY)
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean gpu-check
 
 setup: $(STAMP)
 
@@ -35,3 +35,11 @@ test: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# On a machine with a CUDA device (run as one prepared command; needs torch and transformers, not the venv):
+# the cuda-marked tests (graph replays equal each row decoded alone), then eager, fixed, compiled and CUDA-graph
+# steps side by side on a random model of the default's shape.
+gpu-check:
+	PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_fixed_step.py
+	PYTHONUNBUFFERED=1 python3 jobs/bench_overhead.py --random-default --device cuda --batch-sizes 1 8 32 \
+		--modes eager fixed compile cuda_graphs --rounds 3

@@ -4,6 +4,7 @@ graphs, side by side in one run, on the default model.
 
     python jobs/bench_overhead.py                                   # CPU: batch 1 and 8, vanilla and PPD
     python jobs/bench_overhead.py --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
+    python3 jobs/bench_overhead.py --random-default --device cuda   # no model package: the default's shape
 
 For each batch size, method (``vanilla``; ``ppd``: the default tree set) and step mode, a SlotBatch decodes
 batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
@@ -32,11 +33,13 @@ from collections import Counter  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from decoding import PPDDecoder, VanillaDecoder, default_tree_set  # noqa: E402
+from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
 from decoding.slots import Request, SlotBatch  # noqa: E402
-from jobs.bench_propd import load_model_and_prompts  # noqa: E402
-from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
+
+# SmolLM2-135M-Instruct's shape (the default model), for --random-default: the same step cost, random weights.
+DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                     rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
 
@@ -79,6 +82,31 @@ def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool
     return sum(counter.ops.values()), sum(n for op, n in counter.ops.items() if op in HOST_READS)
 
 
+def load(args):
+    """(model, prompt tokens, prompts): the default model, its trained prompt tokens and held-out prompts; or,
+    ``--random-default``, a random model of its shape, untrained prompt tokens and random prompts."""
+    if not args.random_default:
+        from jobs.bench_propd import load_model_and_prompts
+        from jobs.bench_tree import mixed_held_out_prompts
+        from jobs.distill_data import DEFAULT_DATA_DIR
+
+        lm, pt = load_model_and_prompts(args.device, args.dtype, None)
+        return lm.model, pt, mixed_held_out_prompts(lm, pt, args.data_dir or DEFAULT_DATA_DIR)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DEFAULT_SHAPE)).to(device=device, dtype=dtype).eval()
+    pt = PromptTokens.from_token_embeddings(model, k=3, base_model_id="random", base_model_hash="random")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, DEFAULT_SHAPE["vocab_size"], (int(n),), generator=g).tolist()
+               for n in torch.randint(40, 200, (64,), generator=g)]
+    return model, pt, prompts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -90,15 +118,18 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rows-per-slot", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=None, help="the prompt data (default: ../shared/data)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--random-default", action="store_true",
+                   help="a randomly initialised model of the default's shape and random prompts (needs only torch "
+                   "and transformers: for a GPU machine without the model package)")
     args = p.parse_args()
 
-    lm, pt = load_model_and_prompts(args.device, args.dtype, None)
-    all_prompts = mixed_held_out_prompts(lm, pt, args.data_dir)
-    print(f"{lm.device} {lm.dtype}; {args.new_tokens} tokens a row, {args.rounds} timed rounds", flush=True)
-    decoders = {"vanilla": lambda: VanillaDecoder(lm.model),
-                "ppd": lambda: PPDDecoder(lm.model, pt, default_tree_set(pt.k))}
+    model, pt, all_prompts = load(args)
+    device = model.get_input_embeddings().weight.device
+    print(f"{device} {model.dtype}; {args.new_tokens} tokens a row, {args.rounds} timed rounds", flush=True)
+    decoders = {"vanilla": lambda: VanillaDecoder(model),
+                "ppd": lambda: PPDDecoder(model, pt, default_tree_set(pt.k))}
     results = []
     header = f"{'batch':>5} {'method':<8} {'mode':<12} {'tok/s':>7} {'x eager':>7} {'warm-up s':>9} {'ops/step':>8} " \
              f"{'reads':>5} {'= eager':>7}"
