@@ -14,7 +14,8 @@ and how it samples): a handful per worker, from the slot buckets and the tree se
   Graphs share one memory pool. A capacity growth of the KV cache or of the uniform streams reallocates
   tensors the graphs read, so it drops them (they are captured again at the next use).
 
-The decoders' Python-side counters (``passes``, ``tokens_processed``) do not advance on a replay.
+Nothing in the step changes Python state (the decoders count their steps on the host, ``count_step``): a
+compiled step would be specialised on it, and a replay would not run it.
 """
 
 from __future__ import annotations

@@ -121,6 +121,13 @@ class PPDDecoder:
     def row_finished(self, row_id: int) -> None:
         """The row of this id has left its slot."""
 
+    def count_step(self, rows: int, sizes: StepSizes) -> None:
+        """A step over ``rows`` slots of these sizes ran (counted on the host: the step itself mutates no Python
+        state, so that a compiled step is not specialised on a counter). A pruned step counts its own tokens."""
+        self.passes += 1
+        if self.prune_head is None or sizes.internal == 0:
+            self.tokens_processed += rows * sizes.slots
+
     def after_step(self) -> None:
         """The step and its bookkeeping are done."""
 
@@ -155,12 +162,10 @@ class PPDDecoder:
         A = ids.shape[0]
         mask = step_mask(kv_len, attend, view, embeds.dtype)  # [A, 1, N, view]
         cache.for_step(kv_len, view)
-        self.passes += 1
         I = 0 if self.prune_head is None else sizes.internal  # pruning needs candidates
         if I == 0:
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True).last_hidden_state  # [A, N, H]
-            self.tokens_processed += A * N
             return ids, hidden, None
         return self._forward_pruned(cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view)
 
@@ -218,8 +223,6 @@ class PPDDecoder:
         a row's next state says how many of its m guesses are real.
         """
         if buffers.tree_set.root_only:
-            self.passes += 1
-            self.tokens_processed += root.shape[0]
             return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, view)
         sb = buffers.stacked
         B, H = root.shape[0], self.prompt_table.shape[-1]

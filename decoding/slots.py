@@ -18,8 +18,9 @@ its own stream. ``tests/test_continuous.py`` checks rows joining at every step o
 reference of each row alone.
 
 A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
-``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``step``, ``after_commit``,
-``propose``, ``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a
+``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``step_sizes``, ``step``,
+``propose`` (both inside the device step: no Python state changes there), ``count_step``, ``after_commit``,
+``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a
 ``SlotBatch`` with a slot per prompt.
 """
 
@@ -205,6 +206,7 @@ class SlotBatch:
             packed = self._device_step(run, buffers, sizes, columns, draw)
         else:
             packed = self._runner(self, run, buffers, sizes, columns, draw)
+        self.decoder.count_step(run, sizes)
         host = packed[:A].tolist()  # the step's one read of the device (it waits for the step to finish)
         D1 = sizes.depth + 1
         keep = self._commit([h[:D1] for h in host], [h[D1] for h in host])

@@ -94,5 +94,8 @@ class VanillaDecoder:
     def row_finished(self, row_id: int) -> None:
         pass
 
+    def count_step(self, rows: int, sizes: StepSizes) -> None:
+        pass
+
     def after_step(self) -> None:
         pass
