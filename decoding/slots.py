@@ -115,8 +115,8 @@ def slot_bucket(rows: int, num_slots: int) -> int:
 class SlotBatch:
     """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
     be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
-    tree set's widest tree for every row, attention over the cache's whole capacity, sampling without
-    data-dependent shapes. Otherwise (eager) each step is sized to its rows: the narrowest tree that fits
+    tree set's widest tree for every row, attention over the longest row's columns rounded up to a capacity
+    bucket (256), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows: the narrowest tree that fits
     their depth states and the longest row's columns. The tokens are the same either way.
 
     ``step_mode``: "eager", "compile" (torch.compile, one graph per shape) or "cuda_graphs" (one captured CUDA
@@ -196,7 +196,7 @@ class SlotBatch:
         longest = max(view.kv_lens)
         if self.fixed_shapes:
             run, sizes = slot_bucket(A, self.num_slots), self.decoder.step_sizes(buffers, None)
-            columns = self.cache.capacity
+            columns = min(self.cache.capacity, round_up(longest + sizes.slots, CAPACITY_BUCKET))
         else:
             run, sizes = A, self.decoder.step_sizes(buffers, view.states)
             columns = step_view(longest, sizes.slots, self.cache.capacity)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -153,6 +154,11 @@ class DecodeEngine:
         self.step_mode = self._step_mode()
         if self.step_mode != "eager":
             self.numeric_path += f" step={self.step_mode}"
+        if self.step_mode == "compile":
+            # inductor's on-disk caches beside the model's, so a restarted or second worker on the machine
+            # reuses the compiled kernels (a first compile of the default model's step took ~2 minutes on the
+            # 2-core CPU, a cached one ~30 s); torch reads the variable at its first compile
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir / "inductor"))
         # batch_size decode slots; static batching refills them only once all are free
         self.batch = SlotBatch(self.decoder, self.batch_size,
                                refill="continuous" if self.config.batching == "continuous" else "when_empty",
