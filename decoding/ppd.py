@@ -145,9 +145,10 @@ class PPDDecoder:
         """Run every row's tree through the model, its N slots written at columns kv_len[b].. of its slot.
 
         Returns (slot token ids [A, N], hidden states [A, N, H], pruning): row b uses the tree of its depth state
-        ``state[b]``, padded to ``sizes.slots`` (N, at least the widest tree among the rows). Prompt slots take the prompt-token
-        embeddings; their entry in the returned ids is the root (unused). ``pruning`` is None, or (kept nodes
-        [A, C], the later layers' Compaction) when early pruning ran: pruned slots' hidden states are zeros.
+        ``state[b]``, padded to ``sizes.slots`` (N, at least the widest tree among the rows). Prompt slots take the
+        prompt-token embeddings; their entry in the returned ids is the root (unused). ``pruning`` is None, or
+        (kept nodes [A, C], the later layers' Compaction) when early pruning ran: pruned slots' hidden states are
+        zeros.
         """
         sb = buffers.stacked
         N = sizes.slots
@@ -159,7 +160,6 @@ class PPDDecoder:
         embeds = torch.where((kind == PROMPT)[..., None], prompt_embeds, embeds)
         positions = kv_len[:, None] + sb.position_offsets[state, :N]  # [A, N]
         attend = sb.attend[state, :N, :N]  # [A, N, N]
-        A = ids.shape[0]
         mask = step_mask(kv_len, attend, view, embeds.dtype)  # [A, 1, N, view]
         cache.for_step(kv_len, view)
         I = 0 if self.prune_head is None else sizes.internal  # pruning needs candidates

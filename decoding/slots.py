@@ -116,11 +116,13 @@ class SlotBatch:
     """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
     be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
     tree set's widest tree for every row, attention over the longest row's columns rounded up to a capacity
-    bucket (256), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows: the narrowest tree that fits
-    their depth states and the longest row's columns. The tokens are the same either way.
+    bucket (256), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows:
+    the narrowest tree that fits their depth states and the longest row's columns. The tokens are the same
+    either way.
 
     ``step_mode``: "eager", "compile" (torch.compile, one graph per shape) or "cuda_graphs" (one captured CUDA
-    graph per shape, replayed); the last two imply fixed shapes (decoding/captured_step.py)."""
+    graph per shape, replayed); the last two imply fixed shapes (decoding/captured_step.py).
+    """
 
     def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
                  eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False,
