@@ -152,10 +152,7 @@ def kept_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
         return threshold
     if exhaustive:
         values = scaled.sort(dim=-1, descending=True).values  # [B, V]
-        w = (values - peak).exp().masked_fill(values < threshold[:, None], 0.0)
-        reached = w.cumsum(-1) >= top_p[:, None].double() * mass[:, None]  # [B, V]
-        reached[:, -1] = True  # a top_p within rounding of 1 keeps everything top_k left
-        cut = values.gather(1, reached.long().argmax(-1, keepdim=True)).squeeze(1)  # the first index that reaches
+        cut, _ = top_p_cut(values, peak, threshold, top_p, mass, whole_vocabulary=True)
         return torch.where(top_p < 1, torch.maximum(threshold, cut), threshold)
     pending = top_p < 1  # rows whose top_p cut is not found yet
     look = first_look
@@ -163,16 +160,25 @@ def kept_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
         look = min(look, V)
         rows = pending.nonzero().squeeze(1)
         values = scaled[rows].topk(look, dim=-1).values  # [R, look] descending
-        w = (values - peak[rows]).exp().masked_fill(values < threshold[rows, None], 0.0)
-        reached = w.cumsum(-1) >= top_p[rows, None].double() * mass[rows, None]  # [R, look]
-        if look == V:  # the whole vocabulary: a top_p within rounding of 1 keeps everything top_k left
-            reached[:, -1] = True
-        found = reached.any(-1)
-        cut = values.gather(1, reached.long().argmax(-1, keepdim=True)).squeeze(1)  # the first index that reaches
+        cut, found = top_p_cut(values, peak[rows], threshold[rows], top_p[rows], mass[rows], look == V)
         threshold[rows[found]] = torch.maximum(threshold[rows[found]], cut[found])
         pending[rows[found]] = False
         look *= 16
     return threshold
+
+
+def top_p_cut(values: torch.Tensor, peak: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor,
+              mass: torch.Tensor, whole_vocabulary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over each row's largest scaled logits ``values`` [R, L] (descending), the first value whose token, with
+    every more probable one above ``threshold`` [R], holds ``top_p`` [R] of ``mass`` [R] (peak [R, 1]: the
+    row's largest logit). Returns (that value [R], whether it lies within the L values looked at [R]).
+    ``whole_vocabulary``: L is the whole vocabulary, so a top_p within rounding of 1 keeps everything left."""
+    w = (values - peak).exp().masked_fill(values < threshold[:, None], 0.0)
+    reached = w.cumsum(-1) >= top_p[:, None].double() * mass[:, None]  # [R, L]
+    if whole_vocabulary:
+        reached[:, -1] = True
+    cut = values.gather(1, reached.long().argmax(-1, keepdim=True)).squeeze(1)  # the first index that reaches
+    return cut, reached.any(-1)
 
 
 class RowSampler:
