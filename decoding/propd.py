@@ -95,19 +95,15 @@ class ProPDDecoder(PPDDecoder):
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
         self.choices: deque[tuple[int, int]] = deque()  # (rows, slots) per step, the latest 65536 (begin())
 
-    def _slots_per_state(self, option: TreeOption) -> list[int]:
-        return [s.slots for s in tree_set_buffers(option.tree_set, self.prompt_tokens.n).state_sizes]
-
     def _set_family(self, family: Sequence[TreeOption]) -> None:
         old = dict(zip(self.keys, self.widest)) if hasattr(self, "keys") else {}
         self.family = list(family)
         self.keys = [option.tree_set.tree_hash for option in self.family]  # the yields' keys
-        self.slots_per_state = [self._slots_per_state(option) for option in self.family]
         self.buffers: dict[int, object] = {}  # family index -> its buffers on the device (filled when used)
         # Each option is priced at its widest state: in steady state a batch nearly always holds a row in the
         # deepest state, and pricing the current state instead would favour trees whose cheap states cannot
         # accept anything (state 0 has no guesses) and then abandon them when they become useful.
-        self.widest = [max(slots) for slots in self.slots_per_state]
+        self.widest = [tree_set_buffers(option.tree_set, self.prompt_tokens.n).widest.slots for option in self.family]
         # Realised yields stay with the tree sets that survive a rebuild. A new set starts from its table
         # figure: carrying over a lower yield from the old set of its size could hide a better tree for good
         # (a set never chosen is never measured), while an optimistic start corrects itself in a few steps.
