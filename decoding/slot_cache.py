@@ -81,7 +81,7 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.view = 0  # columns the current forward's attention sees
         self._mode = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
-        self._index: dict[tuple[int, int, int], torch.Tensor] = {}  # this forward's scatter indices by shape
+        self._index: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # this forward's write index by (H, n)
 
     @classmethod
     def for_model(cls, model, num_slots: int, capacity: int = CAPACITY_BUCKET) -> SlotCache:
@@ -113,15 +113,22 @@ class SlotCache(Cache):
         _, A, kv_len = mode
         B, H, n, D = key_states.shape
         assert B == A, f"a step over {A} slots got a batch of {B}"
-        keys, values = layer.keys[:A], layer.values[:A]
-        for t, new in ((keys, key_states), (values, value_states)):
-            shape = (B, new.shape[1], n, new.shape[3])
-            index = self._index.get(shape)
-            if index is None:  # built once per shape and forward, not per layer
-                cols = kv_len[:, None] + torch.arange(n, device=kv_len.device)  # [A, n]
-                index = self._index[shape] = cols[:, None, :, None].expand(shape)
-            t.scatter_(2, index, new)
-        return keys[:, :, : self.view], values[:, :, : self.view]
+        index = self._index.get((H, n))
+        if index is None:  # built once per shape and forward, not per layer
+            cols = kv_len[:, None, None] + torch.arange(n, device=kv_len.device)  # [A, 1, n]
+            index = self._index[H, n] = (*self._slot_head_index(A, H, kv_len.device), cols)
+        layer.keys.index_put_(index, key_states)
+        layer.values.index_put_(index, value_states)
+        return layer.keys[:A, :, : self.view], layer.values[:A, :, : self.view]
+
+    def _slot_head_index(self, A: int, H: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index tensors [A, 1, 1] (slot) and [1, H, 1] (head) for writes into slots 0..A-1.
+
+        Writes go into the whole per-layer tensor with ``index_put_``, never through a view of it (``[:A]``)
+        and never with ``scatter_``: compiled, a mutation through a view or a scatter becomes a copy of the
+        whole cache, written back (inductor re-inplaces ``index_put`` on a graph input, not those).
+        """
+        return (torch.arange(A, device=device)[:, None, None], torch.arange(H, device=device)[None, :, None])
 
     # -- moving what is held -----------------------------------------------------------------------------------
     def ensure_capacity(self, columns: int) -> None:
@@ -137,14 +144,15 @@ class SlotCache(Cache):
         """In every layer of ``layers``, slot b's columns ``src[b]`` go to ``dst[b]`` (both [A, L] long, A the
         leading slots). Sources are read before anything is written: overlapping columns are safe."""
         A = src.shape[0]
-        index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        src, dst = src[:, None, :], dst[:, None, :]  # [A, 1, L]
+        index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in self.layers[layers]:
-            for t in (layer.keys[:A], layer.values[:A]):
-                H, D = t.shape[1], t.shape[3]
-                if (H, D) not in index:
-                    index[H, D] = (src[:, None, :, None].expand(A, H, -1, D), dst[:, None, :, None].expand(A, H, -1, D))
-                src_i, dst_i = index[H, D]
-                t.scatter_(2, dst_i, t.gather(2, src_i))
+            for t in (layer.keys, layer.values):
+                H = t.shape[1]
+                if H not in index:
+                    index[H] = self._slot_head_index(A, H, t.device)
+                slots, heads = index[H]
+                t.index_put_((slots, heads, dst), t[slots, heads, src])  # [A, H, L, D], read before the write
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
         """Slot ``src[i]``'s first ``columns`` columns become slot ``dst[i]``'s (src, dst [M] long, disjoint)."""

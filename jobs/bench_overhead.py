@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """What a decode step costs beyond its arithmetic: eager, eager at fixed shapes, compiled and (on CUDA) CUDA
-graphs, side by side in one run, on the default model.
+graphs, side by side in one run.
 
-    python jobs/bench_overhead.py                                   # CPU: batch 1 and 8, vanilla and PPD
+    python jobs/bench_overhead.py --proxy                           # CPU: the overhead-bound proxy (below)
+    python jobs/bench_overhead.py                                   # the default model: batch 1 and 8
     python jobs/bench_overhead.py --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
     python3 jobs/bench_overhead.py --random-default --device cuda   # no model package: the default's shape
 
-For each batch size, method (``vanilla``; ``ppd``: the default tree set) and step mode, a SlotBatch decodes
+``--proxy``: a random Llama small enough that the host's work dominates a step (4 layers, hidden 64; on this
+project's 2-core VM a [8, 256] x [256, 1024] matmul alone takes 0.13 ms, so hidden 256 is compute-bound),
+batch 8, a plain step and a 16-slot tree step, timed by ``jobs/time_step.py`` processes that take turns:
+the engine of ``--baseline`` (a revision before fixed shapes; its ``decoding/`` extracted with git archive)
+eager, and this tree's eager, fixed-shape and compiled steps. It ends with the line
+``overhead-bound step speed-up (new compiled / old eager): R``, R the smaller of the two steps' speed-ups.
+
+Otherwise, for each batch size, method (``vanilla``; ``ppd``: the default tree set) and step mode, a SlotBatch decodes
 batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
 does the same work). A first pass warms up (it compiles or captures every shape the run meets: its time is
 the start-up cost); the timed passes follow, the modes taking turns. Reported: tokens/s, the ratio to eager,
@@ -25,8 +33,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
@@ -107,6 +120,87 @@ def load(args):
     return model, pt, prompts
 
 
+PROXY_MODES = ("old", "eager", "fixed", "compile")
+PROXY_STEPS = {"vanilla": "plain step", "ppd": "16-slot tree step"}
+
+
+class StepTimer:
+    """One ``jobs/time_step.py --serve`` process: started (and warmed up) at construction, then one command at
+    a time."""
+
+    def __init__(self, method: str, mode: str, pythonpath: Path):
+        env = dict(os.environ, PYTHONPATH=str(pythonpath))
+        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "time_step.py"), "--serve",
+                                      "--method", method, "--mode", mode], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"jobs/time_step.py exited ({self.proc.wait()}) before answering")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def extract_decoding(revision: str, into: Path) -> Path:
+    """``decoding/`` of ``revision`` under ``into`` (a directory to put first on PYTHONPATH)."""
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", revision, "decoding"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def proxy(args) -> list[dict]:
+    """The overhead-bound proxy (see the module docstring): ms per step and host ops per step, old and new."""
+    with tempfile.TemporaryDirectory() as tmp:
+        old = extract_decoding(args.baseline, Path(tmp))
+        print(f"overhead-bound proxy: old engine = {args.baseline}; {args.rounds} timed rounds of 30 steps",
+              flush=True)
+        timers = {}
+        for method in PROXY_STEPS:
+            for mode in PROXY_MODES:  # one warm-up at a time: two would share the cores
+                timers[method, mode] = StepTimer(method, mode, old if mode == "old" else REPO_ROOT)
+        times = {key: [] for key in timers}
+        order = list(timers)
+        for r in range(args.rounds):
+            for key in (order if r % 2 == 0 else order[::-1]):
+                times[key].append(timers[key].ask("time")["ms_per_step"])
+        results = []
+        print(f"{'step':<18} {'engine':<12} {'ms/step':>8} {'x old':>6} {'host ops':>8} {'(aten+kernels)':>14} "
+              f"{'reads':>5} {'warm-up s':>9}")
+        for (method, mode), timer in timers.items():
+            counts = timer.ask("count")
+            timer.close()
+            ms = statistics.median(times[method, mode])
+            old_ms = statistics.median(times[method, "old"])
+            row = {"section": "proxy", "step": PROXY_STEPS[method], "engine": mode, "ms_per_step": ms,
+                   "ms_runs": times[method, mode], "speedup_vs_old": old_ms / ms, **counts,
+                   "warmup_s": timer.ready["warmup_s"], "threads": timer.ready["threads"]}
+            results.append(row)
+            print(f"{PROXY_STEPS[method]:<18} {mode:<12} {ms:>8.2f} {old_ms / ms:>6.2f} {counts['host_ops']:>8} "
+                  f"{'(' + str(counts['aten_calls']) + '+' + str(counts['kernels']) + ')':>14} "
+                  f"{counts['host_reads']:>5} {timer.ready['warmup_s']:>9.1f}", flush=True)
+    by = {(r["step"], r["engine"]): r for r in results}
+    for step in PROXY_STEPS.values():
+        old, new = by[step, "old"], by[step, "compile"]
+        print(f"{step}: compiled {new['speedup_vs_old']:.2f}x the old eager step; host ops "
+              f"{old['host_ops']} -> {new['host_ops']} ({old['host_ops'] / new['host_ops']:.1f}x fewer)")
+    speedup = min(by[step, "compile"]["speedup_vs_old"] for step in PROXY_STEPS.values())
+    print(f"overhead-bound step speed-up (new compiled / old eager): {speedup:.2f}", flush=True)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -120,10 +214,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--data-dir", type=Path, default=None, help="the prompt data (default: ../shared/data)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--proxy", action="store_true", help="the overhead-bound proxy instead of the default model")
+    p.add_argument("--baseline", default="a057ee3",
+                   help="the revision whose engine is the proxy's old eager step (default: the last before fixed "
+                   "shapes)")
     p.add_argument("--random-default", action="store_true",
                    help="a randomly initialised model of the default's shape and random prompts (needs only torch "
                    "and transformers: for a GPU machine without the model package)")
     args = p.parse_args()
+    if args.proxy:
+        results = proxy(args)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
 
     model, pt, all_prompts = load(args)
     device = model.get_input_embeddings().weight.device

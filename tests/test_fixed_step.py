@@ -151,6 +151,27 @@ def test_a_compiled_step_of_one_shape_gives_each_row_its_tokens_alone(model, row
     assert len(batch._runner.shapes) == 1
 
 
+def test_the_compiled_step_writes_the_kv_cache_in_place(model, rows):  # noqa: F811
+    """A PPD step writes new KV and compacts accepted columns into the cache. Compiled, a write into a view of
+    the cache, or a scatter, became a copy of every layer's whole cache and a write-back, every step: no
+    buffer of a cache layer's shape may be allocated, and no kernel may loop over a whole layer."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    (p0, _, _, t0), (p1, _, _, t1), _ = rows[False]
+    batch = SlotBatch(make_decoder("ppd", model, [t0, t1]), num_slots=2, step_mode="compile")
+    batch.cache.ensure_capacity(768)  # three capacity buckets: the step reads a view of 256 columns
+    batch.add([Request(p0, 6, tag=0), Request(p1, 6, tag=1)])
+    got, code = run_and_get_code(lambda: {req.tag: res.token_ids for req, res in batch.run()})
+    assert got == {0: t0[:6], 1: t1[:6]}
+    keys = batch.cache.layers[0].keys
+    assert keys.shape[2] == 768
+    allocated = f"empty_strided_cpu(({', '.join(map(str, keys.shape))})"
+    source = "\n".join(code)
+    assert allocated not in source and f"{keys.numel()}L" not in source
+    assert "index_put" in source, "the cache writes are not in the compiled code"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["vanilla", "ppd", "propd"])

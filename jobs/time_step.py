@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Time the decode step of a small random Llama, for ``jobs/bench_overhead.py``'s overhead-bound proxy.
+
+Runs against whichever ``decoding`` package comes first on the path: bench_overhead runs it once with this
+tree's and once with the engine of an older revision (extracted with ``git archive``), in separate processes
+that take turns. It uses only the API both share, plus ``fixed_shapes``/``step_mode`` for the new engine.
+
+    PYTHONPATH=. python jobs/time_step.py --method ppd --mode compile
+
+It warms up (two timed runs: compiling, for a compiled step), prints a JSON line, then answers each command
+with one: ``time``, milliseconds per step of one run of ``--steps`` steps; ``count``, what the host launches
+in one step, counted with torch.profiler:
+``aten_calls``, the aten ops called from Python or from inductor's wrapper (an op's own inner aten calls
+excluded: ``linear`` is one call, not ``t`` plus ``mm``), plus for a compiled step ``kernels``, the kernels
+inductor generated for the step's graph (the profiler does not see them; the wrapper calls each once).
+``host_ops`` is their sum; ``host_reads`` counts ``aten::item``/``_local_scalar_dense``/``nonzero`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from decoding import PPDDecoder, PromptTokens, TreeSet, TreeSpec, VanillaDecoder
+from decoding.slots import Request, SlotBatch
+
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
+
+
+def top_level_aten_calls(step) -> list[str]:
+    """The names of the aten ops ``step()`` calls from Python or from compiled code, not counting the aten
+    calls those ops make inside."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = []
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            names.append(event.name)
+    return names
+
+
+def sixteen_slot_tree_set(k: int = 3, top_k: int = 10) -> TreeSet:
+    """Every node carries k prompt tokens, so after its first step a row is always in state k, whose tree is
+    4 nodes x (1 + 3 prompt tokens) = 16 slots; the shallower states' trees are their depth's part of it."""
+    full = {(): k, (0,): k, (1,): k, (0, 0): k}
+    trees = tuple(TreeSpec.build({p: c for p, c in full.items() if len(p) <= m}) for m in range(k + 1))
+    return TreeSet(k=k, top_k=top_k, trees=trees)
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    if args.method == "vanilla":
+        decoder = VanillaDecoder(model)
+    else:
+        pt = PromptTokens.from_token_embeddings(model, k=3, base_model_id="random", base_model_hash="random")
+        decoder = PPDDecoder(model, pt, sixteen_slot_tree_set())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+    return decoder, prompts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=["vanilla", "ppd"], default="vanilla")
+    p.add_argument("--mode", choices=["old", "eager", "fixed", "compile"], default="eager",
+                   help="old: the SlotBatch of a revision without step modes; the rest: new engine step modes")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30, help="steps a timed run takes (fresh rows each run)")
+    p.add_argument("--serve", action="store_true",
+                   help="after the warm-up, answer commands on stdin: 'time' (one timed run), 'count', 'quit'")
+    args = p.parse_args()
+    if args.mode == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False  # generate the code each time: its kernels are counted
+
+    decoder, prompts = build(args)
+    kwargs = {} if args.mode == "old" else dict(fixed_shapes=args.mode != "eager",
+                                                step_mode="compile" if args.mode == "compile" else "eager")
+    batch = SlotBatch(decoder, args.batch, eos_token_ids=[], **kwargs)
+    runner = StepRunner(batch, prompts, args.steps)
+    t0 = time.perf_counter()
+    source = runner.warm_up()
+    answer({"ready": True, "warmup_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
+    kernels = kernel_launches(source)
+    commands = sys.stdin if args.serve else ["time", "count"]
+    for line in commands:
+        command = line.strip()
+        if command == "time":
+            answer({"ms_per_step": runner.timed_run()})
+        elif command == "count":
+            calls = runner.counted_step()
+            answer({"aten_calls": len(calls), "kernels": kernels, "host_ops": len(calls) + kernels,
+                    "host_reads": sum(name in HOST_READS for name in calls)})
+        elif command == "quit":
+            break
+        else:
+            answer({"error": f"unknown command {command!r}"})
+
+
+class StepRunner:
+    """Timed runs of ``steps`` steps, each over fresh rows that never finish inside it (admission and the
+    first step untimed), so every timed step has the same shape: a full batch, one attention bucket."""
+
+    def __init__(self, batch: SlotBatch, prompts: list[list[int]], steps: int):
+        self.batch, self.prompts, self.steps = batch, prompts, steps
+
+    def fresh_rows(self) -> None:
+        self.batch.take_in_flight()
+        self.batch.add([Request(p, self.steps * 8) for p in self.prompts])
+        self.batch.step()
+
+    def warm_up(self) -> str:
+        """Two runs; returns the code inductor generated ("" eager)."""
+        from torch._inductor.utils import run_and_get_code
+
+        _, code = run_and_get_code(lambda: [self.timed_run() for _ in range(2)])
+        return "\n".join(code)
+
+    def timed_run(self) -> float:
+        """Milliseconds per step."""
+        self.fresh_rows()
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            self.batch.step()
+        ms = (time.perf_counter() - t0) / self.steps * 1e3
+        assert self.batch.busy == len(self.prompts), "every row decodes throughout"
+        return ms
+
+    def counted_step(self) -> list[str]:
+        self.fresh_rows()
+        return top_level_aten_calls(self.batch.step)
+
+
+def answer(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def kernel_launches(source: str) -> int:
+    """Calls of inductor's generated kernels in its wrappers' ``call`` functions (C++ on a CPU, Triton on CUDA)."""
+    return len(re.findall(r"^\s+(cpp_fused_\w+\(|triton_\w+\.run\()", source, flags=re.M))
+
+
+
+if __name__ == "__main__":
+    main()
