@@ -27,7 +27,7 @@ import torch
 
 StepMode = Literal["eager", "compile", "cuda_graphs"]
 
-# The slot tensors a device step advances in place (decoding/slots.py): restored after capture's warm-ups.
+# The slot tensors a device step advances in place (decoding/slots.py): restored after warm-ups and trials.
 ADVANCED = ("kv_len", "emitted", "root", "state", "guesses")
 
 
@@ -91,18 +91,13 @@ class CudaGraphStep:
         return packed
 
     def _capture(self, batch, A, buffers, sizes, view, draw) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        saved = {name: getattr(batch, name).clone() for name in ADVANCED}
-
-        def restore() -> None:  # the warm-ups advanced the slots; the columns they wrote lie past kv_len
-            for name, value in saved.items():
-                getattr(batch, name).copy_(value)
-
+        saved = batch.slot_snapshot()  # the warm-ups advance the slots; the columns they write lie past kv_len
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmups):
                 self.step(batch, A, buffers, sizes, view, draw)
-                restore()
+                batch.restore_slots(saved)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:

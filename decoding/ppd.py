@@ -111,6 +111,10 @@ class PPDDecoder:
         """The tree buffers of the next step, for the rows in slots 0..A-1 (``rows``: an ActiveView, host only)."""
         return self._buffers
 
+    def first_buffers(self):
+        """The tree buffers a first step takes (a warm-up compiles or captures that shape)."""
+        return self._buffers
+
     def after_commit(self, rows, keep: list[bool]) -> None:
         """The step's tokens are committed; ``keep`` [A] marks the rows still decoding."""
 

@@ -210,6 +210,12 @@ class ProPDDecoder(PPDDecoder):
         self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
         self.step_seconds = 0.0
 
+    def first_buffers(self):
+        start = self.keys.index(self.start)
+        if start not in self.buffers:
+            self.buffers[start] = tree_set_buffers(self.family[start].tree_set, self.prompt_tokens.n, self.device)
+        return self.buffers[start]
+
     def plan_step(self, rows):
         self.context = sum(rows.kv_lens) / rows.size
         self.chosen = self.choose(rows.size, self.context)

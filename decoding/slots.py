@@ -18,8 +18,8 @@ its own stream. ``tests/test_continuous.py`` checks rows joining at every step o
 reference of each row alone.
 
 A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
-``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``step_sizes``, ``step``,
-``propose`` (both inside the device step: no Python state changes there), ``count_step``, ``after_commit``,
+``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``first_buffers``, ``step_sizes``,
+``step``, ``propose`` (both inside the device step: no Python state changes there), ``count_step``, ``after_commit``,
 ``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a
 ``SlotBatch`` with a slot per prompt.
 """
@@ -36,7 +36,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from decoding.batch import StopCheck, additive_mask, pad_prompts
-from decoding.captured_step import StepMode, step_runner
+from decoding.captured_step import ADVANCED, StepMode, step_runner
 from decoding.results import FinishReason, RowResult
 from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
 from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up, step_view
@@ -243,6 +243,46 @@ class SlotBatch:
         guesses = self.guesses[:A]
         guesses.copy_(self.decoder.propose(prompt_logits))
         return torch.cat([tokens, counts[:, None], next_state[:, None], guesses.flatten(1)], 1)
+
+    # -- steps outside the loop: warm-ups and timing ---------------------------------------------------------
+    @torch.inference_mode()
+    def trial_step(self, A: int, buffers, view: int) -> torch.Tensor:
+        """One greedy device step over slots 0..A-1 at fixed shapes (the widest of ``buffers``' sizes, ``view``
+        attention columns) through this batch's step mode: the first call of a shape compiles or captures it.
+        It advances the slots like a real step: take a ``slot_snapshot`` before and ``restore_slots`` after.
+        Whatever it wrote to the KV cache lies past each slot's kv_len once restored: scratch."""
+        assert self.fixed_shapes and A <= self.num_slots and view <= self.cache.capacity
+        sizes = self.decoder.step_sizes(buffers, None)
+        if self._runner is None:
+            return self._device_step(A, buffers, sizes, view, None)
+        return self._runner(self, A, buffers, sizes, view, None)
+
+    @torch.inference_mode()
+    def warm_up(self, rows: int | None = None, columns: int = CAPACITY_BUCKET) -> float:
+        """Compile or capture the step of a full slot bucket (``rows``: default all slots) with the decoder's
+        own tree at its widest, over the first capacity bucket of columns: the shape most steps take. Other
+        shapes are compiled or captured at their first use. Returns the seconds it took (0 when eager)."""
+        if self._runner is None or self.rows or self._admitting:
+            return 0.0
+        started = time.perf_counter()
+        buffers = self.decoder.first_buffers()
+        snapshot = self.slot_snapshot()
+        self.trial_step(slot_bucket(rows or self.num_slots, self.num_slots), buffers,
+                        min(columns, self.cache.capacity))
+        self.restore_slots(snapshot)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    @torch.inference_mode()
+    def slot_snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the slot tensors a device step advances."""
+        return {name: getattr(self, name).clone() for name in ADVANCED}
+
+    @torch.inference_mode()
+    def restore_slots(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, value in snapshot.items():
+            getattr(self, name).copy_(value)
 
     def run(self) -> list[tuple[Request, RowResult]]:
         """Step until every row added has finished; the finished rows in the order they finished."""

@@ -76,6 +76,9 @@ class VanillaDecoder:
     def plan_step(self, rows):
         return None
 
+    def first_buffers(self):
+        return None
+
     def step_sizes(self, buffers, states) -> StepSizes:
         return self.SIZES
 

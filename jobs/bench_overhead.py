@@ -2,7 +2,7 @@
 """What a decode step costs beyond its arithmetic: eager, eager at fixed shapes, compiled and (on CUDA) CUDA
 graphs, side by side in one run.
 
-    python jobs/bench_overhead.py --proxy                           # CPU: the overhead-bound proxy (below)
+    python jobs/bench_overhead.py --proxy --rounds 7                # CPU: the overhead-bound proxy (below)
     python jobs/bench_overhead.py                                   # the default model: batch 1 and 8
     python jobs/bench_overhead.py --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
     python3 jobs/bench_overhead.py --random-default --device cuda   # no model package: the default's shape
@@ -13,6 +13,8 @@ batch 8, a plain step and a 16-slot tree step, timed by ``jobs/time_step.py`` pr
 the engine of ``--baseline`` (a revision before fixed shapes; its ``decoding/`` extracted with git archive)
 eager, and this tree's eager, fixed-shape and compiled steps. It ends with the line
 ``overhead-bound step speed-up (new compiled / old eager): R``, R the smaller of the two steps' speed-ups.
+``--proxy --default-model --batch-sizes 1 4 16 --modes eager fixed``: the same processes on the default model
+(loaded with transformers alone, PPD with the default tree), the old engine against this one.
 
 Otherwise, for each batch size, method (``vanilla``; ``ppd``: the default tree set) and step mode, a SlotBatch decodes
 batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
@@ -121,18 +123,17 @@ def load(args):
 
 
 PROXY_MODES = ("old", "eager", "fixed", "compile")
-PROXY_STEPS = {"vanilla": "plain step", "ppd": "16-slot tree step"}
 
 
 class StepTimer:
     """One ``jobs/time_step.py --serve`` process: started (and warmed up) at construction, then one command at
     a time."""
 
-    def __init__(self, method: str, mode: str, pythonpath: Path):
+    def __init__(self, pythonpath: Path, child_args: list[str]):
         env = dict(os.environ, PYTHONPATH=str(pythonpath))
         self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "time_step.py"), "--serve",
-                                      "--method", method, "--mode", mode], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                      *child_args], env=env, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -161,42 +162,71 @@ def extract_decoding(revision: str, into: Path) -> Path:
     return into
 
 
-def proxy(args) -> list[dict]:
-    """The overhead-bound proxy (see the module docstring): ms per step and host ops per step, old and new."""
+def save_default_inputs(args, into: Path) -> list[str]:
+    """The default model's directory, and its prompt tokens and held-out prompts saved under ``into``: the
+    time_step.py arguments that load them."""
+    from workers.models import resolve_cache_dir
+
+    model, pt, prompts = load(args)
+    model_dir = resolve_cache_dir(None) / f"gguf-{pt.meta.base_model_hash[:16]}"
+    assert (model_dir / "config.json").exists(), f"no de-quantised default model at {model_dir}"
+    inputs = into / "inputs.pt"
+    torch.save({"embeddings": pt.embeddings.detach().float().cpu(), "meta": pt.meta.to_json_dict(),
+                "prompts": prompts}, inputs)
+    del model
+    return ["--model-dir", str(model_dir), "--inputs", str(inputs)]
+
+
+def side_by_side(args) -> list[dict]:
+    """Old against new steps (see the module docstring): ms per step and host ops per step."""
+    default = args.default_model
+    steps = {"vanilla": "plain step", "ppd": "default-tree step" if default else "16-slot tree step"}
+    batch_sizes = args.batch_sizes if default else [8]
+    modes = args.modes if default else PROXY_MODES
     with tempfile.TemporaryDirectory() as tmp:
         old = extract_decoding(args.baseline, Path(tmp))
-        print(f"overhead-bound proxy: old engine = {args.baseline}; {args.rounds} timed rounds of 30 steps",
-              flush=True)
+        model_args = save_default_inputs(args, Path(tmp)) if default else []
+        print(f"{'default model' if default else 'overhead-bound proxy'}: old engine = {args.baseline}; "
+              f"{args.rounds} timed rounds of {args.steps} steps", flush=True)
         timers = {}
-        for method in PROXY_STEPS:
-            for mode in PROXY_MODES:  # one warm-up at a time: two would share the cores
-                timers[method, mode] = StepTimer(method, mode, old if mode == "old" else REPO_ROOT)
+        for batch in batch_sizes:
+            for method in steps:
+                for mode in ("old", *[m for m in modes if m != "old"]):  # one warm-up at a time
+                    child = [*model_args, "--method", method, "--mode", mode, "--batch", str(batch),
+                             "--steps", str(args.steps)]
+                    timers[batch, method, mode] = StepTimer(old if mode == "old" else REPO_ROOT, child)
         times = {key: [] for key in timers}
         order = list(timers)
         for r in range(args.rounds):
             for key in (order if r % 2 == 0 else order[::-1]):
                 times[key].append(timers[key].ask("time")["ms_per_step"])
         results = []
-        print(f"{'step':<18} {'engine':<12} {'ms/step':>8} {'x old':>6} {'host ops':>8} {'(aten+kernels)':>14} "
-              f"{'reads':>5} {'warm-up s':>9}")
-        for (method, mode), timer in timers.items():
+        print(f"{'batch':>5} {'step':<18} {'engine':<8} {'ms/step':>8} {'x old':>6} {'host ops':>8} "
+              f"{'(aten+kernels)':>14} {'reads':>5} {'warm-up s':>9}")
+        for (batch, method, mode), timer in timers.items():
             counts = timer.ask("count")
             timer.close()
-            ms = statistics.median(times[method, mode])
-            old_ms = statistics.median(times[method, "old"])
-            row = {"section": "proxy", "step": PROXY_STEPS[method], "engine": mode, "ms_per_step": ms,
-                   "ms_runs": times[method, mode], "speedup_vs_old": old_ms / ms, **counts,
-                   "warmup_s": timer.ready["warmup_s"], "threads": timer.ready["threads"]}
+            ms = statistics.median(times[batch, method, mode])
+            old_ms = statistics.median(times[batch, method, "old"])
+            row = {"section": "default" if default else "proxy", "batch": batch, "step": steps[method],
+                   "engine": mode, "ms_per_step": ms, "ms_runs": times[batch, method, mode],
+                   "speedup_vs_old": old_ms / ms, **counts, "warmup_s": timer.ready["warmup_s"],
+                   "threads": timer.ready["threads"]}
             results.append(row)
-            print(f"{PROXY_STEPS[method]:<18} {mode:<12} {ms:>8.2f} {old_ms / ms:>6.2f} {counts['host_ops']:>8} "
+            print(f"{batch:>5} {steps[method]:<18} {mode:<8} {ms:>8.2f} {old_ms / ms:>6.2f} {counts['host_ops']:>8} "
                   f"{'(' + str(counts['aten_calls']) + '+' + str(counts['kernels']) + ')':>14} "
                   f"{counts['host_reads']:>5} {timer.ready['warmup_s']:>9.1f}", flush=True)
+    if default:
+        worst = min(results, key=lambda r: r["speedup_vs_old"])
+        print(f"slowest against the old engine: {worst['speedup_vs_old']:.2f}x ({worst['engine']}, "
+              f"{worst['step']}, batch {worst['batch']})", flush=True)
+        return results
     by = {(r["step"], r["engine"]): r for r in results}
-    for step in PROXY_STEPS.values():
-        old, new = by[step, "old"], by[step, "compile"]
+    for step in steps.values():
+        old_row, new = by[step, "old"], by[step, "compile"]
         print(f"{step}: compiled {new['speedup_vs_old']:.2f}x the old eager step; host ops "
-              f"{old['host_ops']} -> {new['host_ops']} ({old['host_ops'] / new['host_ops']:.1f}x fewer)")
-    speedup = min(by[step, "compile"]["speedup_vs_old"] for step in PROXY_STEPS.values())
+              f"{old_row['host_ops']} -> {new['host_ops']} ({old_row['host_ops'] / new['host_ops']:.1f}x fewer)")
+    speedup = min(by[step, "compile"]["speedup_vs_old"] for step in steps.values())
     print(f"overhead-bound step speed-up (new compiled / old eager): {speedup:.2f}", flush=True)
     return results
 
@@ -215,6 +245,10 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="the prompt data (default: ../shared/data)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--proxy", action="store_true", help="the overhead-bound proxy instead of the default model")
+    p.add_argument("--default-model", action="store_true",
+                   help="with --proxy: the old engine against this one on the default model (--batch-sizes, "
+                   "--modes among eager fixed compile), in time_step.py processes")
+    p.add_argument("--steps", type=int, default=30, help="with --proxy: steps per timed run")
     p.add_argument("--baseline", default="a057ee3",
                    help="the revision whose engine is the proxy's old eager step (default: the last before fixed "
                    "shapes)")
@@ -223,7 +257,7 @@ def main() -> None:
                    "and transformers: for a GPU machine without the model package)")
     args = p.parse_args()
     if args.proxy:
-        results = proxy(args)
+        results = side_by_side(args)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         return

@@ -137,6 +137,11 @@ def describe_worker(info: dict[str, Any]) -> str:
     if info.get("numeric_path"):
         decision = info.get("linear_decision")
         line += f"; numerics {info['numeric_path']}" + (f" ({decision['source']})" if decision else "")
+    if info.get("startup"):
+        up = info["startup"]
+        line += f"; start-up: plan {up['plan_s']:.1f} s"
+        if info.get("step_mode", "eager") != "eager":
+            line += f", {'capture' if info['step_mode'] == 'cuda_graphs' else 'compile'} {up['warmup_s']:.1f} s"
     return line
 
 

@@ -23,6 +23,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -59,6 +60,8 @@ def sixteen_slot_tree_set(k: int = 3, top_k: int = 10) -> TreeSet:
 
 
 def build(args):
+    if args.model_dir is not None:
+        return from_saved(args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -76,6 +79,24 @@ def build(args):
     return decoder, prompts
 
 
+def from_saved(args):
+    """A Hugging Face model directory, and the prompt tokens and prompts bench_overhead saved (``--inputs``);
+    PPD decodes with the default tree."""
+    from transformers import AutoModelForCausalLM
+
+    from decoding import PromptTokensMeta, default_tree_set
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    saved = torch.load(args.inputs)
+    if args.method == "vanilla":
+        decoder = VanillaDecoder(model)
+    else:
+        pt = PromptTokens(saved["embeddings"], PromptTokensMeta.from_json_dict(saved["meta"]))
+        decoder = PPDDecoder(model, pt, default_tree_set(pt.k))
+    prompts = saved["prompts"]
+    return decoder, [prompts[i % len(prompts)] for i in range(args.batch)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["vanilla", "ppd"], default="vanilla")
@@ -87,6 +108,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=30, help="steps a timed run takes (fresh rows each run)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="a Hugging Face model directory instead of the random Llama (with --inputs)")
+    p.add_argument("--inputs", type=Path, default=None,
+                   help="with --model-dir: a torch file of prompt-token embeddings, their meta and the prompts")
     p.add_argument("--serve", action="store_true",
                    help="after the warm-up, answer commands on stdin: 'time' (one timed run), 'count', 'quit'")
     args = p.parse_args()

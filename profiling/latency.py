@@ -5,6 +5,10 @@ fixed context length, for a grid of slot counts per row (1 = the root alone, i.e
 batch sizes asked for: a warm-up, a device sync around each repeat, the median. It stops early when the
 time budget runs out (largest inputs last); sizes it did not reach have no latency and are never chosen.
 Workers cache profiles on disk (workers/profiles.py).
+
+``step_mode`` is the step the worker will run: "eager" times the decoder's step sized to the rows;
+"cuda_graphs" (or "compile") times a SlotBatch's whole device step at fixed shapes, captured (compiled) at
+each size's first call, the warm-up, and replayed after, timed with CUDA events on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
 from decoding.slot_cache import SlotCache
-from decoding.slots import one_step, prefill_slots
+from decoding.captured_step import StepMode
+from decoding.slot_cache import CAPACITY_BUCKET, round_up
+from decoding.slots import SlotBatch, one_step, prefill_slots
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
 from profiling.trees import best_paths
@@ -49,6 +55,7 @@ class LatencyProfile(BaseModel):
     k: int
     ensemble: int
     context_len: int = Field(description="KV length the steps ran over.")
+    step_mode: str = Field("eager", description="The step timed: eager, compile or cuda_graphs.")
     points: list[LatencyPoint]
     profile_seconds: float = Field(description="Wall time the measurement took.")
     measured_at: str
@@ -126,7 +133,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batch_sizes: Sequence[int],
                     slots: Sequence[int] = DEFAULT_SLOTS, context_len: int = 256, budget_s: float | None = None,
-                    repeats: int | None = None, seed: int = 0) -> LatencyProfile:
+                    repeats: int | None = None, seed: int = 0, step_mode: StepMode = "eager") -> LatencyProfile:
     """Time the decode step for every (batch, slots) the budget allows."""
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
@@ -145,12 +152,23 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     batch_sizes = sorted(set(batch_sizes))
     for bi, batch in enumerate(batch_sizes):
         batch_deadline = started + budget_s * (bi + 1) / len(batch_sizes)
-        cache = SlotCache.for_model(model, batch, context_len + max(slots))
-        prefill_slots(model, cache, 0, torch.randint(0, vocab, (batch, context_len), generator=g).tolist())
-        kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
+        prompts = torch.randint(0, vocab, (batch, context_len), generator=g).tolist()
         root = torch.randint(0, vocab, (batch,), generator=g).to(device)
         guesses = torch.randint(0, vocab, (batch, k, top_k), generator=g).to(device)
-        state = torch.full((batch,), k, dtype=torch.long, device=device)
+        if step_mode == "eager":
+            cache = SlotCache.for_model(model, batch, context_len + max(slots))
+            prefill_slots(model, cache, 0, prompts)
+            kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
+            state = torch.full((batch,), k, dtype=torch.long, device=device)
+
+            def step(buffers) -> float:
+                _sync(device)
+                t0 = time.perf_counter()
+                one_step(decoder, cache, buffers, kv_len, root, guesses, state)
+                _sync(device)
+                return time.perf_counter() - t0
+        else:
+            step = FixedStepTimer(decoder, batch, prompts, root, guesses, max(slots), step_mode)
         previous: LatencyPoint | None = None  # this batch's last point
         for size in attempted_slots(k, n, slots):
             # Predict this point's cost as proportional to its slots (pessimistic where the curve is flat)
@@ -163,18 +181,52 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
             buffers = tree_set_buffers(synthetic_tree_set(k, top_k, size, n), n, device)
             times = []
             for i in range(warmups + repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                one_step(decoder, cache, buffers, kv_len, root, guesses, state)
-                _sync(device)
+                seconds = step(buffers)
                 if i >= warmups:
-                    times.append(time.perf_counter() - t0)
+                    times.append(seconds)
                 if i >= warmups and time.perf_counter() > batch_deadline:
                     break
             actual = buffers.state_sizes[k].slots  # = size, or just below for a few ensemble sizes
             previous = LatencyPoint(batch=batch, slots=actual, seconds=statistics.median(times), repeats=len(times))
             points.append(previous)
-        del cache
+        del step
     return LatencyProfile(device=identity, model_hash=model_hash, k=k, ensemble=n, context_len=context_len,
+                          step_mode=step_mode,
                           points=points, profile_seconds=time.perf_counter() - started,
                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+class FixedStepTimer:
+    """Seconds of one device step of ``batch`` full slots at fixed shapes in ``step_mode`` (a call per tree
+    set's buffers), its effect on the slots undone after each: every call steps from the same ``prompts``' KV.
+    ``slots`` is the SlotBatch the steps run in."""
+
+    def __init__(self, decoder, batch: int, prompts: list[list[int]], root: torch.Tensor, guesses: torch.Tensor,
+                 max_slots: int, step_mode: StepMode):
+        self.slots = slots = SlotBatch(decoder, batch, step_mode=step_mode, fixed_shapes=True)
+        self.batch, self.context = batch, len(prompts[0])
+        slots.cache.ensure_capacity(self.context + max_slots)
+        prefill_slots(decoder.model, slots.cache, 0, prompts)
+        slots.kv_len.fill_(self.context)
+        slots.busy_slots.fill_(True)
+        slots.root.copy_(root)
+        slots.guesses.copy_(guesses)
+        slots.state.fill_(decoder.k)
+        self.snapshot = slots.slot_snapshot()
+        cuda = slots.device.type == "cuda"
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
+
+    def __call__(self, buffers) -> float:
+        slots, events = self.slots, self.events
+        view = min(slots.cache.capacity, round_up(self.context + buffers.widest.slots, CAPACITY_BUCKET))
+        _sync(slots.device)
+        t0 = time.perf_counter()
+        if events:
+            events[0].record()
+        slots.trial_step(self.batch, buffers, view)
+        if events:
+            events[1].record()
+        _sync(slots.device)
+        elapsed = events[0].elapsed_time(events[1]) / 1e3 if events else time.perf_counter() - t0
+        slots.restore_slots(self.snapshot)
+        return elapsed

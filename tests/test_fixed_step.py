@@ -195,10 +195,43 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
     from workers.models import ModelConfig, load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
-    for config, mode in ((DecodingConfig(method="vanilla"), "eager"),
-                         (DecodingConfig(method="vanilla", cuda_graphs=True), "eager"),
-                         (DecodingConfig(method="vanilla", compile=True), "compile")):
+    torch._dynamo.reset()
+    rows = [{"id": f"r{i}", "prompt": text} for i, text in enumerate(["The sea is", "1, 2, 3,"])]
+    outputs = {}
+    for config, mode in ((DecodingConfig(method="vanilla", max_new_tokens=4), "eager"),
+                         (DecodingConfig(method="vanilla", max_new_tokens=4, cuda_graphs=True), "eager"),
+                         (DecodingConfig(method="vanilla", max_new_tokens=4, compile=True), "compile")):
         engine = DecodeEngine(loaded, config, batch_size=2)
         assert engine.step_mode == engine.batch.step_mode == engine.describe()["step_mode"] == mode
         assert engine.batch.fixed_shapes == (mode != "eager")
         assert ("step=compile" in engine.numeric_path) == (mode == "compile")
+        if mode == "compile":  # the full batch's shape was compiled at start-up, and the rows use it
+            assert len(engine.batch._runner.shapes) == 1 and engine.describe()["startup"]["warmup_s"] > 0
+        outputs[mode] = [out.output_token_ids for out in engine.run_rows(rows)]
+        if mode == "compile":
+            assert len(engine.batch._runner.shapes) == 1
+    assert outputs["compile"] == outputs["eager"]
+
+
+def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(model):  # noqa: F811
+    """The latency profile of a captured or compiled step runs the SlotBatch's device step at fixed shapes,
+    undoing each: the slots step from the same state every time, and the prompts' KV stays as written."""
+    from decoding import PPDDecoder
+    from profiling.latency import FixedStepTimer, synthetic_tree_set
+    from decoding.tree import tree_set_buffers
+    from tests.test_continuous import K, untrained
+
+    decoder = PPDDecoder(model, untrained(model), synthetic_tree_set(K, 10, 1))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 50, (2, 20), generator=g).tolist()
+    root, guesses = torch.randint(0, 50, (2,), generator=g), torch.randint(0, 50, (2, K, 10), generator=g)
+    seconds = FixedStepTimer(decoder, 2, prompts, root, guesses, 16, "eager")
+    batch = seconds.slots
+    before = {name: getattr(batch, name).clone() for name in ("kv_len", "root", "state", "guesses")}
+    prompt_kv = batch.cache.layers[0].keys[:, :, :20].clone()
+    for size in (1, 8, 16):
+        buffers = tree_set_buffers(synthetic_tree_set(K, 10, size), 1)
+        assert seconds(buffers) > 0 and seconds(buffers) > 0
+        for name, value in before.items():
+            assert torch.equal(getattr(batch, name), value), name
+        assert torch.equal(batch.cache.layers[0].keys[:, :, :20], prompt_kv)

@@ -150,8 +150,9 @@ class DecodeEngine:
         self.numeric_path = numeric_path(loaded.model)
         self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
         self.tree_info: dict[str, Any] = {}
-        self.decoder = self._build_decoder()  # also settles self.batch_size (an `auto` one is measured)
-        self.step_mode = self._step_mode()
+        started = time.perf_counter()
+        self.decoder = self._build_decoder()  # also settles self.batch_size and self.step_mode
+        plan_s = time.perf_counter() - started
         if self.step_mode != "eager":
             self.numeric_path += f" step={self.step_mode}"
         if self.step_mode == "compile":
@@ -163,6 +164,9 @@ class DecodeEngine:
         self.batch = SlotBatch(self.decoder, self.batch_size,
                                refill="continuous" if self.config.batching == "continuous" else "when_empty",
                                step_mode=self.step_mode)
+        # The full batch's step is compiled or captured now, at start-up; other shapes at their first use.
+        warmup_s = self.batch.warm_up()
+        self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
         self._lock = threading.Lock()
         self._open: list[ShardJob] = []  # shards added and not yet done
         self._occupancy_reported: dict[str, int] = {}
@@ -198,18 +202,22 @@ class DecodeEngine:
                     base_model_id=lm.model_id,
                     base_model_hash=lm.content_hash,
                 )
+        if prompt_tokens is None and self.config.prune_head not in ("none", "auto"):
+            raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
+        prune_head = self._load_prune_head() if prompt_tokens is not None else None
+        self.step_mode = self._step_mode(prune_head)
+        # Profiles time the step the worker runs; a compiled step's profile is the eager one: compiling each
+        # of a profile's ~30 shapes would take most of an hour on a CPU (ProPD re-prices from the steps it runs).
         plan = plan_decoding(
             lm.model, prompt_tokens, tree_nodes=self.config.tree_nodes,
             batch_size=None if self.requested_batch_size == "auto" else self.requested_batch_size,
             max_batch_size=self.max_batch_size, model_hash=lm.content_hash, cache_dir=self.cache_dir,
-            profile_budget_s=self.config.profile_budget_s, latency_profile=self.latency_profile)
+            profile_budget_s=self.config.profile_budget_s, latency_profile=self.latency_profile,
+            step_mode="cuda_graphs" if self.step_mode == "cuda_graphs" else "eager")
         self.batch_size = plan.batch_size
-        self.tree_info = plan.info
+        self.tree_info = {**plan.info, **self.tree_info}  # the prune head's entries, when one was loaded
         if prompt_tokens is None:
-            if self.config.prune_head not in ("none", "auto"):
-                raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
-        prune_head = self._load_prune_head()
         if self._sizes_every_step(prompt_tokens):
             profile = plan.profile
             prior = [(p.batch, p.slots, float(profile.context_len), p.seconds) for p in profile.points]
@@ -221,10 +229,10 @@ class DecodeEngine:
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
                           prune_head=prune_head)
 
-    def _step_mode(self) -> StepMode:
+    def _step_mode(self, prune_head: PruneHead | None) -> StepMode:
         """CUDA graphs on CUDA (unless turned off), torch.compile where asked, else eager. Early pruning keeps a
         data-dependent number of slots, so its steps stay eager."""
-        if getattr(self.decoder, "prune_head", None) is not None:
+        if prune_head is not None:
             return "eager"
         if self.loaded.device.type == "cuda" and self.config.cuda_graphs:
             return "cuda_graphs"
@@ -278,6 +286,8 @@ class DecodeEngine:
             **self.tree_info,
             "batch_size": self.batch_size,
             "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/captured_step.py)
+            # seconds spent at start-up planning (latency profile, tree choice) and compiling or capturing
+            "startup": self.startup,
         }
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from decoding import PromptTokens, TreeSet, default_tree_set
+from decoding.captured_step import StepMode
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile
 from profiling.tree_builder import choose_budget, estimate, tree_set_slots
 from profiling.trees import fixed_size_tree_set
@@ -48,9 +49,10 @@ def load_profile_file(path: str | Path, prompt_tokens: PromptTokens, model_hash:
 
 def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int | None, batch_size: int | None,
                   max_batch_size: int, model_hash: str, cache_dir: Path | None, profile_budget_s: float | None,
-                  latency_profile: str | None = None) -> DecodingPlan:
+                  latency_profile: str | None = None, step_mode: StepMode = "eager") -> DecodingPlan:
     """Choose the tree set and batch size. `prompt_tokens` None means vanilla decoding; `batch_size` None
-    means `auto` (the measured best up to `max_batch_size`)."""
+    means `auto` (the measured best up to `max_batch_size`). `step_mode`: the step a measured profile times
+    (profiling/latency.py)."""
     acceptance = prompt_tokens.meta.extra.get("acceptance") if prompt_tokens is not None else None
     fixed: TreeSet | None = None
     info: dict[str, Any] = {}
@@ -81,7 +83,8 @@ def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int 
     else:
         profile, cached = load_or_measure_profile(
             model, profiled, model_hash=model_hash, cache_dir=cache_dir, batch_sizes=sorted({1, *candidates}),
-            slots=DEFAULT_SLOTS if hardware_aware else sorted({1, fixed_slots}), budget_s=profile_budget_s)
+            slots=DEFAULT_SLOTS if hardware_aware else sorted({1, fixed_slots}), budget_s=profile_budget_s,
+            step_mode=step_mode)
         source = "cached" if cached else f"measured in {profile.profile_seconds:.1f} s"
 
     # Rows per second at each candidate batch size, with the best tree for that batch size.

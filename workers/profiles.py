@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from decoding import PromptTokens
+from decoding.captured_step import StepMode
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
 from profiling.tree_builder import choose_budget
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Bumped whenever the decode step's cost changes (the commit log says how), so a profile of older code is
 # measured again instead of reused.
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8
 
 # A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps.
 # One measured while something else loaded the machine keeps its distorted shape for good (seen on the 2-core
@@ -51,13 +52,14 @@ SPOT_CHECK_MIN_SECONDS = 0.005
 
 
 def profile_key(identity: DeviceIdentity, model_hash: str, k: int, n: int, batch_sizes: Sequence[int],
-                slots: Sequence[int], context_len: int, budget_s: float | None, numerics: str) -> dict:
+                slots: Sequence[int], context_len: int, budget_s: float | None, numerics: str,
+                step_mode: str = "eager") -> dict:
     """Everything that shapes the measurement: a short-budget profile never stands in for a full one, nor one
     of nn.Linear for one of weight-stationary linear layers, or of one attention kernel for another
-    (``numerics``: workers.numerics.numeric_path)."""
+    (``numerics``: workers.numerics.numeric_path), or of eager steps for one of captured steps."""
     return {"version": PROFILE_VERSION, "device": identity.key(), "model": model_hash, "k": k, "n": n,
             "batches": sorted(set(batch_sizes)), "slots": sorted(set(slots)), "context": context_len,
-            "budget_s": budget_s, "numerics": numerics}
+            "budget_s": budget_s, "numerics": numerics, "step": step_mode}
 
 
 def profile_path(cache_dir: Path, key: dict) -> Path:
@@ -104,7 +106,7 @@ def _complete(path: Path, key: dict) -> bool:
 def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, cache_dir: Path | None,
                             batch_sizes: Sequence[int], slots: Sequence[int] = DEFAULT_SLOTS,
                             context_len: int = 256, budget_s: float | None = None,
-                            spot_check: bool = True) -> tuple[LatencyProfile, bool]:
+                            spot_check: bool = True, step_mode: StepMode = "eager") -> tuple[LatencyProfile, bool]:
     """The cached profile for this device and model if there is one and it passes the spot check (see
     SPOT_CHECK_MONOTONE_TOLERANCE and SPOT_CHECK_TOLERANCE), else a fresh measurement (then cached).
     Returns (profile, whether it came from the cache)."""
@@ -114,7 +116,7 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
     refused_as_inverted = False
     if cache_dir is not None:
         key = profile_key(identity, model_hash, prompt_tokens.k, prompt_tokens.n, batch_sizes, slots,
-                          context_len, budget_s, numerics=numeric_path(model))
+                          context_len, budget_s, numerics=numeric_path(model), step_mode=step_mode)
         path = profile_path(cache_dir, key)  # where a fresh measurement goes
         source = path if path.exists() else covering_profile(cache_dir, key)
         if source is not None:
@@ -131,14 +133,14 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
                     log.warning("cached profile %s is not monotone in slots (%s): measuring again", source,
                                 inversion)
                 # Both probes must disagree: one slow probe says more about now than about the profile.
-                elif any(shape_error(cached, model, prompt_tokens, model_hash) <= SPOT_CHECK_TOLERANCE
+                elif any(shape_error(cached, model, prompt_tokens, model_hash, step_mode) <= SPOT_CHECK_TOLERANCE
                          for _ in range(2)):
                     return cached, True
                 else:
                     log.warning("cached profile %s is off in shape by over %.1fx against fresh steps: measuring "
                                 "again", source, SPOT_CHECK_TOLERANCE)
     profile = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=batch_sizes, slots=slots,
-                              context_len=context_len, budget_s=budget_s)
+                              context_len=context_len, budget_s=budget_s, step_mode=step_mode)
     if path is not None:
         write_json_atomically(path, profile.model_dump(mode="json"))
         write_json_atomically(_key_path(path), key)  # after the profile: a key never names a missing profile
@@ -222,7 +224,8 @@ def probe_slots(profile: LatencyProfile, prompt_tokens: PromptTokens, batch: int
     return sorted(probes)
 
 
-def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str) -> float:
+def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str,
+                step_mode: StepMode = "eager") -> float:
     """Time plain decoding and the probe's trees (probe_slots) afresh at the profile's smallest batch size;
     return how far the profile's ratio of each tree's step to the plain step is from the fresh one, as a
     factor >= 1, the worst of them (1 when there is no tree point). Profiles of steps under
@@ -235,7 +238,8 @@ def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, mod
     if not probes:
         return 1.0
     fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, *probes],
-                            context_len=profile.context_len, budget_s=1e9, repeats=SPOT_CHECK_REPEATS)
+                            context_len=profile.context_len, budget_s=1e9, repeats=SPOT_CHECK_REPEATS,
+                            step_mode=step_mode)
     # With ensembles a few slot counts cannot be built and the next one down is timed: compared as timed.
     timed = [s for s in fresh.measured_slots(batch) if s > 1]
     if 1 not in fresh.measured_slots(batch) or not timed:
