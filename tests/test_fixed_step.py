@@ -188,6 +188,22 @@ def test_cuda_graph_steps_equal_each_row_decoded_alone(rows, method, sampled):  
         assert got == dict(enumerate(want)), f"offset {offset}"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_profile_of_captured_steps_times_each_size_from_its_graph():
+    """On a GPU: the latency profile of a worker with CUDA graphs captures each size's step and times replays."""
+    from profiling.latency import measure_profile
+    from tests.helpers_models import make_tiny_llama
+    from tests.test_continuous import K, VOCAB, untrained
+
+    cuda_model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3).cuda().float()
+    profile = measure_profile(cuda_model, untrained(cuda_model), model_hash="tiny", batch_sizes=[1, 2],
+                              slots=[1, 4, 8], context_len=32, budget_s=60, step_mode="cuda_graphs")
+    assert profile.step_mode == "cuda_graphs" and profile.k == K
+    assert {(p.batch, p.slots) for p in profile.points} == {(b, s) for b in (1, 2) for s in (1, 4, 8)}
+    assert all(0 < p.seconds < 1 for p in profile.points)
+
+
 def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_model_dir):
     """On a CPU: eager unless compile is asked (cuda_graphs is for CUDA devices); the mode is in the worker's
     description and in each row's numeric path, since compiled kernels round differently."""
