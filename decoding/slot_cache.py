@@ -179,3 +179,14 @@ def step_mask(kv_len: torch.Tensor, attend: torch.Tensor, view: int, dtype: torc
 def step_view(longest: int, new_tokens: int, capacity: int) -> int:
     """Columns a step's attention reads: the longest row plus the step's new tokens, rounded up to a bucket."""
     return min(capacity, round_up(longest + new_tokens, COLUMN_BUCKET))
+
+
+FIXED_VIEW_MIN = 64  # the narrowest attention view of a fixed-shape step
+
+
+def fixed_view(longest: int, new_tokens: int, capacity: int) -> int:
+    """Columns a fixed-shape step's attention reads: the longest row plus the step's new tokens, rounded up to
+    a power of two (at least FIXED_VIEW_MIN): a few shapes to compile or capture (6 up to 2,048 columns), and
+    at most twice the columns the rows hold (short rows did 4x the attention with 256-column buckets)."""
+    need = max(longest + new_tokens, FIXED_VIEW_MIN)
+    return min(capacity, 1 << (need - 1).bit_length())

@@ -39,7 +39,7 @@ from decoding.batch import StopCheck, additive_mask, pad_prompts
 from decoding.captured_step import ADVANCED, StepMode, step_runner
 from decoding.results import FinishReason, RowResult
 from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
-from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, round_up, step_view
+from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, fixed_view, round_up, step_view
 from decoding.tree import StepSizes
 
 Refill = Literal["continuous", "when_empty"]
@@ -115,8 +115,8 @@ def slot_bucket(rows: int, num_slots: int) -> int:
 class SlotBatch:
     """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
     be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
-    tree set's widest tree for every row, attention over the longest row's columns rounded up to a capacity
-    bucket (256), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows:
+    tree set's widest tree for every row, attention over the longest row's columns rounded up to a power of
+    two (``slot_cache.fixed_view``), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows:
     the narrowest tree that fits their depth states and the longest row's columns. The tokens are the same
     either way.
 
@@ -198,7 +198,7 @@ class SlotBatch:
         longest = max(view.kv_lens)
         if self.fixed_shapes:
             run, sizes = slot_bucket(A, self.num_slots), self.decoder.step_sizes(buffers, None)
-            columns = min(self.cache.capacity, round_up(longest + sizes.slots, CAPACITY_BUCKET))
+            columns = fixed_view(longest, sizes.slots, self.cache.capacity)
         else:
             run, sizes = A, self.decoder.step_sizes(buffers, view.states)
             columns = step_view(longest, sizes.slots, self.cache.capacity)
@@ -260,15 +260,16 @@ class SlotBatch:
     @torch.inference_mode()
     def warm_up(self, rows: int | None = None, columns: int = CAPACITY_BUCKET) -> float:
         """Compile or capture the step of a full slot bucket (``rows``: default all slots) with the decoder's
-        own tree at its widest, over the first capacity bucket of columns: the shape most steps take. Other
-        shapes are compiled or captured at their first use. Returns the seconds it took (0 when eager)."""
+        own tree at its widest, over ``columns`` attention columns (a fixed view: a power of two): the shape
+        of a full batch of short rows. Other shapes are compiled or captured at their first use. Returns the
+        seconds it took (0 when eager)."""
         if self._runner is None or self.rows or self._admitting:
             return 0.0
         started = time.perf_counter()
         buffers = self.decoder.first_buffers()
         snapshot = self.slot_snapshot()
         self.trial_step(slot_bucket(rows or self.num_slots, self.num_slots), buffers,
-                        min(columns, self.cache.capacity))
+                        fixed_view(columns, 0, self.cache.capacity))
         self.restore_slots(snapshot)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

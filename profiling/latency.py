@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from decoding import PPDDecoder, PromptTokens
 from decoding.slot_cache import SlotCache
 from decoding.captured_step import StepMode
-from decoding.slot_cache import CAPACITY_BUCKET, round_up
+from decoding.slot_cache import fixed_view
 from decoding.slots import SlotBatch, one_step, prefill_slots
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
@@ -218,7 +218,7 @@ class FixedStepTimer:
 
     def __call__(self, buffers) -> float:
         slots, events = self.slots, self.events
-        view = min(slots.cache.capacity, round_up(self.context + buffers.widest.slots, CAPACITY_BUCKET))
+        view = fixed_view(self.context, buffers.widest.slots, slots.cache.capacity)
         _sync(slots.device)
         t0 = time.perf_counter()
         if events:

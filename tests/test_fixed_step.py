@@ -39,6 +39,14 @@ def test_slot_buckets_are_powers_of_two_up_to_the_slots():
     assert [slot_bucket(a, 8) for a in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
 
 
+def test_fixed_views_are_powers_of_two_from_64_up_to_the_capacity():
+    from decoding.slot_cache import fixed_view
+
+    assert [fixed_view(longest, 1, 1024) for longest in (0, 10, 63, 64, 127, 128, 500, 1023)] == \
+        [64, 64, 64, 128, 128, 256, 512, 1024]
+    assert fixed_view(200, 16, 256) == 256 and fixed_view(600, 16, 768) == 768  # capped by the cache
+
+
 def run_joining(model, rows, method, sampled, offset, **batch_args):
     """Rows 0 and 1 start in a batch of 4 slots (one idle in the bucket of 4 once row 2 joins); row 2 joins
     after ``offset`` steps. Returns each row's tokens and the batch."""
@@ -212,7 +220,9 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
     torch._dynamo.reset()
-    rows = [{"id": f"r{i}", "prompt": text} for i, text in enumerate(["The sea is", "1, 2, 3,"])]
+    # two prompts of one length over 128 tokens: every step of theirs attends over 256 columns, the view the
+    # engine warms up, with both slots busy
+    rows = [{"id": f"r{i}", "prompt": text} for i, text in enumerate(["The sea is " * 45, "The sky is " * 45])]
     outputs = {}
     for config, mode in ((DecodingConfig(method="vanilla", max_new_tokens=4), "eager"),
                          (DecodingConfig(method="vanilla", max_new_tokens=4, cuda_graphs=True), "eager"),
