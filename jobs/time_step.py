@@ -12,7 +12,8 @@ with one: ``time``, milliseconds per step of one run of ``--steps`` steps; ``cou
 in one step, counted with torch.profiler:
 ``aten_calls``, the aten ops called from Python or from inductor's wrapper (an op's own inner aten calls
 excluded: ``linear`` is one call, not ``t`` plus ``mm``), plus for a compiled step ``kernels``, the kernels
-inductor generated for the step's graph (the profiler does not see them; the wrapper calls each once).
+inductor generated for the step's graph (the profiler does not see them; the wrapper calls each once), the
+most of any one graph (rows grow through two attention views, so two graphs are compiled; a step runs one).
 ``host_ops`` is their sum; ``host_reads`` counts ``aten::item``/``_local_scalar_dense``/``nonzero`` calls.
 """
 
@@ -128,7 +129,7 @@ def main() -> None:
     t0 = time.perf_counter()
     source = runner.warm_up()
     answer({"ready": True, "warmup_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
-    kernels = kernel_launches(source)
+    kernels = max((kernel_launches(code) for code in source), default=0)  # a step runs one graph
     commands = sys.stdin if args.serve else ["time", "count"]
     for line in commands:
         command = line.strip()
@@ -156,12 +157,12 @@ class StepRunner:
         self.batch.add([Request(p, self.steps * 8) for p in self.prompts])
         self.batch.step()
 
-    def warm_up(self) -> str:
-        """Two runs; returns the code inductor generated ("" eager)."""
+    def warm_up(self) -> list[str]:
+        """Two runs; returns the code inductor generated, one source per graph (none eager)."""
         from torch._inductor.utils import run_and_get_code
 
         _, code = run_and_get_code(lambda: [self.timed_run() for _ in range(2)])
-        return "\n".join(code)
+        return code
 
     def timed_run(self) -> float:
         """Milliseconds per step."""
