@@ -20,9 +20,10 @@ Otherwise, for each batch size, method (``vanilla``; ``ppd``: the default tree s
 batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
 does the same work). A first pass warms up (it compiles or captures every shape the run meets: its time is
 the start-up cost); the timed passes follow, the modes taking turns. Reported: tokens/s, the ratio to eager,
-the warm-up seconds, torch ops dispatched and host reads per step (counted on one eager step), and whether
-every mode's tokens equal eager's (float32 kernels differ in their last bits between compiled and eager, so
-a rare divergence late in a row is rounding, not a bug; the float64 tests check equality).
+the warm-up seconds, aten calls and host reads per step (one eager step, counted as jobs/time_step.py counts
+them), and whether every mode's tokens equal eager's (float32 kernels differ in their last bits between
+compiled and eager, so a rare divergence late in a row is rounding, not a bug; the float64 tests check
+equality).
 """
 
 from __future__ import annotations
@@ -44,31 +45,17 @@ import subprocess  # noqa: E402
 import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
 from decoding.slots import Request, SlotBatch  # noqa: E402
+from jobs.time_step import HOST_READS, top_level_aten_calls  # noqa: E402
 
 # SmolLM2-135M-Instruct's shape (the default model), for --random-default: the same step cost, random weights.
 DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
-
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func] += 1
-        return func(*args, **(kwargs or {}))
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -112,14 +99,13 @@ def decode(decoder, batch_size: int, prompts: list[list[int]], new_tokens: int, 
 
 
 def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool) -> tuple[int, int]:
-    """(torch ops dispatched, host reads) in one eager step of a full batch, admission excluded."""
+    """(aten calls, host reads) in one eager step of a full batch, admission excluded, counted as the proxy
+    counts them (jobs/time_step.py)."""
     batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=fixed)
     batch.add([Request(p, 8) for p in prompts[:batch_size]])
     batch.step()  # admission and a first step
-    counter = OpCounter()
-    with counter:
-        batch.step()
-    return sum(counter.ops.values()), sum(n for op, n in counter.ops.items() if op in HOST_READS)
+    calls = top_level_aten_calls(batch.step)
+    return len(calls), sum(name in HOST_READS for name in calls)
 
 
 def load(args):
