@@ -116,9 +116,9 @@ class SlotBatch:
     """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
     be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
     tree set's widest tree for every row, attention over the longest row's columns rounded up to a power of
-    two (``slot_cache.fixed_view``), sampling without data-dependent shapes. Otherwise (eager) each step is sized to its rows:
-    the narrowest tree that fits their depth states and the longest row's columns. The tokens are the same
-    either way.
+    two (``slot_cache.fixed_view``), sampling without data-dependent shapes. Otherwise (eager) each step is
+    sized to its rows: the narrowest tree that fits their depth states and the longest row's columns. The
+    tokens are the same either way.
 
     ``step_mode``: "eager", "compile" (torch.compile, one graph per shape) or "cuda_graphs" (one captured CUDA
     graph per shape, replayed); the last two imply fixed shapes (decoding/captured_step.py).

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
+from jobs.hf_baseline import hf_greedy  # noqa: E402
 from jobs.inputs import read_rows  # noqa: E402
 from workers.artifacts import load_prompt_tokens  # noqa: E402
 from workers.cpu_linear import linear_kind  # noqa: E402
@@ -160,14 +161,7 @@ def methods(lm: LoadedModel, stock: LoadedModel, cfg: BenchConfig) -> dict[str, 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def hf(prompts):
-        # Left padding is what `generate` needs for a batch; batch 1 gets no padding at all.
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=lm.device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
-        with torch.inference_mode():
-            out = stock.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, eos_token_id=None,
-                                 do_sample=False, pad_token_id=pad_id, top_k=None, top_p=None, temperature=None)
-        return out[:, width:].tolist(), None
+        return hf_greedy(stock.model, prompts, n, pad_id), None
 
     def ours(decoder):
         def run(prompts):

@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
 from decoding.slots import Request, SlotBatch  # noqa: E402
+from jobs.hf_baseline import hf_greedy  # noqa: E402
 from jobs.time_step import HOST_READS, top_level_aten_calls  # noqa: E402
 
 # SmolLM2-135M-Instruct's shape (the default model), for --random-default: the same step cost, random weights.
@@ -65,21 +66,16 @@ def sync(device: torch.device) -> None:
 def hf_generate(model, batch_size: int, prompts: list[list[int]], new_tokens: int, static: bool
                 ) -> tuple[float, dict]:
     """transformers' greedy ``generate`` over the prompts in batches of ``batch_size``, every prompt left-padded
-    to the longest (one shape for all batches). ``static``: a static cache, which ``generate`` compiles on CUDA
-    (its documented fast path); else its default dynamic cache, eager. (seconds, outputs by row)."""
+    to the longest (one shape for all batches; ``static``: its static cache, compiled on CUDA). (seconds,
+    outputs by row)."""
     device = model.get_input_embeddings().weight.device
     width = max(len(p) for p in prompts)
     outputs = {}
     sync(device)
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             cache_implementation="static" if static else None)
-        outputs.update({start + i: row for i, row in enumerate(out[:, width:].tolist())})
+        rows = hf_greedy(model, prompts[start:start + batch_size], new_tokens, width=width, static_cache=static)
+        outputs.update({start + i: row for i, row in enumerate(rows)})
     sync(device)
     return time.perf_counter() - t0, outputs
 

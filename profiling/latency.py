@@ -23,9 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
-from decoding.slot_cache import SlotCache
 from decoding.captured_step import StepMode
-from decoding.slot_cache import fixed_view
+from decoding.slot_cache import SlotCache, fixed_view
 from decoding.slots import SlotBatch, one_step, prefill_slots
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
 from profiling.device import DeviceIdentity, identify
