@@ -26,11 +26,21 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from decoding.batch import additive_from_visible
 
 COLUMN_BUCKET = 16  # attention views are this many columns wide at a time (fewer distinct shapes)
-CAPACITY_BUCKET = 256  # capacity grows in steps of this many columns
+CAPACITY_BUCKET = 256  # the smallest capacity; it doubles from there
 
 
 def round_up(x: int, bucket: int) -> int:
     return -(-x // bucket) * bucket
+
+
+def capacity_for(columns: int) -> int:
+    """The capacity that holds ``columns``: CAPACITY_BUCKET times a power of two. A compiled or captured step
+    is specialised on the cache's shape, so each capacity compiles or captures its shapes again; doubling
+    bounds that to a handful of growths (rows up to 8,192 columns pass 6 capacities, not 32) at most twice the
+    memory the rows need, and a capacity fixed by the columns alone gives every worker the same shapes (so
+    inductor's on-disk cache serves them)."""
+    buckets = max(1, round_up(columns, CAPACITY_BUCKET) // CAPACITY_BUCKET)
+    return CAPACITY_BUCKET << (buckets - 1).bit_length()
 
 
 class SlotLayer(CacheLayerMixin):
@@ -77,7 +87,7 @@ class SlotCache(Cache):
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int = CAPACITY_BUCKET):
         assert num_slots >= 1 and capacity >= 1
-        self.num_slots, self.capacity = num_slots, round_up(capacity, CAPACITY_BUCKET)
+        self.num_slots, self.capacity = num_slots, capacity_for(capacity)
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.view = 0  # columns the current forward's attention sees
         self._mode = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
@@ -132,10 +142,10 @@ class SlotCache(Cache):
 
     # -- moving what is held -----------------------------------------------------------------------------------
     def ensure_capacity(self, columns: int) -> None:
-        """Room for ``columns`` columns per slot: grown (a copy of what is held) in buckets when short."""
+        """Room for ``columns`` columns per slot: grown (a copy of what is held) to ``capacity_for`` when short."""
         if columns <= self.capacity:
             return
-        self.capacity = round_up(columns, CAPACITY_BUCKET)
+        self.capacity = capacity_for(columns)
         for layer in self.layers:
             if layer.is_initialized:
                 layer.grow(self.capacity)

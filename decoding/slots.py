@@ -39,7 +39,7 @@ from decoding.batch import StopCheck, additive_mask, pad_prompts
 from decoding.captured_step import ADVANCED, StepMode, step_runner
 from decoding.results import FinishReason, RowResult
 from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
-from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, fixed_view, round_up, step_view
+from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, capacity_for, fixed_view, step_view
 from decoding.tree import StepSizes
 
 Refill = Literal["continuous", "when_empty"]
@@ -374,7 +374,7 @@ class SlotBatch:
         # Draws below a row's last allowed token are made and thrown away: k uniforms of lookahead.
         length = max(r.request.max_new_tokens for r in newcomers) + self.decoder.k + 1
         if length > self.uniforms.shape[1]:
-            grown = self.uniforms.new_zeros(self.num_slots, round_up(length, CAPACITY_BUCKET))
+            grown = self.uniforms.new_zeros(self.num_slots, capacity_for(length))
             grown[:, : self.uniforms.shape[1]] = self.uniforms
             self.uniforms = grown
         for i, row in enumerate(newcomers):

@@ -122,9 +122,9 @@ def test_a_finished_rows_slot_is_refilled_at_the_next_step(model):
             assert (occ.steps, occ.steps_waiting, occ.busy_waiting) == (7, 5, 6) and occ.while_waiting == 6 / 10
 
 
-def test_slot_kv_is_written_in_place_and_grown_in_buckets(model):
+def test_slot_kv_is_written_in_place_and_grown_by_doubling(model):
     """Rows come and go over a persistent batch without its KV being reallocated; a row longer than the
-    capacity grows it (once, to the next bucket) and still decodes exactly."""
+    capacity grows it (once, doubling it) and still decodes exactly."""
     decoder = make_decoder("vanilla", model, [])
     batch = SlotBatch(decoder, num_slots=2)
     prompts = prompts_for(4, seed=8)

@@ -47,6 +47,18 @@ def test_fixed_views_are_powers_of_two_from_64_up_to_the_capacity():
     assert fixed_view(200, 16, 256) == 256 and fixed_view(600, 16, 768) == 768  # capped by the cache
 
 
+def test_the_kv_capacity_doubles_so_a_compiled_step_sees_few_cache_shapes():
+    from decoding.slot_cache import SlotCache, capacity_for
+
+    assert [capacity_for(c) for c in (0, 1, 256, 257, 512, 513, 1024, 1025, 3000, 8192)] == \
+        [256, 256, 256, 512, 512, 1024, 1024, 2048, 4096, 8192]
+    cache, seen = SlotCache(num_layers=1, num_slots=2), set()
+    for columns in range(1, 8193, 64):  # rows growing one 64-column step at a time
+        cache.ensure_capacity(columns)
+        seen.add(cache.capacity)
+    assert sorted(seen) == [256, 512, 1024, 2048, 4096, 8192]
+
+
 def run_joining(model, rows, method, sampled, offset, **batch_args):
     """Rows 0 and 1 start in a batch of 4 slots (one idle in the bucket of 4 once row 2 joins); row 2 joins
     after ``offset`` steps. Returns each row's tokens and the batch."""
@@ -168,12 +180,12 @@ def test_the_compiled_step_writes_the_kv_cache_in_place(model, rows):  # noqa: F
     torch._dynamo.reset()
     (p0, _, _, t0), (p1, _, _, t1), _ = rows[False]
     batch = SlotBatch(make_decoder("ppd", model, [t0, t1]), num_slots=2, step_mode="compile")
-    batch.cache.ensure_capacity(768)  # three capacity buckets: the step reads a view of 256 columns
+    batch.cache.ensure_capacity(768)  # a capacity of 1,024 columns: the step reads a view of 64
     batch.add([Request(p0, 6, tag=0), Request(p1, 6, tag=1)])
     got, code = run_and_get_code(lambda: {req.tag: res.token_ids for req, res in batch.run()})
     assert got == {0: t0[:6], 1: t1[:6]}
     keys = batch.cache.layers[0].keys
-    assert keys.shape[2] == 768
+    assert keys.shape[2] == 1024
     allocated = f"empty_strided_cpu(({', '.join(map(str, keys.shape))})"
     source = "\n".join(code)
     assert allocated not in source and f"{keys.numel()}L" not in source
