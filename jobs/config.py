@@ -71,12 +71,14 @@ class JobConfig(BaseModel):
 
     input: str | None = Field(
         default=None,
-        description="JSONL or Parquet file (or a directory of them) with rows of `id` plus either "
-        "`messages` (a chat) or `prompt` (raw text). Default: the embedded demo prompts.",
+        description="JSONL or Parquet file (or a directory of them), a local path or a URI such as "
+        "s3://bucket/prefix/, with rows of `id` plus either `messages` (a chat) or `prompt` (raw text). "
+        "Default: the embedded demo prompts.",
     )
     output: str = Field(
         default=DEMO_OUTPUT,
-        description="Directory for the output Parquet files and summary.json. Running again into the same "
+        description="Directory (a local path or a URI such as s3://bucket/prefix/) for the output Parquet files "
+        "and summary.json. Running again into the same "
         "directory resumes: rows already written are skipped. Under `ray job submit`, give an absolute "
         "path: a relative one lands in the job's working directory.",
     )
@@ -101,8 +103,9 @@ class JobConfig(BaseModel):
             raise ValueError(f"worker group names must be unique, got {names}")
         return groups
 
-    def input_path(self) -> Path:
-        return Path(self.input) if self.input else DEMO_INPUT
+    def input_uri(self) -> str:
+        """The input as a local path or a URI (jobs/storage.py)."""
+        return self.input or str(DEMO_INPUT)
 
     def group_model(self, group: WorkerGroup) -> ModelConfig:
         """The model config as one group's actors load it."""

@@ -1,65 +1,123 @@
-"""Reading the job's input rows (JSONL or Parquet) and cutting them into batches.
+"""The job's input: JSONL or Parquet files (one, or a directory of them), local or in object storage, read as
+streams and never held whole.
 
-Problems that make the whole input unusable (a malformed JSONL line, a row without an id, duplicate
-ids) raise `InputError` up front. Problems with one row's content (no prompt, wrong types, ...) are
-left for the workers, which report them in that row's `error` column.
+Contract:
+- ``scan_input`` reads every row's id once, checks it, and plans the shards: each file's rows, in order, cut
+  every ``shard_size`` rows (a shard never spans two files). The cut depends only on the files (listed by
+  name) and their rows, so a resumed run re-forms exactly the shards of the first, with no global sort.
+- Problems that make the input unusable raise ``InputError`` before any work starts, naming the file and the
+  line (JSONL) or row (Parquet): a malformed JSONL line, a row without a usable id, a duplicate id (naming
+  both places), an unreadable file. A row's own content (no prompt, wrong types) is left to the workers,
+  which report it in that row's ``error`` column.
+- The plan holds the ids as 16-byte digests (jobs/idset.py): 10M rows take ~250 MB once indexed.
+- ``iter_shards`` reads the rows again, shard by shard, as the pool asks for them, and checks each shard's
+  ids against the plan (an input changed mid-job is an error, not a silent mix).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.idset import DigestIndex, id_digests
+from jobs.storage import Location, StorageError, resolve
 
 KEPT_FIELDS = ("id", "messages", "prompt", "sampling_params")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+BATCH_ROWS = 65_536  # rows per Parquet record batch and per digest chunk
+READ_BYTES = 8 << 20  # JSONL block size
 
 
 class InputError(ValueError):
     """The input cannot be used as a whole."""
 
 
-def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(value, dict):
-                raise InputError(f"{path}: line {lineno}: expected a JSON object, got {type(value).__name__}")
-            rows.append((f"{path}: line {lineno}", value))
-    return rows
+@dataclass(frozen=True)
+class InputFile:
+    location: Location
+    format: str  # "jsonl" or "parquet"
 
 
-def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
+def input_files(where: str) -> list[InputFile]:
+    """The input's files: ``where`` itself, or the .jsonl/.json/.parquet files directly in it, by name."""
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any read failure is an input error
-        raise InputError(f"{path}: cannot read Parquet: {exc}") from None
-    return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
-
-
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        location = resolve(where)
+        kind = location.info().type.name
+    except (StorageError, OSError) as exc:
+        raise InputError(str(exc)) from None
+    if kind == "Directory":
+        files = [InputFile(f, SUFFIXES[s]) for f in location.files() if (s := _suffix(f.name)) in SUFFIXES]
         if not files:
-            raise InputError(f"{path}: no .jsonl or .parquet files in this directory")
+            raise InputError(f"{location.uri}: no .jsonl or .parquet files in this directory")
         return files
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix not in SUFFIXES:
-        raise InputError(f"{path}: unknown input format (expected .jsonl or .parquet)")
-    return [path]
+    if kind == "NotFound":
+        raise InputError(f"{location.uri}: no such file")
+    if _suffix(location.name) not in SUFFIXES:
+        raise InputError(f"{location.uri}: unknown input format (expected .jsonl or .parquet)")
+    return [InputFile(location, SUFFIXES[_suffix(location.name)])]
 
 
-def _check_id(where: str, row: dict) -> str:
-    row_id = row.get("id")
+def _suffix(name: str) -> str:
+    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+
+# -- reading one file -------------------------------------------------------------------------------------------
+def _jsonl_objects(f: InputFile) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line."""
+    uri = f.location.uri
+    try:
+        stream = f.location.fs.open_input_stream(f.location.path)
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot read: {exc}") from None
+    lineno, tail = 0, b""
+    with stream:
+        while True:
+            try:
+                block = stream.read(READ_BYTES)
+            except OSError as exc:
+                raise InputError(f"{uri}: cannot read: {exc}") from None
+            lines = (tail + block).split(b"\n")
+            tail = lines.pop() if block else b""
+            for line in lines:
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    detail = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else exc
+                    raise InputError(f"{uri}: line {lineno}: malformed JSON: {detail}") from None
+                if not isinstance(value, dict):
+                    raise InputError(f"{uri}: line {lineno}: expected a JSON object, got {type(value).__name__}")
+                yield lineno, value
+            if not block:
+                return
+
+
+def _parquet_file(f: InputFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f.location.fs.open_input_file(f.location.path))
+    except Exception as exc:  # noqa: BLE001 - any read failure is an input error
+        raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
+
+
+def _parquet_batches(f: InputFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    parquet = _parquet_file(f)
+    present = [c for c in columns if c in parquet.schema_arrow.names]
+    try:
+        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=present)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
+
+
+def _check_id(where: str, row_id: Any) -> str:
     if row_id is None:
         raise InputError(f"{where}: row has no 'id'")
     if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
@@ -69,25 +127,155 @@ def _check_id(where: str, row: dict) -> str:
     return str(row_id)
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """The input's rows as dicts with `id` (a string) and whichever of `messages`/`prompt`/`sampling_params`
-    they had.
+def _parquet_ids(f: InputFile, batch: pa.RecordBatch, first_row: int) -> list[str]:
+    """The batch's ids as strings, checked as a column (the first bad row named)."""
+    uri = f.location.uri
+    if "id" not in batch.schema.names:
+        raise InputError(f"{uri}: row {first_row}: row has no 'id'")
+    ids = batch.column("id")
+    is_text = pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+    bad = ids.is_null()
+    if is_text:
+        bad = pc.or_(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0))
+    elif not pa.types.is_integer(ids.type):
+        bad = pc.invert(bad)  # every non-null value is of a wrong type
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        _check_id(f"{uri}: row {first_row + i}", ids[i].as_py())
+    values = ids.to_pylist()
+    return values if is_text else [str(v) for v in values]
 
-    Raises InputError for a malformed JSONL line (naming its line number), a row without a usable
-    id, and duplicate ids.
-    """
-    rows: list[dict] = []
-    first_seen: dict[str, str] = {}
-    for file in _files(Path(path)):
-        reader = _parquet_rows if SUFFIXES[file.suffix] == "parquet" else _jsonl_rows
-        for where, raw in reader(file):
-            row_id = _check_id(where, raw)
-            if row_id in first_seen:
-                raise InputError(f"{where}: duplicate id {row_id!r} (first seen at {first_seen[row_id]})")
-            first_seen[row_id] = where
-            row = {key: raw[key] for key in KEPT_FIELDS if key in raw}
-            row["id"] = row_id
-            rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: the input has no rows")
-    return rows
+
+def file_ids(f: InputFile) -> Iterator[list[str]]:
+    """The file's ids in order, checked, in chunks."""
+    if f.format == "parquet":
+        row = 0
+        for batch in _parquet_batches(f, ["id"]):
+            yield _parquet_ids(f, batch, row)
+            row += batch.num_rows
+        return
+    chunk = []
+    for lineno, value in _jsonl_objects(f):
+        chunk.append(_check_id(f"{f.location.uri}: line {lineno}", value.get("id")))
+        if len(chunk) == BATCH_ROWS:
+            yield chunk
+            chunk = []
+    yield chunk
+
+
+def file_rows(f: InputFile) -> Iterator[dict]:
+    """The file's rows in order: ``id`` (a string) and whichever of the other KEPT_FIELDS they have."""
+    if f.format == "parquet":
+        for batch in _parquet_batches(f, list(KEPT_FIELDS)):
+            for row in batch.to_pylist():
+                row["id"] = str(row["id"])
+                yield row
+        return
+    for _, value in _jsonl_objects(f):
+        row = {key: value[key] for key in KEPT_FIELDS if key in value}
+        row["id"] = str(row["id"])
+        yield row
+
+
+def locate(f: InputFile, row: int) -> str:
+    """Where the file's ``row``-th row (from 0) is: its line for JSONL, its row for Parquet."""
+    if f.format == "parquet":
+        return f"{f.location.uri}: row {row}"
+    for i, (lineno, _) in enumerate(_jsonl_objects(f)):
+        if i == row:
+            return f"{f.location.uri}: line {lineno}"
+    raise AssertionError(f"{f.location.uri} has fewer than {row + 1} rows")
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+@dataclass
+class Shard:
+    """A unit of work and of output: up to ``shard_size`` consecutive rows of one file, less those written."""
+
+    index: int  # position among the input's shards
+    rows: list[dict]
+    attempts: int = 0  # workers that died while decoding it
+    deaths: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+
+@dataclass
+class InputPlan:
+    uri: str
+    files: list[InputFile]
+    file_rows: list[int]  # rows per file
+    shard_size: int
+    index: DigestIndex  # every row's id; positions are global row numbers (files in order)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.index)
+
+    def file_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.file_rows)]).astype(np.int64)
+
+    def shard_bounds(self) -> list[tuple[int, int]]:
+        """Every shard's global rows [start, stop), in order (a shard's index is its place in this list)."""
+        bounds = []
+        for start, rows in zip(self.file_starts(), self.file_rows):
+            bounds += [(int(start + s), int(start + min(s + self.shard_size, rows)))
+                       for s in range(0, rows, self.shard_size)]
+        return bounds
+
+    def where(self, row: int) -> str:
+        """The file and line (or row) of global row ``row``."""
+        i = int(np.searchsorted(self.file_starts(), row, side="right")) - 1
+        return locate(self.files[i], row - int(self.file_starts()[i]))
+
+
+def scan_input(where: str, shard_size: int) -> InputPlan:
+    """Read every id of the input once, check them all, and plan its shards (see the module's contract)."""
+    assert shard_size >= 1
+    files = input_files(where)
+    digests, counts = bytearray(), []
+    for f in files:
+        n = 0
+        for ids in file_ids(f):
+            digests += id_digests(ids).tobytes()
+            n += len(ids)
+        counts.append(n)
+    if not sum(counts):
+        raise InputError(f"{where}: the input has no rows")
+    index = DigestIndex(np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2))
+    del digests
+    plan = InputPlan(str(where), files, counts, shard_size, index)
+    duplicates = index.duplicates()
+    if duplicates:
+        first, later = duplicates[0]
+        row_id = next(r["id"] for i, r in enumerate(all_rows(plan)) if i == later)
+        raise InputError(f"{plan.where(later)}: duplicate id {row_id!r} (first seen at {plan.where(first)})"
+                         + (f"; {len(duplicates) - 1} more duplicates" if len(duplicates) > 1 else ""))
+    return plan
+
+
+def all_rows(plan: InputPlan) -> Iterator[dict]:
+    for f in plan.files:
+        yield from file_rows(f)
+
+
+def iter_shards(plan: InputPlan, done: np.ndarray | None = None) -> Iterator[Shard]:
+    """The plan's shards with their rows, in order, each without the rows ``done`` marks (bool per global
+    row); shards left with no rows are skipped."""
+    bounds = plan.shard_bounds()
+    rows = all_rows(plan)
+    for index, (start, stop) in enumerate(bounds):
+        chunk = [next(rows) for _ in range(stop - start)]
+        found = plan.index.find(id_digests(r["id"] for r in chunk))
+        if not np.array_equal(found, np.arange(start, stop)):
+            raise InputError(f"{plan.uri} changed while the job ran: shard {index}'s rows are not those planned")
+        todo = chunk if done is None else [r for r, d in zip(chunk, done[start:stop]) if not d]
+        if todo:
+            yield Shard(index, todo)
+
+
+def read_rows(where: str) -> list[dict]:
+    """The whole input as row dicts, checked as ``scan_input`` checks it: for small inputs (benchmarks, tests)."""
+    return list(all_rows(scan_input(where, shard_size=1 << 30)))

@@ -1,19 +1,24 @@
-"""Writing the job's results: Parquet parts with an explicit schema, and summary.json.
+"""Writing the job's results: Parquet parts with an explicit schema, and summary.json, in a local directory or
+under an object-store prefix (jobs/storage.py).
 
-Every file is written under a temporary name and renamed into place, so a file with a final name is always
-complete; what a killed run leaves behind is a `*.tmp` file, which the next run deletes.
+Every file is written under a temporary name and published whole (``Location.write_atomically``), so a file
+with a final name is always complete; what a killed run leaves behind is a ``*.tmp`` file, which the next run
+deletes. Each part carries in its footer's key-value metadata (``PART_META``) its ids, its row counts and the
+ids of its rows a rerun retries: a resume reads footers, never row data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobs.storage import Location, resolve
+from workers.records import ErrorCode
 
 ERROR_TYPE = pa.struct([pa.field("code", pa.string(), nullable=False), pa.field("message", pa.string())])
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -56,46 +61,83 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("finished_at", TIMESTAMP),
     ]
 )
-PART_GLOB = "part-*.parquet"
+PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 SUMMARY = "summary.json"
+PART_META = b"ppd_batch.part"  # footer key: {"ids", "rows", "failed", "retry"} (see part_summary)
+# Errors a rerun retries: the row itself may be fine.
+RETRYABLE = {ErrorCode.WORKER_DIED.value}
+
+
+def is_part(name: str) -> bool:
+    return name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)
 
 
 def part_name(shard_index: int, ids: list[str]) -> str:
     """`part-{shard}-{digest of its ids}.parquet`: a resumed run whose input grew never reuses a name."""
     digest = hashlib.sha256("\0".join(dict.fromkeys(ids)).encode()).hexdigest()[:8]
-    return f"part-{shard_index:05d}-{digest}.parquet"
+    return f"{PART_PREFIX}{shard_index:05d}-{digest}{PART_SUFFIX}"
 
 
-def replace_atomically(final: Path, write) -> Path:
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:  # on disk before the rename makes it count as done
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+def part_summary(table: pa.Table) -> dict[str, Any]:
+    """What a resume needs of a part: its ids (each once, in order), its rows (completions) and failed rows,
+    and the ids whose rows a rerun retries."""
+    ids = table.column("id").to_pylist()
+    codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
+    return {"ids": list(dict.fromkeys(ids)), "rows": len(ids), "failed": sum(c is not None for c in codes),
+            "retry": list(dict.fromkeys(i for i, c in zip(ids, codes) if c in RETRYABLE))}
 
 
-def write_part(out_dir: Path, shard_index: int, records: list[dict[str, Any]]) -> Path:
-    """Write one shard's records, atomically (temp name, then rename)."""
+def write_table(location: Location, table: pa.Table) -> Location:
+    """A part: ``table`` with its ``part_summary`` in the footer, published atomically."""
+    meta = {**(table.schema.metadata or {}), PART_META: json.dumps(part_summary(table)).encode()}
+    table = table.replace_schema_metadata(meta)
+    return location.write_atomically(lambda tmp: pq.write_table(table, tmp.path, filesystem=tmp.fs))
+
+
+def write_part(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]]) -> Location:
+    """Write one shard's records as a part (atomically, with its summary in the footer)."""
+    out = _location(out)
     table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
-    final = out_dir / part_name(shard_index, [r["id"] for r in records])
-    return replace_atomically(final, lambda tmp: pq.write_table(table, tmp))
+    return write_table(out.child(part_name(shard_index, [r["id"] for r in records])), table)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> Path:
+def read_part_summary(part: Location) -> dict[str, Any]:
+    """A part's summary from its footer (one small read), or from its id and error columns for a part written
+    before footers carried it. Raises OSError or ValueError for a file that is not a readable part."""
+    with part.fs.open_input_file(part.path) as f:
+        parquet = pq.ParquetFile(f)
+        meta = parquet.schema_arrow.metadata or {}
+        if PART_META in meta:
+            return json.loads(meta[PART_META])
+        return part_summary(parquet.read(columns=["id", "error"]))
+
+
+def parts(out: Location) -> list[Location]:
+    return [f for f in out.files() if is_part(f.name)]
+
+
+def write_json(location: Location, data: dict[str, Any]) -> Location:
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    return replace_atomically(path, lambda tmp: tmp.write_text(text))
+    return location.write_bytes_atomically(text.encode())
 
 
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
-    return write_json(out_dir / SUMMARY, summary)
+def read_json(location: Location) -> dict[str, Any]:
+    return json.loads(location.read_bytes())
 
 
-def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+def write_summary(out: Location | str | Path, summary: dict[str, Any]) -> Location:
+    return write_json(_location(out).child(SUMMARY), summary)
+
+
+def _location(out: Location | str | Path) -> Location:
+    return out if isinstance(out, Location) else resolve(out)
+
+
+def read_output(out: Location | str | Path, columns: list[str] | None = None) -> pa.Table:
     """All the parts of a run as one table (in id order, then sample_index)."""
-    parts = sorted(Path(out_dir).glob(PART_GLOB))
+    out = _location(out)
     schema = OUTPUT_SCHEMA if columns is None else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
-    tables = [pq.read_table(p, schema=schema, columns=columns) for p in parts]
+    tables = [pq.read_table(p.path, filesystem=p.fs, schema=schema, columns=columns) for p in parts(out)]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     keys = [("id", "ascending")] + ([("sample_index", "ascending")] if "sample_index" in table.column_names else [])
     return table.sort_by(keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,37 +20,40 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from jobs.config import JobConfig, WorkerGroup
+from jobs.inputs import Shard
 from workers.actor import remote_worker
 from workers.records import ErrorCode, RowError, RowOutput
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Shard:
-    index: int  # position among the shards of the whole input, sorted by id
-    rows: list[dict]
-    attempts: int = 0  # workers that died while decoding it
-    deaths: list[str] = field(default_factory=list)
-
-    @property
-    def ids(self) -> list[str]:
-        return [r["id"] for r in self.rows]
+def make_shards(rows: list[dict], shard_size: int) -> list[Shard]:
+    """In-memory rows cut in order every ``shard_size`` rows (a job streams its input: jobs/inputs.iter_shards)."""
+    return [Shard(i, rows[start:start + shard_size]) for i, start in enumerate(range(0, len(rows), shard_size))]
 
 
-def make_shards(rows: list[dict], shard_size: int, skip_ids: set[str] = frozenset()) -> list[Shard]:
-    """The input sorted by id, cut into shards of `shard_size`, minus the ids already written.
+class ShardQueue:
+    """Shards drawn from an iterator as the pool takes them (a streamed input is never held whole), with the
+    shards of dead workers put back in front."""
 
-    The cut depends only on the input's ids, so a resumed run re-forms exactly the shards the first run
-    did not finish: the same rows decode in the same batches (bit-identical results on any one device).
-    """
-    ordered = sorted(rows, key=lambda r: r["id"])
-    shards = []
-    for start in range(0, len(ordered), shard_size):
-        todo = [r for r in ordered[start : start + shard_size] if r["id"] not in skip_ids]
-        if todo:
-            shards.append(Shard(start // shard_size, todo))
-    return shards
+    def __init__(self, shards: Iterable[Shard]):
+        self._upcoming, self._front = iter(shards), deque()
+
+    def __bool__(self) -> bool:
+        if not self._front:
+            shard = next(self._upcoming, None)
+            if shard is None:
+                return False
+            self._front.append(shard)
+        return True
+
+    def popleft(self) -> Shard:
+        if not self:
+            raise IndexError("no shard left")
+        return self._front.popleft()
+
+    def appendleft(self, shard: Shard) -> None:
+        self._front.appendleft(shard)
 
 
 @dataclass
@@ -117,7 +120,7 @@ class AllWorkersFailed(RuntimeError):
     """No worker is left to decode the remaining shards."""
 
 
-def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int, config_hash: str,
+def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: int, config_hash: str,
                on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
                on_tick: Callable[[], None] = lambda: None, wait_for_all: bool = False,
                prefetch: int = 0) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
@@ -131,7 +134,7 @@ def run_shards(workers: list[Worker], shards: list[Shard], *, max_attempts: int,
     has started within `startup_timeout_s`. With `wait_for_all`, no shard is handed out until every worker
     has started or failed (or the timeout passed): every device then gets a share of the work.
     """
-    queue = deque(shards)
+    queue = ShardQueue(shards)
     depth = 1 + prefetch
     # In flight: object ref -> (worker, the shard it decodes, or None for a ready() probe, submit time).
     inflight: dict[Any, tuple[Worker, Shard | None, float]] = {}

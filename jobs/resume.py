@@ -15,22 +15,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig
-from jobs.output import PART_GLOB, SUMMARY, replace_atomically, write_json
-from workers.records import ErrorCode
+from jobs.idset import id_digests
+from jobs.inputs import InputPlan
+from jobs.output import (RETRYABLE, SUMMARY, part_summary, parts, read_json, read_part_summary, write_json,
+                         write_table)
+from jobs.storage import Location
 from workers.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "job.json"
-# Errors a rerun retries: the row itself may be fine.
-RETRYABLE = {ErrorCode.WORKER_DIED.value}
 
 
 class ResumeError(ValueError):
@@ -62,90 +64,131 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _drop_retryable_rows(part: Path, codes: list[str | None]) -> int:
-    """Take the rows whose workers died out of `part` (rewritten atomically, or removed when nothing else is
-    left), so that this run decodes them again; returns how many."""
-    keep = [code not in RETRYABLE for code in codes]
-    if any(keep):
-        kept = pq.read_table(part).filter(keep)
-        replace_atomically(part, lambda tmp: pq.write_table(kept, tmp))
-    else:
-        part.unlink()
-    log.info("%s: %d rows whose workers died will be decoded again", part.name, keep.count(False))
-    return keep.count(False)
-
-
-def _written_ids(parts: list[Path]) -> tuple[dict[str, Path], int]:
-    """(id -> the part holding it, rows taken out to be retried). A part that cannot be read was not written
-    by this job (parts are renamed into place complete), so it is set aside and its rows computed again."""
-    seen: dict[str, Path] = {}
-    retried = 0
-    for part in parts:
-        try:
-            table = pq.read_table(part, columns=["id", "error"])  # an id's completions are all in one part
-        except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
-            aside = part.with_name(part.name + ".unreadable")
-            log.warning("%s is unreadable (%s); moved to %s and its rows will be computed again", part, exc, aside)
-            part.rename(aside)
-            continue
-        codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
-        if any(code in RETRYABLE for code in codes):
-            retried += _drop_retryable_rows(part, codes)
-        for row_id, code in zip(table.column("id").to_pylist(), codes):
-            if code in RETRYABLE:
-                continue
-            if seen.get(row_id, part) != part:
-                raise ResumeError(f"id {row_id!r} is written twice, in {seen[row_id].name} and {part.name}: "
-                                  "this directory was not written by one job; use a new output directory")
-            seen[row_id] = part
-    return seen, retried
-
-
 @dataclass
-class ResumeState:
-    done_ids: set[str]  # written by an earlier run: skipped
-    retried: int  # rows an earlier run gave up on (their workers died), taken out to be decoded again
+class Written:
+    """What an output directory holds, by input row."""
+
+    owner: np.ndarray  # [rows] int32: the index (in ``parts``) of the part holding each input row, or -1
+    parts: list[str]  # part names
+    rows: int  # output rows (completions) in all
+    failed: int  # output rows with an error
+    retried: int  # rows taken out to be decoded again (their workers died)
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.owner >= 0
 
 
-def open_output(out_dir: Path, cfg: JobConfig, input_ids: set[str], *, overwrite: bool = False) -> ResumeState:
-    """Prepare `out_dir` for this run: what it already holds, to be skipped."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob("*.tmp"):  # a killed run's unfinished writes
-        leftover.unlink(missing_ok=True)
+def _summary_or_error(part: Location) -> dict[str, Any] | Exception:
+    try:
+        return read_part_summary(part)
+    except (OSError, ValueError, KeyError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
+        return exc
+
+
+def _drop_retryable_rows(part: Location, retry: list[str]) -> dict[str, Any] | None:
+    """Take the rows whose workers died out of ``part`` (rewritten atomically, or removed when nothing else is
+    left), so that this run decodes them again; returns the new part's summary (None when removed)."""
+    table = pq.read_table(part.path, filesystem=part.fs)
+    codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
+    kept = table.filter([code not in RETRYABLE for code in codes])
+    log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
+    if kept.num_rows == 0:
+        part.delete()
+        return None
+    write_table(part, kept)
+    return part_summary(kept)
+
+
+def _read_summaries(pool: ThreadPoolExecutor, found: list[Location], chunk: int = 256):
+    """(part, summary or the exception reading it), in order; a chunk of parts read at a time, so that the
+    ids held at once are a chunk's, not the directory's."""
+    for start in range(0, len(found), chunk):
+        batch = found[start:start + chunk]
+        yield from zip(batch, pool.map(_summary_or_error, batch))
+
+
+def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_are_written: bool = False,
+                 threads: int = 8) -> Written:
+    """Every part's summary (footers read by ``threads`` at a time), mapped onto the input's rows.
+
+    A part that cannot be read was not written by this job (parts are published complete): its rows are
+    computed again, and so are rows whose workers died (unless ``died_are_written``: a finished run's rows).
+    With ``repair`` (a run's start), such a part is set aside as ``<name>.unreadable`` and those rows are
+    taken out of their parts; without, nothing is changed. Raises ResumeError for an id written in two parts,
+    or one that is not in the input."""
+    names, owner = [], np.full(plan.num_rows, -1, dtype=np.int32)
+    rows = failed = retried = 0
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for part, summary in _read_summaries(pool, parts(out)):
+            if isinstance(summary, Exception):
+                log.warning("%s is unreadable (%s); its rows will be computed again", part.uri, summary)
+                if repair:
+                    part.move_to(out.child(part.name + ".unreadable"))
+                continue
+            retry = set() if died_are_written else set(summary["retry"])
+            if retry:
+                retried += len(retry)
+                summary = _drop_retryable_rows(part, summary["retry"]) if repair else summary
+                if summary is None:
+                    continue
+            positions = plan.index.find(id_digests(summary["ids"]))
+            if (positions < 0).any():
+                unknown = summary["ids"][int(np.flatnonzero(positions < 0)[0])]
+                raise ResumeError(f"{out.uri} holds ids that are not in this input (e.g. {unknown!r} in {part.name}); "
+                                  "use a new --output directory, or --overwrite to start it again")
+            taken = owner[positions] >= 0
+            if taken.any():
+                i = int(np.flatnonzero(taken)[0])
+                raise ResumeError(f"id {summary['ids'][i]!r} is written twice, in {names[owner[positions[i]]]} and "
+                                  f"{part.name}: this directory was not written by one job; use a new output "
+                                  "directory")
+            counted = positions if repair or not retry else positions[[i not in retry for i in summary["ids"]]]
+            owner[counted] = len(names)
+            names.append(part.name)
+            rows, failed = rows + summary["rows"], failed + summary["failed"]
+    return Written(owner, names, rows, failed, retried)
+
+
+def open_output(out: Location, cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False) -> Written:
+    """Prepare ``out`` for this run and read what it already holds (to be skipped)."""
+    out.make_dir()
+    out.remove_leftovers()  # a killed run's unfinished writes
     if overwrite:
-        for old in [*out_dir.glob(PART_GLOB), out_dir / SUMMARY, out_dir / MANIFEST]:
-            old.unlink(missing_ok=True)
+        for old in [*parts(out), out.child(SUMMARY), out.child(MANIFEST)]:
+            if old.exists():
+                old.delete()
+    check_manifest(out, cfg, write=True)
+    return scan_written(out, plan, repair=True)
+
+
+def check_manifest(out: Location, cfg: JobConfig, *, write: bool) -> None:
+    """Refuse a directory written with another output-shaping configuration, or parts without job.json; with
+    ``write``, record this job's configuration in a fresh directory."""
     shaping = output_shaping_config(cfg)
-    manifest_path = out_dir / MANIFEST
-    parts = sorted(out_dir.glob(PART_GLOB))
+    manifest_path = out.child(MANIFEST)
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         if manifest["config_hash"] != config_hash(shaping):
             raise ResumeError(
-                f"{out_dir} holds the output of a job with a different configuration "
+                f"{out.uri} holds the output of a job with a different configuration "
                 f"({_differences(manifest['output_config'], shaping)}); resuming would mix outputs. "
                 "Use a new --output directory, or --overwrite to start this one again")
-    elif parts:
-        raise ResumeError(f"{out_dir} holds part files but no {MANIFEST}: they are not from this job. "
+    elif parts(out):
+        raise ResumeError(f"{out.uri} holds part files but no {MANIFEST}: they are not from this job. "
                           "Use a new --output directory, or --overwrite to replace them")
-    else:
+    elif write:
         write_json(manifest_path, {"config_hash": config_hash(shaping), "output_config": shaping, "model_hash": None})
-    written, retried = _written_ids(parts)
-    unknown = sorted(set(written) - input_ids)
-    if unknown:
-        raise ResumeError(f"{out_dir} holds {len(unknown)} ids that are not in this input (e.g. {unknown[0]!r}); "
-                          "use a new --output directory, or --overwrite to start it again")
-    return ResumeState(set(written), retried)
 
 
-def recorded_numerics(out_dir: Path) -> dict[str, int]:
+def recorded_numerics(out: Location) -> dict[str, int]:
     """The linear-kernel decisions job.json records, ``rows_below`` by machine-kind key (workers/numerics.py): a
     resumed run's workers take them instead of deciding again."""
-    manifest = json.loads((out_dir / MANIFEST).read_text())
+    manifest = read_json(out.child(MANIFEST))
     return {key: entry["rows_below"] for key, entry in (manifest.get("numerics") or {}).items()}
 
 
-def record_worker(out_dir: Path, info: dict[str, Any], started: list[dict[str, Any]]) -> None:
+def record_worker(out: Location, info: dict[str, Any], started: list[dict[str, Any]]) -> None:
     """Check a worker that has (re)started, from its ``describe()``, against the workers ``started`` before it and
     against job.json, then record in job.json what it brings. Every worker must have loaded the same weights, the
     ones the directory was written with, and a linear-kernel decision for its kind of machine must be the one
@@ -155,10 +198,10 @@ def record_worker(out_dir: Path, info: dict[str, Any], started: list[dict[str, A
             raise ResumeError(f"the workers loaded different weights for the same model: {other['worker']} "
                               f"{other['model_hash'][:12]}…, {info['worker']} {info['model_hash'][:12]}… (do the "
                               "model files differ between nodes?)")
-    manifest_path = out_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
+    manifest_path = out.child(MANIFEST)
+    manifest = read_json(manifest_path)
     if manifest.get("model_hash") not in (None, info["model_hash"]):
-        raise ResumeError(f"{out_dir} was written by model weights {manifest['model_hash'][:12]}…, but the workers "
+        raise ResumeError(f"{out.uri} was written by model weights {manifest['model_hash'][:12]}…, but the workers "
                           f"loaded {info['model_hash'][:12]}… (the model files changed); use a new --output directory")
     numerics = dict(manifest.get("numerics") or {})
     decision = info.get("linear_decision")

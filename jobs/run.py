@@ -23,25 +23,32 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 from typing import Any, get_args  # noqa: E402
 
+import numpy as np  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from jobs.config import JobConfig, build_config  # noqa: E402
-from jobs.inputs import InputError, read_rows  # noqa: E402
-from jobs.output import read_output, write_part, write_summary  # noqa: E402
-from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards, start_workers  # noqa: E402
+from jobs.inputs import InputError, InputPlan, iter_shards, scan_input  # noqa: E402
+from jobs.output import write_part, write_summary  # noqa: E402
+from jobs.pool import AllWorkersFailed, Worker, run_shards, start_workers  # noqa: E402
 from jobs.progress import Progress, device_table  # noqa: E402
 from jobs.resume import (  # noqa: E402
     ResumeError,
+    Written,
+    check_manifest,
     config_hash,
     open_output,
     output_shaping_config,
     record_worker,
     recorded_numerics,
+    scan_written,
 )
+from jobs.storage import Location, StorageError, resolve  # noqa: E402
 from workers.actor import PREFETCH_SHARDS  # noqa: E402
 from workers.board import start_board  # noqa: E402
 from workers.models import CpuLinear  # noqa: E402
@@ -54,8 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "With no arguments, runs the embedded demo prompts through the default model.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML file with JobConfig values; flags override it")
-    p.add_argument("--input", metavar="PATH", help="JSONL or Parquet file (or a directory of them); default: the demo")
-    p.add_argument("--output", metavar="DIR", help="output directory (default: outputs/demo)")
+    p.add_argument("--input", metavar="PATH|URI", help="JSONL or Parquet file (or a directory of them), local or a URI "
+                   "such as s3://bucket/prefix/; default: the demo")
+    p.add_argument("--output", metavar="DIR|URI", help="output directory or URI (default: outputs/demo)")
     p.add_argument("--model", help="'default' (the packaged SmolLM2-135M-Instruct) or a model directory")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:0', ...")
@@ -102,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--num-cpus-per-worker", type=float, metavar="N",
                        help="CPUs per actor (default: the largest node's CPUs / workers)")
     group.add_argument("--num-gpus-per-worker", type=float, metavar="N", help="GPUs per actor (default: 0)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="read the input, check its ids, form the shards and read what the output holds, print it "
+                   "as JSON, and exit (nothing is written)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard what the output directory holds instead of resuming into it")
     p.add_argument("--progress-interval-s", type=float, default=10.0, metavar="S",
@@ -145,13 +156,13 @@ def describe_worker(info: dict[str, Any]) -> str:
     return line
 
 
-def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list, progress: Progress) -> dict[str, Any]:
-    """summary.json: the whole output directory's rows, this run's throughput, and a table per device type."""
-    written = read_output(out_dir, columns=["id", "sample_index", "error"]).to_pylist()
-    keys = [(r["id"], r["sample_index"]) for r in written]
-    if sorted({r["id"] for r in written}) != sorted(run["input_ids"]) or len(set(keys)) != len(keys):
-        raise RuntimeError(f"internal error: {out_dir} does not hold every input row's completions exactly once")
-    ok = [r for r in written if r["error"] is None]
+def _summarise(out: Location, plan: InputPlan, cfg: JobConfig, run: dict[str, Any], workers: list,
+               progress: Progress) -> dict[str, Any]:
+    """summary.json: the whole output directory's rows (from the parts' footers), this run's throughput, and a
+    table per device type."""
+    final = scan_written(out, plan, died_are_written=True)
+    if not final.done.all():
+        raise RuntimeError(f"internal error: {out.uri} lacks {int((~final.done).sum())} input rows")
     by_device = {
         device: {"workers": sum(w.info.get("device") == device for w in workers), **tally.as_dict()}
         for device, tally in progress.devices.items()
@@ -159,10 +170,10 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
     decode_seconds = run["decoded"] - run["first_ready"] if run.get("first_ready") else 0.0
     total = progress.total
     return {
-        "prompts": len(run["input_ids"]),  # input rows; each has n output rows (one if it failed early)
-        "rows": len(written),
-        "rows_ok": len(ok),
-        "rows_failed": len(written) - len(ok),
+        "prompts": plan.num_rows,  # input rows; each has n output rows (one if it failed early)
+        "rows": final.rows,
+        "rows_ok": final.rows - final.failed,
+        "rows_failed": final.failed,
         "rows_skipped": run["skipped"],  # input rows already written by an earlier run
         "rows_retried": run["retried_from_earlier"],  # earlier runs' worker_died rows, decoded again
         "prompts_this_run": total.prompts,
@@ -184,30 +195,50 @@ def _summarise(out_dir: Path, cfg: JobConfig, run: dict[str, Any], workers: list
         "by_device": by_device,
         "workers": run["worker_starts"],  # one entry per start: a restarted worker appears again
         "config_hash": run["config_hash"],
-        "input": str(cfg.input_path()),
-        "output_dir": str(out_dir),
+        "input": plan.uri,
+        "output_dir": out.uri,
         "config": cfg.model_dump(mode="json"),
     }
 
 
-def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
+def todo_shards(plan: InputPlan, written: Written) -> int:
+    """How many shards hold rows not yet written."""
+    bounds = plan.shard_bounds()
+    starts = np.array([start for start, _ in bounds], dtype=np.int64)
+    return int((np.add.reduceat(~written.done, starts) > 0).sum()) if len(starts) else 0
+
+
+def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, Any]:
+    """What a run would do, read without changing anything: the input's rows and shards, and what the output
+    directory already holds."""
+    out = resolve(cfg.output)
+    check_manifest(out, cfg, write=False)
+    written = scan_written(out, plan)
+    done = int(written.done.sum())
+    return {"input": plan.uri, "files": len(plan.files), "rows": plan.num_rows, "shards": len(plan.shard_bounds()),
+            "output": out.uri, "parts": len(written.parts), "rows_written": done, "rows_to_decode": plan.num_rows - done,
+            "rows_to_retry": written.retried, "shards_to_decode": todo_shards(plan, written),
+            "seconds": round(time.perf_counter() - started, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             progress_interval_s: float = 10.0, startup_timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Decode the `rows` not yet in the output directory on the worker pool; write parts and summary.json."""
+    """Decode the input rows not yet in the output directory on the worker pool; write parts and summary.json."""
     import ray
 
     run: dict[str, Any] = {"started": time.perf_counter(), "retries": 0, "worker_starts": []}
-    out_dir = Path(cfg.output).resolve()
+    out = resolve(cfg.output)
     shaping = output_shaping_config(cfg)
     run["config_hash"] = chash = config_hash(shaping)
-    run["input_ids"] = [r["id"] for r in rows]
-    resumed = open_output(out_dir, cfg, set(run["input_ids"]), overwrite=overwrite)
-    run["skipped"], run["retried_from_earlier"] = len(resumed.done_ids), resumed.retried
-    shards = make_shards(rows, cfg.shard_size, resumed.done_ids)
-    run["shards"] = len(shards)
-    progress = Progress(sum(len(s.rows) for s in shards), len(resumed.done_ids), interval_s=progress_interval_s)
+    written = open_output(out, cfg, plan, overwrite=overwrite)
+    skipped = int(written.done.sum())
+    run["skipped"], run["retried_from_earlier"] = skipped, written.retried
+    run["shards"] = todo_shards(plan, written)
+    progress = Progress(plan.num_rows - skipped, skipped, interval_s=progress_interval_s)
     workers: list[Worker] = []
     board = None
-    if shards:
+    if run["shards"]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         we_started_ray = not ray.is_initialized()
         if we_started_ray:
@@ -215,22 +246,23 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
-            board, board_name = start_board(recorded_numerics(out_dir))
+            board, board_name = start_board(recorded_numerics(out))
             workers = start_workers(cfg, chash, board_name)
 
             def on_ready(w: Worker) -> None:
                 run.setdefault("first_ready", time.perf_counter())
                 print(describe_worker(w.info), flush=True)
-                record_worker(out_dir, w.info, run["worker_starts"])
+                record_worker(out, w.info, run["worker_starts"])
                 run["worker_starts"].append(w.info)
                 progress.worker_ready(w.group)
 
             for shard, records, w in run_shards(
-                workers, shards, max_attempts=cfg.faults.max_shard_attempts, config_hash=chash, on_ready=on_ready,
-                startup_timeout_s=startup_timeout_s, on_tick=progress.show, wait_for_all=cfg.wait_for_workers,
+                workers, iter_shards(plan, written.done), max_attempts=cfg.faults.max_shard_attempts,
+                config_hash=chash, on_ready=on_ready, startup_timeout_s=startup_timeout_s, on_tick=progress.show,
+                wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
-                write_part(out_dir, shard.index, records)
+                write_part(out, shard.index, records)
                 run["retries"] += shard.attempts
                 progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
                              seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
@@ -243,8 +275,8 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
                 ray.shutdown()
     run["decoded"] = time.perf_counter()
     progress.close()
-    summary = _summarise(out_dir, cfg, run, workers, progress)
-    write_summary(out_dir, summary)
+    summary = _summarise(out, plan, cfg, run, workers, progress)
+    write_summary(out, summary)
     if summary["by_device"]:
         print(device_table(summary["by_device"]), flush=True)
     if summary["batch_fallback_rows"]:
@@ -255,23 +287,27 @@ def run_job(cfg: JobConfig, rows: list[dict], *, overwrite: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_flags = ("config", "overwrite", "progress_interval_s")
+    run_flags = ("config", "overwrite", "progress_interval_s", "plan_only")
     overrides = {k: v for k, v in vars(args).items() if k not in run_flags}
     try:
         cfg = build_config(args.config, overrides)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"error: bad configuration: {exc}", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     try:
-        rows = read_rows(cfg.input_path())
-    except InputError as exc:
+        plan = scan_input(cfg.input_uri(), cfg.shard_size)
+        if args.plan_only:
+            print(json.dumps(plan_report(cfg, plan, started)), flush=True)
+            return 0
+    except (InputError, StorageError, ResumeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ray.exceptions import RayError
 
     try:
-        summary = run_job(cfg, rows, overwrite=args.overwrite, progress_interval_s=args.progress_interval_s)
-    except ResumeError as exc:
+        summary = run_job(cfg, plan, overwrite=args.overwrite, progress_interval_s=args.progress_interval_s)
+    except (ResumeError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RayError, AllWorkersFailed) as exc:  # e.g. no worker could load the model

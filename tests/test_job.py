@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,9 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.config import DEMO_INPUT, build_config
-from jobs.inputs import InputError, read_rows
+from jobs.inputs import InputError, iter_shards, read_rows, scan_input
 from jobs.output import OUTPUT_SCHEMA, read_output
-from jobs.pool import make_shards
 from jobs.run import main
 from tests.conftest import TINY_MAX_CONTEXT
 from workers.records import ErrorCode, RowOutput, row_error
@@ -123,12 +123,32 @@ def test_missing_and_empty_inputs(tmp_path):
         read_rows(tmp_path / "rows.csv")
 
 
-def test_shards_are_cut_by_sorted_id_and_skip_written_ids():
-    rows = [{"id": i, "prompt": "x"} for i in ["d", "a", "c", "b", "e"]]
-    assert [s.ids for s in make_shards(rows, 2)] == [["a", "b"], ["c", "d"], ["e"]]
-    # A resumed run re-forms the same cut: shard 1 keeps its index, and a finished shard disappears.
-    resumed = make_shards(rows, 2, skip_ids={"a", "b", "c"})
-    assert [(s.index, s.ids) for s in resumed] == [(1, ["d"]), (2, ["e"])]
+def test_shards_are_cut_in_input_order_per_file_and_skip_written_rows(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": i, "prompt": "x"} for i in ["d", "a", "c"]])
+    pq.write_table(pa.table({"id": ["b", "e"], "prompt": ["y", "z"]}), tmp_path / "b.parquet")
+    plan = scan_input(str(tmp_path), shard_size=2)
+    assert plan.shard_bounds() == [(0, 2), (2, 3), (3, 5)]  # a shard never spans two files
+    assert [(s.index, s.ids) for s in iter_shards(plan)] == [(0, ["d", "a"]), (1, ["c"]), (2, ["b", "e"])]
+    # A resumed run re-forms the same cut: shard 0 keeps its index less its written row, shard 2 is gone.
+    done = np.array([True, False, False, True, True])
+    assert [(s.index, s.ids) for s in iter_shards(plan, done)] == [(0, ["a"]), (1, ["c"])]
+
+
+def test_an_input_changed_mid_job_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": "x"} for i in "abcd"])
+    plan = scan_input(str(path), shard_size=2)
+    write_jsonl(path, [{"id": i, "prompt": "x"} for i in "abxd"])
+    shards = iter_shards(plan)
+    assert next(shards).ids == ["a", "b"]
+    with pytest.raises(InputError, match="changed while the job ran: shard 1"):
+        next(shards)
+
+
+def test_duplicates_are_named_in_both_places_across_files(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "prompt": "1"}, {"id": 5, "prompt": "2"}])
+    (tmp_path / "b.jsonl").write_text('\n{"id": "y", "prompt": "3"}\n{"id": "5", "prompt": "4"}\n')
+    with pytest.raises(InputError, match=r"b.jsonl: line 3: duplicate id '5' \(first seen at .*a.jsonl: line 2\)"):
+        scan_input(str(tmp_path), shard_size=4)
 
 
 @settings(max_examples=50, deadline=None)
@@ -141,9 +161,9 @@ def test_jsonl_round_trip_and_shards_cover_every_row_once(tmp_path_factory, ids,
     path = write_jsonl(tmp_path_factory.mktemp("prop") / "in.jsonl", [{"id": i, "prompt": text} for i in ids])
     rows = read_rows(path)
     assert [r["id"] for r in rows] == [str(i) for i in ids] and all(r["prompt"] == text for r in rows)
-    shards = make_shards(rows, shard_size)
+    shards = list(iter_shards(scan_input(str(path), shard_size)))
     flat = [row_id for s in shards for row_id in s.ids]
-    assert flat == sorted(str(i) for i in ids)
+    assert flat == [str(i) for i in ids]
     assert all(1 <= len(s.rows) <= shard_size for s in shards)
     assert all(len(s.rows) == shard_size for s in shards[:-1])
 
@@ -190,7 +210,7 @@ def test_config_file_then_cli_flags(tmp_path):
     assert cfg.decoding.method == "vanilla" and cfg.decoding.max_new_tokens == 7
     (group,) = cfg.workers
     assert group.count == 2 and group.batch_size == "auto" and group.name == "default"
-    assert cfg.input_path() == DEMO_INPUT and cfg.output == "outputs/demo"
+    assert cfg.input_uri() == str(DEMO_INPUT) and cfg.output == "outputs/demo"
     # A flag for "the" worker group sets the one group's field...
     assert build_config(cfg_file, {"batch_size": 4}).workers[0].batch_size == 4
 
@@ -447,50 +467,78 @@ def test_worker_failure_is_a_clear_error(ray_local, tmp_path, capsys):
 
 
 def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(tmp_path):
-    from jobs.output import write_part
-    from jobs.resume import open_output
+    from jobs.output import read_part_summary, write_part
+    from jobs.resume import open_output, scan_written
+    from jobs.storage import resolve
     from workers.records import RowError
 
-    cfg = build_config(None, {"output": str(tmp_path)})
-    ids = {"a", "b", "c", "d"}
-    assert open_output(tmp_path, cfg, ids).done_ids == set()  # a fresh directory: job.json is written
+    plan = scan_input(str(write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": "x"} for i in "abcd"])), 2)
+    out = resolve(tmp_path / "out")
+    cfg = build_config(None, {"output": out.path})
+    assert not open_output(out, cfg, plan).done.any()  # a fresh directory: job.json is written
     died = RowError(ErrorCode.WORKER_DIED, "the shard of this row failed on 3 workers")
-    write_part(tmp_path, 0, [RowOutput(id="a").to_dict(), RowOutput(id="b", error=died).to_dict()])
-    write_part(tmp_path, 1, [RowOutput(id="c", error=died).to_dict()])
-    (tmp_path / "part-00002-00000000.parquet").write_bytes(b"not parquet")  # damaged on disk since
-    state = open_output(tmp_path, cfg, ids)
-    assert state.done_ids == {"a"} and state.retried == 2
-    assert read_output(tmp_path).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
-    assert (tmp_path / "part-00002-00000000.parquet.unreadable").exists()
+    first = write_part(out, 0, [RowOutput(id="a").to_dict(), RowOutput(id="b", error=died).to_dict()])
+    assert read_part_summary(first) == {"ids": ["a", "b"], "rows": 2, "failed": 1, "retry": ["b"]}
+    write_part(out, 1, [RowOutput(id="c", error=died).to_dict()])
+    out.child("part-00002-00000000.parquet").write_bytes_atomically(b"not parquet")  # damaged on disk since
+    # A look (--plan-only) changes nothing, and counts neither the died rows nor the damaged part as written.
+    look = scan_written(out, plan)
+    assert look.done.tolist() == [True, False, False, False] and look.retried == 2
+    assert len(out.files()) == 4
+    state = open_output(out, cfg, plan)
+    assert state.done.tolist() == [True, False, False, False] and state.retried == 2
+    assert read_output(out).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
+    assert read_part_summary(first)["retry"] == []
+    assert out.child("part-00002-00000000.parquet.unreadable").exists()
     # The retried rows are gone from the files, so a second look finds nothing more to retry.
-    assert open_output(tmp_path, cfg, ids).retried == 0
+    assert open_output(out, cfg, plan).retried == 0
+
+
+def test_written_ids_are_checked_against_the_input(tmp_path):
+    from jobs.output import write_part
+    from jobs.resume import ResumeError, scan_written
+    from jobs.storage import resolve
+
+    plan = scan_input(str(write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": "x"} for i in "abc"])), 2)
+    out = resolve(tmp_path / "out")
+    out.make_dir()
+    write_part(out, 0, [RowOutput(id="a").to_dict()])
+    twice = write_part(out, 1, [RowOutput(id="b").to_dict(), RowOutput(id="a").to_dict()])
+    with pytest.raises(ResumeError, match=r"id 'a' is written twice, in part-00000-\w+.parquet and part-00001"):
+        scan_written(out, plan)
+    twice.delete()
+    write_part(out, 1, [RowOutput(id="zz").to_dict()])
+    with pytest.raises(ResumeError, match=r"holds ids that are not in this input \(e.g. 'zz' in part-00001"):
+        scan_written(out, plan)
 
 
 def test_workers_are_checked_against_each_other_and_the_job_record(tmp_path):
-    from jobs.resume import ResumeError, open_output, record_worker, recorded_numerics
+    from jobs.resume import ResumeError, check_manifest, record_worker, recorded_numerics
+    from jobs.storage import resolve
 
-    open_output(tmp_path, build_config(None, {"output": str(tmp_path)}), {"a"})
+    out = resolve(tmp_path)
+    check_manifest(out, build_config(None, {"output": str(tmp_path)}), write=True)
     first = {"worker": "g/0 pid 1", "model_hash": "a" * 64, "device": "cpu: X (2 threads)",
              "numeric_path": "cpu float32 attn=sdpa linear=weight_stationary<8",
              "linear_decision": {"key": "kind1", "rows_below": 8, "source": "measured"}}
-    record_worker(tmp_path, first, [])
+    record_worker(out, first, [])
     manifest = json.loads((tmp_path / "job.json").read_text())
-    assert manifest["model_hash"] == "a" * 64 and recorded_numerics(tmp_path) == {"kind1": 8}
+    assert manifest["model_hash"] == "a" * 64 and recorded_numerics(out) == {"kind1": 8}
     assert manifest["numerics"]["kind1"] == {"rows_below": 8, "machine": "cpu: X (2 threads)",
                                              "numeric_path": first["numeric_path"]}
-    record_worker(tmp_path, {**first, "worker": "g/1 pid 2"}, [first])  # the same: fine
+    record_worker(out, {**first, "worker": "g/1 pid 2"}, [first])  # the same: fine
     # Two workers that loaded different weights, named both.
     with pytest.raises(ResumeError, match=r"different weights.*g/0 pid 1 aaaaaaaaaaaa.*g/1 pid 2 bbbbbbbbbbbb"):
-        record_worker(tmp_path, {**first, "worker": "g/1 pid 2", "model_hash": "b" * 64}, [first])
+        record_worker(out, {**first, "worker": "g/1 pid 2", "model_hash": "b" * 64}, [first])
     # The first worker of a later run, with weights other than the directory's.
     with pytest.raises(ResumeError, match="the model files changed"):
-        record_worker(tmp_path, {**first, "model_hash": "c" * 64}, [])
+        record_worker(out, {**first, "model_hash": "c" * 64}, [])
     # A worker whose linear kernel is not the one the job decided for its kind of machine.
     other_kernel = {**first, "numeric_path": "cpu float32 attn=sdpa linear=weight_stationary<12",
                     "linear_decision": {"key": "kind1", "rows_below": 12, "source": "measured"}}
     with pytest.raises(ResumeError, match=r"decided W @ x.T below 8 rows .*model.cpu_linear: auto"):
-        record_worker(tmp_path, other_kernel, [first])
+        record_worker(out, other_kernel, [first])
     # Another kind of machine is recorded beside the first.
-    record_worker(tmp_path, {**other_kernel, "linear_decision": {"key": "kind2", "rows_below": 12,
+    record_worker(out, {**other_kernel, "linear_decision": {"key": "kind2", "rows_below": 12,
                                                                 "source": "cache"}}, [first])
-    assert recorded_numerics(tmp_path) == {"kind1": 8, "kind2": 12}
+    assert recorded_numerics(out) == {"kind1": 8, "kind2": 12}
