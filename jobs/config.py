@@ -8,8 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.engine import DecodingConfig
-from workers.models import ModelConfig
+from workers.configs import DecodingConfig, ModelConfig
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 DEMO_OUTPUT = "outputs/demo"

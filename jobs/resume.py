@@ -28,7 +28,7 @@ from jobs.inputs import InputPlan
 from jobs.output import (RETRYABLE, SUMMARY, part_summary, parts, read_json, read_part_summary, write_json,
                          write_table)
 from jobs.storage import Location
-from workers.sampling import SamplingConfig
+from workers.configs import SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from pydantic import ValidationError  # noqa: E402
 from jobs.config import JobConfig, build_config  # noqa: E402
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input  # noqa: E402
 from jobs.output import write_part, write_summary  # noqa: E402
-from jobs.pool import AllWorkersFailed, Worker, run_shards, start_workers  # noqa: E402
 from jobs.progress import Progress, device_table  # noqa: E402
 from jobs.resume import (  # noqa: E402
     ResumeError,
@@ -49,9 +48,7 @@ from jobs.resume import (  # noqa: E402
     scan_written,
 )
 from jobs.storage import Location, StorageError, resolve  # noqa: E402
-from workers.actor import PREFETCH_SHARDS  # noqa: E402
-from workers.board import start_board  # noqa: E402
-from workers.models import CpuLinear  # noqa: E402
+from workers.configs import CpuLinear  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,7 +207,8 @@ def todo_shards(plan: InputPlan, written: Written) -> int:
 
 def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, Any]:
     """What a run would do, read without changing anything: the input's rows and shards, and what the output
-    directory already holds."""
+    directory already holds (with the seconds each scan took and the process's peak memory)."""
+    scanned = time.perf_counter()
     out = resolve(cfg.output)
     check_manifest(out, cfg, write=False)
     written = scan_written(out, plan)
@@ -218,6 +216,7 @@ def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, An
     return {"input": plan.uri, "files": len(plan.files), "rows": plan.num_rows, "shards": len(plan.shard_bounds()),
             "output": out.uri, "parts": len(written.parts), "rows_written": done, "rows_to_decode": plan.num_rows - done,
             "rows_to_retry": written.retried, "shards_to_decode": todo_shards(plan, written),
+            "input_scan_s": round(scanned - started, 2), "output_scan_s": round(time.perf_counter() - scanned, 2),
             "seconds": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -225,7 +224,11 @@ def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, An
 def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             progress_interval_s: float = 10.0, startup_timeout_s: float = 1800.0) -> dict[str, Any]:
     """Decode the input rows not yet in the output directory on the worker pool; write parts and summary.json."""
-    import ray
+    import ray  # the driver loads Ray, and through the actors' module torch, only to run a pool
+
+    from jobs.pool import Worker, run_shards, start_workers
+    from workers.actor import PREFETCH_SHARDS
+    from workers.board import start_board
 
     run: dict[str, Any] = {"started": time.perf_counter(), "retries": 0, "worker_starts": []}
     out = resolve(cfg.output)
@@ -304,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ray.exceptions import RayError
+
+    from jobs.pool import AllWorkersFailed
 
     try:
         summary = run_job(cfg, plan, overwrite=args.overwrite, progress_interval_s=args.progress_interval_s)

@@ -1,4 +1,5 @@
-"""The decoding core and the Ray-free engine must not pull in the distributed / storage layers."""
+"""The decoding core and the Ray-free engine must not pull in the distributed / storage layers, and the driver's
+planning (reading the input and the output, --plan-only) must not pull in torch or Ray."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _loaded_after_import(module: str) -> set[str]:
     code = (
         f"import sys, {module}\n"
-        "print(' '.join(m for m in ('ray', 'pyarrow') if m in sys.modules))\n"
+        "print(' '.join(m for m in ('ray', 'pyarrow', 'torch', 'transformers') if m in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
@@ -21,7 +22,13 @@ def _loaded_after_import(module: str) -> set[str]:
 
 
 def test_decoding_imports_neither_ray_nor_pyarrow():
-    assert _loaded_after_import("decoding") == set()
+    assert not {"ray", "pyarrow"} & _loaded_after_import("decoding")
+
+
+def test_the_driver_plans_without_torch_or_ray():
+    """jobs/run.py loads Ray (and, through the actors' module, torch) only to run a pool: a plan of 10M rows
+    fits its memory target only without their ~300 MB."""
+    assert {"ray", "torch", "transformers"}.isdisjoint(_loaded_after_import("jobs.run"))
 
 
 def test_engine_does_not_import_ray():

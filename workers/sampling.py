@@ -14,51 +14,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from decoding import SamplingParams, completion_seed
-
-
-def _check_stop(value: str | list[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    stops = [value] if isinstance(value, str) else list(value)
-    if any(not s for s in stops):
-        raise ValueError("stop strings must not be empty")
-    return stops
-
-
-def _check_n(n: int, temperature: float) -> None:
-    if n > 1 and temperature == 0:
-        raise ValueError(f"n = {n} needs temperature > 0: greedy completions of one prompt are all identical")
-
-
-class SamplingConfig(BaseModel):
-    """The job's sampling defaults (`decoding.sampling`); a row's `sampling_params` override them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(default=0.0, ge=0, description="0: greedy (the default). Above 0: sample from "
-                               "softmax(logits / temperature); the output follows plain sampling's distribution.")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Sample from the smallest set of most probable "
-                         "tokens whose probability reaches top_p (1: all).")
-    top_k: int = Field(default=0, ge=-1, description="Sample from the top_k most probable tokens (0 or -1: all).")
-    stop: list[str] = Field(default_factory=list, description="Strings that end a completion. The output text "
-                            "stops before the string; the output tokens end with the token that completed it.")
-    seed: int = Field(default=0, description="The job's seed: a row without its own seed gets one derived from "
-                      "this and its id.")
-    n: int = Field(default=1, ge=1, le=1024, description="Completions per prompt; each is one output row with "
-                   "its `sample_index`. More than 1 needs temperature > 0.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        return _check_stop(value) if isinstance(value, (str, list)) else value
-
-    @model_validator(mode="after")
-    def _n_needs_sampling(self) -> SamplingConfig:
-        _check_n(self.n, self.temperature)
-        return self
+from workers.configs import SamplingConfig, _check_n, _check_stop  # noqa: F401 (re-exported)
 
 
 class RowSamplingParams(BaseModel):
