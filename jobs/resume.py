@@ -101,11 +101,11 @@ def _drop_retryable_rows(part: Location, retry: list[str]) -> dict[str, Any] | N
 
 
 def _read_summaries(pool: ThreadPoolExecutor, found: list[Location], chunk: int = 256):
-    """(part, summary or the exception reading it), in order; a chunk of parts read at a time, so that the
-    ids held at once are a chunk's, not the directory's."""
+    """Chunks of (part, summary or the exception reading it), in order: the ids held at once are a chunk's,
+    not the directory's, and a chunk's ids are looked up in the plan in one call."""
     for start in range(0, len(found), chunk):
         batch = found[start:start + chunk]
-        yield from zip(batch, pool.map(_summary_or_error, batch))
+        yield list(zip(batch, pool.map(_summary_or_error, batch)))
 
 
 def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_are_written: bool = False,
@@ -120,33 +120,38 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
     names, owner = [], np.full(plan.num_rows, -1, dtype=np.int32)
     rows = failed = retried = 0
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for part, summary in _read_summaries(pool, parts(out)):
-            if isinstance(summary, Exception):
-                log.warning("%s is unreadable (%s); its rows will be computed again", part.uri, summary)
-                if repair:
-                    part.move_to(out.child(part.name + ".unreadable"))
-                continue
-            retry = set() if died_are_written else set(summary["retry"])
-            if retry:
-                retried += len(retry)
-                summary = _drop_retryable_rows(part, summary["retry"]) if repair else summary
-                if summary is None:
+        for chunk in _read_summaries(pool, parts(out)):
+            readable = []
+            for part, summary in chunk:
+                if isinstance(summary, Exception):
+                    log.warning("%s is unreadable (%s); its rows will be computed again", part.uri, summary)
+                    if repair:
+                        part.move_to(out.child(part.name + ".unreadable"))
                     continue
-            positions = plan.index.find(id_digests(summary["ids"]))
-            if (positions < 0).any():
-                unknown = summary["ids"][int(np.flatnonzero(positions < 0)[0])]
-                raise ResumeError(f"{out.uri} holds ids that are not in this input (e.g. {unknown!r} in {part.name}); "
-                                  "use a new --output directory, or --overwrite to start it again")
-            taken = owner[positions] >= 0
-            if taken.any():
-                i = int(np.flatnonzero(taken)[0])
-                raise ResumeError(f"id {summary['ids'][i]!r} is written twice, in {names[owner[positions[i]]]} and "
-                                  f"{part.name}: this directory was not written by one job; use a new output "
-                                  "directory")
-            counted = positions if repair or not retry else positions[[i not in retry for i in summary["ids"]]]
-            owner[counted] = len(names)
-            names.append(part.name)
-            rows, failed = rows + summary["rows"], failed + summary["failed"]
+                retry = set() if died_are_written else set(summary["retry"])
+                if retry:
+                    retried += len(retry)
+                    summary = _drop_retryable_rows(part, summary["retry"]) if repair else summary
+                if summary is not None:
+                    readable.append((part, summary, retry if not repair else set()))
+            found = plan.index.find(id_digests(i for _, summary, _ in readable for i in summary["ids"]))
+            start = 0
+            for part, summary, retry in readable:
+                ids, positions = summary["ids"], found[start:start + len(summary["ids"])]
+                start += len(ids)
+                if (positions < 0).any():
+                    unknown = ids[int(np.flatnonzero(positions < 0)[0])]
+                    raise ResumeError(f"{out.uri} holds ids that are not in this input (e.g. {unknown!r} in "
+                                      f"{part.name}); use a new --output directory, or --overwrite to start it again")
+                taken = owner[positions] >= 0
+                if taken.any():
+                    i = int(np.flatnonzero(taken)[0])
+                    raise ResumeError(f"id {ids[i]!r} is written twice, in {names[owner[positions[i]]]} and "
+                                      f"{part.name}: this directory was not written by one job; use a new output "
+                                      "directory")
+                owner[positions[[i not in retry for i in ids]] if retry else positions] = len(names)
+                names.append(part.name)
+                rows, failed = rows + summary["rows"], failed + summary["failed"]
     return Written(owner, names, rows, failed, retried)
 
 
