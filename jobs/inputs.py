@@ -138,7 +138,7 @@ def _parquet_ids(f: InputFile, batch: pa.RecordBatch, first_row: int) -> list[st
     if is_text:
         bad = pc.or_(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0))
     elif not pa.types.is_integer(ids.type):
-        bad = pc.invert(bad)  # every non-null value is of a wrong type
+        bad = pa.array([True] * len(ids))  # every value is missing or of a wrong type
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         _check_id(f"{uri}: row {first_row + i}", ids[i].as_py())

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_job(cfg, plan, overwrite=args.overwrite, progress_interval_s=args.progress_interval_s)
-    except (ResumeError, StorageError) as exc:
+    except (ResumeError, StorageError, InputError) as exc:  # InputError: the input changed mid-job
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RayError, AllWorkersFailed) as exc:  # e.g. no worker could load the model

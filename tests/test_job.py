@@ -542,3 +542,17 @@ def test_workers_are_checked_against_each_other_and_the_job_record(tmp_path):
     record_worker(out, {**other_kernel, "linear_decision": {"key": "kind2", "rows_below": 12,
                                                                 "source": "cache"}}, [first])
     assert recorded_numerics(out) == {"kind1": 8, "kind2": 12}
+
+
+@pytest.mark.parametrize("column, message", [
+    (pa.array([None, None], pa.float64()), "row 0: row has no 'id'"),
+    (pa.array([None, 1.5]), "row 0: row has no 'id'"),
+    (pa.array([2.5, None]), "row 0: 'id' must be a string or an integer, got float"),
+    (pa.array([True, False]), "row 0: 'id' must be a string or an integer, got bool"),
+    (pa.array([1, None]), "row 1: row has no 'id'"),
+    (pa.array(["a", " "]), "row 1: 'id' is empty"),
+])
+def test_parquet_id_columns_are_checked_with_the_bad_row_named(tmp_path, column, message):
+    pq.write_table(pa.table({"id": column, "prompt": ["x", "y"]}), tmp_path / "in.parquet")
+    with pytest.raises(InputError, match=f"in.parquet: {message}"):
+        scan_input(str(tmp_path / "in.parquet"), shard_size=4)
