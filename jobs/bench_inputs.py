@@ -58,25 +58,42 @@ def write_inputs(root: Path, rows: int) -> tuple[Path, Path]:
     return parquet, jsonl
 
 
-def write_full_output(out: Path, rows: int, shard_size: int) -> Path:
-    """Every row written, as a job writes parts (one per shard, its summary in the footer)."""
+def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -> Path:
+    """Every row written as a job writes it: one part per shard, its summary in the footer, and (``with_index``)
+    the index files a job's driver publishes (jobs/output.PartIndex), or none (a resume from footers alone)."""
+    import shutil
+
     from jobs.config import build_config
-    from jobs.output import OUTPUT_SCHEMA, PART_META, part_name, part_summary
+    from jobs.output import OUTPUT_SCHEMA, PART_META, PartIndex, part_name, part_summary
     from jobs.resume import check_manifest
     from jobs.storage import resolve
 
-    done = out / "complete"
-    if done.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    check_manifest(resolve(out), build_config(None, {"output": str(out)}), write=True)
-    for index, start in enumerate(range(0, rows, shard_size)):
-        ids = row_ids(start, min(rows, start + shard_size))
-        columns = {"id": pa.array(ids), "sample_index": pa.array([0] * len(ids), pa.int32())}
-        table = pa.table([columns.get(f.name, pa.array([None] * len(ids), f.type)) for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
-        table = table.replace_schema_metadata({PART_META: json.dumps(part_summary(table)).encode()})
-        pq.write_table(table, out / part_name(index, ids))
-    done.write_text("")
+    base = out.parent / f"{out.name}-footers"  # the parts, written once
+    if not (base / "complete").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        check_manifest(resolve(base), build_config(None, {"output": str(base)}), write=True)
+        for index, start in enumerate(range(0, rows, shard_size)):
+            ids = row_ids(start, min(rows, start + shard_size))
+            columns = {"id": pa.array(ids), "sample_index": pa.array([0] * len(ids), pa.int32())}
+            table = pa.table([columns.get(f.name, pa.array([None] * len(ids), f.type)) for f in OUTPUT_SCHEMA],
+                             schema=OUTPUT_SCHEMA)
+            table = table.replace_schema_metadata({PART_META: json.dumps(part_summary(table)).encode()})
+            pq.write_table(table, base / part_name(index, ids))
+        (base / "complete").write_text("")
+    if not with_index:
+        return base
+    if not (out / "complete").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for f in base.iterdir():
+            if f.name != "complete":
+                (out / f.name).symlink_to(f) if f.name.startswith("part-") else shutil.copy(f, out / f.name)
+        index, location = PartIndex(resolve(out)), resolve(out)
+        for shard, start in enumerate(range(0, rows, shard_size)):
+            ids = row_ids(start, min(rows, start + shard_size))
+            index.add(location.child(part_name(shard, ids)), {"ids": ids, "rows": len(ids), "failed": 0, "retry": []})
+        index.flush()
+        (out / "complete").write_text("")
     return out
 
 
@@ -99,12 +116,14 @@ def main() -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parquet, jsonl = write_inputs(args.dir, args.rows)
-    full = write_full_output(args.dir / f"out-{args.rows}-{args.shard_size}", args.rows, args.shard_size)
+    footers = write_full_output(args.dir / f"out-{args.rows}-{args.shard_size}", args.rows, args.shard_size, False)
+    indexed = write_full_output(args.dir / f"out-{args.rows}-{args.shard_size}", args.rows, args.shard_size, True)
     print(f"inputs and output ready in {time.perf_counter() - t0:.0f} s: {parquet.stat().st_size / 1e6:.0f} MB "
           f"Parquet, {jsonl.stat().st_size / 1e6:.0f} MB JSONL", flush=True)
     empty = args.dir / "empty-output"
     cases = [("parquet, first run", parquet, empty), ("jsonl, first run", jsonl, empty),
-             ("parquet, resume (every row written)", parquet, full)]
+             ("parquet, resume (every row written, a job's index files)", parquet, indexed),
+             ("parquet, resume (every row written, footers only)", parquet, footers)]
     for name, source, out in cases:
         r = plan_only(source, out, args.shard_size)
         print(f"{name}: input scan {r['input_scan_s']} s, output scan {r['output_scan_s']} s ({r['parts']} parts), "

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig
 from jobs.idset import id_digests
 from jobs.inputs import InputPlan
-from jobs.output import (RETRYABLE, SUMMARY, part_summary, parts, read_json, read_part_summary, write_json,
-                         write_table)
+from jobs.output import (RETRYABLE, SUMMARY, is_index, is_part, parts, read_json, read_part_summary, shard_of,
+                         write_json, write_table)
 from jobs.storage import Location
 from workers.configs import SamplingConfig
 
@@ -86,73 +86,93 @@ def _summary_or_error(part: Location) -> dict[str, Any] | Exception:
         return exc
 
 
-def _drop_retryable_rows(part: Location, retry: list[str]) -> dict[str, Any] | None:
-    """Take the rows whose workers died out of ``part`` (rewritten atomically, or removed when nothing else is
-    left), so that this run decodes them again; returns the new part's summary (None when removed)."""
+def _index_or_none(index: Location) -> dict[str, dict[str, Any]] | None:
+    try:
+        return read_json(index)["parts"]
+    except (OSError, ValueError, KeyError) as exc:  # published whole, so only a foreign or damaged file
+        log.warning("%s is unreadable (%s); the footers of its parts are read instead", index.uri, exc)
+        return None
+
+
+def _drop_retryable_rows(out: Location, part: Location, retry: list[str]) -> tuple[Location, dict] | None:
+    """Take the rows whose workers died out of ``part``, so that this run decodes them again: the rest is
+    written as a new part (its name follows its ids: a part never changes under its name), then the old one
+    is deleted. Returns the new part and its summary (None when nothing else was left)."""
     table = pq.read_table(part.path, filesystem=part.fs)
     codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
     kept = table.filter([code not in RETRYABLE for code in codes])
     log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
-    if kept.num_rows == 0:
-        part.delete()
-        return None
-    write_table(part, kept)
-    return part_summary(kept)
+    new = write_table(out, shard_of(part.name), kept) if kept.num_rows else None
+    part.delete()
+    return new
 
 
-def _read_summaries(pool: ThreadPoolExecutor, found: list[Location], chunk: int = 256):
-    """Chunks of (part, summary or the exception reading it), in order: the ids held at once are a chunk's,
-    not the directory's, and a chunk's ids are looked up in the plan in one call."""
-    for start in range(0, len(found), chunk):
-        batch = found[start:start + chunk]
-        yield list(zip(batch, pool.map(_summary_or_error, batch)))
+def _chunks(pool: ThreadPoolExecutor, read, items: list, chunk: int):
+    """Lists of (item, read(item)), ``chunk`` items read at a time by the pool: the ids held at once are a
+    chunk's, not the directory's."""
+    for start in range(0, len(items), chunk):
+        batch = items[start:start + chunk]
+        yield list(zip(batch, pool.map(read, batch)))
 
 
 def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_are_written: bool = False,
                  threads: int = 8) -> Written:
-    """Every part's summary (footers read by ``threads`` at a time), mapped onto the input's rows.
+    """Every part's summary, mapped onto the input's rows: from the index files (jobs/output.PartIndex), and
+    from the footers (read ``threads`` at a time) of the parts no index covers.
 
     A part that cannot be read was not written by this job (parts are published complete): its rows are
     computed again, and so are rows whose workers died (unless ``died_are_written``: a finished run's rows).
     With ``repair`` (a run's start), such a part is set aside as ``<name>.unreadable`` and those rows are
     taken out of their parts; without, nothing is changed. Raises ResumeError for an id written in two parts,
     or one that is not in the input."""
+    files = out.files()
+    found = {f.name: f for f in files if is_part(f.name)}
     names, owner = [], np.full(plan.num_rows, -1, dtype=np.int32)
-    rows = failed = retried = 0
+    counts = {"rows": 0, "failed": 0, "retried": 0}
+
+    def take(chunk: list[tuple[Location, dict[str, Any] | Exception]]) -> None:
+        readable = []
+        for part, summary in chunk:
+            if isinstance(summary, Exception):
+                log.warning("%s is unreadable (%s); its rows will be computed again", part.uri, summary)
+                if repair:
+                    part.move_to(out.child(part.name + ".unreadable"))
+                continue
+            retry = set() if died_are_written else set(summary["retry"])
+            if retry:
+                counts["retried"] += len(retry)
+                if repair:
+                    rewritten, retry = _drop_retryable_rows(out, part, summary["retry"]), set()
+                    if rewritten is None:
+                        continue
+                    part, summary = rewritten
+            readable.append((part, summary, retry))
+        positions = plan.index.find(id_digests(i for _, summary, _ in readable for i in summary["ids"]))
+        start = 0
+        for part, summary, retry in readable:
+            ids, at = summary["ids"], positions[start:start + len(summary["ids"])]
+            start += len(ids)
+            if (at < 0).any():
+                unknown = ids[int(np.flatnonzero(at < 0)[0])]
+                raise ResumeError(f"{out.uri} holds ids that are not in this input (e.g. {unknown!r} in "
+                                  f"{part.name}); use a new --output directory, or --overwrite to start it again")
+            taken = owner[at] >= 0
+            if taken.any():
+                i = int(np.flatnonzero(taken)[0])
+                raise ResumeError(f"id {ids[i]!r} is written twice, in {names[owner[at[i]]]} and {part.name}: "
+                                  "this directory was not written by one job; use a new output directory")
+            owner[at[[i not in retry for i in ids]] if retry else at] = len(names)
+            names.append(part.name)
+            counts["rows"] += summary["rows"]
+            counts["failed"] += summary["failed"]
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for chunk in _read_summaries(pool, parts(out)):
-            readable = []
-            for part, summary in chunk:
-                if isinstance(summary, Exception):
-                    log.warning("%s is unreadable (%s); its rows will be computed again", part.uri, summary)
-                    if repair:
-                        part.move_to(out.child(part.name + ".unreadable"))
-                    continue
-                retry = set() if died_are_written else set(summary["retry"])
-                if retry:
-                    retried += len(retry)
-                    summary = _drop_retryable_rows(part, summary["retry"]) if repair else summary
-                if summary is not None:
-                    readable.append((part, summary, retry if not repair else set()))
-            found = plan.index.find(id_digests(i for _, summary, _ in readable for i in summary["ids"]))
-            start = 0
-            for part, summary, retry in readable:
-                ids, positions = summary["ids"], found[start:start + len(summary["ids"])]
-                start += len(ids)
-                if (positions < 0).any():
-                    unknown = ids[int(np.flatnonzero(positions < 0)[0])]
-                    raise ResumeError(f"{out.uri} holds ids that are not in this input (e.g. {unknown!r} in "
-                                      f"{part.name}); use a new --output directory, or --overwrite to start it again")
-                taken = owner[positions] >= 0
-                if taken.any():
-                    i = int(np.flatnonzero(taken)[0])
-                    raise ResumeError(f"id {ids[i]!r} is written twice, in {names[owner[positions[i]]]} and "
-                                      f"{part.name}: this directory was not written by one job; use a new output "
-                                      "directory")
-                owner[positions[[i not in retry for i in ids]] if retry else positions] = len(names)
-                names.append(part.name)
-                rows, failed = rows + summary["rows"], failed + summary["failed"]
-    return Written(owner, names, rows, failed, retried)
+        for chunk in _chunks(pool, _index_or_none, [f for f in files if is_index(f.name)], threads):
+            for _, entries in chunk:
+                take([(found.pop(name), summary) for name, summary in (entries or {}).items() if name in found])
+        for chunk in _chunks(pool, _summary_or_error, list(found.values()), 256):
+            take(chunk)
+    return Written(owner, names, counts["rows"], counts["failed"], counts["retried"])
 
 
 def open_output(out: Location, cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False) -> Written:
@@ -160,7 +180,8 @@ def open_output(out: Location, cfg: JobConfig, plan: InputPlan, *, overwrite: bo
     out.make_dir()
     out.remove_leftovers()  # a killed run's unfinished writes
     if overwrite:
-        for old in [*parts(out), out.child(SUMMARY), out.child(MANIFEST)]:
+        for old in [*parts(out), *[f for f in out.files() if is_index(f.name)], out.child(SUMMARY),
+                    out.child(MANIFEST)]:
             if old.exists():
                 old.delete()
     check_manifest(out, cfg, write=True)

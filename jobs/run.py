@@ -34,7 +34,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from jobs.config import JobConfig, build_config  # noqa: E402
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input  # noqa: E402
-from jobs.output import write_part, write_summary  # noqa: E402
+from jobs.output import PartIndex, write_part, write_summary  # noqa: E402
 from jobs.progress import Progress, device_table  # noqa: E402
 from jobs.resume import (  # noqa: E402
     ResumeError,
@@ -241,6 +241,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     progress = Progress(plan.num_rows - skipped, skipped, interval_s=progress_interval_s)
     workers: list[Worker] = []
     board = None
+    index = PartIndex(out)  # the written parts' summaries, for the next resume
     if run["shards"]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         we_started_ray = not ray.is_initialized()
@@ -265,11 +266,12 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
-                write_part(out, shard.index, records)
+                write_part(out, shard.index, records, index)
                 run["retries"] += shard.attempts
                 progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
                              seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
         finally:
+            index.flush()
             for w in workers:
                 ray.kill(w.handle)
             if board is not None:

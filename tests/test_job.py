@@ -467,7 +467,7 @@ def test_worker_failure_is_a_clear_error(ray_local, tmp_path, capsys):
 
 
 def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(tmp_path):
-    from jobs.output import read_part_summary, write_part
+    from jobs.output import parts, read_part_summary, write_part
     from jobs.resume import open_output, scan_written
     from jobs.storage import resolve
     from workers.records import RowError
@@ -488,7 +488,9 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     state = open_output(out, cfg, plan)
     assert state.done.tolist() == [True, False, False, False] and state.retried == 2
     assert read_output(out).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
-    assert read_part_summary(first)["retry"] == []
+    # The rest of the part is a new part (a part never changes under its name); the damaged one is set aside.
+    assert not first.exists()
+    assert [read_part_summary(p) for p in parts(out)] == [{"ids": ["a"], "rows": 1, "failed": 0, "retry": []}]
     assert out.child("part-00002-00000000.parquet.unreadable").exists()
     # The retried rows are gone from the files, so a second look finds nothing more to retry.
     assert open_output(out, cfg, plan).retried == 0
@@ -556,3 +558,27 @@ def test_parquet_id_columns_are_checked_with_the_bad_row_named(tmp_path, column,
     pq.write_table(pa.table({"id": column, "prompt": ["x", "y"]}), tmp_path / "in.parquet")
     with pytest.raises(InputError, match=f"in.parquet: {message}"):
         scan_input(str(tmp_path / "in.parquet"), shard_size=4)
+
+
+def test_a_resume_reads_index_files_and_only_the_footers_no_index_covers(tmp_path, monkeypatch):
+    import jobs.resume
+    from jobs.output import PartIndex, write_part
+    from jobs.resume import scan_written
+    from jobs.storage import resolve
+
+    plan = scan_input(str(write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": "x"} for i in range(7)])), 2)
+    out = resolve(tmp_path / "out")
+    out.make_dir()
+    index = PartIndex(out, every=2)
+    parts = [write_part(out, s, [RowOutput(id=f"r{i}").to_dict() for i in range(2 * s, min(7, 2 * s + 2))], index)
+             for s in range(3)]
+    write_part(out, 3, [RowOutput(id="r6").to_dict()])  # written by a driver killed before its index
+    parts[1].delete()  # an index entry for a part that is gone is ignored
+    assert len([f for f in out.files() if f.name.startswith("index-")]) == 1  # parts 0 and 1
+    index.flush()  # part 2
+    footers = []
+    real = jobs.resume.read_part_summary
+    monkeypatch.setattr(jobs.resume, "read_part_summary", lambda part: footers.append(part.name) or real(part))
+    written = scan_written(out, plan)
+    assert written.done.tolist() == [True, True, False, False, True, True, True]
+    assert footers == [f.name for f in out.files() if f.name.startswith("part-00003-")]
