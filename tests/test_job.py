@@ -355,13 +355,16 @@ def test_every_row_once_with_errors_on_bad_rows(tiny_runs):
         assert summary["tokens_per_s"] > 0 and summary["decode_seconds"] > 0
 
 
-def test_one_parquet_file_per_shard(tiny_runs):
+def test_one_parquet_file_per_shard_and_an_index_of_them(tiny_runs):
     table, summary = tiny_runs["ppd"]
     out = Path(summary["output_dir"])
     names = sorted(p.name for p in out.iterdir())
-    assert (names[0], names[-1]) == ("job.json", "summary.json")
-    assert [n[:10] for n in names[1:-1]] == ["part-00000", "part-00001", "part-00002"]
-    assert [pq.read_table(out / n).num_rows for n in names[1:-1]] == [5, 5, 2]
+    assert (names[0], names[1], names[-1]) == ("index-" + names[0][6:], "job.json", "summary.json")
+    parts = names[2:-1]
+    assert [n[:10] for n in parts] == ["part-00000", "part-00001", "part-00002"]
+    assert [pq.read_table(out / n).num_rows for n in parts] == [5, 5, 2]
+    index = json.loads((out / names[0]).read_text())["parts"]  # one index: the run wrote fewer than 256 parts
+    assert sorted(index) == parts and [index[n]["rows"] for n in parts] == [5, 5, 2]
 
 
 def test_ppd_equals_vanilla_row_by_row(tiny_runs):
