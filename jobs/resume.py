@@ -228,7 +228,8 @@ def record_worker(out: Location, info: dict[str, Any], started: list[dict[str, A
     manifest = read_json(manifest_path)
     if manifest.get("model_hash") not in (None, info["model_hash"]):
         raise ResumeError(f"{out.uri} was written by model weights {manifest['model_hash'][:12]}…, but the workers "
-                          f"loaded {info['model_hash'][:12]}… (the model files changed); use a new --output directory")
+                          f"loaded {info['model_hash'][:12]}… (the model files changed); use a new --output "
+                          "directory")
     numerics = dict(manifest.get("numerics") or {})
     decision = info.get("linear_decision")
     if decision and decision["key"] is not None:

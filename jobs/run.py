@@ -214,7 +214,8 @@ def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, An
     written = scan_written(out, plan)
     done = int(written.done.sum())
     return {"input": plan.uri, "files": len(plan.files), "rows": plan.num_rows, "shards": len(plan.shard_bounds()),
-            "output": out.uri, "parts": len(written.parts), "rows_written": done, "rows_to_decode": plan.num_rows - done,
+            "output": out.uri, "parts": len(written.parts), "rows_written": done,
+            "rows_to_decode": plan.num_rows - done,
             "rows_to_retry": written.retried, "shards_to_decode": todo_shards(plan, written),
             "input_scan_s": round(scanned - started, 2), "output_scan_s": round(time.perf_counter() - scanned, 2),
             "seconds": round(time.perf_counter() - started, 2),
