@@ -95,16 +95,16 @@ def _index_or_none(index: Location) -> dict[str, dict[str, Any]] | None:
 
 
 def _drop_retryable_rows(out: Location, part: Location, retry: list[str]) -> tuple[Location, dict] | None:
-    """Take the rows whose workers died out of ``part``, so that this run decodes them again: the rest is
-    written as a new part (its name follows its ids: a part never changes under its name), then the old one
-    is deleted. Returns the new part and its summary (None when nothing else was left)."""
+    """Take the rows whose workers died out of ``part``, so that this run decodes them again: the old part is
+    deleted, then the rest is written as a new part (its name follows its ids: a part never changes under its
+    name). In that order, a run killed in between has lost nothing but work: the rest is decoded again, never
+    written twice. Returns the new part and its summary (None when nothing else was left)."""
     table = pq.read_table(part.path, filesystem=part.fs)
     codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
     kept = table.filter([code not in RETRYABLE for code in codes])
     log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
-    new = write_table(out, shard_of(part.name), kept) if kept.num_rows else None
     part.delete()
-    return new
+    return write_table(out, shard_of(part.name), kept) if kept.num_rows else None
 
 
 def _chunks(pool: ThreadPoolExecutor, read, items: list, chunk: int):
