@@ -64,7 +64,7 @@ def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -
     import shutil
 
     from jobs.config import build_config
-    from jobs.output import OUTPUT_SCHEMA, PART_META, PartIndex, part_name, part_summary
+    from jobs.output import OUTPUT_SCHEMA, PART_META, PartIndex, part_name, part_summary, shard_of
     from jobs.resume import check_manifest
     from jobs.storage import resolve
 
@@ -78,7 +78,7 @@ def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -
             table = pa.table([columns.get(f.name, pa.array([None] * len(ids), f.type)) for f in OUTPUT_SCHEMA],
                              schema=OUTPUT_SCHEMA)
             table = table.replace_schema_metadata({PART_META: json.dumps(part_summary(table)).encode()})
-            pq.write_table(table, base / part_name(index, ids))
+            pq.write_table(table, base / part_name(index))
         (base / "complete").write_text("")
     if not with_index:
         return base
@@ -89,9 +89,10 @@ def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -
             if f.name != "complete":
                 (out / f.name).symlink_to(f) if f.name.startswith("part-") else shutil.copy(f, out / f.name)
         index, location = PartIndex(resolve(out)), resolve(out)
-        for shard, start in enumerate(range(0, rows, shard_size)):
+        for part in sorted(f.name for f in base.iterdir() if f.name.startswith("part-")):
+            start = shard_of(part) * shard_size
             ids = row_ids(start, min(rows, start + shard_size))
-            index.add(location.child(part_name(shard, ids)), {"ids": ids, "rows": len(ids), "failed": 0, "retry": []})
+            index.add(location.child(part), {"ids": ids, "rows": len(ids), "failed": 0, "retry": []})
         index.flush()
         (out / "complete").write_text("")
     return out

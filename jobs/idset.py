@@ -21,7 +21,7 @@ def id_digests(ids: Iterable[str]) -> np.ndarray:
     buf = bytearray()
     blake = hashlib.blake2b
     for row_id in ids:
-        buf += blake(row_id.encode(), digest_size=16).digest()
+        buf += blake(row_id.encode(), digest_size=16).digest()  # ids are checked as valid Unicode first
     return np.frombuffer(bytes(buf), dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
@@ -34,28 +34,27 @@ class DigestIndex:
         self.order = np.argsort(digests[:, 0], kind="stable")  # [n]
         self.hi = digests[self.order, 0]  # [n]
         self.lo = digests[self.order, 1]  # [n]
-        same_hi = np.flatnonzero(self.hi[1:] == self.hi[:-1])
-        for k in same_hi:  # rare: order the run by lo as well, so equal digests sit side by side
-            start, stop = k, k + 2
-            while stop < len(self.hi) and self.hi[stop] == self.hi[k]:
-                stop += 1
+        # Runs of equal hi (at random, rare; many only when ids repeat) are ordered by lo as well, so equal
+        # digests sit side by side, each run once.
+        same = self.hi[1:] == self.hi[:-1]  # [n-1]: k+1 has k's hi
+        starts = np.flatnonzero(same & ~np.r_[False, same[:-1]])
+        stops = np.flatnonzero(same & ~np.r_[same[1:], False]) + 2
+        for start, stop in zip(starts, stops):
             run = np.argsort(self.lo[start:stop], kind="stable") + start
             self.order[start:stop], self.lo[start:stop] = self.order[run], self.lo[run]
 
     def __len__(self) -> int:
         return len(self.hi)
 
-    def duplicates(self) -> list[tuple[int, int]]:
-        """Pairs (first, later) of positions holding equal digests: each later position once, with the first
-        position of its digest (the sort is stable, so a run of equal digests is in the order given)."""
-        equal = np.flatnonzero((self.hi[1:] == self.hi[:-1]) & (self.lo[1:] == self.lo[:-1]))
-        pairs = []
-        for k in equal:
-            start = k
-            while start > 0 and self.hi[start - 1] == self.hi[k] and self.lo[start - 1] == self.lo[k]:
-                start -= 1
-            pairs.append((int(self.order[start]), int(self.order[k + 1])))
-        return pairs
+    def duplicates(self) -> np.ndarray:
+        """[d, 2] int64 pairs (first, later) of positions holding equal digests, by later position: each later
+        position once, with the first position of its digest (the sort is stable, so a run of equal digests
+        is in the order given)."""
+        equal = (self.hi[1:] == self.hi[:-1]) & (self.lo[1:] == self.lo[:-1])  # [n-1]: k+1 repeats k
+        run_start = np.maximum.accumulate(np.where(np.r_[True, ~equal], np.arange(len(self)), 0))  # [n]
+        later = np.flatnonzero(equal) + 1
+        pairs = np.stack([self.order[run_start[later]], self.order[later]], axis=1).astype(np.int64)
+        return pairs[np.argsort(pairs[:, 1], kind="stable")]
 
     def find(self, digests: np.ndarray) -> np.ndarray:
         """[m] int64: for each digest, the position (in the order given to the index) holding it, or -1."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -101,20 +102,18 @@ def _jsonl_objects(f: InputFile) -> Iterator[tuple[int, dict]]:
                 return
 
 
-def _parquet_file(f: InputFile) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(f.location.fs.open_input_file(f.location.path))
-    except Exception as exc:  # noqa: BLE001 - any read failure is an input error
-        raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
-
-
 def _parquet_batches(f: InputFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    parquet = _parquet_file(f)
-    present = [c for c in columns if c in parquet.schema_arrow.names]
     try:
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=present)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
+        handle = f.location.fs.open_input_file(f.location.path)
+    except OSError as exc:
+        raise InputError(f"{f.location.uri}: cannot read: {exc}") from None
+    with handle:  # closed when the generator ends or is dropped
+        try:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=present)
+        except Exception as exc:  # noqa: BLE001 - any read failure is an input error
+            raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
 
 
 def _check_id(where: str, row_id: Any) -> str:
@@ -124,6 +123,11 @@ def _check_id(where: str, row_id: Any) -> str:
         raise InputError(f"{where}: 'id' must be a string or an integer, got {type(row_id).__name__}")
     if isinstance(row_id, str) and not row_id.strip():
         raise InputError(f"{where}: 'id' is empty")
+    if isinstance(row_id, str) and not row_id.isascii():
+        try:
+            row_id.encode()
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: 'id' is not valid Unicode (a lone surrogate)") from None
     return str(row_id)
 
 
@@ -133,10 +137,12 @@ def _parquet_ids(f: InputFile, batch: pa.RecordBatch, first_row: int) -> list[st
     if "id" not in batch.schema.names:
         raise InputError(f"{uri}: row {first_row}: row has no 'id'")
     ids = batch.column("id")
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
     is_text = pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
     bad = ids.is_null()
     if is_text:
-        bad = pc.or_(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0))
+        bad = pc.or_(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(ids)), 0).fill_null(True))
     elif not pa.types.is_integer(ids.type):
         bad = pa.array([True] * len(ids))  # every value is missing or of a wrong type
     if pc.any(bad).as_py():
@@ -165,15 +171,18 @@ def file_ids(f: InputFile) -> Iterator[list[str]]:
 
 def file_rows(f: InputFile) -> Iterator[dict]:
     """The file's rows in order: ``id`` (a string) and whichever of the other KEPT_FIELDS they have."""
+    uri = f.location.uri
     if f.format == "parquet":
+        i = 0
         for batch in _parquet_batches(f, list(KEPT_FIELDS)):
             for row in batch.to_pylist():
-                row["id"] = str(row["id"])
+                row["id"] = _check_id(f"{uri}: row {i}", row.get("id"))
+                i += 1
                 yield row
         return
-    for _, value in _jsonl_objects(f):
+    for lineno, value in _jsonl_objects(f):
         row = {key: value[key] for key in KEPT_FIELDS if key in value}
-        row["id"] = str(row["id"])
+        row["id"] = _check_id(f"{uri}: line {lineno}", value.get("id"))
         yield row
 
 
@@ -248,8 +257,8 @@ def scan_input(where: str, shard_size: int) -> InputPlan:
     del digests
     plan = InputPlan(str(where), files, counts, shard_size, index)
     duplicates = index.duplicates()
-    if duplicates:
-        first, later = duplicates[0]
+    if len(duplicates):
+        first, later = (int(x) for x in duplicates[0])
         row_id = next(r["id"] for i, r in enumerate(all_rows(plan)) if i == later)
         raise InputError(f"{plan.where(later)}: duplicate id {row_id!r} (first seen at {plan.where(first)})"
                          + (f"; {len(duplicates) - 1} more duplicates" if len(duplicates) > 1 else ""))
@@ -264,16 +273,17 @@ def all_rows(plan: InputPlan) -> Iterator[dict]:
 def iter_shards(plan: InputPlan, done: np.ndarray | None = None) -> Iterator[Shard]:
     """The plan's shards with their rows, in order, each without the rows ``done`` marks (bool per global
     row); shards left with no rows are skipped."""
-    bounds = plan.shard_bounds()
     rows = all_rows(plan)
-    for index, (start, stop) in enumerate(bounds):
-        chunk = [next(rows) for _ in range(stop - start)]
+    for index, (start, stop) in enumerate(plan.shard_bounds()):
+        chunk = list(islice(rows, stop - start))
         found = plan.index.find(id_digests(r["id"] for r in chunk))
         if not np.array_equal(found, np.arange(start, stop)):
             raise InputError(f"{plan.uri} changed while the job ran: shard {index}'s rows are not those planned")
         todo = chunk if done is None else [r for r, d in zip(chunk, done[start:stop]) if not d]
         if todo:
             yield Shard(index, todo)
+    if next(rows, None) is not None:
+        raise InputError(f"{plan.uri} changed while the job ran: it has rows past those planned")
 
 
 def read_rows(where: str) -> list[dict]:

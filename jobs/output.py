@@ -7,14 +7,16 @@ deletes. Each part carries in its footer's key-value metadata (``PART_META``) it
 ids of its rows a rerun retries: a resume reads footers, never row data. A footer costs ~250 µs to parse (a
 GET on an object store), so the driver also publishes ``index-*.json`` files, each the summaries of up to
 ``INDEX_PARTS`` parts it wrote (``PartIndex``): a resume reads those, and footers only for parts no index
-covers (a killed driver's last few). A part is never changed under its name, so an index entry is either
-right or names a part that is gone (then ignored).
+covers (a killed driver's last few). A part is never changed under its name (every write takes a new
+random name), so an index entry is either right or names a part that is gone (then ignored); one whose size
+no longer matches the part's is ignored too, and that part's footer read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +90,8 @@ class PartIndex:
         self.out, self.every, self.pending = out, every, {}
 
     def add(self, part: Location, summary: dict[str, Any]) -> None:
-        self.pending[part.name] = summary
+        # Its size, to notice a part damaged after it was written (then its footer is read instead).
+        self.pending[part.name] = {**summary, "bytes": part.info().size}
         if len(self.pending) >= self.every:
             self.flush()
 
@@ -105,10 +108,10 @@ def is_part(name: str) -> bool:
     return name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)
 
 
-def part_name(shard_index: int, ids: list[str]) -> str:
-    """`part-{shard}-{digest of its ids}.parquet`: a resumed run whose input grew never reuses a name."""
-    digest = hashlib.sha256("\0".join(dict.fromkeys(ids)).encode()).hexdigest()[:8]
-    return f"{PART_PREFIX}{shard_index:05d}-{digest}{PART_SUFFIX}"
+def part_name(shard_index: int) -> str:
+    """`part-{shard}-{random}.parquet`: every write a new name, so a part never changes under its name (an index
+    entry is right or names a part that is gone) and no run overwrites another's part."""
+    return f"{PART_PREFIX}{shard_index:05d}-{secrets.token_hex(6)}{PART_SUFFIX}"
 
 
 def part_summary(table: pa.Table) -> dict[str, Any]:
@@ -125,7 +128,7 @@ def write_table(out: Location, shard_index: int, table: pa.Table) -> tuple[Locat
     under a name its ids fix; returns it and the summary."""
     summary = part_summary(table)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META: json.dumps(summary).encode()})
-    location = out.child(part_name(shard_index, summary["ids"]))
+    location = out.child(part_name(shard_index))
     location.write_atomically(lambda tmp: pq.write_table(table, tmp.path, filesystem=tmp.fs))
     return location, summary
 

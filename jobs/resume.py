@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig
 from jobs.idset import id_digests
 from jobs.inputs import InputPlan
-from jobs.output import (RETRYABLE, SUMMARY, is_index, is_part, parts, read_json, read_part_summary, shard_of,
+from jobs.output import (INDEX_PARTS, RETRYABLE, SUMMARY, is_index, is_part, parts, read_json, read_part_summary, shard_of,
                          write_json, write_table)
 from jobs.storage import Location
 from workers.configs import SamplingConfig
@@ -125,8 +125,10 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
     With ``repair`` (a run's start), such a part is set aside as ``<name>.unreadable`` and those rows are
     taken out of their parts; without, nothing is changed. Raises ResumeError for an id written in two parts,
     or one that is not in the input."""
-    files = out.files()
+    listing = out.listing()
+    files = [f for f, _ in listing]
     found = {f.name: f for f in files if is_part(f.name)}
+    size = {f.name: n for f, n in listing}
     names, owner = [], np.full(plan.num_rows, -1, dtype=np.int32)
     counts = {"rows": 0, "failed": 0, "retried": 0}
 
@@ -167,9 +169,12 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
             counts["failed"] += summary["failed"]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for chunk in _chunks(pool, _index_or_none, [f for f in files if is_index(f.name)], threads):
+        # Index files a few at a time: each holds up to INDEX_PARTS x shard_size ids (at most ~1M held at once).
+        at_once = max(1, min(threads, (1 << 20) // (INDEX_PARTS * plan.shard_size)))
+        for chunk in _chunks(pool, _index_or_none, [f for f in files if is_index(f.name)], at_once):
             for _, entries in chunk:
-                take([(found.pop(name), summary) for name, summary in (entries or {}).items() if name in found])
+                take([(found.pop(name), summary) for name, summary in (entries or {}).items()
+                      if name in found and summary.get("bytes") == size[name]])
         for chunk in _chunks(pool, _summary_or_error, list(found.values()), 256):
             take(chunk)
     return Written(owner, names, counts["rows"], counts["failed"], counts["retried"])

@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, StorageError, ResumeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a store that failed a request: pyarrow names the file and the error
+        print(f"error: cannot read the input or the output: {exc}", file=sys.stderr)
+        return 2
     from ray.exceptions import RayError
 
     from jobs.pool import AllWorkersFailed
@@ -320,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (RayError, AllWorkersFailed) as exc:  # e.g. no worker could load the model
         print(f"error: the job failed on its Ray workers: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the store failed mid-job: what was written stays, and a rerun resumes
+        print(f"error: reading the input or writing the output failed: {exc}", file=sys.stderr)
         return 1
     print(
         f"{summary['output_dir']} holds {summary['rows']} rows for {summary['prompts']} prompts "

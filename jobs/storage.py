@@ -71,11 +71,15 @@ class Location:
     def is_dir(self) -> bool:
         return self.info().type == pafs.FileType.Directory
 
-    def files(self) -> list[Location]:
-        """The files directly in this directory, sorted by name (none when it does not exist)."""
+    def listing(self) -> list[tuple[Location, int]]:
+        """The files directly in this directory with their sizes in bytes, sorted by name (none when it does
+        not exist)."""
         selector = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
         infos = [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
-        return [self.child(i.base_name) for i in sorted(infos, key=lambda i: i.base_name)]
+        return [(self.child(i.base_name), i.size) for i in sorted(infos, key=lambda i: i.base_name)]
+
+    def files(self) -> list[Location]:
+        return [f for f, _ in self.listing()]
 
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
@@ -126,16 +130,20 @@ def resolve(where: str | os.PathLike) -> Location:
         return Location(pafs.LocalFileSystem(), path, path)
     parts = urlsplit(text)
     secrets = SECRET_OPTIONS & {k for k, _ in parse_qsl(parts.query)}
-    if "@" in parts.netloc or secrets:
-        raise StorageError(f"{parts.scheme}://{parts.hostname or ''}/...: credentials do not belong in the URI "
+    # "user:secret@host" (a secret may hold "/", which urlsplit takes for the end of the host): refused without
+    # echoing any of it. A bare "user@host" (hdfs) carries no secret.
+    userinfo = text.split("://", 1)[1].split("?", 1)[0].split("@", 1)[0] if "@" in text.split("?", 1)[0] else ""
+    if ":" in userinfo or secrets:
+        raise StorageError(f"{parts.scheme}://...: credentials do not belong in the URI "
                            "(they would reach the command line and the logs); set them in the store's standard "
                            "environment instead, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or ~/.aws")
     opened = _with_env_endpoint(text) if parts.scheme == "s3" else text
+    shown = urlunsplit(parts._replace(query=""))
     try:
         fs, path = pafs.FileSystem.from_uri(opened)
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid (a ValueError) or OSError
-        raise StorageError(f"{text}: cannot open this URI: {exc}") from None
-    location = Location(fs, path, urlunsplit(parts._replace(query="")))
+        raise StorageError(f"{shown}: cannot open this URI ({type(exc).__name__})") from None
+    location = Location(fs, path, shown)
     if parts.scheme in ("s3", "gs", "gcs"):
         bucket = path.split("/", 1)[0]
         try:

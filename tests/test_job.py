@@ -142,6 +142,16 @@ def test_an_input_changed_mid_job_is_refused(tmp_path):
     assert next(shards).ids == ["a", "b"]
     with pytest.raises(InputError, match="changed while the job ran: shard 1"):
         next(shards)
+    for changed, message in (("abc", "shard 1"), ("abcde", "rows past those planned")):  # shrank, grew
+        write_jsonl(path, [{"id": i, "prompt": "x"} for i in changed])
+        with pytest.raises(InputError, match=f"changed while the job ran: .*{message}"):
+            list(iter_shards(plan))
+
+
+def test_an_input_of_one_id_repeated_is_refused_at_once(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "same", "prompt": "x"}] * 50_000)
+    with pytest.raises(InputError, match=r"line 2: duplicate id 'same' \(first seen at .*line 1\); 49998 more"):
+        scan_input(str(path), shard_size=64)
 
 
 def test_duplicates_are_named_in_both_places_across_files(tmp_path):
@@ -556,6 +566,8 @@ def test_workers_are_checked_against_each_other_and_the_job_record(tmp_path):
     (pa.array([True, False]), "row 0: 'id' must be a string or an integer, got bool"),
     (pa.array([1, None]), "row 1: row has no 'id'"),
     (pa.array(["a", " "]), "row 1: 'id' is empty"),
+    (pa.array(["a", None]), "row 1: row has no 'id'"),
+    (pa.array(["a", ""]).dictionary_encode(), "row 1: 'id' is empty"),
 ])
 def test_parquet_id_columns_are_checked_with_the_bad_row_named(tmp_path, column, message):
     pq.write_table(pa.table({"id": column, "prompt": ["x", "y"]}), tmp_path / "in.parquet")
@@ -577,11 +589,13 @@ def test_a_resume_reads_index_files_and_only_the_footers_no_index_covers(tmp_pat
              for s in range(3)]
     write_part(out, 3, [RowOutput(id="r6").to_dict()])  # written by a driver killed before its index
     parts[1].delete()  # an index entry for a part that is gone is ignored
+    damaged = parts[0].read_bytes()[:-20]  # a covered part damaged since: its size no longer matches
+    parts[0].write_bytes_atomically(damaged)
     assert len([f for f in out.files() if f.name.startswith("index-")]) == 1  # parts 0 and 1
     index.flush()  # part 2
     footers = []
     real = jobs.resume.read_part_summary
     monkeypatch.setattr(jobs.resume, "read_part_summary", lambda part: footers.append(part.name) or real(part))
     written = scan_written(out, plan)
-    assert written.done.tolist() == [True, True, False, False, True, True, True]
-    assert footers == [f.name for f in out.files() if f.name.startswith("part-00003-")]
+    assert written.done.tolist() == [False, False, False, False, True, True, True]
+    assert footers == [f.name for f in out.files() if f.name[:10] in ("part-00000", "part-00003")]
