@@ -114,18 +114,23 @@ def part_name(shard_index: int) -> str:
     return f"{PART_PREFIX}{shard_index:05d}-{secrets.token_hex(6)}{PART_SUFFIX}"
 
 
+def error_codes(table: pa.Table) -> list[str | None]:
+    """Each output row's error code (None: no error)."""
+    return [e["code"] if e else None for e in table.column("error").to_pylist()]
+
+
 def part_summary(table: pa.Table) -> dict[str, Any]:
     """What a resume needs of a part: its ids (each once, in order), its rows (completions) and failed rows,
     and the ids whose rows a rerun retries."""
     ids = table.column("id").to_pylist()
-    codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
+    codes = error_codes(table)
     return {"ids": list(dict.fromkeys(ids)), "rows": len(ids), "failed": sum(c is not None for c in codes),
             "retry": list(dict.fromkeys(i for i, c in zip(ids, codes) if c in RETRYABLE))}
 
 
 def write_table(out: Location, shard_index: int, table: pa.Table) -> tuple[Location, dict[str, Any]]:
     """A part of shard ``shard_index``: ``table`` with its ``part_summary`` in the footer, published atomically
-    under a name its ids fix; returns it and the summary."""
+    under a new name (``part_name``); returns it and the summary."""
     summary = part_summary(table)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META: json.dumps(summary).encode()})
     location = out.child(part_name(shard_index))

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig
 from jobs.idset import id_digests
 from jobs.inputs import InputPlan
-from jobs.output import (INDEX_PARTS, RETRYABLE, SUMMARY, is_index, is_part, parts, read_json, read_part_summary,
-                         shard_of, write_json, write_table)
+from jobs.output import (INDEX_PARTS, RETRYABLE, SUMMARY, error_codes, is_index, is_part, parts, read_json,
+                         read_part_summary, shard_of, write_json, write_table)
 from jobs.storage import Location
 from workers.configs import SamplingConfig
 
@@ -100,8 +100,7 @@ def _drop_retryable_rows(out: Location, part: Location, retry: list[str]) -> tup
     name). In that order, a run killed in between has lost nothing but work: the rest is decoded again, never
     written twice. Returns the new part and its summary (None when nothing else was left)."""
     table = pq.read_table(part.path, filesystem=part.fs)
-    codes = [e["code"] if e else None for e in table.column("error").to_pylist()]
-    kept = table.filter([code not in RETRYABLE for code in codes])
+    kept = table.filter([code not in RETRYABLE for code in error_codes(table)])
     log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
     part.delete()
     return write_table(out, shard_of(part.name), kept) if kept.num_rows else None
@@ -185,7 +184,7 @@ def open_output(out: Location, cfg: JobConfig, plan: InputPlan, *, overwrite: bo
     out.make_dir()
     out.remove_leftovers()  # a killed run's unfinished writes
     if overwrite:
-        for old in [*parts(out), *[f for f in out.files() if is_index(f.name)], out.child(SUMMARY),
+        for old in [*[f for f in out.files() if is_part(f.name) or is_index(f.name)], out.child(SUMMARY),
                     out.child(MANIFEST)]:
             if old.exists():
                 old.delete()

@@ -155,8 +155,8 @@ def describe_worker(info: dict[str, Any]) -> str:
 
 def _summarise(out: Location, plan: InputPlan, cfg: JobConfig, run: dict[str, Any], workers: list,
                progress: Progress) -> dict[str, Any]:
-    """summary.json: the whole output directory's rows (from the parts' footers), this run's throughput, and a
-    table per device type."""
+    """summary.json: the whole output directory's rows (from the index files and the parts' footers, never the
+    rows themselves), this run's throughput, and a table per device type."""
     final = scan_written(out, plan, died_are_written=True)
     if not final.done.all():
         raise RuntimeError(f"internal error: {out.uri} lacks {int((~final.done).sum())} input rows")
