@@ -44,7 +44,7 @@ clean:
 # measurements (artifacts/measurements/gpu-check/), not among them. The timeouts keep it under the device
 # tool's 10 minutes a command; each benchmark writes its JSON after every batch size.
 GPU_OUT   := artifacts/measurements/gpu-check
-GPU_BENCH := PYTHONUNBUFFERED=1 timeout 150 python3 jobs/bench_overhead.py --random-default --device cuda
+GPU_BENCH := PYTHONUNBUFFERED=1 timeout 150 python3 -m jobs.bench.overhead --random-default --device cuda
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_fixed_step.py

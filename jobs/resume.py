@@ -25,8 +25,20 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig
 from jobs.idset import id_digests
 from jobs.inputs import InputPlan
-from jobs.output import (INDEX_PARTS, RETRYABLE, SUMMARY, error_codes, is_index, is_part, parts, read_json,
-                         read_part_summary, shard_of, write_json, write_table)
+from jobs.output import (
+    INDEX_PARTS,
+    RETRYABLE,
+    SUMMARY,
+    error_codes,
+    is_index,
+    is_part,
+    parts,
+    read_json,
+    read_part_summary,
+    shard_of,
+    write_json,
+    write_table,
+)
 from jobs.storage import Location
 from workers.configs import SamplingConfig
 

@@ -14,29 +14,22 @@ for the options and the output schema.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
 import sys
-from pathlib import Path
+import time
+from typing import Any, get_args
 
-# Works from a checkout and from a `ray job submit --working-dir .` upload alike.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+from pydantic import ValidationError
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from typing import Any, get_args  # noqa: E402
-
-import numpy as np  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-
-from jobs.config import JobConfig, build_config  # noqa: E402
-from jobs.inputs import InputError, InputPlan, iter_shards, scan_input  # noqa: E402
-from jobs.output import PartIndex, write_part, write_summary  # noqa: E402
-from jobs.progress import Progress, device_table  # noqa: E402
-from jobs.resume import (  # noqa: E402
+from jobs.config import JobConfig, build_config
+from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
+from jobs.output import PartIndex, write_part, write_summary
+from jobs.progress import Progress, device_table
+from jobs.resume import (
     ResumeError,
     Written,
     check_manifest,
@@ -47,8 +40,8 @@ from jobs.resume import (  # noqa: E402
     recorded_numerics,
     scan_written,
 )
-from jobs.storage import Location, StorageError, resolve  # noqa: E402
-from workers.configs import CpuLinear  # noqa: E402
+from jobs.storage import Location, StorageError, resolve
+from workers.configs import CpuLinear
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""jobs/bench_propd.py's --from-json: the table of a run's --json file, or of a shipped measurement (which wraps
+"""jobs/bench/propd.py's --from-json: the table of a run's --json file, or of a shipped measurement (which wraps
 the run with its provenance), with the ratios recomputed from the rounds."""
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import bench_propd
+from jobs.bench import propd as bench_propd
 
 SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "measurements"
 

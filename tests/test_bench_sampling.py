@@ -1,4 +1,4 @@
-"""jobs/bench_sampling.py on a tiny model: every method's rows equal plain sampling's and the JSON holds what
+"""jobs/bench/sampling.py on a tiny model: every method's rows equal plain sampling's and the JSON holds what
 the tables need; a decoder with a wrong acceptance scheme is caught, named, and fails the run."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoding import PPDDecoder, PromptTokens
-from jobs import bench_sampling
+from jobs.bench import sampling as bench_sampling
 from profiling.device import identify
 from profiling.latency import LatencyPoint, LatencyProfile
 from tests.helpers_models import tiny_loaded_model

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cost_study
-from jobs.cost_model import (
+from jobs.cost import study as cost_study
+from jobs.cost.model import (
     DeviceRate,
     Measurement,
     Price,
@@ -23,7 +23,7 @@ from jobs.cost_model import (
     resolve_counts,
     usd_per_million_tokens,
 )
-from jobs.cost_sources import SourceError, read_any, read_bench, read_job, read_profile
+from jobs.cost.sources import SourceError, read_any, read_bench, read_job, read_profile
 from jobs.output import write_part, write_summary
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -242,16 +242,13 @@ def test_bad_inputs_get_clear_errors(tmp_path):
 def test_sweep_benchmarks_this_machine_and_reports_it(tmp_path, monkeypatch):
     """--sweep runs bench_propd with the sweep's settings into the report directory and reads what it wrote
     (the benchmark itself is replaced here: it needs the default model)."""
-    from jobs import bench_propd
-
     calls = []
 
     def fake_bench(argv):
         calls.append(argv)
         make_bench(Path(argv[argv.index("--json") + 1]), device="cpu: Test CPU (2 threads)")
-        return 0
 
-    monkeypatch.setattr(bench_propd, "main", fake_bench)
+    monkeypatch.setattr(cost_study, "run_benchmark", fake_bench)
     out = tmp_path / "report"
     assert cost_study.main(["--sweep", "--sweep-device", "cpu", "--sweep-batch-sizes", "1", "4", "--no-shipped",
                             "--output", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""jobs/train_prune_head.py end to end on a tiny random Llama, and the prune-head artifact: the trained head
+"""jobs/train/prune_head.py end to end on a tiny random Llama, and the prune-head artifact: the trained head
 ranks the model's argmax higher than the logit lens it starts from, the artifact round-trips, and it is refused
 for another model or when its weights were altered."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoding import PPDDecoder, PromptTokens
-from jobs.train_prune_head import PruneHeadConfig, train
+from jobs.train.prune_head import PruneHeadConfig, train
 from workers.artifacts import ArtifactCorrupt, ArtifactModelMismatch
 from workers.models import ModelConfig, load_model
 from workers.prune_heads import find_shipped_prune_head, load_prune_head

@@ -1,4 +1,4 @@
-"""jobs/train.py end to end on a tiny random Llama: deterministic for a seed, a stopped run resumes to the same
+"""jobs/train/prompt_tokens.py end to end on a tiny random Llama: deterministic for a seed, a stopped run resumes to the same
 result, the artifact loads for its model only, the loss falls, and evaluation reports sane tables."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from jobs.train import TrainConfig, checkpoint_path, train
+from jobs.train.prompt_tokens import TrainConfig, checkpoint_path, train
 from workers.artifacts import ArtifactModelMismatch, load_prompt_tokens
 from workers.models import ModelConfig, load_model
 

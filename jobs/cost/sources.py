@@ -2,7 +2,7 @@
 
 - a job's output directory: `summary.json` (the run's time per device, its workers and config) and the Parquet
   rows (each row's device, prompt and output lengths, steps);
-- a `jobs/bench_propd.py --json` file: tokens/s and tau per batch size for plain, static PPD, ProPD (and
+- a `jobs/bench/propd.py --json` file: tokens/s and tau per batch size for plain, static PPD, ProPD (and
   ProPD with pruning), all on one device;
 - a start-up latency profile (the workers' cache, `profiles/latency-*.json`): the plain decode step's time by
   batch size. That is a step over a fixed 256-token context, not a whole run, and is labelled as such.
@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from jobs.cost_model import Measurement
+from jobs.cost.model import Measurement
 from jobs.output import read_output
 
 DTYPES = ("float32", "bfloat16", "float16")

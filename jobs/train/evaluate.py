@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Evaluate prompt tokens on the held-out split: guess accuracy per distance, and tau at a fixed tree size.
 
-    python jobs/eval_prompts.py --prompts artifacts/prompt_tokens/smollm2-135m-instruct --tree-nodes 63
+    python -m jobs.train.evaluate --prompts artifacts/prompt_tokens/smollm2-135m-instruct --tree-nodes 63
 
 For the trained prompt tokens, untrained ones (the mean-embedding start) and plain decoding, per kind of
 prompt (chat / math / code): top-1/5/10 accuracy of prompt token i for the token i+2 places ahead (teacher
@@ -14,29 +14,24 @@ and their outputs and step counts must equal plain decoding's tokens and the rep
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding import PPDDecoder, PromptTokens  # noqa: E402
-from jobs.train import TrainConfig, evaluate, load_samples  # noqa: E402
-from profiling.acceptance import ranks_at_every_cut, replay_decoding  # noqa: E402
-from profiling.tree_builder import estimate  # noqa: E402
-from profiling.trees import fixed_size_tree_set  # noqa: E402
-from workers.artifacts import load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, load_model  # noqa: E402
+from decoding import PPDDecoder, PromptTokens
+from jobs.train.accuracy import evaluate
+from jobs.train.data import load_samples, trained_data_config
+from profiling.acceptance import ranks_at_every_cut, replay_decoding
+from profiling.tree_builder import estimate
+from profiling.trees import fixed_size_tree_set
+from workers.artifacts import load_prompt_tokens
+from workers.models import ModelConfig, load_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/eval_prompts.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs/train/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="the trained prompt-token artifact")
     p.add_argument("--model", default="default")
     p.add_argument("--tree-nodes", type=int, default=63, help="candidate nodes of the fixed-size tree")
@@ -50,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     untrained = PromptTokens.from_token_embeddings(lm.model, k=trained.k, n=1, base_model_id=lm.model_id,
                                                    base_model_hash=lm.content_hash).to(lm.device)
     # The held-out split the training run evaluated on (same selection rules and response length).
-    train_cfg = TrainConfig(**trained.meta.extra.get("training", {}).get("config", {}))
-    samples = load_samples(train_cfg.model_copy(update={"model": ModelConfig(model=args.model)}), lm, held_out=True)
+    data = trained_data_config(trained.meta.extra)
+    samples = load_samples(data, lm, held_out=True)
     candidates = {"trained": trained, "untrained": untrained}
 
     acc = {name: evaluate(lm, pt, samples, args.eval_cuts_per_sample) for name, pt in candidates.items()}
@@ -101,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells = "  ".join(f"{ev['top1'][i]:.2f}/{ev['top5'][i]:.2f}/{ev['top10'][i]:.2f}     "
                                   for i in range(trained.k))
                 print(f"{kind:<6} {name:<10} {cells}")
-    print(f"\ntau over whole held-out responses ({train_cfg.data.max_new_tokens} tokens at most), "
+    print(f"\ntau over whole held-out responses ({data.max_new_tokens} tokens at most), "
           f"{args.tree_nodes}-node tree")
     print(f"{'kind':<6} {'prompts':>7} {'tokens':>7} {'plain':>6} {'untrained':>10} {'trained':>8} {'predicted':>10}")
     for kind, row in report["tau"].items():

@@ -2,14 +2,14 @@
 """What a decode step costs beyond its arithmetic: eager, eager at fixed shapes, compiled and (on CUDA) CUDA
 graphs, side by side in one run.
 
-    python jobs/bench_overhead.py --proxy --rounds 7                # CPU: the overhead-bound proxy (below)
-    python jobs/bench_overhead.py                                   # the default model: batch 1 and 8
-    python jobs/bench_overhead.py --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
-    python3 jobs/bench_overhead.py --random-default --device cuda   # no model package: the default's shape
+    python -m jobs.bench.overhead --proxy --rounds 7                # CPU: the overhead-bound proxy (below)
+    python -m jobs.bench.overhead                                   # the default model: batch 1 and 8
+    python -m jobs.bench.overhead --device cuda --batch-sizes 1 8 32 --modes eager compile cuda_graphs
+    python3 -m jobs.bench.overhead --random-default --device cuda   # no model package: the default's shape
 
 ``--proxy``: a random Llama small enough that the host's work dominates a step (4 layers, hidden 64; on this
 project's 2-core VM a [8, 256] x [256, 1024] matmul alone takes 0.13 ms, so hidden 256 is compute-bound),
-batch 8, a plain step and a 16-slot tree step, timed by ``jobs/time_step.py`` processes that take turns:
+batch 8, a plain step and a 16-slot tree step, timed by ``jobs/bench/time_step.py`` processes that take turns:
 the engine of ``--baseline`` (a revision before fixed shapes; its ``decoding/`` extracted with git archive)
 eager, and this tree's eager, fixed-shape and compiled steps. It ends with the line
 ``overhead-bound step speed-up (new compiled / old eager): R``, R the smaller of the two steps' speed-ups.
@@ -20,7 +20,7 @@ Otherwise, for each batch size, method (``vanilla``; ``ppd``: the default tree s
 batch x ``--rows-per-slot`` held-out prompts, each exactly ``--new-tokens`` tokens (EOS ignored, so every mode
 does the same work). A first pass warms up (it compiles or captures every shape the run meets: its time is
 the start-up cost); the timed passes follow, the modes taking turns. Reported: tokens/s, the ratio to eager,
-the warm-up seconds, aten calls and host reads per step (one eager step, counted as jobs/time_step.py counts
+the warm-up seconds, aten calls and host reads per step (one eager step, counted as jobs/bench/time_step.py counts
 them), and whether every mode's tokens equal eager's (float32 kernels differ in their last bits between
 compiled and eager, so a rare divergence late in a row is rounding, not a bug; the float64 tests check
 equality).
@@ -28,30 +28,27 @@ equality).
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tarfile  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
+from decoding.slots import Request, SlotBatch
+from jobs.bench.hf_baseline import hf_greedy
+from jobs.bench.time_step import HOST_READS, top_level_aten_calls
 
-import torch  # noqa: E402
-
-from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
-from decoding.slots import Request, SlotBatch  # noqa: E402
-from jobs.hf_baseline import hf_greedy  # noqa: E402
-from jobs.time_step import HOST_READS, top_level_aten_calls  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # SmolLM2-135M-Instruct's shape (the default model), for --random-default: the same step cost, random weights.
 DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -96,7 +93,7 @@ def decode(decoder, batch_size: int, prompts: list[list[int]], new_tokens: int, 
 
 def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool) -> tuple[int, int]:
     """(aten calls, host reads) in one eager step of a full batch, admission excluded, counted as the proxy
-    counts them (jobs/time_step.py)."""
+    counts them (jobs/bench/time_step.py)."""
     batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=fixed)
     batch.add([Request(p, 8) for p in prompts[:batch_size]])
     batch.step()  # admission and a first step
@@ -108,9 +105,8 @@ def load(args):
     """(model, prompt tokens, prompts): the default model, its trained prompt tokens and held-out prompts; or,
     ``--random-default``, a random model of its shape, untrained prompt tokens and random prompts."""
     if not args.random_default:
-        from jobs.bench_propd import load_model_and_prompts
-        from jobs.bench_tree import mixed_held_out_prompts
-        from jobs.distill_data import DEFAULT_DATA_DIR
+        from jobs.bench.common import load_model_and_prompts
+        from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
 
         lm, pt = load_model_and_prompts(args.device, args.dtype, None)
         return lm.model, pt, mixed_held_out_prompts(lm, pt, args.data_dir or DEFAULT_DATA_DIR)
@@ -135,13 +131,13 @@ HF_MODES = ("hf_eager", "hf_static")
 
 
 class StepTimer:
-    """One ``jobs/time_step.py --serve`` process: started (and warmed up) at construction, then one command at
+    """One ``jobs/bench/time_step.py --serve`` process: started (and warmed up) at construction, then one command at
     a time. Between commands it is stopped (SIGSTOP), so that its threads cannot spin beside the one being
     timed: with eight processes waiting, every step measured 1.5-2x slower than alone."""
 
     def __init__(self, pythonpath: Path, child_args: list[str]):
         env = dict(os.environ, PYTHONPATH=str(pythonpath))
-        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "time_step.py"), "--serve",
+        self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "bench" / "time_step.py"), "--serve",
                                       *child_args], env=env, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         self.ready = self._read()
@@ -150,7 +146,7 @@ class StepTimer:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"jobs/time_step.py exited ({self.proc.wait()}) before answering")
+            raise RuntimeError(f"jobs/bench/time_step.py exited ({self.proc.wait()}) before answering")
         return json.loads(line)
 
     def ask(self, command: str) -> dict:
@@ -246,7 +242,7 @@ def side_by_side(args) -> list[dict]:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -271,7 +267,7 @@ def main() -> None:
     p.add_argument("--random-default", action="store_true",
                    help="a randomly initialised model of the default's shape and random prompts (needs only torch "
                    "and transformers: for a GPU machine without the model package)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.proxy:
         results = side_by_side(args)
         if args.json:

@@ -2,32 +2,28 @@
 """Cluster cost study: tokens/s, tau, utilisation and dollars per device type and method, from real
 measurements, plus a projection of a target dataset onto a cluster mix.
 
-    python jobs/cost_study.py --runs outputs/demo --output outputs/cost
-    python jobs/cost_study.py --runs out/h100 out/a10 --rows 1000000 --mean-prompt-tokens 200 \\
+    python -m jobs.cost.study --runs outputs/demo --output outputs/cost
+    python -m jobs.cost.study --runs out/h100 out/a10 --rows 1000000 --mean-prompt-tokens 200 \\
         --mean-output-tokens 300 --deadline-hours 24 --mix H100=4 A10G=8 --output outputs/cost
-    python jobs/cost_study.py --sweep --output outputs/cost     # also benchmark this machine now
+    python -m jobs.cost.study --sweep --output outputs/cost     # also benchmark this machine now
 
-Sources: job output directories (`--runs`: their summary.json and rows), `jobs/bench_propd.py --json` files
+Sources: job output directories (`--runs`: their summary.json and rows), `jobs/bench/propd.py --json` files
 and workers' latency profiles (`--measurements`), the measurements shipped in `artifacts/measurements/`
 (unless `--no-shipped`), and with `--sweep` a benchmark run on this machine now. Prices come from
-`jobs/prices.yaml` (each with its source and date) or `--prices`. Writes REPORT_DIR/report.md and PNG plots.
+`jobs/cost/prices.yaml` (each with its source and date) or `--prices`. Writes REPORT_DIR/report.md and PNG plots.
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import argparse  # noqa: E402
-
-import yaml  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
-
-from jobs.cost_model import (  # noqa: E402
+from jobs.cost.model import (
     DEFAULT_PRICES,
     Measurement,
     PriceTable,
@@ -37,14 +33,15 @@ from jobs.cost_model import (  # noqa: E402
     project,
     resolve_counts,
 )
-from jobs.cost_report import write_report  # noqa: E402
-from jobs.cost_sources import SourceError, read_any  # noqa: E402
+from jobs.cost.report import write_report
+from jobs.cost.sources import SourceError, read_any
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MEASUREMENTS = REPO_ROOT / "artifacts" / "measurements"
 
 
 class SweepConfig(BaseModel):
-    """A benchmark sweep run now on this machine (jobs/bench_propd.py), added to the measurements."""
+    """A benchmark sweep run now on this machine (jobs/bench/propd.py), added to the measurements."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +91,7 @@ def parse_config(argv: list[str] | None) -> CostStudyConfig:
     p.add_argument("--mix", nargs="+", metavar="DEVICE=COUNT", help="cluster to project, e.g. H100=4 'EPYC'=2")
     p.add_argument("--available", nargs="+", metavar="DEVICE=COUNT", help="most rentable devices per kind")
     p.add_argument("--method", help="method to project: vanilla, ppd, ppd+propd, ... or best (default)")
-    p.add_argument("--sweep", action="store_true", help="also benchmark this machine now (jobs/bench_propd.py)")
+    p.add_argument("--sweep", action="store_true", help="also benchmark this machine now (jobs/bench/propd.py)")
     p.add_argument("--sweep-batch-sizes", type=int, nargs="+")
     p.add_argument("--sweep-device")
     args = p.parse_args(argv)
@@ -130,9 +127,12 @@ def parse_config(argv: list[str] | None) -> CostStudyConfig:
         raise SystemExit(f"bad cost-study config:\n{exc}") from None
 
 
-def run_sweep(sweep: SweepConfig, out_dir: Path) -> Path:
-    from jobs import bench_propd
+def run_benchmark(argv: list[str]) -> None:
+    """``python -m jobs.bench.propd ARGV`` in a process of its own, from the repository root."""
+    subprocess.run([sys.executable, "-m", "jobs.bench.propd", *argv], cwd=REPO_ROOT, check=True)
 
+
+def run_sweep(sweep: SweepConfig, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "sweep.json"
     device = sweep.device
@@ -140,9 +140,9 @@ def run_sweep(sweep: SweepConfig, out_dir: Path) -> Path:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    bench_propd.main(["--device", device, "--dtype", sweep.dtype, "--rounds", str(sweep.rounds),
-                      "--max-new-tokens", str(sweep.max_new_tokens), "--json", str(path),
-                      "--batch-sizes", *map(str, sweep.batch_sizes)])
+    run_benchmark(["--device", device, "--dtype", sweep.dtype, "--rounds", str(sweep.rounds),
+                   "--max-new-tokens", str(sweep.max_new_tokens), "--json", str(path),
+                   "--batch-sizes", *map(str, sweep.batch_sizes)])
     return path
 
 

@@ -11,8 +11,8 @@ are against `generate`, measured in the same run. Peak memory is the extra memor
 allocator's peak; on CPU the peak resident-set growth of a fresh subprocess doing one run (inside a warm
 process the allocator reuses freed memory and the growth reads as zero).
 
-    python jobs/bench_decode.py                       # batch 1 and 8 on CPU (and CUDA when available)
-    python jobs/bench_decode.py --batch-sizes 1 4 --max-new-tokens 32 --repeats 3 --prompts ARTIFACT_DIR
+    python -m jobs.bench.decode                       # batch 1 and 8 on CPU (and CUDA when available)
+    python -m jobs.bench.decode --batch-sizes 1 4 --max-new-tokens 32 --repeats 3 --prompts ARTIFACT_DIR
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set  # noqa: E402
-from jobs.hf_baseline import hf_greedy  # noqa: E402
-from jobs.inputs import read_rows  # noqa: E402
-from workers.artifacts import load_prompt_tokens  # noqa: E402
-from workers.cpu_linear import linear_kind  # noqa: E402
-from workers.models import CpuLinear, LoadedModel, ModelConfig, encode_row, load_model  # noqa: E402
+from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
+from jobs.bench.hf_baseline import hf_greedy
+from jobs.inputs import read_rows
+from workers.artifacts import load_prompt_tokens
+from workers.cpu_linear import linear_kind
+from workers.models import CpuLinear, LoadedModel, ModelConfig, encode_row, load_model
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 

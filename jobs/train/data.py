@@ -20,14 +20,28 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from decoding import VanillaDecoder
-from workers.models import LoadedModel, encode_row
+from workers.models import LoadedModel, encode_row, resolve_cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 KINDS = ("chat", "math", "code")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Where gsm8k_train.jsonl and "
+                          "alpaca_seed_tasks.jsonl lie (the shared data directory).")
+    train_counts: dict[str, int] = Field(default_factory=lambda: {"chat": 1000, "math": 350, "code": 1000},
+                                         description="Training prompts per kind (at most what a source has).")
+    eval_counts: dict[str, int] = Field(default_factory=lambda: {"chat": 1000, "math": 40, "code": 1000},
+                                        description="Held-out prompts per kind for evaluation.")
+    max_new_tokens: int = Field(default=128, ge=8, description="Length of the base model's greedy responses.")
+    generate_batch_size: int = Field(default=16, ge=1, description="Batch size for generating responses.")
 
 # Standard-library modules whose documented functions become code tasks.
 CODE_MODULES = ("bisect", "heapq", "textwrap", "string", "statistics", "math", "itertools", "functools",
@@ -138,3 +152,33 @@ def generate_samples(items: list[PromptItem], lm: LoadedModel, *, max_new_tokens
             f.flush()
             bar.update(len(chunk))
     return [done[it.id] for it in items]
+
+
+def load_samples(data: DataConfig, lm: LoadedModel, held_out: bool, cache_dir: str | None = None) -> list[Sample]:
+    """The training (or held-out) split of ``data``'s prompts with the model's greedy responses (cached under
+    ``cache_dir``, default the project cache)."""
+    src = all_prompts(Path(data.data_dir))
+    counts = data.eval_counts if held_out else data.train_counts
+    items = [it for kind, n in counts.items() for it in select(src[kind], n, held_out=held_out)]
+    return generate_samples(items, lm, max_new_tokens=data.max_new_tokens, batch_size=data.generate_batch_size,
+                            cache_dir=resolve_cache_dir(cache_dir),
+                            desc="held-out responses" if held_out else "training responses")
+
+
+def trained_data_config(meta_extra: dict) -> DataConfig:
+    """The data a prompt-token artifact was trained and evaluated on (its meta's training config)."""
+    return DataConfig(**meta_extra.get("training", {}).get("config", {}).get("data", {}))
+
+
+def held_out_samples(lm: LoadedModel, pt, data_dir: Path) -> list[Sample]:
+    """The held-out split a prompt-token artifact ``pt`` was evaluated on (its prompts read from ``data_dir``),
+    with the model's greedy responses (cached)."""
+    data = trained_data_config(pt.meta.extra).model_copy(update={"data_dir": str(data_dir)})
+    return load_samples(data, lm, held_out=True)
+
+
+def mixed_held_out_prompts(lm: LoadedModel, pt, data_dir: Path) -> list[list[int]]:
+    """``held_out_samples``' prompts interleaved by kind (chat, math, code, chat, ...): any prefix mixes them."""
+    samples = held_out_samples(lm, pt, data_dir)
+    by_kind = [[s for s in samples if s.kind == kind] for kind in KINDS]
+    return [s.prompt_ids for group in zip(*by_kind) for s in group]

@@ -1,8 +1,8 @@
 """The arithmetic of the cost study: prices per device, dollars and GPU-hours per token, and projections of a
 target dataset onto a cluster mix (wall time, cost, the cheapest mix that meets a deadline).
 
-Pure functions over typed records; reading job outputs is jobs/cost_sources.py, writing the report
-jobs/cost_report.py. Rates are output tokens per second of one device (one GPU, or one CPU worker with its
+Pure functions over typed records; reading job outputs is jobs/cost/sources.py, writing the report
+jobs/cost/report.py. Rates are output tokens per second of one device (one GPU, or one CPU worker with its
 threads), as measured; a price is per device-hour.
 """
 

@@ -3,8 +3,8 @@
 every budget, and two "devices" (batch sizes or thread counts here; CPU and CUDA where a GPU is present)
 each getting its own tree.
 
-    python jobs/bench_tree.py                                   # CPU, batch 1 and 8
-    python jobs/bench_tree.py --setups cpu:1:2 cpu:8:2 cuda:8   # device:batch[:threads]
+    python -m jobs.bench.tree                                   # CPU, batch 1 and 8
+    python -m jobs.bench.tree --setups cpu:1:2 cpu:8:2 cuda:8   # device:batch[:threads]
 
 For each setup (device, batch size, torch threads): the worker's start-up (profile from cache or measured,
 tree chosen from the shipped acceptance table), then every profiled budget decodes the same held-out prompts
@@ -17,45 +17,22 @@ the sweep also measures each setup's chosen tree on the other setups.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import statistics
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding import PPDDecoder  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from jobs.train import TrainConfig, load_samples  # noqa: E402
-from profiling.acceptance import ranks_at_every_cut, replay_decoding  # noqa: E402
-from profiling.device import identify  # noqa: E402
-from profiling.tree_builder import build_tree_set, choose_budget, vanilla_built  # noqa: E402
-from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
-from workers.profiles import load_or_measure_profile  # noqa: E402
-
-
-def held_out_samples(lm, pt, data_dir: Path) -> list:
-    """The held-out split the artifact was evaluated on (read from ``data_dir``), with the model's greedy
-    responses (cached)."""
-    train_cfg = TrainConfig(**pt.meta.extra.get("training", {}).get("config", {}))
-    update = {"model": ModelConfig(device=str(lm.device)),
-              "data": train_cfg.data.model_copy(update={"data_dir": str(data_dir)})}
-    return load_samples(train_cfg.model_copy(update=update), lm, held_out=True)
-
-
-def mixed_held_out_prompts(lm, pt, data_dir: Path) -> list[list[int]]:
-    """The held-out prompts interleaved by kind (chat, math, code, chat, ...), so any prefix mixes them."""
-    samples = held_out_samples(lm, pt, data_dir)
-    by_kind = [[s for s in samples if s.kind == kind] for kind in ("chat", "math", "code")]
-    return [s.prompt_ids for group in zip(*by_kind) for s in group]
+from decoding import PPDDecoder
+from jobs.train.data import DEFAULT_DATA_DIR, held_out_samples
+from profiling.acceptance import ranks_at_every_cut, replay_decoding
+from profiling.device import identify
+from profiling.tree_builder import build_tree_set, choose_budget, vanilla_built
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens
+from workers.models import ModelConfig, load_model, resolve_cache_dir
+from workers.profiles import load_or_measure_profile
 
 
 def decode_all(decoder: PPDDecoder, prompts: list[list[int]], batch: int, max_new_tokens: int, device) -> dict:
@@ -195,7 +172,7 @@ def cross_check(results: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/bench_tree.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs/bench/tree.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", nargs="+", default=None, help="device:batch[:threads] (default: cpu:1 cpu:8, "
                    "plus cuda:1 cuda:8 when a GPU is present)")
     p.add_argument("--prompts", help="prompt-token artifact (default: the one shipped for the model)")

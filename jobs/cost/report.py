@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jobs.cost_model import (
+from jobs.cost.model import (
     METHODS,
     ClusterProjection,
     DeviceRate,
@@ -106,7 +106,7 @@ def write_report(out_dir: Path, measurements: Sequence[Measurement], prices: Pri
     """Write report.md and the plots into ``out_dir``; returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Cost study", "",
-             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `jobs/cost_study.py` from "
+             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `jobs/cost/study.py` from "
              f"{len(sources)} source(s):", ""]
     lines += [f"- `{s}`" for s in sources] + [""]
     models = sorted({m.model_hash for m in measurements if m.model_hash})

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The driver's cost before any decoding: ``jobs/run.py --plan-only`` on generated inputs of millions of rows.
 
-    python jobs/bench_inputs.py --rows 10000000 --dir /tmp/bench-inputs
+    python -m jobs.bench.inputs --rows 10000000 --dir /tmp/bench-inputs
 
 Writes (once; reused when present) a Parquet file and a JSONL file of ``--rows`` short chat rows, and an output
 directory holding every row as written parts (``--shard-size`` rows each, footers as a job writes them). Then
@@ -108,12 +108,12 @@ def plan_only(input_path: Path, out: Path, shard_size: int) -> dict:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--dir", type=Path, default=Path("/tmp/bench-inputs"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parquet, jsonl = write_inputs(args.dir, args.rows)

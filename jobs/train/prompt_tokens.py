@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Train PPD prompt tokens by self-distillation and write a prompt-token artifact.
 
-    python jobs/train.py                                   # the default model -> outputs/prompt_tokens
-    python jobs/train.py --config train.yaml --epochs 3 --ensemble 2
-    python jobs/train.py --ray                             # the same, as one task on a Ray GPU (or CPU) worker
+    python -m jobs.train.prompt_tokens                                   # the default model -> outputs/prompt_tokens
+    python -m jobs.train.prompt_tokens --config train.yaml --epochs 3 --ensemble 2
+    python -m jobs.train.prompt_tokens --ray                             # the same, as one task on a Ray GPU (or CPU) worker
 
 Only the prompt-token embeddings train; the base model is frozen. Each sample (a prompt and the model's own
-greedy response, see jobs/distill_data.py) runs once through the model without gradient; then many random
+greedy response, see jobs/train/data.py) runs once through the model without gradient; then many random
 cut points share one student pass (decoding/distill.py). Loss: forward KL(teacher || student) per prompt
 token, weighted by alpha^(i-1). AdamW with a cosine schedule. Deterministic for a seed: the sample order of
 each epoch and the cuts of each sample come from generators seeded by (seed, epoch, sample), so a resumed run
@@ -15,50 +15,25 @@ draws exactly what an uninterrupted one would. Checkpoints go to OUTPUT.checkpoi
 
 from __future__ import annotations
 
-import sys
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from decoding import PromptTokens  # noqa: E402
-from decoding.distill import (  # noqa: E402
-    distill_loss,
-    guess_ranks,
-    prefix_pass,
-    student_logits,
-    teacher_log_probs,
-    valid_cuts,
-)
-from jobs.distill_data import DEFAULT_DATA_DIR, Sample, all_prompts, generate_samples, select  # noqa: E402
-from workers.artifacts import save_prompt_tokens  # noqa: E402
-from workers.models import LoadedModel, ModelConfig, load_model, resolve_cache_dir  # noqa: E402
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Where gsm8k_train.jsonl and "
-                          "alpaca_seed_tasks.jsonl lie (the shared data directory).")
-    train_counts: dict[str, int] = Field(default_factory=lambda: {"chat": 1000, "math": 350, "code": 1000},
-                                         description="Training prompts per kind (at most what a source has).")
-    eval_counts: dict[str, int] = Field(default_factory=lambda: {"chat": 1000, "math": 40, "code": 1000},
-                                        description="Held-out prompts per kind for evaluation.")
-    max_new_tokens: int = Field(default=128, ge=8, description="Length of the base model's greedy responses.")
-    generate_batch_size: int = Field(default=16, ge=1, description="Batch size for generating responses.")
+from decoding import PromptTokens
+from decoding.distill import distill_loss, prefix_pass, student_logits, teacher_log_probs
+from jobs.train.accuracy import draw_cuts, evaluate, sample_generator, sequence
+from jobs.train.data import DataConfig, Sample, load_samples
+from workers.artifacts import save_prompt_tokens
+from workers.models import ModelConfig, load_model
 
 
 class TrainConfig(BaseModel):
@@ -93,60 +68,6 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoint.pt")
 
 
-def load_samples(cfg: TrainConfig, lm: LoadedModel, held_out: bool) -> list[Sample]:
-    src = all_prompts(Path(cfg.data.data_dir))
-    counts = cfg.data.eval_counts if held_out else cfg.data.train_counts
-    items = [it for kind, n in counts.items() for it in select(src[kind], n, held_out=held_out)]
-    return generate_samples(items, lm, max_new_tokens=cfg.data.max_new_tokens,
-                            batch_size=cfg.data.generate_batch_size, cache_dir=resolve_cache_dir(cfg.model.cache_dir),
-                            desc="held-out responses" if held_out else "training responses")
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
-
-
-def draw_cuts(sample: Sample, k: int, count: int, g: torch.Generator) -> torch.Tensor:
-    cuts = valid_cuts(len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.response_ids), k)
-    if len(cuts) > count:
-        cuts = cuts[torch.randperm(len(cuts), generator=g)[:count]].sort().values
-    return cuts
-
-
-def sequence(sample: Sample, device) -> torch.Tensor:
-    return torch.tensor(sample.prompt_ids + sample.response_ids, dtype=torch.long, device=device)
-
-
-@torch.no_grad()
-def evaluate(lm: LoadedModel, pt: PromptTokens, samples: list[Sample], cuts_per_sample: int,
-             max_rank: int = 10) -> dict:
-    """Per kind: top-1/5/10 accuracy per distance and the acceptance table a[i][r] (rank r exactly)."""
-    by_kind: dict[str, torch.Tensor] = {}
-    for s in samples:
-        # Seeded by the sample's id, not its place in the list: any caller draws the same held-out cuts.
-        id_seed = int(hashlib.sha256(s.id.encode()).hexdigest()[:15], 16)
-        cuts = draw_cuts(s, pt.k, cuts_per_sample, sample_generator(12345, 0, id_seed)).to(lm.device)
-        if len(cuts) == 0:
-            continue
-        seq = sequence(s, lm.device)
-        cache, _ = prefix_pass(lm.model, seq)
-        ranks = guess_ranks(student_logits(lm.model, pt, cache, len(seq), cuts), seq, cuts, max_rank)  # [M, k]
-        counts = torch.stack([torch.bincount(ranks[:, i].cpu(), minlength=max_rank + 1) for i in range(pt.k)])
-        for kind in (s.kind, "all"):
-            by_kind[kind] = by_kind.get(kind, 0) + counts  # [k, max_rank+1]
-    report = {}
-    for kind, counts in by_kind.items():
-        total = counts.sum(1, keepdim=True).clamp(min=1)
-        table = (counts[:, :max_rank] / total).tolist()  # [k, max_rank]: P(rank == r)
-        cumulative = (counts[:, :max_rank].cumsum(1) / total)
-        report[kind] = {
-            "cuts": int(counts[0].sum()),
-            "acceptance": table,
-            "top1": cumulative[:, 0].tolist(), "top5": cumulative[:, 4].tolist(), "top10": cumulative[:, 9].tolist(),
-        }
-    return report
-
-
 def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -154,8 +75,8 @@ def train(cfg: TrainConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     lm = load_model(cfg.model)
     model, device = lm.model, lm.device
-    train_samples = load_samples(cfg, lm, held_out=False)
-    eval_samples = load_samples(cfg, lm, held_out=True)
+    train_samples = load_samples(cfg.data, lm, held_out=False, cache_dir=cfg.model.cache_dir)
+    eval_samples = load_samples(cfg.data, lm, held_out=True, cache_dir=cfg.model.cache_dir)
 
     pt = PromptTokens.from_token_embeddings(model, k=cfg.k, n=cfg.ensemble, base_model_id=lm.model_id,
                                             base_model_hash=lm.content_hash,
@@ -239,7 +160,7 @@ def _count_by_kind(samples: list[Sample]) -> dict[str, int]:
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, bool]:
-    p = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs/train/prompt_tokens.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE", help="YAML with TrainConfig values; flags override it")
     p.add_argument("--ray", action="store_true", help="run as one task on a Ray worker (a GPU when one is free)")
     p.add_argument("--model", help="'default', an HF model directory or a GGUF file")

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Train an early-pruning head (decoding/pruning.py) and write a prune-head artifact.
 
-    python jobs/train_prune_head.py                          # default model, layer 12 -> outputs/prune_heads/default
-    python jobs/train_prune_head.py --device cuda --max-new-tokens 256 --keep-top-k 16     # the shipped head
+    python -m jobs.train.prune_head                          # default model, layer 12 -> outputs/prune_heads/default
+    python -m jobs.train.prune_head --device cuda --max-new-tokens 256 --keep-top-k 16     # the shipped head
 
 The head reads the hidden state after ``layer`` decoder layers and learns the model's own greedy next token
 there (cross-entropy against the final layer's argmax: pruning keeps a child only when its token is among its
 parent's head top-K, so the final argmax is what must rank high). The base model is frozen; only the head's
 low-rank adapter trains. Data: the same prompts and cached greedy responses as prompt-token training
-(jobs/distill_data.py), every response position. The held-out split reports recall@K, the chance that the
+(jobs/train/data.py), every response position. The held-out split reports recall@K, the chance that the
 model's argmax is in the head's top K, for the trained head and for the plain logit lens (the untrained head).
 The artifact's keep_top_k is ``keep_top_k`` when given, else the smallest K whose held-out recall reaches
 ``target_recall`` (64 at most).
@@ -16,28 +16,20 @@ The artifact's keep_top_k is ``keep_top_k`` when given, else the smallest K whos
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import copy
+import math
+import time
+from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from typing import Literal  # noqa: E402
-
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-
-from decoding.batch import additive_mask, new_cache, pad_prompts  # noqa: E402
-from decoding.pruning import PruneHead, run_layers  # noqa: E402
-from jobs.train import DataConfig, TrainConfig, load_samples  # noqa: E402
-from workers.models import LoadedModel, ModelConfig, load_model  # noqa: E402
-from workers.prune_heads import save_prune_head  # noqa: E402
+from decoding.batch import additive_mask, new_cache, pad_prompts
+from decoding.pruning import PruneHead, run_layers
+from jobs.train.data import DataConfig, load_samples
+from workers.models import LoadedModel, ModelConfig, load_model
+from workers.prune_heads import save_prune_head
 
 RECALL_KS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -56,7 +48,7 @@ class PruneHeadConfig(BaseModel):
     target_recall: float = Field(default=0.97, gt=0, le=1, description="keep_top_k: the smallest K whose "
                                  "held-out recall@K reaches this (without keep_top_k).")
     keep_top_k: int | None = Field(default=None, ge=1, description="The artifact's keep_top_k (default: from "
-                                   "target_recall). Pick it with jobs/bench_prune.py on the target device.")
+                                   "target_recall). Pick it with jobs/bench/prune.py on the target device.")
     feature_batch: int = Field(default=16, ge=1, description="Samples per frozen forward pass.")
     positions: Literal["response", "all"] = Field(default="all", description="Positions trained on: "
                                                   "the responses only, or the prompts too (more data).")
@@ -107,11 +99,12 @@ def train(cfg: PruneHeadConfig) -> dict:
     layers = len(lm.model.get_decoder().layers)
     if cfg.layer >= layers:
         raise SystemExit(f"--layer {cfg.layer}: the model has {layers} layers; the head must read an earlier one")
-    data_cfg = TrainConfig(model=cfg.model, data=cfg.data)
     started = time.perf_counter()
-    train_h, train_y = features(lm, load_samples(data_cfg, lm, held_out=False), cfg.layer, cfg.feature_batch,
+    train_samples = load_samples(cfg.data, lm, held_out=False, cache_dir=cfg.model.cache_dir)
+    eval_samples = load_samples(cfg.data, lm, held_out=True, cache_dir=cfg.model.cache_dir)
+    train_h, train_y = features(lm, train_samples, cfg.layer, cfg.feature_batch,
                                 prompts_too=cfg.positions == "all")
-    eval_h, eval_y = features(lm, load_samples(data_cfg, lm, held_out=True), cfg.layer, cfg.feature_batch)
+    eval_h, eval_y = features(lm, eval_samples, cfg.layer, cfg.feature_batch)
     feature_seconds = time.perf_counter() - started
     print(f"{len(train_y)} training and {len(eval_y)} held-out positions, layer {cfg.layer}/{layers} "
           f"({feature_seconds:.0f} s)", flush=True)
@@ -165,7 +158,7 @@ def train(cfg: PruneHeadConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/train_prune_head.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs/train/prune_head.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="'default', an HF model directory or a GGUF file")
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Time the decode step of a small random Llama, for ``jobs/bench_overhead.py``'s overhead-bound proxy.
+"""Time the decode step of a small random Llama, for ``jobs/bench/overhead.py``'s overhead-bound proxy.
 
 Runs against whichever ``decoding`` package comes first on the path: bench_overhead runs it once with this
 tree's and once with the engine of an older revision (extracted with ``git archive``), in separate processes
 that take turns. It uses only the API both share, plus ``fixed_shapes``/``step_mode`` for the new engine.
 
-    PYTHONPATH=. python jobs/time_step.py --method ppd --mode compile
+    PYTHONPATH=. python -m jobs.bench.time_step --method ppd --mode compile
 
 It warms up (two timed runs: compiling, for a compiled step), prints a JSON line, then answers each command
 with one: ``time``, milliseconds per step of one run of ``--steps`` steps; ``count``, what the host launches
@@ -98,7 +98,7 @@ def from_saved(args):
     return decoder, [prompts[i % len(prompts)] for i in range(args.batch)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["vanilla", "ppd"], default="vanilla")
     p.add_argument("--mode", choices=["old", "eager", "fixed", "compile"], default="eager",
@@ -115,7 +115,7 @@ def main() -> None:
                    help="with --model-dir: a torch file of prompt-token embeddings, their meta and the prompts")
     p.add_argument("--serve", action="store_true",
                    help="after the warm-up, answer commands on stdin: 'time' (one timed run), 'count', 'quit'")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.mode == "compile":
         import torch._inductor.config as inductor_config
 

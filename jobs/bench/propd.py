@@ -2,8 +2,8 @@
 """ProPD benchmark: plain decoding, PPD with a static tree, and PPD with ProPD dynamic sizing, side by side
 at each batch size, in one run on one machine.
 
-    python jobs/bench_propd.py                                  # CPU: batch 1 2 4 8 16 32
-    python jobs/bench_propd.py --device cuda --max-new-tokens 128
+    python -m jobs.bench.propd                                  # CPU: batch 1 2 4 8 16 32
+    python -m jobs.bench.propd --device cuda --max-new-tokens 128
 
 Every batch size decodes the same held-out prompts (mixed chat / math / code, the split the prompt tokens
 never trained on; at least ``--min-prompts`` of them, in consecutive batches) with each method. The static tree is the one a worker of that batch size would choose at
@@ -19,123 +19,18 @@ method runs: ProPD with early pruning.
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding import PPDDecoder, VanillaDecoder  # noqa: E402
-from decoding.online_stats import LatencyModel  # noqa: E402
-from decoding.propd import ProPDDecoder  # noqa: E402
-from decoding.pruning import PruneHead  # noqa: E402
-from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from profiling.device import identify  # noqa: E402
-from profiling.latency import DEFAULT_SLOTS  # noqa: E402
-from profiling.tree_builder import choose_budget, tree_family  # noqa: E402
-from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, load_model, resolve_cache_dir  # noqa: E402
-from workers.profiles import load_or_measure_profile  # noqa: E402
-from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa: E402
-
-
-def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.device, batch: int,
-              rotation: int = 0, sampling: list | None = None) -> dict[str, dict]:
-    """One round: ``prompts`` in consecutive batches of ``batch``, every method decoding each batch in turn
-    (the order rotated per batch), so that the machine's drift, which on a shared 2-core VM moves a method's
-    speed by 10-20% within a minute, falls on all methods alike. Each method's time is the sum of its calls.
-    ``sampling``: per-prompt SamplingParams (None: greedy)."""
-    methods = list(decoders)
-    seconds = {m: 0.0 for m in methods}
-    results: dict[str, list] = {m: [] for m in methods}
-    slots_run: dict[str, Counter] = {m: Counter() for m in methods}  # ProPD: steps per slot count chosen
-    for dec in decoders.values():
-        if isinstance(dec, PPDDecoder):
-            dec.passes, dec.tokens_processed = 0, 0.0
-    for c, start in enumerate(range(0, len(prompts), batch)):
-        shift = (rotation + c) % len(methods)
-        for m in methods[shift:] + methods[:shift]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            results[m] += decoders[m].generate(prompts[start: start + batch], max_new_tokens,
-                                               sampling=None if sampling is None else sampling[start: start + batch])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[m] += time.perf_counter() - t0
-            if isinstance(decoders[m], ProPDDecoder):
-                slots_run[m].update(slots for _, slots in decoders[m].choices)
-    out = {}
-    for m, dec in decoders.items():
-        rs = results[m]
-        tokens, steps = sum(r.num_tokens for r in rs), sum(r.num_steps for r in rs)
-        if isinstance(dec, PPDDecoder):  # pruned passes count their later layers' fewer tokens
-            per_pass = dec.tokens_processed / dec.passes
-        else:  # plain decoding: one token per active row per pass
-            per_pass = steps / sum(max(r.num_steps for r in rs[start: start + batch])
-                                   for start in range(0, len(rs), batch))
-        out[m] = {"seconds": seconds[m], "tokens": tokens, "tau": tokens / steps, "per_pass": per_pass,
-                  "outputs": [r.token_ids for r in rs]}
-        if slots_run[m]:
-            out[m]["slots_run"] = dict(sorted(slots_run[m].items()))
-    return out
-
-
-def load_model_and_prompts(device: str, dtype: str, prompts: str | None):
-    """The default model and its prompt tokens (``prompts``: an artifact directory; None: the shipped one)."""
-    lm = load_model(ModelConfig(device=device, dtype=dtype))
-    artifact = prompts or find_shipped_artifact(lm.content_hash)
-    if artifact is None:
-        raise SystemExit("no trained prompt-token artifact for this model (give --prompts)")
-    return lm, load_prompt_tokens(artifact, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
-
-
-def device_profile(lm, pt, batch_sizes, budget_s: float | None):
-    """(this device's latency profile, cached or measured now, as a worker gets it; the device's name)."""
-    profile, cached = load_or_measure_profile(lm.model, pt, model_hash=lm.content_hash,
-                                              cache_dir=resolve_cache_dir(None), batch_sizes=batch_sizes,
-                                              budget_s=budget_s)
-    name = identify(lm.device, lm.dtype).readable
-    print(f"{name}; profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}", flush=True)
-    return profile, name
-
-
-def make_decoders(lm, pt, profile, batch: int, static_slots: int | None = None,
-                  prune_head: PruneHead | None = None) -> tuple[dict, int]:
-    """The methods at one batch size, with the static tree's slot count: plain decoding; PPD with the static
-    tree a worker of this batch size plans from its profile; ProPD starting from that tree, as a worker's does;
-    and, given a prune head, ProPD with early pruning. ``static_slots``: the static tree of that budget instead
-    of the planned one (to see what a tree of a given size yields where the profile says no tree pays)."""
-    table = pt.meta.extra["acceptance"]
-    budgets = [static_slots] if static_slots else profile.measured_slots(batch)
-    choice = choose_budget(table, pt.k, lambda s: profile.step_seconds(batch, s), budgets, n=pt.n)
-    start = None if static_slots else choice.chosen.tree_set  # a forced budget may be outside the family
-    family = tree_family(pt.k, DEFAULT_SLOTS, n=pt.n)
-    prior = [(q.batch, q.slots, float(profile.context_len), q.seconds) for q in profile.points]
-
-    def propd(head: PruneHead | None = None) -> ProPDDecoder:
-        return ProPDDecoder(lm.model, pt, family, table, LatencyModel(prior), eos_token_ids=lm.eos_token_ids,
-                            prune_head=head, start=start)
-
-    decoders = {
-        "plain": VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids),
-        "static": PPDDecoder(lm.model, pt, choice.chosen.tree_set, eos_token_ids=lm.eos_token_ids),
-        "propd": propd(),
-    }
-    if prune_head is not None:
-        decoders["pruned"] = propd(prune_head)
-    return decoders, choice.chosen.slots
+from jobs.bench.common import device_profile, load_model_and_prompts, make_decoders, run_round
+from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
+from workers.prune_heads import find_shipped_prune_head, load_prune_head
 
 
 def paired_ratios(row: dict) -> dict:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Continuous against static batching, side by side in one run, on the default model as a worker runs it.
 
-    python jobs/bench_continuous.py                               # CPU: batch 4 8 16, every input
-    python jobs/bench_continuous.py --device cuda --batch-sizes 4 8 16 32
+    python -m jobs.bench.continuous                               # CPU: batch 4 8 16, every input
+    python -m jobs.bench.continuous --device cuda --batch-sizes 4 8 16 32
 
 Inputs (held-out prompts, mixed chat / math / code):
 - ``cycling``: per-row max_new_tokens cycling through 8, 16, 32 and 128 (EOS still ends a row);
@@ -21,27 +21,21 @@ prompt) or folded into it (one forward whose rows all carry the prompt's length,
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding.batch import crop_cache, new_cache  # noqa: E402
-from decoding.slots import Request, SlotBatch  # noqa: E402
-from jobs.bench_propd import load_model_and_prompts  # noqa: E402
-from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from profiling.device import identify  # noqa: E402
-from workers.engine import DecodeEngine, DecodingConfig  # noqa: E402
+from decoding.batch import crop_cache, new_cache
+from decoding.slots import Request, SlotBatch
+from jobs.bench.common import load_model_and_prompts
+from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
+from profiling.device import identify
+from workers.engine import DecodeEngine, DecodingConfig
 
 CYCLE = (8, 16, 32, 128)
 

@@ -2,10 +2,10 @@
 """Sampling benchmark: plain sampling, PPD sampling with a static tree, and PPD sampling with ProPD dynamic
 sizing, side by side at each temperature and batch size, in one run on one machine.
 
-    python jobs/bench_sampling.py                                  # CPU: T 0.7 and 1.0, batch 1 and 8
-    python jobs/bench_sampling.py --device cuda --max-new-tokens 128 --top-p 0.9
+    python -m jobs.bench.sampling                                  # CPU: T 0.7 and 1.0, batch 1 and 8
+    python -m jobs.bench.sampling --device cuda --max-new-tokens 128 --top-p 0.9
 
-Set up as jobs/bench_propd.py (whose helpers it uses): the same held-out prompts (mixed chat / math / code,
+Set up as jobs/bench/propd.py (whose helpers it uses): the same held-out prompts (mixed chat / math / code,
 at least ``--min-prompts`` of them, in consecutive batches), the same static tree (the one a worker of that
 batch size would choose at start-up from its profile and the artifact's acceptance table), the same ProPD
 decoder (starting from that profile and table, learning across rounds), EOS left on as there. Every row of
@@ -28,27 +28,21 @@ stays 0 (as bench_propd treats near-ties).
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import statistics
 import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding import SamplingParams, completion_seed  # noqa: E402
-from decoding.sampling import kept_threshold, uniform_stream  # noqa: E402
-from jobs.bench_propd import device_profile, load_model_and_prompts, make_decoders, run_round  # noqa: E402
-from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
+from decoding import SamplingParams, completion_seed
+from decoding.sampling import kept_threshold, uniform_stream
+from jobs.bench.common import device_profile, load_model_and_prompts, make_decoders, run_round
+from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
 
 METHODS = ("plain", "static", "propd")
 

@@ -2,8 +2,8 @@
 """Early-pruning sweep: one static tree, decoded without pruning and with each prune head at each keep_top_k,
 side by side in one run.
 
-    python jobs/bench_prune.py --heads outputs/prune_heads/L16 --keep-top-k 4 8 16 32
-    python jobs/bench_prune.py --device cuda --tree-slots 128 --batch-sizes 8 32
+    python -m jobs.bench.prune --heads outputs/prune_heads/L16 --keep-top-k 4 8 16 32
+    python -m jobs.bench.prune --device cuda --tree-slots 128 --batch-sizes 8 32
 
 For each batch size it decodes the same held-out prompts (the split the prompt tokens never trained on) with
 the tree a worker would build for ``--tree-slots`` slots. Reported per configuration: tokens/s (median of
@@ -14,26 +14,20 @@ the unpruned output (all of them in float32; half precision can flip near-ties).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-
-from decoding import PPDDecoder  # noqa: E402
-from jobs.bench_propd import run  # noqa: E402
-from jobs.bench_tree import mixed_held_out_prompts  # noqa: E402
-from jobs.distill_data import DEFAULT_DATA_DIR  # noqa: E402
-from profiling.device import identify  # noqa: E402
-from profiling.tree_builder import build_tree_set  # noqa: E402
-from workers.artifacts import find_shipped_artifact, load_prompt_tokens  # noqa: E402
-from workers.models import ModelConfig, load_model  # noqa: E402
-from workers.prune_heads import find_shipped_prune_head, load_prune_head  # noqa: E402
+from decoding import PPDDecoder
+from jobs.bench.common import run_round
+from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
+from profiling.device import identify
+from profiling.tree_builder import build_tree_set
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens
+from workers.models import ModelConfig, load_model
+from workers.prune_heads import find_shipped_prune_head, load_prune_head
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}; tree of {args.tree_slots} slots; {args.max_new_tokens} new tokens; median of {args.rounds} rounds")
     for batch in args.batch_sizes:
         prompts = mixed[:batch]
-        for dec in decoders.values():
-            run(dec, prompts, args.max_new_tokens, lm.device)
+        run_round(decoders, prompts, args.max_new_tokens, lm.device, batch)  # warm-up
         runs: dict[str, list[dict]] = {m: [] for m in decoders}
-        for _ in range(args.rounds):
-            for m, dec in decoders.items():
-                runs[m].append(run(dec, prompts, args.max_new_tokens, lm.device))
+        for r in range(args.rounds):
+            for m, out in run_round(decoders, prompts, args.max_new_tokens, lm.device, batch, rotation=r).items():
+                runs[m].append(out)
         reference = runs["unpruned"][0]["outputs"]
         base = None
         print(f"\nbatch {batch}\n| config | tok/s | x unpruned | tau | tokens/pass | rows = unpruned |\n|---|---|---|---|---|---|")
