@@ -142,44 +142,35 @@ class YieldTracker:
 class LatencyModel:
     """Predicted seconds of a step over ``batch`` rows of ``slots`` input tokens each, ``context`` KV deep.
 
-    The prior (the worker's start-up profile) gives the shape of the cost curve; the steps actually run
-    correct it. A (batch, slots) pair that has run is predicted by its moving average. A pair only in the
-    prior is predicted by the prior times the measured/prior ratio of the nearest pair that has run (same
-    batch, nearest slot count; else the running ratio over all pairs): the profile ran under other
-    conditions (one context length, no per-step bookkeeping), so its scale is off, and by different
-    amounts for a 1-token step and a tree (here 1.2x against 1.35x). A pair whose slot count is known at a
-    smaller and at a larger batch size (the profile covers a few batch sizes; rows leave the batch as they
-    finish) is interpolated linearly in batch between the nearest two: the cost of a slot count is close
-    to linear in batch between profiled points, whereas a fit linear in tokens overall misprices wide trees
-    on a launch-bound GPU, where 200 slots cost little more than 1. Below the smallest batch size where a
-    slot count is known, its price there is scaled by batch. Any other pair comes from a fit over every
-    measurement, newest weighted most: seconds ~ a + b * tokens + c * tokens * context + d * batch
-    (tokens = batch x slots; the batch term carries per-row costs that tokens alone miss). Interpolated and
-    fitted pairs are never below the slowest known pair that did no more work (no more rows and no more slots).
+    ``prior``: the worker's start-up profile, (batch, slots, context, seconds) points; ``observe`` adds the steps
+    run. ``predict`` prices a (batch, slots) pair by the first of these that applies:
+    1. it has run: its moving average, times the machine's drift since that average was set;
+    2. it is profiled: its profiled seconds times the measured/profiled ratio of the nearest profiled slot count
+       run at this batch size, else the running ratio over every profiled pair run (``scale``). The profile's
+       scale is off (one context length, no per-step bookkeeping), and by different amounts for a 1-slot step
+       and a tree (measured: 1.2x against 1.35x);
+    3. its slot count is known at a larger batch size: linear in batch between the nearest known batch sizes,
+       or below the smallest, that price scaled by batch. A fit linear in tokens misprices wide trees on a
+       launch-bound GPU, where 200 slots cost little more than 1;
+    4. otherwise a least-squares fit over the latest ``window`` points, weighted ``decay`` ** age:
+       seconds ~ a + b * tokens + c * tokens * context + d * batch (tokens = batch x slots; the batch term
+       carries per-row costs).
+    Cases 3 and 4 are never below the slowest known pair with no more rows and no more slots.
 
-    Robustness. Only the pair being run is measured; every other keeps the estimate it had when it was left,
-    and a pair is left when its estimate happens to be high. So the noise of an estimate turns into a bias
-    against the pairs not in use, and the choice sticks to whatever runs (timings of single steps vary by
-    tens of percent). Hence:
-    - an observation is clipped to [estimate / clip, estimate * clip] before it is used, the estimate being
-      the pair's average, or before its first run its prediction with the band squared (a prediction is
-      less sure than a measurement). A stalled step (a garbage collection, a GPU kernel chosen for a new
-      shape) moves the average by at most ema * (clip - 1) and cannot make a pair look so dear that it is
-      never run again; a lasting change still gets through, by up to 1 + ema * (clip - 1) a step;
-    - the average is the plain mean of a pair's first 1/ema steps, then a moving average with weight ema
-      (a long memory, ~10 steps: context grows slowly, noise is what must be averaged out); a pair's first
-      steps do not set it for good, however few were run before it was left;
-    - the machine's speed is shared: every step of a pair past its first 1/ema moves a common drift factor
-      by as much as it moved the pair's average, and a pair not in use is predicted as its average times the
-      drift since it last ran. Without it, a machine that slows down (another tenant, a longer context) makes
-      the pair in use look dearer while the others keep the prices of better times, and the choice leaves a
-      good option for a stale one (seen on a 2-core VM: plain decoding at batch 1 went 45 -> 57 ms in a busy
-      spell, the unused trees stayed at their old prices, and ProPD moved to trees that lost by 10%). Only a
-      pair in steady use moves it (the same pair as the step before, past its first 1/ema steps);
-    - the drift keeps the machine's speed, not a pair's own errors: two pairs measured at different times
-      keep whatever relative error they had. So ProPD re-runs a near option now and then (``has_run`` with
-      ``within``), and a pair's first step after a gap weighs ``returning_weight`` in its average (and moves
-      no drift: it tells about the pair, not the machine).
+    Only the pair run is measured, and a pair tends to be left when its estimate is high, so the noise of
+    estimates (single steps vary by tens of percent) becomes a bias against the pairs not in use. Hence:
+    - a step is clipped to [ref / clip, ref * clip] before use, ref the pair's average, or before its first run
+      its price from case 2 or 3 with the band squared; never the fit alone, which below every profiled batch
+      size can price a wide tree near zero and the clip would hold it there (measured: 192-slot trees priced
+      at ~0 s, real steps 1.5 s). In steady use a stalled step moves an average by at most ema * (clip - 1);
+    - a pair's average is the plain mean of its first 1/ema steps, then a moving average of weight ``ema``;
+    - the shared ``drift`` moves with a pair's average while that pair runs steadily (the same pair as the step
+      before, past its first 1/ema steps), so pairs not in use follow the machine's speed (measured on a 2-core
+      VM: plain decoding at batch 1 went 45 -> 57 ms in a busy spell; with the trees' prices left as they were,
+      ProPD chose trees that lost by 10%);
+    - a pair's first step after another pair's weighs at least ``returning_weight`` and moves no drift: it
+      tells about the pair, not the machine. The drift cannot fix the relative error of two pairs measured at
+      different times; ProPD re-runs near options for that (``has_run`` with ``within``).
     """
 
     def __init__(self, prior: Sequence[tuple[int, int, float, float]] = (), *, ema: float = 0.1,
@@ -191,7 +182,7 @@ class LatencyModel:
         self.average: dict[tuple[int, int], float] = {}  # (batch, slots) -> moving average of steps run
         self.runs: dict[tuple[int, int], int] = {}  # (batch, slots) -> steps run
         self.scale = 1.0  # measured / prior seconds, over the pairs that have both
-        self.drift = 1.0  # the machine's speed factor now (1 at the start; see Robustness)
+        self.drift = 1.0  # the machine's speed factor now (1 at the start; see the class docstring)
         self.drift_at: dict[tuple[int, int], float] = {}  # (batch, slots) -> the drift when its average was set
         self.observed = 0  # steps observed so far
         self.last_run: dict[tuple[int, int], int] = {}  # (batch, slots) -> self.observed at its latest step
@@ -212,10 +203,9 @@ class LatencyModel:
             return
         key = (batch, slots)
         old = self._average(key) if key in self.average else None  # rebased to the machine's speed now
-        # Clipped against the pair's average, or before its first run against a prediction grounded in
-        # measurements of its slot count (its own profile point, or others' batch sizes). Never against the fit
-        # alone: extrapolated to a batch size below every profiled one, the fit priced 192-slot trees at zero,
-        # the clip held their real 1.5 s steps at nanoseconds, and ProPD ran them for good (ProPD at 0.31x).
+        # Clipped against the pair's average, or before its first run against a price grounded in measurements
+        # of its slot count (its own profile point, or other batch sizes); never against the fit alone, which
+        # below every profiled batch size can price a wide tree near zero (see the class docstring).
         reference, band = (old, self.clip) if old is not None else (self._grounded(batch, slots), self.clip ** 2)
         if reference is not None:
             seconds = min(max(seconds, reference / band), reference * band)
@@ -272,8 +262,10 @@ class LatencyModel:
             return self._average(key)
         if key in self.prior:
             batch, slots = key
-            near = self.run_profiled.get(batch)  # kept by observe(): a scan of every pair here made a
-            if near:  # ProPD step at an unprofiled batch size cost 30 ms on a CPU, a third of the step
+            # Kept by observe(), not found by a scan of every pair here (measured: the scan cost 30 ms on a CPU,
+            # a third of a ProPD step at an unprofiled batch size).
+            near = self.run_profiled.get(batch)
+            if near:
                 nearest = (batch, min(near, key=lambda s: abs(math.log(s / slots))))
                 return self.prior[key] * self._average(nearest) / self.prior[nearest]
             return self.prior[key] * self.scale

@@ -203,8 +203,8 @@ class PPDDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V], as one 2D matmul. A strided 3D input (the tree's leading slots,
-        hidden[:, :C]) is not folded to 2D by the linear layer: on a CPU it then took 5-8x as long (batch 16,
-        3 of 5 slots: 169 ms against 22 ms), 14% of a batch-16 run of an 8-slot tree."""
+        hidden[:, :C]) is not folded to 2D by the linear layer, and on a CPU costs 5-8x as much (measured: batch
+        16, 3 of 5 slots, 169 ms against 22 ms; 14% of a batch-16 run of an 8-slot tree)."""
         V = self.lm_head.weight.shape[0]
         return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], V)
 

@@ -62,8 +62,8 @@ class PromptTokens(nn.Module):
     def from_token_embeddings(cls, model: nn.Module, k: int = 3, n: int = 1, *, base_model_id: str,
                               base_model_hash: str, generator: torch.Generator | None = None,
                               noise_std: float = 0.01) -> PromptTokens:
-        """Untrained start: every prompt token is the mean input embedding; ensemble copies get small noise
-        (from ``generator``) so they differ. Training (a later step) moves them from here."""
+        """Untrained start: every prompt token is the mean input embedding; ensemble copies past the first get
+        small noise (from ``generator``) so they differ. Training moves them from here."""
         table = model.get_input_embeddings().weight.detach().float()  # [V, H]
         mean = table.mean(0)  # [H]
         emb = mean.expand(k, n, -1).clone()  # [k, n, H]

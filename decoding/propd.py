@@ -8,11 +8,12 @@ prior worth a few row-steps. The current set is kept unless another is predicted
 single-step latencies are noisy, and every switch into a tree from plain decoding costs a step that can
 emit only one token per row (the rows have no guesses yet).
 
-The family is rebuilt every ``rebuild_every`` steps from the online acceptance table (decoding/online_stats.py),
-by a builder the caller passes in (the workers use profiling.tree_builder), so this module stays free of
-how trees are searched. Tree buffers are cached per tree set, so switching trees between steps costs
-nothing but the choice. Every tree set has a tree for each depth state, so any set can follow any other.
-Verification is unchanged: the output is plain greedy decoding's, whichever trees were used.
+The family is rebuilt from the online acceptance table (decoding/online_stats.py) once that table has moved,
+at most every ``rebuild_every`` steps, by a builder the caller passes in (the workers use
+profiling.tree_builder), so this module stays free of how trees are searched. Tree buffers are cached per
+tree set, so switching trees between steps costs nothing but the choice. Every tree set has a tree for each
+depth state, so any set can follow any other. Verification is unchanged: the output is plain decoding's
+(greedy, or sampled with the row's seed), whichever trees were used.
 """
 
 from __future__ import annotations
@@ -124,20 +125,23 @@ class ProPDDecoder(PPDDecoder):
                 for i, slots in enumerate(self.widest)]
 
     def choose(self, batch: int, context: float) -> int:
-        """The family index with the most expected tokens per predicted second at this batch size and context,
-        unless the set now in use is within ``switch_margin`` of it: then that set. Without the margin, noise
-        in single-step timings flips the choice between near-equal options, and each flip from plain decoding
-        into a tree wastes a step (rows coming from plain decoding have no guesses: one token each).
+        """The family index with the most expected tokens per predicted second at this batch size and context
+        (a tree only if it beats plain decoding by ``tree_margin``), unless the set now in use is within
+        ``switch_margin`` of it: then that set. Without the margin, noise in single-step timings flips the
+        choice between near-equal options, and each flip from plain decoding into a tree wastes a step (rows
+        coming from plain decoding have no guesses: one token each).
 
-        Then exploration: an option that has never run at this batch size, whose predicted rate is within
-        ``explore_margin`` of the choice, runs once instead. Its price is only the profile's figure corrected
-        by the pairs that did run, and the profile's shape can be off (here a profile taken on a busy machine
-        put a 1-slot step 40% above its real cost, next to trees measured about right); once measured, the
-        choice rests on real timings. The step after an exploration chooses on the merits alone: the margin
-        protects a settled choice, not one that ran once to be measured. When every near option has run, the
-        runner-up is run again if it has not run among the latest ``reprobe_every`` steps: two prices measured
-        at different times carry the machine's mood of each time (seen on a 2-core VM: ProPD at batch 1 settled
-        on an 8-slot tree that lost 9% to plain decoding, whose price dated from a busy spell)."""
+        Then exploration: instead of the choice, the best-rated of these runs once, to be measured:
+        - options never run at this batch size whose predicted rate is within ``explore_margin`` of the
+          choice: their price is an estimate, and a profile's shape can be off (measured: a profile taken on a
+          busy machine put a 1-slot step 40% above its real cost, next to trees priced about right);
+        - plain decoding, however far behind, on the schedule in the comment below;
+        - when there are none, the best near option if it has not run among the latest ``reprobe_every``
+          steps: prices measured at different times carry the machine's load of each time (measured on a
+          2-core VM: with plain decoding's price from a busy spell, ProPD at batch 1 kept an 8-slot tree that
+          lost 9% to it).
+        The step after an exploration chooses on the rates alone: the margin protects a settled choice, not
+        one that ran once to be measured."""
         rates = self.rates(batch, context)
         narrowest = min(range(len(rates)), key=lambda i: self.widest[i])
         # A tree must beat plain decoding by tree_margin to be chosen at all (see the class docstring).
@@ -157,9 +161,9 @@ class ProPDDecoder(PPDDecoder):
         untried = [i for i in near if not self.latency.has_run(batch, self.widest[i])]
         # The narrowest set (plain decoding) is measured at every batch size however far behind it looks, and
         # measured again after reprobe_every steps, then twice as many, ... up to reprobe_narrowest_every: its
-        # step is the cheapest there is, and its price is the reference every tree must beat. Priced by a
-        # profile taken in a busy moment (1 slot 1.4x too dear), it was never run, and ProPD kept a tree that
-        # lost 10% to it; measured once in a stall, it was not run again for good. The doubling keeps the
+        # step is the cheapest there is, and its price is the reference every tree must beat, so a price set
+        # too high (by a profile from a busy moment, or by one step in a stall) must not stand (measured: with
+        # 1 slot priced 1.4x too dear, a tree that lost 10% to plain decoding was kept). The doubling keeps the
         # probes of a plain decoding that really is far behind (a GPU's) to a handful.
         probes = self.narrowest_probes.get(batch, 0)
         probing = self.explored and self.current == self.keys[narrowest]  # a probe's unmeasured first step ran
@@ -181,8 +185,9 @@ class ProPDDecoder(PPDDecoder):
         return run
 
     def _maybe_rebuild(self, decode_seconds: float) -> None:
-        """Rebuild the family when the acceptance table has moved, at most once per ``rebuild_every`` steps
-        and never more than 1% of the decoding time (a build costs ~0.5 s on a CPU)."""
+        """Rebuild the family when an entry of the acceptance table has moved by more than ``rebuild_drift``,
+        at most once per ``rebuild_every`` steps and never more than 1% of the decoding time (a build costs
+        ~0.5 s on a CPU)."""
         self.steps_since_rebuild += 1
         self.seconds_since_rebuild += decode_seconds
         if (self.steps_since_rebuild < self.rebuild_every
@@ -256,9 +261,9 @@ class ProPDDecoder(PPDDecoder):
 
         Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
         long-run average over the states a set passes through, so the price must be the long-run average step
-        of that set too. Hence not filed: the first step of a set after a switch, whose rows are in the states
-        the previous set left (after plain decoding, state 0: root and prompt tokens only, far cheaper than the
-        set's steady steps; filed, it made a tree tried from plain decoding look cheap)."""
+        of that set too. Hence not filed: a SlotBatch's first step, and a set's first step after a switch, whose
+        rows are in the states the previous set left (after plain decoding, state 0: root and prompt tokens only, far
+        cheaper than the set's steady steps, so filing it would make a tree tried from there look cheap)."""
         self.step_seconds = time.perf_counter() - self.step_started
         if self.last_step_key == self.current:
             self.latency.observe(self.step_rows, self.widest[self.chosen], self.context, self.step_seconds)

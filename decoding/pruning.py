@@ -1,13 +1,13 @@
 """ProPD early pruning: after an early layer, drop the tree nodes that are unlikely to be accepted, with their
 subtrees and prompt tokens, before the remaining layers run.
 
-A light head reads each internal node's hidden state after layer L and predicts the model's next token
-there. A child survives only when its token is among its parent's ``keep_top_k`` head predictions (and its
+A light head reads each internal node's hidden state after the first L layers and predicts the model's next
+token there. A child survives only when its token is among its parent's ``keep_top_k`` head predictions (and its
 parent survives); the root always survives. Every surviving slot attends only to surviving slots (a node's
 ancestors survive with it, a prompt token's node and chain survive with it), so its final hidden state is
 the one the unpruned pass computes, and verification accepts the same path among the survivors. Pruning
-only removes guesses and never accepts one: the output stays plain greedy decoding's. Only tau can fall,
-when the head misses the model's own argmax at a node whose child would have been accepted.
+only removes guesses and never accepts one: the output stays plain decoding's (greedy or sampled). Only tau
+can fall, when the head's top ``keep_top_k`` at a node misses the child that verification would take.
 
 The early layers run over every slot; the later layers over the survivors only, compacted per row and padded
 to the widest row. The KV cache is then ragged across layers for the rest of the step: the early layers hold
@@ -26,8 +26,8 @@ from decoding.tree import on_whole_root_path
 
 
 class PruneHead(nn.Module):
-    """A low-rank residual adapter on the hidden state after decoder layer ``layer`` (0-based: the input of
-    layer ``layer``), read out through the model's own final norm and lm_head, which it does not own:
+    """A low-rank residual adapter on the hidden state after the first ``layer`` decoder layers (the input of
+    layer ``layer``, 0-based), read out through the model's own final norm and lm_head, which it does not own:
     logits = lm_head(norm(h + up(down(h)))). ``up`` starts at zero, so an untrained head is the logit lens.
     Only ``down`` and ``up`` train (rank x hidden each): the base model stays frozen."""
 
@@ -43,7 +43,7 @@ class PruneHead(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module) -> torch.Tensor:
-        """hidden [..., H] after layer ``layer`` -> logits [..., V]."""
+        """hidden [..., H] after the first ``layer`` layers -> logits [..., V]."""
         return lm_head(norm(hidden + self.up(self.down(hidden))))
 
 

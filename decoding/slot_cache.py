@@ -10,9 +10,9 @@ A forward writes in one of two ways, set on the cache before it runs:
 - ``for_step(kv_len, view)``: the batch is slots 0..A-1 and each row's n new tokens go to columns
   ``kv_len[b] .. kv_len[b] + n - 1``; attention sees columns [0, view). n is taken per layer from the
   incoming keys, so early pruning's later layers (fewer slots, decoding/pruning.py) write their own n.
-- ``for_prefill(first, rows, sources)``: the batch is a set of newcomers' prompts, written from column 0 into
-  slots ``first .. first + rows - 1`` (row i takes batch entry ``sources[i]``: completions of one prompt share
-  its pass). Attention sees the prompts alone.
+- ``for_prefill(first, rows, length, sources)``: the batch is a set of newcomers' prompts (``length`` columns),
+  written from column 0 into slots ``first .. first + rows - 1`` (row i takes batch entry ``sources[i]``:
+  completions of one prompt share its pass). Attention sees the prompts alone.
 
 This is transformers' ``Cache`` interface (``update`` per layer): the models' own attention writes here. A
 ``StaticCache`` would not do: it writes at its own running length, one per layer, not where a tree step needs.
@@ -197,6 +197,6 @@ FIXED_VIEW_MIN = 64  # the narrowest attention view of a fixed-shape step
 def fixed_view(longest: int, new_tokens: int, capacity: int) -> int:
     """Columns a fixed-shape step's attention reads: the longest row plus the step's new tokens, rounded up to
     a power of two (at least FIXED_VIEW_MIN): a few shapes to compile or capture (6 up to 2,048 columns), and
-    at most twice the columns the rows hold (short rows did 4x the attention with 256-column buckets)."""
+    at most twice the columns the rows hold (256-column buckets would give short rows up to 4x)."""
     need = max(longest + new_tokens, FIXED_VIEW_MIN)
     return min(capacity, 1 << (need - 1).bit_length())

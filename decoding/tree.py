@@ -158,7 +158,8 @@ def rank_budget_tree_set(k: int = 3, top_k: int = 10, rank_budget: int = 4) -> T
 
 
 def default_tree_set(k: int = 3, top_k: int = 10) -> TreeSet:
-    """A moderate sparse tree (14 candidates at state 3) until hardware-aware trees choose per device."""
+    """A moderate sparse tree (14 candidates at state 3): PPDDecoder's tree when none is given, and the
+    workers' for prompt tokens without an acceptance table (workers/planning.py)."""
     return rank_budget_tree_set(k=k, top_k=top_k, rank_budget=4)
 
 

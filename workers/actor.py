@@ -54,8 +54,8 @@ class DecodeWorker:
 
         # Every torch op of this actor runs in the one decode-loop thread, the engine's construction and profile
         # included. On CPU, each thread that runs OpenMP regions gets its own team of workers, and once a process
-        # holds more OpenMP threads than cores libgomp stops spinning between regions: a step decoded in a second
-        # thread after the first had run the profile took 1.2-1.9x as long (2-core VM, the default model).
+        # holds more OpenMP threads than cores libgomp stops spinning between regions (measured: a step decoded in
+        # a second thread after the first had run the profile takes 1.2-1.9x as long; 2-core VM, default model).
         self._work = threading.Condition()
         built = threading.Event()
         failure: list[BaseException] = []

@@ -25,14 +25,14 @@ log = logging.getLogger(__name__)
 # measured again instead of reused.
 PROFILE_VERSION = 8
 
-# A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps.
-# One measured while something else loaded the machine keeps its distorted shape for good (seen on the 2-core
-# VM: at batch 1, 1 slot 60.8 ms (really ~45), 4 slots 109.8, 8 slots 92.4, 16 slots 102.8: static planning
-# took the 8-slot tree from it and lost 5-13% to plain decoding).
+# A cached profile is re-checked at start-up, first for its shape alone (no timing), then against fresh steps:
+# a profile measured while something else loaded the machine would keep its distorted shape for good
+# (measured on the 2-core VM at batch 1: 1 slot 60.8 ms against ~45 quiet, 4 slots 109.8, 8 slots 92.4,
+# 16 slots 102.8; static planning chose the 8-slot tree from it and lost 5-13% to plain decoding).
 #
 # Shape alone: a larger slot count measured faster than a smaller one at the same batch size by more than
-# this factor. A real step does not get cheaper with more input tokens; steps measured on this VM in quiet
-# moments invert by up to 1.14x (3 repeats each), the one above by 1.19x.
+# this factor. A real step does not get cheaper with more input tokens; quiet steps on the 2-core VM invert by
+# up to 1.14x (3 repeats each), the loaded profile above by 1.19x.
 SPOT_CHECK_MONOTONE_TOLERANCE = 1.15
 # Against fresh steps: plain decoding and a few tree sizes are timed at the profile's smallest batch size,
 # and each tree's ratio to the plain step is compared with the profile's. Past this factor for any of them,
@@ -43,7 +43,7 @@ SPOT_CHECK_TOLERANCE = 1.3
 # profile's optimism does its harm. A probe costs (1 warm-up + SPOT_CHECK_REPEATS) steps of each size, plus
 # 0.02-0.25 s to build the planner's candidate trees; twice when the first disagrees. Measured on the 2-core
 # VM at batch 1 (default model: 1 slot ~45 ms, 4-16 slots ~70-85 ms): 2.5 s a probe (4 and 16 slots) to
-# 3.2-3.8 s (and the planner's 8-slot tree); the former 1- and 16-slot probe took 1.6-2.0 s there.
+# 3.2-3.8 s (and the planner's 8-slot tree).
 SPOT_CHECK_SLOTS = (4, 16)
 SPOT_CHECK_REPEATS = 9
 # Below this plain step, timings are mostly interpreter overhead and scheduler noise (a tiny test model's 1 ms

@@ -47,7 +47,7 @@ class RowOutput:
     finish_reason: str | None = None
     stop_reason: str | None = None  # the stop string that ended the completion (null: EOS or length)
     error: RowError | None = None
-    latency_s: float = 0.0  # wall time of the batch this row was decoded in
+    latency_s: float = 0.0  # seconds from taking a decode slot to finishing (0: failed before decoding)
     decoding: str = ""
     sampling_params: dict[str, Any] | None = None  # the effective parameters (null when they were invalid)
     model_id: str = ""
@@ -61,7 +61,7 @@ class RowOutput:
     worker: str = ""  # group/index, pid and node of the actor that decoded the row
     worker_group: str = ""
     config_hash: str = ""  # the output-shaping part of the job config (jobs/resume.py)
-    started_at: datetime | None = None  # when this row's batch started and finished decoding (UTC)
+    started_at: datetime | None = None  # when it took a decode slot, and when it finished (UTC)
     finished_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
