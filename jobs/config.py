@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.fields import FieldInfo
 
 from workers.configs import DecodingConfig, ModelConfig
 
@@ -112,43 +117,111 @@ class JobConfig(BaseModel):
         return self.model.model_copy(update=overrides)
 
 
-# CLI flag (argparse dest) -> path in JobConfig.
-CLI_FIELDS: dict[str, tuple[str, ...]] = {
-    "input": ("input",),
-    "output": ("output",),
-    "shard_size": ("shard_size",),
-    "model": ("model", "model"),
-    "dtype": ("model", "dtype"),
-    "device": ("model", "device"),
-    "attn_implementation": ("model", "attn_implementation"),
-    "cache_dir": ("model", "cache_dir"),
-    "cpu_linear": ("model", "cpu_linear"),
-    "decoding": ("decoding", "method"),
-    "batching": ("decoding", "batching"),
-    "compile": ("decoding", "compile"),
-    "cuda_graphs": ("decoding", "cuda_graphs"),
-    "max_new_tokens": ("decoding", "max_new_tokens"),
-    "prompts": ("decoding", "prompts"),
-    "num_prompt_tokens": ("decoding", "num_prompt_tokens"),
-    "tree_nodes": ("decoding", "tree_nodes"),
-    "tree_sizing": ("decoding", "tree_sizing"),
-    "prune_head": ("decoding", "prune_head"),
-    "keep_top_k": ("decoding", "keep_top_k"),
-    "profile_budget_s": ("decoding", "profile_budget_s"),
-    "temperature": ("decoding", "sampling", "temperature"),
-    "top_p": ("decoding", "sampling", "top_p"),
-    "top_k": ("decoding", "sampling", "top_k"),
-    "stop": ("decoding", "sampling", "stop"),
-    "seed": ("decoding", "sampling", "seed"),
-    "n": ("decoding", "sampling", "n"),
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag of jobs/run.py that sets one JobConfig key. Its choices, type and default come from
+    the key's field in the config models (``add_config_flags``)."""
+
+    path: tuple[str, ...]  # the key in JobConfig; ("workers", key): the one worker group's
+    help: str
+    metavar: str | None = None
+    switch: bool = False  # a bool key the flag turns on (no value)
+    choices: tuple[str, ...] | None = None  # instead of the field's Literal values
+    parse: Callable[[str], Any] | None = None  # instead of the field's type
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+# argparse dest -> the JobConfig key it sets. The one source of the job's config flags: jobs/run.py adds them,
+# build_config applies them, docs/options.md lists them.
+CONFIG_FLAGS: dict[str, Flag] = {
+    "input": Flag(("input",), "JSONL or Parquet file (or a directory of them), local or a URI such as "
+                  "s3://bucket/prefix/; default: the demo", "PATH|URI"),
+    "output": Flag(("output",), "output directory or URI", "DIR|URI"),
+    "shard_size": Flag(("shard_size",), "rows per unit of work and per part file", "N"),
+    "model": Flag(("model", "model"), "'default' (the packaged SmolLM2-135M-Instruct) or a model directory"),
+    "dtype": Flag(("model", "dtype"), "weight and compute dtype (auto: float32 on CPU, bfloat16 on CUDA)"),
+    "device": Flag(("model", "device"), "'auto', 'cpu', 'cuda', 'cuda:0', ..."),
+    "attn_implementation": Flag(("model", "attn_implementation"), "attention kernel passed to transformers"),
+    "cache_dir": Flag(("model", "cache_dir"), "where converted model weights are cached", "DIR"),
+    "cpu_linear": Flag(("model", "cpu_linear"), "linear layers on a CPU in float32 (auto: W @ x.T for a decode "
+                       "step's few rows where this CPU measures it faster; weight_stationary: below 10 rows, "
+                       "unmeasured; torch: nn.Linear as it is)"),
+    "decoding": Flag(("decoding", "method"), "decoding method"),
+    "batching": Flag(("decoding", "batching"), "continuous: a finished row's slot takes the next row at the next "
+                     "step; static: batches of --batch-size rows, each run until its longest row ends"),
+    "compile": Flag(("decoding", "compile"), "torch.compile the decode step at fixed shapes (minutes of start-up "
+                    "on a CPU)", switch=True),
+    "cuda_graphs": Flag(("decoding", "cuda_graphs"), "on a CUDA device, replay the decode step from captured CUDA "
+                        "graphs (default: on)", choices=("on", "off")),
+    "max_new_tokens": Flag(("decoding", "max_new_tokens"), "most new tokens per row", "N"),
+    "temperature": Flag(("decoding", "sampling", "temperature"), "sampling temperature (0: greedy)", "T"),
+    "top_p": Flag(("decoding", "sampling", "top_p"), "nucleus sampling: keep the most probable tokens up to mass P",
+                  "P"),
+    "top_k": Flag(("decoding", "sampling", "top_k"), "sample from the K most probable tokens (0: all)", "K"),
+    "stop": Flag(("decoding", "sampling", "stop"), "a stop string (repeat for several)", "TEXT"),
+    "seed": Flag(("decoding", "sampling", "seed"), "the job's seed: rows without their own seed derive theirs "
+                 "from it and their id", "S"),
+    "n": Flag(("decoding", "sampling", "n"), "completions per prompt, one output row each", "N"),
+    "prompts": Flag(("decoding", "prompts"), "prompt-token artifact directory, 'untrained', or 'auto' (the "
+                    "artifact shipped for the model, else untrained)", "PATH"),
+    "tree_nodes": Flag(("decoding", "tree_nodes"), "fix the tree to N candidate nodes (trained prompts)", "N"),
+    "tree_sizing": Flag(("decoding", "tree_sizing"), "propd: the tree re-sized every step (ProPD); static: one "
+                        "tree per worker; auto: propd when the prompt tokens have an acceptance table and "
+                        "--tree-nodes is not given"),
+    "prune_head": Flag(("decoding", "prune_head"), "ProPD early pruning: 'none', 'auto' (the head shipped for the "
+                       "model) or a prune-head artifact directory", "DIR"),
+    "keep_top_k": Flag(("decoding", "keep_top_k"), "children kept per node by pruning (default: the head's)", "K"),
+    "profile_budget_s": Flag(("decoding", "profile_budget_s"), "seconds each worker may spend profiling its "
+                             "device (default: 60 CPU, 30 GPU)", "S"),
+    "num_prompt_tokens": Flag(("decoding", "num_prompt_tokens"), "k when prompt tokens come from embeddings", "K"),
+    "batch_size": Flag(("workers", "batch_size"), "rows per batch, or auto", "N|auto", parse=_int_or_auto),
+    "num_workers": Flag(("workers", "count"), "decode actors", "N"),
+    "num_cpus_per_worker": Flag(("workers", "num_cpus"), "CPUs per actor (default: the largest node's CPUs / "
+                                "workers)", "N"),
+    "num_gpus_per_worker": Flag(("workers", "num_gpus"), "GPUs per actor", "N"),
 }
-# CLI flags that set a field of the one worker group (refused when the config lists several).
-GROUP_FIELDS: dict[str, str] = {
-    "batch_size": "batch_size",
-    "num_workers": "count",
-    "num_cpus_per_worker": "num_cpus",
-    "num_gpus_per_worker": "num_gpus",
-}
+
+
+def config_field(path: tuple[str, ...]) -> FieldInfo:
+    """The pydantic field of a JobConfig key (``("workers", key)``: a WorkerGroup's)."""
+    model: type[BaseModel] = JobConfig
+    for key in path[:-1]:
+        model = WorkerGroup if key == "workers" else model.model_fields[key].annotation
+    return model.model_fields[path[-1]]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The CONFIG_FLAGS as options (dest = the key in CONFIG_FLAGS, None when not given); the worker group's
+    flags in a group of their own."""
+    group = parser.add_argument_group("the worker group", "with one worker group; list several groups in --config")
+    for dest, flag in CONFIG_FLAGS.items():
+        info = config_field(flag.path)
+        union = get_origin(info.annotation) in (Union, UnionType)
+        kinds = [a for a in get_args(info.annotation) if a is not type(None)] if union else [info.annotation]
+        options: dict[str, Any] = {"dest": dest, "help": flag.help}
+        if flag.metavar:
+            options["metavar"] = flag.metavar
+        if flag.switch:
+            options.update(action="store_const", const=True)
+        elif flag.choices or get_origin(kinds[0]) is Literal:
+            options["choices"] = list(flag.choices or get_args(kinds[0]))
+        elif get_origin(kinds[0]) is list:
+            options.update(action="append", type=get_args(kinds[0])[0])
+        else:
+            options["type"] = flag.parse or kinds[0]
+        default = info.get_default(call_default_factory=True)
+        if default is not None and default != [] and not flag.switch and "default:" not in flag.help:
+            options["help"] += f" (default: {default})"
+        target = group if flag.path[0] == "workers" else parser
+        target.add_argument("--" + dest.replace("_", "-"), **options)
 
 
 def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> JobConfig:
@@ -162,15 +235,15 @@ def build_config(config_file: str | Path | None, overrides: dict[str, Any]) -> J
     for dest, value in overrides.items():
         if value is None:
             continue
-        if dest in GROUP_FIELDS:
+        *parents, leaf = CONFIG_FLAGS[dest].path
+        if parents == ["workers"]:
             groups = data.setdefault("workers", [{}])
             if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
-                raise ValueError(f"--{dest.replace('_', '-')} sets the one worker group's {GROUP_FIELDS[dest]}, "
+                raise ValueError(f"--{dest.replace('_', '-')} sets the one worker group's {leaf}, "
                                  f"but the config lists {len(groups) if isinstance(groups, list) else 'no'} "
                                  "groups: set it per group in the config file")
-            groups[0][GROUP_FIELDS[dest]] = value
+            groups[0][leaf] = value
             continue
-        *parents, leaf = CLI_FIELDS[dest]
         node = data
         for key in parents:
             node = node.setdefault(key, {})

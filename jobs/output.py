@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.storage import Location, resolve
-from workers.records import ErrorCode
+from workers.records import ErrorCode, RowOutput
 
 ERROR_TYPE = pa.struct([pa.field("code", pa.string(), nullable=False), pa.field("message", pa.string())])
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -34,39 +35,13 @@ SAMPLING_TYPE = pa.struct([
     pa.field("n", pa.int32()),
 ])
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("sample_index", pa.int32(), nullable=False),  # one row per completion: (id, sample_index)
-        # Results.
-        pa.field("output_text", pa.string()),
-        pa.field("output_token_ids", pa.list_(pa.int32())),
-        pa.field("num_output_tokens", pa.int32()),
-        pa.field("num_steps", pa.int32()),
-        pa.field("tau", pa.float64()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("stop_reason", pa.string()),
-        pa.field("error", ERROR_TYPE),  # null, or {code (workers.records.ErrorCode), message}
-        pa.field("latency_s", pa.float64()),
-        # Provenance.
-        pa.field("decoding", pa.string()),
-        pa.field("sampling_params", SAMPLING_TYPE),  # the effective parameters, seed resolved
-        pa.field("model_id", pa.string()),
-        pa.field("model_hash", pa.string()),
-        pa.field("prompts_hash", pa.string()),
-        pa.field("tree_hash", pa.string()),
-        pa.field("device", pa.string()),
-        pa.field("dtype", pa.string()),
-        pa.field("numeric_path", pa.string()),  # the kernels: device, dtype, attention, linear layers
-        pa.field("batch_fallback", pa.bool_()),  # its batch failed and it was decoded alone
-        pa.field("worker", pa.string()),
-        pa.field("worker_group", pa.string()),
-        pa.field("config_hash", pa.string()),
-        pa.field("started_at", TIMESTAMP),
-        pa.field("finished_at", TIMESTAMP),
-    ]
-)
+# RowOutput's column types, by the names workers/records.py gives them.
+ARROW_TYPES = {
+    "string": pa.string(), "int32": pa.int32(), "float64": pa.float64(), "bool": pa.bool_(),
+    "list<int32>": pa.list_(pa.int32()), "timestamp": TIMESTAMP, "error": ERROR_TYPE, "sampling": SAMPLING_TYPE,
+}
+OUTPUT_SCHEMA = pa.schema([pa.field(f.name, ARROW_TYPES[f.metadata["arrow"]], nullable=f.metadata["nullable"])
+                           for f in fields(RowOutput)])
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 SUMMARY = "summary.json"
 PART_META = b"ppd_batch.part"  # footer key: {"ids", "rows", "failed", "retry"} (see part_summary)

@@ -20,12 +20,12 @@ import os
 import resource
 import sys
 import time
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from jobs.config import JobConfig, build_config
+from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
 from jobs.output import PartIndex, write_part, write_summary
 from jobs.progress import Progress, device_table
@@ -41,7 +41,6 @@ from jobs.resume import (
     scan_written,
 )
 from jobs.storage import Location, StorageError, resolve
-from workers.configs import CpuLinear
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,55 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "With no arguments, runs the embedded demo prompts through the default model.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML file with JobConfig values; flags override it")
-    p.add_argument("--input", metavar="PATH|URI", help="JSONL or Parquet file (or a directory of them), local or a URI "
-                   "such as s3://bucket/prefix/; default: the demo")
-    p.add_argument("--output", metavar="DIR|URI", help="output directory or URI (default: outputs/demo)")
-    p.add_argument("--model", help="'default' (the packaged SmolLM2-135M-Instruct) or a model directory")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:0', ...")
-    p.add_argument("--attn-implementation", choices=["sdpa", "eager"])
-    p.add_argument("--cache-dir", metavar="DIR", help="where converted model weights are cached")
-    p.add_argument("--cpu-linear", choices=get_args(CpuLinear),
-                   help="linear layers on a CPU in float32 (default: auto, W @ x.T for a decode step's few rows "
-                   "where this CPU measures it faster; weight_stationary: below 10 rows, unmeasured; torch: "
-                   "nn.Linear as it is)")
-    p.add_argument("--decoding", choices=["ppd", "vanilla"], help="decoding method (default: ppd)")
-    p.add_argument("--batching", choices=["continuous", "static"],
-                   help="continuous (default): a finished row's slot takes the next row at the next step; static: "
-                   "batches of --batch-size rows, each run until its longest row ends (for comparisons)")
-    p.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile the decode step at fixed shapes (minutes of start-up on a CPU)")
-    p.add_argument("--cuda-graphs", choices=["on", "off"], type=str,
-                   help="on a CUDA device, replay the decode step from captured CUDA graphs (default: on)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens per row (default: 64)")
-    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 0, greedy)")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the most probable tokens up "
-                   "to mass P (default: 1)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most probable tokens (default: 0, all)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeat for several)")
-    p.add_argument("--seed", type=int, metavar="S", help="the job's seed: rows without their own seed derive "
-                   "theirs from it and their id (default: 0)")
-    p.add_argument("--n", type=int, metavar="N", help="completions per prompt, one output row each (default: 1)")
-    p.add_argument("--prompts", metavar="PATH", help="prompt-token artifact directory, 'untrained', or 'auto' "
-                   "(default: the artifact shipped for the model, else untrained)")
-    p.add_argument("--tree-nodes", type=int, metavar="N", help="fix the tree to N candidate nodes (trained prompts)")
-    p.add_argument("--tree-sizing", choices=["auto", "static", "propd"],
-                   help="propd: the tree re-sized every step (ProPD); static: one tree per worker; auto (default): "
-                   "propd when the prompt tokens have an acceptance table and --tree-nodes is not given")
-    p.add_argument("--prune-head", metavar="DIR", help="ProPD early pruning: 'none' (default), 'auto' (the head "
-                   "shipped for the model) or a prune-head artifact directory")
-    p.add_argument("--keep-top-k", type=int, metavar="K", help="children kept per node by pruning (default: the "
-                   "head's)")
-    p.add_argument("--profile-budget-s", type=float, metavar="S",
-                   help="seconds each worker may spend profiling its device (default: 60 CPU, 30 GPU)")
-    p.add_argument("--num-prompt-tokens", type=int, metavar="K", help="k when prompt tokens come from embeddings")
-    p.add_argument("--shard-size", type=int, metavar="N", help="rows per unit of work and per part file (default: 64)")
-    group = p.add_argument_group("the worker group", "with one worker group; list several groups in --config")
-    group.add_argument("--batch-size", type=_batch_size, metavar="N|auto", help="rows per batch (default: 8)")
-    group.add_argument("--num-workers", type=int, metavar="N", help="decode actors (default: 1)")
-    group.add_argument("--num-cpus-per-worker", type=float, metavar="N",
-                       help="CPUs per actor (default: the largest node's CPUs / workers)")
-    group.add_argument("--num-gpus-per-worker", type=float, metavar="N", help="GPUs per actor (default: 0)")
+    add_config_flags(p)
     p.add_argument("--plan-only", action="store_true",
                    help="read the input, check its ids, form the shards and read what the output holds, print it "
                    "as JSON, and exit (nothing is written)")
@@ -108,15 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--progress-interval-s", type=float, default=10.0, metavar="S",
                    help="seconds between progress lines when the output is not a terminal (default: 10)")
     return p.parse_args(argv)
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def describe_worker(info: dict[str, Any]) -> str:
@@ -286,8 +228,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_flags = ("config", "overwrite", "progress_interval_s", "plan_only")
-    overrides = {k: v for k, v in vars(args).items() if k not in run_flags}
+    overrides = {k: v for k, v in vars(args).items() if k in CONFIG_FLAGS}
     try:
         cfg = build_config(args.config, overrides)
     except (ValidationError, ValueError, OSError) as exc:

@@ -42,7 +42,7 @@ def test_the_entry_points_are_the_ones_the_docs_name():
     assert set(entry_points()) == {
         "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.inputs", "jobs.bench.overhead",
         "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.sampling", "jobs.bench.time_step", "jobs.bench.tree",
-        "jobs.cost.study", "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
+        "jobs.cost.study", "jobs.reference", "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
     }
 
 
@@ -87,3 +87,49 @@ def test_every_readme_command_parses(argv, capsys, monkeypatch):
     usage = help_text(target, capsys, monkeypatch)
     for flag in (a.split("=")[0] for a in flags if a.startswith("--")):
         assert re.search(rf"{re.escape(flag)}\b", usage), f"README: {target} has no flag {flag}"
+
+
+def test_the_generated_reference_pages_are_current():
+    """docs/options.md and docs/output-schema.md say what the configuration models and RowOutput say."""
+    from jobs import reference
+
+    assert reference.main(["--check"]) == 0, "run: python -m jobs.reference"
+    options = (REPO_ROOT / "docs" / "options.md").read_text()
+    assert "| `decoding.sampling.temperature` | float | `0.0` | `--temperature` |" in options
+    assert "| `workers[].batch_size` |" in options and "`--batch-size`" in options
+    schema = (REPO_ROOT / "docs" / "output-schema.md").read_text()
+    assert "| `sample_index` | `int32` | no |" in schema and "- `worker_died`: " in schema
+
+
+# A value for each config flag (not its default) and what it parses to.
+FLAG_VALUES = {
+    "input": ("in.jsonl", "in.jsonl"), "output": ("out", "out"), "shard_size": ("7", 7), "model": ("m", "m"),
+    "dtype": ("bfloat16", "bfloat16"), "device": ("cuda:1", "cuda:1"), "attn_implementation": ("eager", "eager"),
+    "cache_dir": ("c", "c"), "cpu_linear": ("torch", "torch"), "decoding": ("vanilla", "vanilla"),
+    "batching": ("static", "static"), "compile": (None, True), "cuda_graphs": ("off", False),
+    "max_new_tokens": ("9", 9), "temperature": ("0.5", 0.5), "top_p": ("0.9", 0.9), "top_k": ("5", 5),
+    "stop": ("END", ["END"]), "seed": ("11", 11), "n": ("1", 1), "prompts": ("untrained", "untrained"),
+    "tree_nodes": ("12", 12), "tree_sizing": ("static", "static"), "prune_head": ("auto", "auto"),
+    "keep_top_k": ("4", 4), "profile_budget_s": ("2.5", 2.5), "num_prompt_tokens": ("2", 2),
+    "batch_size": ("auto", "auto"), "num_workers": ("3", 3), "num_cpus_per_worker": ("1.5", 1.5),
+    "num_gpus_per_worker": ("0.5", 0.5),
+}
+
+
+def test_every_config_flag_sets_its_key():
+    """Each flag CONFIG_FLAGS declares parses (None when absent, so the file's or the default value applies)
+    and lands at its key in the JobConfig that build_config makes."""
+    from jobs.config import CONFIG_FLAGS, build_config
+    from jobs.run import parse_args
+
+    assert set(FLAG_VALUES) == set(CONFIG_FLAGS)
+    assert all(getattr(parse_args([]), dest) is None for dest in CONFIG_FLAGS)
+    for dest, (text, expected) in FLAG_VALUES.items():
+        argv = ["--" + dest.replace("_", "-")] + ([] if text is None else [text])
+        args = vars(parse_args(argv))
+        cfg = build_config(None, {k: v for k, v in args.items() if k in CONFIG_FLAGS})
+        path = CONFIG_FLAGS[dest].path
+        node = cfg.workers[0] if path[0] == "workers" else cfg
+        for key in path[1:] if path[0] == "workers" else path:
+            node = getattr(node, key)
+        assert node == expected, f"{argv}: {'.'.join(path)} is {node!r}"

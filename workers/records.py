@@ -1,11 +1,11 @@
 """The job's output record (one per completion of an input row) and the typed errors a row can end with.
 
-The field names of `RowOutput` are the output Parquet columns (jobs/output.py holds their types).
+`RowOutput` is the output schema: its fields are the Parquet columns, with their types and meanings.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -14,13 +14,25 @@ from typing import Any
 class ErrorCode(str, Enum):
     """Why a row produced no output. Stored as the `code` of the `error` struct column."""
 
-    INVALID_ROW = "invalid_row"  # missing/both of messages and prompt, wrong types
-    INVALID_SAMPLING = "invalid_sampling_params"  # the row's sampling_params are malformed or out of range
-    EMPTY_PROMPT = "empty_prompt"  # nothing left after encoding
-    PROMPT_TOO_LONG = "prompt_too_long"  # no room left in the model's context
-    ENCODE_FAILED = "encode_failed"  # the tokenizer or chat template raised
-    DECODE_FAILED = "decode_failed"  # the decoder raised on this row alone
-    WORKER_DIED = "worker_died"  # every worker that took this row's shard died while decoding it
+    INVALID_ROW = "invalid_row"
+    INVALID_SAMPLING = "invalid_sampling_params"
+    EMPTY_PROMPT = "empty_prompt"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    ENCODE_FAILED = "encode_failed"
+    DECODE_FAILED = "decode_failed"
+    WORKER_DIED = "worker_died"
+
+
+ERROR_MEANINGS: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_ROW: "neither or both of `messages` and `prompt`, or wrong types",
+    ErrorCode.INVALID_SAMPLING: "the row's `sampling_params` are malformed or out of range",
+    ErrorCode.EMPTY_PROMPT: "nothing left after encoding",
+    ErrorCode.PROMPT_TOO_LONG: "no room left in the model's context",
+    ErrorCode.ENCODE_FAILED: "the tokenizer or chat template raised",
+    ErrorCode.DECODE_FAILED: "the decoder raised on this row alone",
+    ErrorCode.WORKER_DIED: "every worker that took this row's shard died while decoding it "
+                           "(`faults.max_shard_attempts` of them)",
+}
 
 
 @dataclass(frozen=True)
@@ -32,37 +44,59 @@ class RowError:
         return {"code": self.code.value, "message": self.message}
 
 
+def column(arrow: str, doc: str, default: Any = MISSING, *, factory: Any = MISSING, nullable: bool = True) -> Any:
+    """A ``RowOutput`` field: its output column's Arrow type, named (jobs/output.py maps the names to types),
+    and what it means (docs/output-schema.md is generated from these)."""
+    return field(default=default, default_factory=factory, metadata={"arrow": arrow, "doc": doc, "nullable": nullable})
+
+
 @dataclass
 class RowOutput:
-    """One output record; the field names are the output Parquet columns (see jobs/output.py)."""
+    """One output record, the single source of the output schema: each field is a Parquet column, in this
+    order, with the type and meaning its ``column`` gives."""
 
-    id: str
-    sample_index: int = 0  # which of the row's n completions (0 for a row that failed before decoding)
-    output_text: str | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    num_output_tokens: int = 0
-    num_steps: int = 0
-    tau: float | None = None
-    prompt_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | None = None  # the stop string that ended the completion (null: EOS or length)
-    error: RowError | None = None
-    latency_s: float = 0.0  # seconds from taking a decode slot to finishing (0: failed before decoding)
-    decoding: str = ""
-    sampling_params: dict[str, Any] | None = None  # the effective parameters (null when they were invalid)
-    model_id: str = ""
-    model_hash: str = ""
-    prompts_hash: str | None = None  # the prompt-token artifact's sha256 (null: vanilla or untrained)
-    tree_hash: str | None = None
-    device: str = ""
-    dtype: str = ""
-    numeric_path: str = ""  # the kernels that computed it (workers/numerics.py), e.g. the CPU linear layers'
-    batch_fallback: bool = False  # its batch failed and it was decoded alone: a bug in the batched path
-    worker: str = ""  # group/index, pid and node of the actor that decoded the row
-    worker_group: str = ""
-    config_hash: str = ""  # the output-shaping part of the job config (jobs/resume.py)
-    started_at: datetime | None = None  # when it took a decode slot, and when it finished (UTC)
-    finished_at: datetime | None = None
+    id: str = column("string", "the input row's id (integers become strings)", nullable=False)
+    sample_index: int = column("int32", "which completion of the row (0 to n-1; 0 for a row that failed before "
+                               "decoding); (`id`, `sample_index`) is unique", 0, nullable=False)
+    output_text: str | None = column("string", "the decoded completion, special tokens skipped (null on error)",
+                                     None)
+    output_token_ids: list[int] = column("list<int32>", "the new tokens; an EOS is included when one was emitted",
+                                         factory=list)
+    num_output_tokens: int = column("int32", "`len(output_token_ids)`", 0)
+    num_steps: int = column("int32", "forward passes that emitted tokens for this row", 0)
+    tau: float | None = column("float64", "`num_output_tokens / num_steps` (null on error)", None)
+    prompt_tokens: int = column("int32", "length of the encoded prompt", 0)
+    finish_reason: str | None = column("string", "`stop` (EOS or a stop string emitted) or `length` (hit "
+                                       "max_new_tokens); null on error", None)
+    stop_reason: str | None = column("string", "the stop string that ended the completion (null: EOS, length or "
+                                     "error)", None)
+    error: RowError | None = column("error", "null, or why this row produced nothing: {code, message}, code one "
+                                    "of `ErrorCode`", None)
+    latency_s: float = column("float64", "seconds from taking a decode slot to finishing (0: failed before "
+                              "decoding)", 0.0)
+    decoding: str = column("string", "`ppd` or `vanilla`", "")
+    sampling_params: dict[str, Any] | None = column(
+        "sampling", "the effective temperature, top_p, top_k, max_new_tokens, stop, seed (resolved) and n; null "
+        "when they were invalid", None)
+    model_id: str = column("string", "the model's id or path", "")
+    model_hash: str = column("string", "sha256 of the model's weights", "")
+    prompts_hash: str | None = column("string", "sha256 of the prompt-token artifact (null: vanilla or untrained)",
+                                      None)
+    tree_hash: str | None = column("string", "identifies the tree set the row was decoded with (null: vanilla)",
+                                   None)
+    device: str = column("string", "the worker's device, e.g. `NVIDIA H100 80GB HBM3` or `cpu: AMD EPYC (2 "
+                         "threads)`", "")
+    dtype: str = column("string", "the model's dtype on that worker", "")
+    numeric_path: str = column("string", "the kernels that computed the row (workers/numerics.py): device type, "
+                               "dtype, attention kernel, linear layers, e.g. `cpu float32 attn=sdpa "
+                               "linear=weight_stationary<12`", "")
+    batch_fallback: bool = column("bool", "the row's batch failed and it was decoded alone: a bug in the batched "
+                                  "decoder (counted in summary.json)", False)
+    worker: str = column("string", "the actor that decoded the row: `group/index pid N on host`", "")
+    worker_group: str = column("string", "that actor's worker group", "")
+    config_hash: str = column("string", "hash of the output-shaping settings, as in job.json (jobs/resume.py)", "")
+    started_at: datetime | None = column("timestamp", "when the row took a decode slot (UTC)", None)
+    finished_at: datetime | None = column("timestamp", "when it finished (UTC)", None)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Train PPD prompt tokens by self-distillation and write a prompt-token artifact.
 
-    python -m jobs.train.prompt_tokens                                   # the default model -> outputs/prompt_tokens
+    python -m jobs.train.prompt_tokens  # the default model -> outputs/prompt_tokens
     python -m jobs.train.prompt_tokens --config train.yaml --epochs 3 --ensemble 2
-    python -m jobs.train.prompt_tokens --ray                             # the same, as one task on a Ray GPU (or CPU) worker
+    python -m jobs.train.prompt_tokens --ray  # the same, as one task on a Ray GPU (or CPU) worker
 
 Only the prompt-token embeddings train; the base model is frozen. Each sample (a prompt and the model's own
 greedy response, see jobs/train/data.py) runs once through the model without gradient; then many random
