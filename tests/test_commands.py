@@ -133,3 +133,23 @@ def test_every_config_flag_sets_its_key():
         for key in path[1:] if path[0] == "workers" else path:
             node = getattr(node, key)
         assert node == expected, f"{argv}: {'.'.join(path)} is {node!r}"
+
+
+def test_no_module_imports_a_script():
+    """Scripts share code through modules (jobs/bench/common.py, jobs/train/data.py, ...), never by importing
+    one another: a script's imports are its own business, and a script imported elsewhere is a module twice."""
+    import ast
+
+    scripts = set(entry_points()) | {"jobs.run"}
+    offenders = []
+    for package in ("jobs", "workers", "decoding", "profiling", "trees"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                else:
+                    continue
+                offenders += [f"{path.relative_to(REPO_ROOT)} imports {n}" for n in names if n in scripts]
+    assert not offenders, offenders

@@ -46,7 +46,7 @@ import torch
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
 from decoding.slots import Request, SlotBatch
 from jobs.bench.hf_baseline import hf_greedy
-from jobs.bench.time_step import HOST_READS, top_level_aten_calls
+from jobs.bench.host_ops import HOST_READS, top_level_aten_calls
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,8 @@ class StepTimer:
     timed: with eight processes waiting, every step measured 1.5-2x slower than alone."""
 
     def __init__(self, pythonpath: Path, child_args: list[str]):
-        env = dict(os.environ, PYTHONPATH=str(pythonpath))
+        # ``decoding`` from ``pythonpath`` (an older revision's, or this tree's), ``jobs`` from this tree.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pythonpath), str(REPO_ROOT)]))
         self.proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "bench" / "time_step.py"), "--serve",
                                       *child_args], env=env, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)

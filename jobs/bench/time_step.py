@@ -21,35 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from decoding import PPDDecoder, PromptTokens, TreeSet, TreeSpec, VanillaDecoder
 from decoding.slots import Request, SlotBatch
-
-HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
-
-
-def top_level_aten_calls(step) -> list[str]:
-    """The names of the aten ops ``step()`` calls from Python or from compiled code, not counting the aten
-    calls those ops make inside."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    names = []
-    for event in prof.events():
-        if not event.name.startswith("aten::"):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if parent is None:
-            names.append(event.name)
-    return names
+from jobs.bench.host_ops import HOST_READS, kernel_launches, top_level_aten_calls
 
 
 def sixteen_slot_tree_set(k: int = 3, top_k: int = 10) -> TreeSet:
@@ -181,12 +161,6 @@ class StepRunner:
 
 def answer(record: dict) -> None:
     print(json.dumps(record), flush=True)
-
-
-def kernel_launches(source: str) -> int:
-    """Calls of inductor's generated kernels in its wrappers' ``call`` functions (C++ on a CPU, Triton on CUDA)."""
-    return len(re.findall(r"^\s+(cpp_fused_\w+\(|triton_\w+\.run\()", source, flags=re.M))
-
 
 
 if __name__ == "__main__":
