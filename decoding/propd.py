@@ -9,11 +9,11 @@ single-step latencies are noisy, and every switch into a tree from plain decodin
 emit only one token per row (the rows have no guesses yet).
 
 The family is rebuilt from the online acceptance table (decoding/online_stats.py) once that table has moved,
-at most every ``rebuild_every`` steps, by a builder the caller passes in (the workers use
-profiling.tree_builder), so this module stays free of how trees are searched. Tree buffers are cached per
-tree set, so switching trees between steps costs nothing but the choice. Every tree set has a tree for each
-depth state, so any set can follow any other. Verification is unchanged: the output is plain decoding's
-(greedy, or sampled with the row's seed), whichever trees were used.
+at most every ``rebuild_every`` steps, by a builder the caller passes in (the workers use trees.builder), so
+this module stays free of how trees are searched. Tree buffers are cached per tree set, so switching trees
+between steps costs nothing but the choice. Every tree set has a tree for each depth state, so any set can
+follow any other. Verification is unchanged: the output is plain decoding's (greedy, or sampled with the
+row's seed), whichever trees were used.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,13 +30,7 @@ from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead
-from decoding.tree import TreeSet, tree_set_buffers
-
-
-@dataclass(frozen=True)
-class TreeOption:
-    tree_set: TreeSet
-    expected_tokens: float  # tau under the acceptance table it was built from
+from decoding.tree import TreeOption, TreeSet, tree_set_buffers
 
 
 # acceptance table -> tree sets of increasing size (the first is usually plain decoding: 1 slot)

@@ -122,6 +122,15 @@ class TreeSet:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class TreeOption:
+    """One tree set of a ProPD family (decoding/propd.py) with the tokens per step it is expected to emit; tree
+    search (trees/builder.py) produces them."""
+
+    tree_set: TreeSet
+    expected_tokens: float  # tau under the acceptance table it was built from
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Named tree sets
 

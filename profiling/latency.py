@@ -1,10 +1,10 @@
 """Step latency of the real PPD decode step on this device, by input slots per row and batch size.
 
 A profile times ``PPDDecoder.step`` (tree forward, verification, KV compaction) over a live KV cache of a
-fixed context length, for a grid of slot counts per row (1 = the root alone, i.e. plain decoding) and the
-batch sizes asked for: a warm-up, a device sync around each repeat, the median. It stops early when the
-time budget runs out (largest inputs last); sizes it did not reach have no latency and are never chosen.
-Workers cache profiles on disk (workers/profiles.py).
+fixed context length, for a grid of slot counts per row (1 = the root alone, i.e. plain decoding; the trees
+of each size come from trees/synthetic.py) and the batch sizes asked for: a warm-up, a device sync around
+each repeat, the median. It stops early when the time budget runs out (largest inputs last); sizes it did not
+reach have no latency and are never chosen. Workers cache profiles on disk (workers/profiles.py).
 
 ``step_mode`` is the step the worker will run: "eager" times the decoder's step sized to the rows;
 "cuda_graphs" (or "compile") times a SlotBatch's whole device step at fixed shapes, captured (compiled) at
@@ -26,9 +26,9 @@ from decoding import PPDDecoder, PromptTokens
 from decoding.captured_step import StepMode
 from decoding.slot_cache import SlotCache, fixed_view
 from decoding.slots import SlotBatch, one_step, prefill_slots
-from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
+from decoding.tree import tree_set_buffers
 from profiling.device import DeviceIdentity, identify
-from profiling.trees import best_paths
+from trees.synthetic import max_tree_slots, synthetic_tree_set
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +79,6 @@ class LatencyProfile(BaseModel):
         if hi[0] == lo[0]:
             return lo[1]
         return lo[1] + (hi[1] - lo[1]) * (slots - lo[0]) / (hi[0] - lo[0])
-
-
-def max_tree_slots(k: int, top_k: int, n: int = 1) -> int:
-    """Every path of ranks < top_k down to depth k, every node with k prompt tokens."""
-    nodes = sum(top_k**d for d in range(k + 1))
-    return nodes + n * k * nodes
-
-
-def synthetic_tree_set(k: int, top_k: int, slots: int, n: int = 1) -> TreeSet:
-    """A tree set whose state-k tree has ``slots`` inputs per row, shaped like a built tree (about one prompt
-    token per node). Only its size matters for timing. With ensembles (n > 1) a few sizes cannot be made
-    exactly (every prompt token takes n slots); those get the largest size below that can."""
-    if not 1 <= slots <= max_tree_slots(k, top_k, n):
-        raise ValueError(f"no tree of k={k}, top_k={top_k} has {slots} slots")
-    max_candidates = max_tree_slots(k, top_k, 0) - 1
-    target = (slots - 1 - n) / (1 + n)
-    # The candidate count C nearest the target whose prompt tokens fill the most of the rest (all of it, if
-    # some C can).
-    best = None
-    for C in sorted(range(min(max_candidates, slots - 1) + 1), key=lambda c: (abs(c - target), c)):
-        prompts = min(k * (C + 1), (slots - 1 - C) // n)
-        size = 1 + C + n * prompts
-        if best is None or size > best[0]:
-            best = (size, C, prompts)
-        if size == slots:
-            break
-    _, C, prompt_count = best
-    rest = n * prompt_count
-    uniform = [[1.0 / (r + 1) for r in range(top_k)] for _ in range(k)]
-    nodes = [()] + best_paths(uniform, C, k)
-    counts = {node: 0 for node in nodes}
-    for i in range(rest // n):  # round-robin, root first
-        counts[nodes[i % len(nodes)]] += 1
-    tree = TreeSpec.build(counts)
-    return TreeSet(k=k, top_k=top_k, trees=(TreeSpec.build({(): 0}),) * k + (tree,))
 
 
 PROFILE_TOP_K = 10  # ranks per prompt token in the synthetic trees a profile times

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoding import FinishReason, PPDDecoder, PromptTokens, VanillaDecoder, chain_tree_set, default_tree_set
-from profiling.trees import fixed_size_tree_set
+from trees.paths import fixed_size_tree_set
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import ModelConfig, encode_row, load_model
 

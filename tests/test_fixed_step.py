@@ -255,9 +255,10 @@ def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(mod
     """The latency profile of a captured or compiled step runs the SlotBatch's device step at fixed shapes,
     undoing each: the slots step from the same state every time, and the prompts' KV stays as written."""
     from decoding import PPDDecoder
-    from profiling.latency import FixedStepTimer, synthetic_tree_set
+    from profiling.latency import FixedStepTimer
     from decoding.tree import tree_set_buffers
     from tests.test_continuous import K, untrained
+    from trees.synthetic import synthetic_tree_set
 
     decoder = PPDDecoder(model, untrained(model), synthetic_tree_set(K, 10, 1))
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
-"""The decoding core and the Ray-free engine must not pull in the distributed / storage layers, and the driver's
-planning (reading the input and the output, --plan-only) must not pull in torch or Ray."""
+"""The decoding core and the Ray-free engine must not pull in the distributed / storage layers, the decoding core
+not tree search or device profiling either, and the driver's planning (reading the input and the output,
+--plan-only) must not pull in torch or Ray."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("ray", "pyarrow", "torch", "transformers")
 
 
-def _loaded_after_import(module: str) -> set[str]:
+def _loaded_after_import(module: str, watched: tuple[str, ...] = HEAVY) -> set[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after ``import sys, {module}`` (module: one name, or
+    several separated by commas)."""
     code = (
         f"import sys, {module}\n"
-        "print(' '.join(m for m in ('ray', 'pyarrow', 'torch', 'transformers') if m in sys.modules))\n"
+        f"print(' '.join(m for m in {watched!r} if m in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
@@ -23,6 +27,14 @@ def _loaded_after_import(module: str) -> set[str]:
 
 def test_decoding_imports_neither_ray_nor_pyarrow():
     assert not {"ray", "pyarrow"} & _loaded_after_import("decoding")
+
+
+def test_decoding_imports_neither_tree_search_nor_profiling():
+    """The decoder takes tree sets; searching them (trees/) and timing the device (profiling/) sit above it."""
+    modules = ["decoding"] + sorted(f"decoding.{p.stem}" for p in (REPO_ROOT / "decoding").glob("*.py")
+                                    if p.stem != "__init__")
+    assert len(modules) > 10  # the glob found the core's modules; all are imported in one interpreter
+    assert not _loaded_after_import(", ".join(modules), ("trees", "profiling"))
 
 
 def test_the_driver_plans_without_torch_or_ray():

@@ -26,8 +26,8 @@ from decoding.ppd import greedy_accept
 from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import one_step, prefill_slots
 from decoding.tree import tree_buffers, tree_set_buffers
-from profiling.tree_builder import build_tree_set
 from tests.helpers_models import make_tiny_llama
+from trees.builder import build_tree_set
 
 VOCAB, K = 64, 3
 MAX_NEW = 24

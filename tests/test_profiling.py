@@ -13,9 +13,10 @@ from decoding.propd import ProPDDecoder
 from decoding.tree import tree_set_buffers
 from profiling import latency
 from profiling.device import identify
-from profiling.latency import LatencyPoint, LatencyProfile, max_tree_slots, measure_profile, synthetic_tree_set
-from profiling.tree_builder import tree_set_slots
+from profiling.latency import LatencyPoint, LatencyProfile, measure_profile
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
+from trees.builder import tree_set_slots
+from trees.synthetic import max_tree_slots, synthetic_tree_set
 from workers.engine import DecodeEngine, DecodingConfig
 from workers import profiles
 from workers.cpu_linear import use_weight_stationary_linears

@@ -9,9 +9,10 @@ import torch
 
 from decoding import VanillaDecoder
 from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
-from decoding.propd import ProPDDecoder, TreeOption
-from profiling.tree_builder import tree_family
+from decoding.propd import ProPDDecoder
+from decoding.tree import TreeOption
 from tests.test_lossless import K, MAX_NEW, OracleGuessDecoder, model, prompt_tokens, ragged_prompts, truth  # noqa: F401 (fixtures)
+from trees.builder import tree_family
 
 TABLE = [[0.5, 0.2, 0.1] + [0.02] * 7, [0.4, 0.2, 0.05] + [0.02] * 7, [0.3, 0.1, 0.1] + [0.02] * 7]
 BUDGETS = (4, 8, 16, 32, 64)
@@ -422,7 +423,6 @@ def test_propd_with_its_own_guesses_equals_plain_decoding(model):
 def test_an_empty_family_is_refused(model):
     with pytest.raises(ValueError, match="no tree set"):
         ProPDDecoder(model, prompt_tokens(model), lambda table: [], TABLE)
-    assert TreeOption  # the family's element type is part of the module's interface
 
 
 def test_a_batch_size_below_every_profiled_one_is_priced_from_the_smallest_and_measured_as_it_runs(monkeypatch):

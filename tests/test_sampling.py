@@ -186,8 +186,8 @@ def test_ppd_sampling_is_plain_sampling_token_for_token(model, tree_set):
 
 def test_propd_switching_trees_every_step_samples_exactly(model):
     from decoding.propd import ProPDDecoder
-    from profiling.tree_builder import tree_family
     from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
+    from trees.builder import tree_family
 
     prompts = prompts_for(5, 6)
     params = [SamplingParams(0.8, top_p=0.95, seed=completion_seed(3, i)) for i in range(5)]
@@ -405,9 +405,9 @@ def test_completions_of_one_prompt_are_independent():
 @pytest.mark.parametrize("method", ["ppd", "propd", "pruned", "vanilla"])
 def test_completions_of_one_prompt_share_its_prefill_and_stay_exact(method):
     from decoding.propd import ProPDDecoder
-    from profiling.tree_builder import tree_family
     from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
     from tests.test_pruning import LAYERS, random_head
+    from trees.builder import tree_family
 
     model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, seed=1)
     a, b, c = prompts_for(2, 8) + [[7]]  # c: one token, so nothing to prefill

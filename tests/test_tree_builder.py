@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoding.tree import TreeSet, TreeSpec, tree_set_buffers
-from profiling.tree_builder import (
+from trees.builder import (
     build_tree_set,
     choose_budget,
     ending_probabilities,
@@ -19,7 +19,7 @@ from profiling.tree_builder import (
     transition_matrix,
     tree_set_slots,
 )
-from profiling.trees import best_paths, path_probability
+from trees.paths import best_paths, path_probability
 
 TABLE = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.05], [0.3, 0.1, 0.1]]
 
@@ -170,9 +170,9 @@ def test_replay_of_ranks_reproduces_the_decoders_steps(budget):
     """Steps replayed from teacher-forced guess ranks equal the steps PPD decoding really took, row by row,
     on a tree set with several depth states (and on the fixed-size tree)."""
     from decoding import PPDDecoder, PromptTokens
-    from profiling.acceptance import ranks_at_every_cut, replay_decoding
-    from profiling.trees import fixed_size_tree_set
     from tests.helpers_models import make_tiny_llama
+    from trees.acceptance import ranks_at_every_cut, replay_decoding
+    from trees.paths import fixed_size_tree_set
 
     model = make_tiny_llama(vocab_size=48, hidden_size=32, seed=3)
     pt = PromptTokens.from_token_embeddings(model, k=3, base_model_id="tiny", base_model_hash="0",

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoding.tree import tree_set_buffers
-from profiling.trees import best_paths, expected_tokens_per_step, fixed_size_tree_set, path_probability
+from trees.paths import best_paths, expected_tokens_per_step, fixed_size_tree_set, path_probability
 
 TABLE = [[0.5, 0.2, 0.1], [0.4, 0.2, 0.05], [0.3, 0.1, 0.1]]
 

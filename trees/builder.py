@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.propd import TreeOption
-from decoding.tree import TreeSet, TreeSpec, vanilla_tree_set
-from profiling.trees import Path, best_paths, path_probability
+from decoding.tree import TreeOption, TreeSet, TreeSpec, vanilla_tree_set
+from trees.paths import Path, best_paths, path_probability
 
 Table = Sequence[Sequence[float]]
 

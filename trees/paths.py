@@ -3,7 +3,7 @@ i's guesses), with depths assumed independent (as in the PPD paper).
 
 This module holds the fixed-size tree (``--tree-nodes N``): the N most probable candidate paths, every node
 carrying k prompt tokens, so every step after the first runs in depth state k. Choosing the size and the
-prompt-token counts per device is the hardware-aware builder's job (a later step).
+prompt-token counts per device is the hardware-aware builder's job (trees/builder.py).
 """
 
 from __future__ import annotations

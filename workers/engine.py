@@ -28,7 +28,7 @@ from decoding.captured_step import StepMode
 from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
-from profiling.tree_builder import tree_family
+from trees.builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir

@@ -2,6 +2,7 @@
 
 The profile is this device's own measurement (cached per device and model, workers/profiles.py), or one
 given as a file (a profile measured on another machine of the same kind, or a simulated device in tests).
+The trees come from the prompt tokens' acceptance table by tree search (trees/builder.py, trees/paths.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 from decoding import PromptTokens, TreeSet, default_tree_set
 from decoding.captured_step import StepMode
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile
-from profiling.tree_builder import choose_budget, estimate, tree_set_slots
-from profiling.trees import fixed_size_tree_set
+from trees.builder import choose_budget, estimate, tree_set_slots
+from trees.paths import fixed_size_tree_set
 from workers.profiles import load_or_measure_profile
 
 log = logging.getLogger(__name__)

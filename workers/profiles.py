@@ -15,7 +15,7 @@ from decoding import PromptTokens
 from decoding.captured_step import StepMode
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
-from profiling.tree_builder import choose_budget
+from trees.builder import choose_budget
 from workers.numerics import numeric_path
 from workers.models import write_json_atomically
 

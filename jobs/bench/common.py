@@ -15,7 +15,7 @@ from decoding.propd import ProPDDecoder
 from decoding.pruning import PruneHead
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
-from profiling.tree_builder import choose_budget, tree_family
+from trees.builder import choose_budget, tree_family
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import ModelConfig, load_model, resolve_cache_dir
 from workers.profiles import load_or_measure_profile

@@ -10,7 +10,7 @@ For each setup (device, batch size, torch threads): the worker's start-up (profi
 tree chosen from the shipped acceptance table), then every profiled budget decodes the same held-out prompts
 (GSM8K / Alpaca seed tasks / stdlib docstrings, the split the prompt tokens never trained on), rounds
 interleaved across budgets so machine drift hits all alike; the median round counts. Tau is also replayed
-exactly (profiling/acceptance.py) over every held-out response, whole: a short timed generation sees only
+exactly (trees/acceptance.py) over every held-out response, whole: a short timed generation sees only
 the start of responses, where guesses are harder. The tree of a budget does not depend on the device, so
 the sweep also measures each setup's chosen tree on the other setups.
 """
@@ -27,9 +27,9 @@ import torch
 
 from decoding import PPDDecoder
 from jobs.train.data import DEFAULT_DATA_DIR, held_out_samples
-from profiling.acceptance import ranks_at_every_cut, replay_decoding
 from profiling.device import identify
-from profiling.tree_builder import build_tree_set, choose_budget, vanilla_built
+from trees.acceptance import ranks_at_every_cut, replay_decoding
+from trees.builder import build_tree_set, choose_budget, vanilla_built
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
 from workers.models import ModelConfig, load_model, resolve_cache_dir
 from workers.profiles import load_or_measure_profile

@@ -8,7 +8,7 @@ prompt (chat / math / code): top-1/5/10 accuracy of prompt token i for the token
 forced on the model's own greedy responses), the tau predicted from the acceptance table, and the tau of
 greedy PPD decoding on the fixed-size tree (the trained table's most probable paths, every node carrying k
 prompt tokens) over every held-out prompt's whole response. That tau is replayed exactly from guess ranks
-at every position (profiling/acceptance.py); ``--check-decode`` prompts per kind are also decoded for real,
+at every position (trees/acceptance.py); ``--check-decode`` prompts per kind are also decoded for real,
 and their outputs and step counts must equal plain decoding's tokens and the replay's steps.
 """
 
@@ -23,9 +23,9 @@ import torch
 from decoding import PPDDecoder, PromptTokens
 from jobs.train.accuracy import evaluate
 from jobs.train.data import load_samples, trained_data_config
-from profiling.acceptance import ranks_at_every_cut, replay_decoding
-from profiling.tree_builder import estimate
-from profiling.trees import fixed_size_tree_set
+from trees.acceptance import ranks_at_every_cut, replay_decoding
+from trees.builder import estimate
+from trees.paths import fixed_size_tree_set
 from workers.artifacts import load_prompt_tokens
 from workers.models import ModelConfig, load_model
 
