@@ -4,7 +4,8 @@ Ray places each actor by its group's resources (CPUs, GPUs, accelerator type, cu
 restarts one that dies (`faults.max_restarts`). Each actor holds its shard and, with continuous batching,
 the next one; a new shard goes to an actor with room, so a faster device takes more of them. The shards of
 an actor that died are handed back to the queue for the next free actor; after `faults.max_shard_attempts`
-deaths a shard's rows are returned with a `worker_died` error. A restarted actor rejoins the pool once its constructor has run again.
+deaths a shard's rows are returned with a `worker_died` error. A restarted actor rejoins the pool once its
+constructor has run again.
 """
 
 from __future__ import annotations
