@@ -8,14 +8,13 @@ at each batch size, in one run on one machine.
 Every batch size decodes the same held-out prompts (mixed chat / math / code, the split the prompt tokens
 never trained on; at least ``--min-prompts`` of them, in consecutive batches) with each method. The static
 tree is the one a worker of that batch size would choose at start-up from its profile. ProPD starts from the
-same profile and the artifact's acceptance table and keeps learning across rounds, as a long-lived worker does. One untimed warm-up round, then timed rounds in which
-the methods take turns on each batch of prompts (the order rotated), so machine drift hits all alike; the
-median round counts. Every method's
-output is checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per
-forward pass (batch x slots), plus ProPD's speed over the better of plain and static PPD (the median over
-rounds of each round's ratio). With a prune head (``--prune-head``, or one shipped for the model) a fourth
-method runs: ProPD with early pruning.
-"""
+same profile and the artifact's acceptance table and keeps learning across rounds, as a long-lived worker
+does. One untimed warm-up round, then timed rounds in which the methods take turns on each batch of prompts
+(the order rotated), so machine drift hits all alike; the median round counts. Every method's output is
+checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per forward pass (batch
+x slots), plus ProPD's speed over the better of plain and static PPD (the median over rounds of each round's
+ratio). With a prune head (``--prune-head``, or one shipped for the model) a fourth method runs: ProPD with
+early pruning. """
 
 from __future__ import annotations
 
