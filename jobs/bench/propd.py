@@ -14,7 +14,8 @@ does. One untimed warm-up round, then timed rounds in which the methods take tur
 checked against plain decoding's. Reported: tokens/s, tau, and input tokens processed per forward pass (batch
 x slots), plus ProPD's speed over the better of plain and static PPD (the median over rounds of each round's
 ratio). With a prune head (``--prune-head``, or one shipped for the model) a fourth method runs: ProPD with
-early pruning. """
+early pruning.
+"""
 
 from __future__ import annotations
 
