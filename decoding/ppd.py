@@ -119,8 +119,9 @@ class PPDDecoder:
         """The step's tokens are committed; ``keep`` [A] marks the rows still decoding."""
 
     def after_propose(self, rows, guesses: torch.Tensor) -> None:
-        """The surviving rows (slots 0..A'-1, ``rows``) have their next guesses: ``guesses`` [A', k, top_k] on the
-        device (the slots' own tensor), ``rows.guesses`` and ``rows.states`` on the host."""
+        """The surviving rows (slots 0..A'-1, ``rows``) have their next guesses: on the device in the slots' own
+        tensor ``guesses`` [slots, k, top_k] (rows 0..A'-1 theirs), on the host in ``rows.guesses`` and
+        ``rows.states``."""
 
     def row_finished(self, row_id: int) -> None:
         """The row of this id has left its slot."""

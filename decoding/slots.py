@@ -209,7 +209,9 @@ class SlotBatch:
         else:
             packed = self._runner(self, run, buffers, sizes, columns, draw)
         self.decoder.count_step(run, sizes)
-        host = packed[:A].tolist()  # the step's one read of the device (it waits for the step to finish)
+        # The step's one read of the device (it waits for the step to finish); the idle slots' rows come along,
+        # since slicing first is one more host op.
+        host = packed.tolist()[:A]
         D1 = sizes.depth + 1
         keep = self._commit([h[:D1] for h in host], [h[D1] for h in host])
         self.decoder.after_commit(view, keep)
@@ -222,7 +224,7 @@ class SlotBatch:
             self.decoder.row_finished(self.rows[b].id)
         self._release(done)
         if self.rows:
-            self.decoder.after_propose(self.view(), self.guesses[: len(self.rows)])
+            self.decoder.after_propose(self.view(), self.guesses)
         self.decoder.after_step()
         return finished
 

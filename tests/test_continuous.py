@@ -39,7 +39,8 @@ class OracleGuesses:
     g: torch.Generator
 
     def after_propose(self, rows, guesses):
-        """Rewrites the slots' guesses [A, k, top_k] (the model's are filler), on the device and the host."""
+        """Rewrites the rows' guesses (slots 0..A-1 of [slots, k, top_k]; the model's are filler), on the device
+        and the host."""
         top_k = guesses.shape[2]
         for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
             done = len(result.token_ids)
