@@ -26,7 +26,8 @@ TINY_MAX_CONTEXT = 256
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from workers.models import ModelConfig, load_model
+    from workers.configs import ModelConfig
+    from workers.models import load_model
 
     return load_model(ModelConfig()).tokenizer
 

@@ -8,8 +8,9 @@ import logging
 import pytest
 
 from jobs.progress import Progress, device_table
-from workers.engine import DecodeEngine, DecodingConfig
-from workers.models import ModelConfig, load_model
+from workers.configs import DecodingConfig, ModelConfig
+from workers.engine import DecodeEngine
+from workers.models import load_model
 
 ROWS = [{"id": f"r{i}", "prompt": text} for i, text in enumerate(["The sea is", "1, 2, 3,", "Once upon a", "x"])]
 

@@ -67,7 +67,8 @@ def job_files(tiny_model_dir, tmp_path_factory):
     """A trained-style artifact for the tiny model, one profile per simulated device, the input, and a config
     with one worker group per node."""
     from tests.helpers_models import save_trained_artifact
-    from workers.models import ModelConfig, load_model
+    from workers.configs import ModelConfig
+    from workers.models import load_model
 
     tmp = tmp_path_factory.mktemp("cluster-job")
     loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
@@ -120,8 +121,9 @@ def test_every_row_once_and_each_device_its_own_tree(uninterrupted, job_files):
 
 def test_outputs_do_not_depend_on_the_worker(uninterrupted, job_files, tiny_model_dir):
     """Every decoded row equals plain greedy decoding of that row alone."""
-    from workers.engine import DecodeEngine, DecodingConfig
-    from workers.models import ModelConfig, load_model
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+    from workers.models import load_model
 
     engine = DecodeEngine(load_model(ModelConfig(model=str(tiny_model_dir))),
                           DecodingConfig(method="vanilla", max_new_tokens=16))

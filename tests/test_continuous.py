@@ -177,8 +177,9 @@ def test_engine_shards_share_the_slots_and_an_empty_shard_closes_at_once(tiny_mo
     """A worker's engine takes a shard while another is decoding: both share the slots, each closes when its own
     rows are done, with the rows static batching gives; a shard with nothing to decode closes at once; the
     slot counters handed out with the shards add up to the engine's."""
-    from workers.engine import DecodeEngine, DecodingConfig
-    from workers.models import ModelConfig, load_model
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+    from workers.models import load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
     first_rows = [{"id": "a", "prompt": "The sea is"}, {"id": "b", "prompt": "1, 2, 3,"}, {"id": "c", "prompt": "Once"}]

@@ -21,7 +21,8 @@ from workers.cpu_linear import (
     measure_rows_below,
     use_weight_stationary_linears,
 )
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 
 
 def linear_pair(in_features: int, out_features: int, bias: bool, seed: int = 0):

@@ -7,7 +7,8 @@ import torch
 from decoding import FinishReason, PPDDecoder, PromptTokens, VanillaDecoder, chain_tree_set, default_tree_set
 from trees.paths import fixed_size_tree_set
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.models import ModelConfig, encode_row, load_model
+from workers.configs import ModelConfig
+from workers.models import encode_row, load_model
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -4,7 +4,8 @@ import pytest
 
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from workers.artifacts import find_shipped_artifact
-from workers.engine import DecodeEngine, DecodingConfig
+from workers.configs import DecodingConfig
+from workers.engine import DecodeEngine
 
 
 @pytest.fixture(scope="module")

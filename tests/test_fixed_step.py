@@ -227,8 +227,9 @@ def test_a_profile_of_captured_steps_times_each_size_from_its_graph():
 def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_model_dir):
     """On a CPU: eager unless compile is asked (cuda_graphs is for CUDA devices); the mode is in the worker's
     description and in each row's numeric path, since compiled kernels round differently."""
-    from workers.engine import DecodeEngine, DecodingConfig
-    from workers.models import ModelConfig, load_model
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+    from workers.models import load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
     torch._dynamo.reset()

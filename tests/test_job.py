@@ -437,7 +437,8 @@ def test_default_model_matches_hf_generate(ray_local, tmp_path):
     """The real default model through the whole job: PPD's tokens equal transformers' greedy generate."""
     import torch
 
-    from workers.models import ModelConfig, encode_row, load_model
+    from workers.configs import ModelConfig
+    from workers.models import encode_row, load_model
 
     rows = [
         {"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"}]},

@@ -45,3 +45,21 @@ def test_the_driver_plans_without_torch_or_ray():
 
 def test_engine_does_not_import_ray():
     assert "ray" not in _loaded_after_import("workers.engine")
+
+
+def test_the_configuration_models_have_one_home():
+    """ModelConfig, DecodingConfig and SamplingConfig are imported from workers/configs.py, which loads no torch
+    (the driver parses them), and from nowhere else."""
+    import ast
+
+    homed = {"ModelConfig", "DecodingConfig", "SamplingConfig", "CpuLinear", "DecodingMethod"}
+    elsewhere = []
+    for path in sorted(REPO_ROOT.glob("*/**/*.py")):
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "workers.configs":
+                elsewhere += [f"{path.relative_to(REPO_ROOT)}: {a.name} from {node.module}"
+                              for a in node.names if a.name in homed]
+    assert not elsewhere, elsewhere
+    assert not {"torch", "transformers"} & _loaded_after_import("workers.configs")

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir, write_tiny_gguf
 from workers import models
+from workers.configs import ModelConfig
 from workers.models import (
     DEFAULT_MODEL_ID,
     LoadedModel,
-    ModelConfig,
     default_gguf_path,
     encode_row,
     eos_token_ids_of,

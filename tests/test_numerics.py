@@ -12,8 +12,9 @@ import torch
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
 from workers import numerics
 from workers.board import NumericsBoard
+from workers.configs import ModelConfig
 from workers.cpu_linear import RowsBelowMeasurement, use_weight_stationary_linears
-from workers.models import ModelConfig, load_model
+from workers.models import load_model
 from workers.numerics import (
     decision_path,
     kind_key,

@@ -17,7 +17,8 @@ from profiling.latency import LatencyPoint, LatencyProfile, measure_profile
 from tests.helpers_models import save_trained_artifact, tiny_loaded_model
 from trees.builder import tree_set_slots
 from trees.synthetic import max_tree_slots, synthetic_tree_set
-from workers.engine import DecodeEngine, DecodingConfig
+from workers.configs import DecodingConfig
+from workers.engine import DecodeEngine
 from workers import profiles
 from workers.cpu_linear import use_weight_stationary_linears
 from workers.profiles import load_or_measure_profile, probe_slots, shape_error, worst_inversion

@@ -11,7 +11,8 @@ import torch
 from decoding import PPDDecoder, PromptTokens
 from jobs.train.prune_head import PruneHeadConfig, train
 from workers.artifacts import ArtifactCorrupt, ArtifactModelMismatch
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 
 

@@ -12,9 +12,10 @@ from jobs.output import read_output
 from jobs.run import main
 from tests.helpers_models import StubTokenizer
 from tests.test_job import write_jsonl
-from workers.engine import DecodeEngine, DecodingConfig
-from workers.models import ModelConfig, load_model
-from workers.sampling import SamplingConfig, StopStrings, resolve_sampling, row_seed, text_before_stop
+from workers.configs import DecodingConfig, ModelConfig, SamplingConfig
+from workers.engine import DecodeEngine
+from workers.models import load_model
+from workers.sampling import StopStrings, resolve_sampling, row_seed, text_before_stop
 
 # -- effective parameters -----------------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ import torch
 
 from jobs.train.prompt_tokens import TrainConfig, checkpoint_path, train
 from workers.artifacts import ArtifactModelMismatch, load_prompt_tokens
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 
 
 @pytest.fixture(scope="module")

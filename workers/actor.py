@@ -17,8 +17,8 @@ from typing import Any
 import ray
 
 from workers.board import BoardClient
-from workers.engine import DecodeEngine, DecodingConfig
-from workers.models import ModelConfig
+from workers.configs import DecodingConfig, ModelConfig
+from workers.engine import DecodeEngine
 
 
 log = logging.getLogger(__name__)

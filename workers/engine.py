@@ -30,13 +30,13 @@ from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from trees.builder import tree_family
 from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
+from workers.configs import DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
-from workers.models import LoadedModel, ModelConfig, encode_row, load_model, resolve_cache_dir
+from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
 from workers.numerics import DecisionBoard, numeric_path
 from workers.planning import plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
-from workers.configs import DecodingConfig  # also imported from here by the jobs and tests
 from workers.sampling import StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)

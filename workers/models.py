@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from workers.configs import CACHE_DIR_ENV, DEFAULT_MODEL_KEYWORD, CpuLinear, ModelConfig  # noqa: F401 (re-exported)
+from workers.configs import CACHE_DIR_ENV, DEFAULT_MODEL_KEYWORD, ModelConfig
 from workers.cpu_linear import DEFAULT_ROWS_BELOW, use_weight_stationary_linears
 from workers.numerics import DecisionBoard, RowsBelowDecision, settle_rows_below
 

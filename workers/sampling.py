@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from decoding import SamplingParams, completion_seed
-from workers.configs import SamplingConfig, _check_n, _check_stop  # noqa: F401 (re-exported)
+from workers.configs import SamplingConfig, _check_n, _check_stop
 
 
 class RowSamplingParams(BaseModel):

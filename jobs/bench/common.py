@@ -17,7 +17,8 @@ from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from trees.builder import choose_budget, tree_family
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.models import ModelConfig, load_model, resolve_cache_dir
+from workers.configs import ModelConfig
+from workers.models import load_model, resolve_cache_dir
 from workers.profiles import load_or_measure_profile
 
 

@@ -35,7 +35,8 @@ from decoding.slots import Request, SlotBatch
 from jobs.bench.common import load_model_and_prompts
 from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
 from profiling.device import identify
-from workers.engine import DecodeEngine, DecodingConfig
+from workers.configs import DecodingConfig
+from workers.engine import DecodeEngine
 
 CYCLE = (8, 16, 32, 128)
 

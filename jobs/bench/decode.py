@@ -36,8 +36,9 @@ from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
 from jobs.bench.hf_baseline import hf_greedy
 from jobs.inputs import read_rows
 from workers.artifacts import load_prompt_tokens
+from workers.configs import CpuLinear, ModelConfig
 from workers.cpu_linear import linear_kind
-from workers.models import CpuLinear, LoadedModel, ModelConfig, encode_row, load_model
+from workers.models import LoadedModel, encode_row, load_model
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 

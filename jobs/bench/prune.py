@@ -26,7 +26,8 @@ from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
 from profiling.device import identify
 from trees.builder import build_tree_set
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 
 

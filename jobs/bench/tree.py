@@ -31,7 +31,8 @@ from profiling.device import identify
 from trees.acceptance import ranks_at_every_cut, replay_decoding
 from trees.builder import build_tree_set, choose_budget, vanilla_built
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.models import ModelConfig, load_model, resolve_cache_dir
+from workers.configs import ModelConfig
+from workers.models import load_model, resolve_cache_dir
 from workers.profiles import load_or_measure_profile
 
 

@@ -27,7 +27,8 @@ from trees.acceptance import ranks_at_every_cut, replay_decoding
 from trees.builder import estimate
 from trees.paths import fixed_size_tree_set
 from workers.artifacts import load_prompt_tokens
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,8 @@ from decoding.distill import distill_loss, prefix_pass, student_logits, teacher_
 from jobs.train.accuracy import draw_cuts, evaluate, sample_generator, sequence
 from jobs.train.data import DataConfig, Sample, load_samples
 from workers.artifacts import save_prompt_tokens
-from workers.models import ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import load_model
 
 
 class TrainConfig(BaseModel):

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from decoding.batch import additive_mask, new_cache, pad_prompts
 from decoding.pruning import PruneHead, run_layers
 from jobs.train.data import DataConfig, load_samples
-from workers.models import LoadedModel, ModelConfig, load_model
+from workers.configs import ModelConfig
+from workers.models import LoadedModel, load_model
 from workers.prune_heads import save_prune_head
 
 RECALL_KS = (1, 2, 4, 8, 16, 32, 64)
