@@ -142,5 +142,6 @@ def device_table(by_device: dict[str, dict[str, Any]]) -> str:
                       f"{d['slot_occupancy']:.3f}" if d.get("slot_occupancy") is not None else "-",
                       str(d["batch_fallback_rows"])))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     for row in lines)
+    aligned = ("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+               for row in lines)
+    return "\n".join(aligned)

@@ -59,8 +59,8 @@ def print_table(device: str, args, results: list[dict]) -> None:
           + " | tokens/pass " + " / ".join(methods) + " | propd / best" + (" | pruned / best" if pruned else "") + " |")
     print("|---" * (2 * len(methods) + 1 + (2 if pruned else 1)) + "|")
     for r in results:
-        print(f"| {r['batch']} | " + " | ".join(f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "")
-                                                for m in methods)
+        speeds = [f"{r[m]['tok_s']:.1f}" + (f" ({r['static_slots']})" if m == "static" else "") for m in methods]
+        print(f"| {r['batch']} | " + " | ".join(speeds)
               + " | " + " | ".join(f"{r[m]['tau']:.2f}" for m in methods[1:])
               + " | " + " / ".join(f"{r[m]['per_pass']:.0f}" for m in methods)
               + f" | {r['propd_vs_best']:.3f}" + (f" | {r['pruned_vs_best']:.3f}" if pruned else "") + " |")

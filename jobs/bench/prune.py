@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[m].append(out)
         reference = runs["unpruned"][0]["outputs"]
         base = None
-        print(f"\nbatch {batch}\n| config | tok/s | x unpruned | tau | tokens/pass | rows = unpruned |\n|---|---|---|---|---|---|")
+        print(f"\nbatch {batch}\n| config | tok/s | x unpruned | tau | tokens/pass | rows = unpruned |\n"
+              "|---|---|---|---|---|---|")
         for m, rs in runs.items():
             median = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
             tok_s = median["tokens"] / median["seconds"]

@@ -72,7 +72,8 @@ def bench_setup(setup: str, args, shared: dict) -> dict:
                            n=pt.n)
     startup = time.perf_counter() - started
     name = identify(lm.device, lm.dtype).readable
-    print(f"\n== {name}, batch {batch}: profile {'cached' if cached else f'measured in {profile.profile_seconds:.0f} s'}"
+    source = "cached" if cached else f"measured in {profile.profile_seconds:.0f} s"
+    print(f"\n== {name}, batch {batch}: profile {source}"
           f", start-up {startup:.1f} s; chosen budget {choice.chosen.budget} ({choice.chosen.slots} slots), "
           f"predicted tau {choice.chosen.estimate.expected_tokens:.2f}, predicted {choice.speedup:.2f}x", flush=True)
 

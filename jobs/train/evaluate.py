@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     print(f"\nheld-out accuracy (prompt token i guesses the token i+2 places ahead), tree of {args.tree_nodes} nodes")
-    print(f"{'kind':<6} {'tokens':<10} " + "  ".join(f"{'d=' + str(i + 2) + ' top1/5/10':<19}" for i in range(trained.k)))
+    print(f"{'kind':<6} {'tokens':<10} "
+          + "  ".join(f"{'d=' + str(i + 2) + ' top1/5/10':<19}" for i in range(trained.k)))
     for kind in ("chat", "math", "code", "all"):
         for name in candidates:
             ev = acc[name].get(kind)
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['trained']:>8.2f} {row['trained_predicted']:>10.2f}")
     print("\nreal decoding check (trained): identical to plain / steps decoded vs replayed")
     for kind, row in report["decode_check"].items():
-        print(f"{kind:<6} {row['identical_to_plain']}/{row['prompts']}  {row['steps_decoded']} vs {row['steps_replayed']}")
+        print(f"{kind:<6} {row['identical_to_plain']}/{row['prompts']}  "
+              f"{row['steps_decoded']} vs {row['steps_replayed']}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     return 0
