@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB_SCRIPT = "jobs/run.py"
@@ -34,6 +35,7 @@ def help_text(target: str, capsys, monkeypatch) -> str:
         else:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     assert stop.value.code in (0, None), f"{target} --help exited with {stop.value.code}"
+    assert torch.is_grad_enabled(), f"{target} turned autograd off for the whole process"
     return capsys.readouterr().out
 
 

@@ -31,6 +31,7 @@ from workers.configs import ModelConfig
 from workers.models import load_model
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs/train/evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="the trained prompt-token artifact")
@@ -114,5 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     raise SystemExit(main())
