@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from decoding import PPDDecoder, PromptTokens
 from jobs.train.prune_head import PruneHeadConfig, train

@@ -4,7 +4,7 @@ states equal to the unpruned pass, and greedy output unchanged while the later l
 import pytest
 import torch
 
-from decoding import PPDDecoder, TreeSet, TreeSpec, reference_greedy
+from decoding import PPDDecoder, TreeSpec, reference_greedy
 from decoding.pruning import PruneHead, compact, compacted_attend, kept_nodes
 from decoding.slot_cache import step_mask
 from decoding.tree import tree_buffers, tree_set_buffers
@@ -110,7 +110,7 @@ def test_pruned_decoding_is_lossless(model, truth, tree, keep_top_k):
         got = dec.generate(prompts, MAX_NEW)
         assert [r.token_ids for r in got] == [t[:MAX_NEW] for t in full], name
         runs[name] = (sum(r.num_tokens for r in got) / sum(r.num_steps for r in got), dec.tokens_processed / dec.passes)
-    (tau_full, work_full), (tau_pruned, work_pruned) = runs["full"], runs["pruned"]
+    (_, work_full), (tau_pruned, work_pruned) = runs["full"], runs["pruned"]
     assert work_pruned < work_full  # the later layers ran on fewer slots
     assert tau_pruned > 1.0  # accepted paths still got through, and their KV was kept right in both layouts
 

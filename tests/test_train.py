@@ -34,7 +34,7 @@ def config(tiny_dir, tmp_path, name, **overrides) -> TrainConfig:
 
 def test_training_is_deterministic_and_resumes_exactly(tiny_dir, tmp_path):
     full = train(config(tiny_dir, tmp_path, "a"))
-    again = train(config(tiny_dir, tmp_path, "b"))
+    train(config(tiny_dir, tmp_path, "b"))
     stopped = train(config(tiny_dir, tmp_path, "c", stop_after_steps=3))
     assert stopped.get("stopped") and stopped["steps"] == 3
     resumed = train(config(tiny_dir, tmp_path, "c"))
