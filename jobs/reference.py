@@ -97,7 +97,7 @@ PAGES = {"options.md": options_page, "output-schema.md": schema_page}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a page is stale")
     args = p.parse_args(argv)
     stale = []

@@ -53,11 +53,11 @@ def test_every_entry_point_answers_help(target, capsys, monkeypatch):
     assert "usage:" in help_text(target, capsys, monkeypatch)
 
 
-def readme_commands() -> list[list[str]]:
-    """The README's commands that run a project entry point: each shell line in a code block that (after
+def readme_commands(pages: tuple[str, ...] = ("README.md",)) -> list[list[str]]:
+    """The commands of these pages that run a project entry point: each shell line in a code block that (after
     environment assignments, and after ``--`` for ``ray job submit``) starts ``python jobs/run.py`` or
     ``python -m jobs.``, as argv from the entry point on."""
-    text = (REPO_ROOT / "README.md").read_text()
+    text = "\n".join((REPO_ROOT / page).read_text() for page in pages)
     commands = []
     for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
@@ -81,9 +81,12 @@ def test_the_readme_shows_the_job_and_its_submission():
     assert "make test" in (REPO_ROOT / "README.md").read_text(), "the test command CI runs (.ci/run)"
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=lambda argv: " ".join(argv[1:4]))
-def test_every_readme_command_parses(argv, capsys, monkeypatch):
-    """The entry point exists and knows every flag the README gives it (``--help`` is parsed after them)."""
+DOC_PAGES = ("README.md", *sorted(f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md")))
+
+
+@pytest.mark.parametrize("argv", readme_commands(DOC_PAGES), ids=lambda argv: " ".join(argv[1:4]))
+def test_every_documented_command_parses(argv, capsys, monkeypatch):
+    """The entry point exists and knows every flag the README or a docs page gives it."""
     target = argv[2] if argv[1] == "-m" else argv[1]
     flags = argv[3:] if argv[1] == "-m" else argv[2:]
     usage = help_text(target, capsys, monkeypatch)
@@ -155,3 +158,23 @@ def test_no_module_imports_a_script():
                     continue
                 offenders += [f"{path.relative_to(REPO_ROOT)} imports {n}" for n in names if n in scripts]
     assert not offenders, offenders
+
+
+def test_the_input_benchmark_plans_from_the_repository(tmp_path, capsys):
+    """jobs.bench.inputs runs jobs/run.py --plan-only as its own process: a first run plans every shard, a
+    resume none (the script finds the job where the repository keeps it)."""
+    from jobs.bench import inputs
+
+    inputs.main(["--rows", "300", "--shard-size", "64", "--dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == [
+        "parquet, first run", "jsonl, first run", "parquet, resume (every row written, a job's index files)",
+        "parquet, resume (every row written, footers only)"]
+    assert [line.endswith(("5 of 5 shards to decode", "0 of 5 shards to decode")) for line in lines] == [True] * 4
+    assert ["0 of 5" in line for line in lines] == [False, False, True, True]
+
+
+def test_the_benchmarks_default_inputs_exist():
+    from jobs.bench import decode
+
+    assert Path(decode.BenchConfig().input).is_file()

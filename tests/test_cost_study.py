@@ -178,7 +178,7 @@ def test_readers(tmp_path):
     with pytest.raises(SourceError, match="no summary.json"):
         read_job(tmp_path)
     (tmp_path / "junk.json").write_text("{}")
-    with pytest.raises(SourceError, match="not a bench_propd"):
+    with pytest.raises(SourceError, match="not a jobs.bench.propd"):
         read_any(tmp_path / "junk.json")
 
 

@@ -34,13 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
 from jobs.bench.hf_baseline import hf_greedy
+from jobs.config import DEMO_INPUT
 from jobs.inputs import read_rows
 from workers.artifacts import load_prompt_tokens
 from workers.configs import CpuLinear, ModelConfig
 from workers.cpu_linear import linear_kind
 from workers.models import LoadedModel, encode_row, load_model
 
-DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BenchConfig(BaseModel):
@@ -109,12 +110,12 @@ def timed(fn: Callable[[], tuple], device: torch.device) -> tuple[float, float |
 
 def cpu_peak_memory_mb(method: str, batch: int, cfg: BenchConfig) -> float:
     """One run of ``method`` in a fresh subprocess; its peak resident-set growth in MiB."""
-    args = [sys.executable, __file__, "--memory-probe", f"{method}:{batch}", "--model", cfg.model,
+    args = [sys.executable, "-m", "jobs.bench.decode", "--memory-probe", f"{method}:{batch}", "--model", cfg.model,
             "--dtype", cfg.dtype, "--cpu-linear", cfg.cpu_linear, "--max-new-tokens", str(cfg.max_new_tokens),
             "--input", cfg.input]
     if cfg.prompts:
         args += ["--prompts", cfg.prompts]
-    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
 
 
@@ -220,7 +221,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jobs.bench.decode",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in BenchConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if name in ("devices", "batch_sizes"):

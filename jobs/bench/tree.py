@@ -174,7 +174,7 @@ def cross_check(results: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/bench/tree.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.bench.tree", description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", nargs="+", default=None, help="device:batch[:threads] (default: cpu:1 cpu:8, "
                    "plus cuda:1 cuda:8 when a GPU is present)")
     p.add_argument("--prompts", help="prompt-token artifact (default: the one shipped for the model)")

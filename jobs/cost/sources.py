@@ -82,14 +82,14 @@ def read_job(out_dir: str | Path) -> list[Measurement]:
 
 
 def read_bench(path: str | Path) -> list[Measurement]:
-    """A bench_propd JSON (optionally wrapped as {"provenance": ..., "bench": ...}, as shipped under
+    """A jobs.bench.propd JSON (optionally wrapped as {"provenance": ..., "bench": ...}, as shipped under
     artifacts/measurements/): one measurement per batch size and method, its median round."""
     path = Path(path)
     data = json.loads(path.read_text())
     provenance = data.get("provenance", {})
     bench = data.get("bench", data)
     if "results" not in bench or "device" not in bench:
-        raise SourceError(f"{path}: not a bench_propd --json file (no 'device' and 'results')")
+        raise SourceError(f"{path}: not a jobs.bench.propd --json file (no 'device' and 'results')")
     device, dtype = bench.get("device_name"), bench.get("dtype") or provenance.get("dtype")
     if device is None:  # older files: "<device name> <dtype>", or the name alone
         device, _, last = bench["device"].rpartition(" ")
@@ -127,7 +127,7 @@ def read_profile(path: str | Path) -> list[Measurement]:
 
 
 def read_any(path: str | Path) -> list[Measurement]:
-    """A job output directory, a bench_propd JSON or a latency profile, told apart by content."""
+    """A job output directory, a jobs.bench.propd JSON or a latency profile, told apart by content."""
     path = Path(path)
     if path.is_dir():
         return read_job(path)

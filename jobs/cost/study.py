@@ -56,7 +56,7 @@ class CostStudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runs: list[str] = Field(default_factory=list, description="Job output directories (summary.json + parts).")
-    measurements: list[str] = Field(default_factory=list, description="bench_propd --json files and latency "
+    measurements: list[str] = Field(default_factory=list, description="jobs.bench.propd --json files and latency "
                                     "profile JSONs.")
     shipped: bool = Field(default=True, description="Also read artifacts/measurements/ (real runs on the "
                           "devices named there, for the default model).")
@@ -77,10 +77,11 @@ def _counts(values: list[str] | None, flag: str) -> dict[str, int]:
 
 
 def parse_config(argv: list[str] | None) -> CostStudyConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jobs.cost.study",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML with the keys of CostStudyConfig; flags override it")
     p.add_argument("--runs", nargs="+", help="job output directories")
-    p.add_argument("--measurements", nargs="+", help="bench_propd --json files or latency profiles")
+    p.add_argument("--measurements", nargs="+", help="jobs.bench.propd --json files or latency profiles")
     p.add_argument("--no-shipped", action="store_true", help="leave out artifacts/measurements/")
     p.add_argument("--output", help="report directory (required, here or in --config)")
     p.add_argument("--prices", help=f"price table YAML (default {DEFAULT_PRICES.relative_to(REPO_ROOT)})")
@@ -128,13 +129,17 @@ def parse_config(argv: list[str] | None) -> CostStudyConfig:
 
 
 def run_benchmark(argv: list[str]) -> None:
-    """``python -m jobs.bench.propd ARGV`` in a process of its own, from the repository root."""
-    subprocess.run([sys.executable, "-m", "jobs.bench.propd", *argv], cwd=REPO_ROOT, check=True)
+    """``python -m jobs.bench.propd ARGV`` in a process of its own, from the repository root (give it absolute
+    paths)."""
+    try:
+        subprocess.run([sys.executable, "-m", "jobs.bench.propd", *argv], cwd=REPO_ROOT, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"the sweep's benchmark failed (exit code {exc.returncode}; its output is above)") from None
 
 
 def run_sweep(sweep: SweepConfig, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "sweep.json"
+    path = (out_dir / "sweep.json").resolve()  # the benchmark runs from the repository root
     device = sweep.device
     if device == "auto":
         import torch

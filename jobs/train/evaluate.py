@@ -33,7 +33,7 @@ from workers.models import load_model
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/train/evaluate.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, help="the trained prompt-token artifact")
     p.add_argument("--model", default="default")
     p.add_argument("--tree-nodes", type=int, default=63, help="candidate nodes of the fixed-size tree")

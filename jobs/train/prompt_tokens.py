@@ -161,7 +161,7 @@ def _count_by_kind(samples: list[Sample]) -> dict[str, int]:
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainConfig, bool]:
-    p = argparse.ArgumentParser(prog="jobs/train/prompt_tokens.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.train.prompt_tokens", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE", help="YAML with TrainConfig values; flags override it")
     p.add_argument("--ray", action="store_true", help="run as one task on a Ray worker (a GPU when one is free)")
     p.add_argument("--model", help="'default', an HF model directory or a GGUF file")

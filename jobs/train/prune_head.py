@@ -159,7 +159,7 @@ def train(cfg: PruneHeadConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/train/prune_head.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.train.prune_head", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="'default', an HF model directory or a GGUF file")
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
