@@ -11,6 +11,11 @@ inference, with the prefix varying per slot). Gradients reach only the prompt-to
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +30,19 @@ def valid_cuts(prompt_len: int, seq_len: int, k: int) -> torch.Tensor:
     The first, t = prompt_len - 1, is the decoder's first step (guesses right after the prompt).
     """
     return torch.arange(prompt_len - 1, max(prompt_len - 1, seq_len - k - 1))
+
+
+def cut_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's cuts in one epoch (index -1: the epoch's sample order)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
+
+
+def draw_cuts(prompt_len: int, seq_len: int, k: int, count: int, g: torch.Generator) -> torch.Tensor:
+    """At most ``count`` of the sequence's valid cuts, drawn without replacement by ``g``, in order."""
+    cuts = valid_cuts(prompt_len, seq_len, k)
+    if len(cuts) > count:
+        cuts = cuts[torch.randperm(len(cuts), generator=g)[:count]].sort().values
+    return cuts
 
 
 def prefix_pass(model: nn.Module, seq: torch.Tensor):
@@ -92,3 +110,65 @@ def guess_ranks(student: torch.Tensor, seq: torch.Tensor, cuts: torch.Tensor, ma
     true_logit = student.gather(-1, target[..., None])  # [M, k, 1]
     rank = (student > true_logit).sum(-1)  # [M, k]: tokens strictly ahead of the true one
     return rank.clamp(max=max_rank)
+
+
+def sequence_loss(model: nn.Module, prompt_tokens: PromptTokens, seq: torch.Tensor, cuts: torch.Tensor,
+                  alpha: float) -> torch.Tensor:
+    """The distillation loss of one sequence [L] at these cuts [M]: the teacher's pass (no gradient), then one
+    student pass over every cut. Gradients reach only ``prompt_tokens``."""
+    cache, hidden = prefix_pass(model, seq)
+    teacher = teacher_log_probs(model, hidden, cuts, prompt_tokens.k)
+    return distill_loss(student_logits(model, prompt_tokens, cache, len(seq), cuts), teacher, alpha)
+
+
+def fit_prompt_tokens(model: nn.Module, start: PromptTokens, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      *, steps: int, samples_per_step: int = 4, cuts_per_sample: int = 24, lr: float = 1e-2,
+                      alpha: float = 0.8, seed: int = 0, deadline: float | None = None,
+                      on_step: Callable[[int, float], None] | None = None) -> tuple[PromptTokens, list[float]]:
+    """Prompt tokens trained from ``start`` by self-distillation on ``sequences`` (prompt ids, the model's output
+    ids for them): ``steps`` AdamW steps of ``samples_per_step`` sequences each, taken in an order reshuffled
+    every pass, with a cosine learning-rate decay to 0. ``start`` is left as it was.
+
+    Deterministic for a seed: the order of each pass and the cuts of each sequence come from generators seeded by
+    (seed, pass, sequence). Raises TimeoutError when a step ends after ``deadline`` (time.monotonic()) with steps
+    left. Returns the trained tokens (fp32, on the model's device, ``start``'s metadata copied) and each step's
+    loss; ``on_step(step, loss)`` is called after each."""
+    if not sequences:
+        raise ValueError("no sequences to learn from")
+    device = model.get_input_embeddings().weight.device
+    pt = PromptTokens(start.embeddings.detach().to(device=device, dtype=torch.float32).clone(),
+                      replace(start.meta, extra=dict(start.meta.extra)))
+    opt = torch.optim.AdamW(pt.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    encoded = [torch.tensor(list(p) + list(r), dtype=torch.long, device=device) for p, r in sequences]
+    prompt_lens = [len(p) for p, _ in sequences]
+    orders: dict[int, list[int]] = {}  # pass -> its order (the current pass's only)
+    losses: list[float] = []
+    with torch.enable_grad():
+        for step in range(steps):
+            batch = []  # (pass, sequence index)
+            for position in range(step * samples_per_step, (step + 1) * samples_per_step):
+                epoch, at = divmod(position, len(encoded))
+                if epoch not in orders:
+                    orders = {epoch: torch.randperm(len(encoded), generator=cut_generator(seed, epoch, -1)).tolist()}
+                batch.append((epoch, orders[epoch][at]))
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for epoch, index in batch:
+                seq = encoded[index]
+                cuts = draw_cuts(prompt_lens[index], len(seq), pt.k, cuts_per_sample,
+                                 cut_generator(seed, epoch, index)).to(device)
+                if len(cuts) == 0:
+                    continue
+                loss = sequence_loss(model, pt, seq, cuts, alpha) / len(batch)
+                loss.backward()
+                step_loss += loss.item()
+            opt.step()
+            sched.step()
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step + 1, step_loss)
+            if deadline is not None and step + 1 < steps and time.monotonic() > deadline:
+                raise TimeoutError(f"training stopped at its deadline after {step + 1} of {steps} steps")
+    pt.embeddings.requires_grad_(False)
+    return pt, losses

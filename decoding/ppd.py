@@ -105,7 +105,29 @@ class PPDDecoder:
     def begin(self) -> None:
         """A new SlotBatch begins."""
         self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
-        self.prompt_table = self.prompt_tokens.flat(self.dtype)  # [k*n, H]
+        # [k*n, H], the decoder's own storage: adopt_prompt_tokens overwrites it in place
+        self.prompt_table = self.prompt_tokens.flat(self.dtype).detach().clone()
+
+    def adopt_prompt_tokens(self, prompt_tokens: PromptTokens) -> None:
+        """Decode with ``prompt_tokens`` from the next step on. The prompt-token table is overwritten in place
+        (same shape, same storage), so a compiled or captured step that reads it stays valid. Rows in flight keep
+        the guesses they hold: a guess only decides how many tokens a step may accept, never which."""
+        old = self.prompt_tokens
+        if (prompt_tokens.k, prompt_tokens.n, prompt_tokens.hidden_size) != (old.k, old.n, old.hidden_size):
+            raise ValueError(f"new prompt tokens are [{prompt_tokens.k}, {prompt_tokens.n}, "
+                             f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
+        self.prompt_tokens = prompt_tokens
+        if hasattr(self, "prompt_table"):
+            with torch.no_grad():
+                self.prompt_table.copy_(prompt_tokens.flat(self.dtype))
+
+    def use_tree_set(self, tree_set: TreeSet) -> None:
+        """Decode with ``tree_set`` from the next step on (rows keep their depth states: same k)."""
+        if (tree_set.k, tree_set.top_k) != (self.tree_set.k, self.tree_set.top_k):
+            raise ValueError("a new tree set must keep k and top_k (the slots' guesses are shaped by them)")
+        self.tree_set = tree_set
+        if hasattr(self, "_buffers"):
+            self._buffers = tree_set_buffers(tree_set, self.prompt_tokens.n, self.device)
 
     def plan_step(self, rows):
         """The tree buffers of the next step, for the rows in slots 0..A-1 (``rows``: an ActiveView, host only)."""

@@ -197,6 +197,23 @@ class ProPDDecoder(PPDDecoder):
                 self._set_family(family)
                 self.built_from = table
 
+    def adopt_prompt_tokens(self, prompt_tokens: PromptTokens) -> None:
+        """New prompt tokens (PPDDecoder's), with their acceptance table: the family is rebuilt from it, and
+        the statistics learned of the old tokens (acceptance, yields) start again from it."""
+        table = prompt_tokens.meta.extra.get("acceptance")
+        if not table:
+            raise ValueError("ProPD needs prompt tokens with an acceptance table")
+        family = list(self.build_family(table))
+        if not family:
+            raise ValueError("the tree family builder returned no tree set")
+        super().adopt_prompt_tokens(prompt_tokens)
+        self.acceptance = AcceptanceTracker(table, prompt_tokens.k, self.acceptance.top_k)
+        self.yields = YieldTracker()
+        self._set_family(family)
+        self.built_from = table
+        self.initial_family = tuple(self.family)
+        self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
+
     @property
     def max_step_tokens(self) -> int:
         return max(self.widest)  # the family's widest state

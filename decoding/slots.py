@@ -170,6 +170,13 @@ class SlotBatch:
     def idle(self) -> bool:
         return not self.rows and not self.waiting
 
+    def make_room(self) -> None:
+        """Room in the cache for the rows in slots for their longest step under the decoder as it is now (after
+        the decoder changed its tree; admission makes room for newcomers)."""
+        if self.rows:
+            need = max(len(r.request.prompt) + r.request.max_new_tokens for r in self.rows)
+            self.cache.ensure_capacity(need + self.decoder.max_step_tokens)
+
     def view(self) -> ActiveView:
         rows = self.rows
         return ActiveView([r.id for r in rows], [r.result for r in rows], [r.kv_len for r in rows],

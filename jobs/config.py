@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
-from workers.configs import DecodingConfig, ModelConfig
+from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 
 DEMO_INPUT = Path(__file__).resolve().parent / "demo_prompts.jsonl"
 DEMO_OUTPUT = "outputs/demo"
@@ -95,6 +95,8 @@ class JobConfig(BaseModel):
         default_factory=lambda: [WorkerGroup()], min_length=1,
         description="Worker groups; every actor of every group pulls shards from one queue.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Restarts and retries.")
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig, description="Prompt tokens learned "
+                                         "from the job's own first rows.")
     wait_for_workers: bool = Field(
         default=False, description="Hand out no shard until every worker has started (or failed): every device "
         "then gets a share of the work, as a cost study needs. Default: the first ready worker starts at once.")
@@ -181,6 +183,8 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "keep_top_k": Flag(("decoding", "keep_top_k"), "children kept per node by pruning (default: the head's)", "K"),
     "profile_budget_s": Flag(("decoding", "profile_budget_s"), "seconds each worker may spend profiling its "
                              "device (default: 60 CPU, 30 GPU)", "S"),
+    "adapt_prompts": Flag(("adaptation", "mode"), "learn prompt tokens from the job's first rows and decode the "
+                          "rest with them (auto: only where this device's profile says trees pay)"),
     "num_prompt_tokens": Flag(("decoding", "num_prompt_tokens"), "k when prompt tokens come from embeddings", "K"),
     "batch_size": Flag(("workers", "batch_size"), "rows per batch, or auto", "N|auto", parse=_int_or_auto),
     "num_workers": Flag(("workers", "count"), "decode actors", "N"),

@@ -89,9 +89,12 @@ def _feasible(group: WorkerGroup, cpus: float) -> bool:
                for node in ray.nodes() if node.get("Alive"))
 
 
-def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None = None) -> list[Worker]:
+def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None = None, *, adaptable: bool = False,
+                  prompt_files: tuple[str, dict[str, bytes]] | None = None) -> list[Worker]:
     """Create every group's actors (their constructors load the model and profile the device). Their numeric
-    decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/board.py)."""
+    decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/board.py).
+    ``adaptable``: they may be handed new prompt tokens mid-job; ``prompt_files``: the prompt-token artifact they
+    start with, as (where from, its files), instead of ``decoding.prompts``."""
     workers = []
     for group in cfg.workers:
         cpus = _group_cpus(group)
@@ -106,7 +109,7 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
             handle = cls.remote(model, cfg.decoding.model_dump(), group=group.name, index=index,
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
                                 num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
-                                numerics_board=numerics_board)
+                                numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files)
             workers.append(Worker(handle, group.name, index))
     return workers
 

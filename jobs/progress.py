@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -78,6 +79,7 @@ class Progress:
         self.groups: dict[str, Tally] = defaultdict(Tally)
         self.devices: dict[str, Tally] = defaultdict(Tally)
         self.group_started: dict[str, float] = {}
+        self.status: Callable[[], str | None] = lambda: None  # a few more words for the line (the adaptation's)
 
     def worker_ready(self, group: str) -> None:
         if not self.group_started:  # rates count from the first worker ready, not from model loading
@@ -109,6 +111,9 @@ class Progress:
         for name, tally in sorted(self.groups.items()):
             since = now - self.group_started.get(name, self.started)
             parts.append(f"{name}: {tally.prompts} rows, {tally.output_tokens / since if since > 0 else 0:.1f} tok/s")
+        status = self.status()
+        if status:
+            parts.append(status)
         return " | ".join(parts)
 
     def show(self, force: bool = False) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from jobs.adapt import Adaptation, load_prompt_files
 from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
 from jobs.output import PartIndex, write_part, write_summary
@@ -175,6 +176,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     run["skipped"], run["retried_from_earlier"] = skipped, written.retried
     run["shards"] = todo_shards(plan, written)
     progress = Progress(plan.num_rows - skipped, skipped, interval_s=progress_interval_s)
+    adaptation = Adaptation(cfg, out, plan, written.done, plan.num_rows - skipped)
+    progress.status = adaptation.progress
     workers: list[Worker] = []
     board = None
     index = PartIndex(out)  # the written parts' summaries, for the next resume
@@ -187,22 +190,33 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
             board, board_name = start_board(recorded_numerics(out))
-            workers = start_workers(cfg, chash, board_name)
+            workers = start_workers(cfg, chash, board_name, adaptable=adaptation.adaptable,
+                                    prompt_files=adaptation.worker_files or load_prompt_files(cfg))
 
             def on_ready(w: Worker) -> None:
+                first = "first_ready" not in run
                 run.setdefault("first_ready", time.perf_counter())
                 print(describe_worker(w.info), flush=True)
                 record_worker(out, w.info, run["worker_starts"])
                 run["worker_starts"].append(w.info)
                 progress.worker_ready(w.group)
+                if first:
+                    print(adaptation.start([w]), flush=True)
+                adaptation.worker_ready(w)
+
+            def on_tick() -> None:
+                adaptation.poll(workers)
+                progress.show()
 
             for shard, records, w in run_shards(
                 workers, iter_shards(plan, written.done), max_attempts=cfg.faults.max_shard_attempts,
-                config_hash=chash, on_ready=on_ready, startup_timeout_s=startup_timeout_s, on_tick=progress.show,
+                config_hash=chash, on_ready=on_ready, startup_timeout_s=startup_timeout_s, on_tick=on_tick,
                 wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
                 write_part(out, shard.index, records, index)
+                adaptation.add_shard(shard, records, workers)
+                adaptation.poll(workers)
                 run["retries"] += shard.attempts
                 progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
                              seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
@@ -216,7 +230,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 ray.shutdown()
     run["decoded"] = time.perf_counter()
     progress.close()
-    summary = _summarise(out, plan, cfg, run, workers, progress)
+    summary = {**_summarise(out, plan, cfg, run, workers, progress), "adaptation": adaptation.summary()}
     write_summary(out, summary)
     if summary["by_device"]:
         print(device_table(summary["by_device"]), flush=True)

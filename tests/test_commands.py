@@ -116,6 +116,7 @@ FLAG_VALUES = {
     "stop": ("END", ["END"]), "seed": ("11", 11), "n": ("1", 1), "prompts": ("untrained", "untrained"),
     "tree_nodes": ("12", 12), "tree_sizing": ("static", "static"), "prune_head": ("auto", "auto"),
     "keep_top_k": ("4", 4), "profile_budget_s": ("2.5", 2.5), "num_prompt_tokens": ("2", 2),
+    "adapt_prompts": ("on", "on"),
     "batch_size": ("auto", "auto"), "num_workers": ("3", 3), "num_cpus_per_worker": ("1.5", 1.5),
     "num_gpus_per_worker": ("0.5", 0.5),
 }

@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from workers.board import BoardClient
-from workers.configs import DecodingConfig, ModelConfig
+from workers.artifacts import ArtifactError, artifact_files, prompt_tokens_from_files
+from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.engine import DecodeEngine
 
 
@@ -33,12 +34,14 @@ class DecodeWorker:
     def __init__(self, model: dict[str, Any], decoding: dict[str, Any], *, group: str, index: int,
                  config_hash: str, batch_size: int | str = 1, max_batch_size: int = 64,
                  num_threads: int | None = None, latency_profile: str | None = None,
-                 numerics_board: str | None = None):
+                 numerics_board: str | None = None, adaptable: bool = False,
+                 prompt_files: tuple[str, dict[str, bytes]] | None = None):
         self.group = group
         self.config_hash = config_hash
         # A restarted actor is a new process: its pid (and maybe its node) differ, so the name says which
         # process decoded a row.
         self.name = f"{group}/{index} pid {os.getpid()} on {socket.gethostname()}"
+        self.num_threads = num_threads
 
         def build_engine() -> DecodeEngine:
             if num_threads:
@@ -50,7 +53,8 @@ class DecodeWorker:
             # every worker on one kind of machine, and this one after a restart, computes with the same kernels.
             board = BoardClient(numerics_board) if numerics_board is not None else None
             return DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
-                                            max_batch_size=max_batch_size, latency_profile=latency_profile)
+                                            max_batch_size=max_batch_size, latency_profile=latency_profile,
+                                            adaptable=adaptable, prompt_files=prompt_files)
 
         # Every torch op of this actor runs in the one decode-loop thread, the engine's construction and profile
         # included. On CPU, each thread that runs OpenMP regions gets its own team of workers, and once a process
@@ -76,7 +80,7 @@ class DecodeWorker:
             built.set()
         while True:
             with self._work:
-                while self.engine.idle:
+                while self.engine.idle and not self.engine.has_pending_prompts:
                     self._work.wait()
             try:
                 self.engine.step()
@@ -104,6 +108,45 @@ class DecodeWorker:
         return {"records": records, "slots": job.occupancy}
 
 
+    def adopt_prompts(self, source: str, files: dict[str, bytes]) -> dict[str, Any]:
+        """Decode with the prompt-token artifact given as its files (workers/artifacts.artifact_files) from the
+        next step on; returns once adopted: {"prompts_hash", "error": None, or why the old ones were kept}."""
+        try:
+            prompt_tokens, prompts_hash = prompt_tokens_from_files(files, expect_model_hash=None)
+        except (ArtifactError, OSError) as exc:
+            return {"prompts_hash": None, "error": f"{type(exc).__name__}: {exc}"}
+        pending = self.engine.request_prompt_tokens(prompt_tokens, prompts_hash, source)
+        with self._work:
+            self._work.notify()
+        pending.done.wait()
+        error = None if pending.error is None else f"{type(pending.error).__name__}: {pending.error}"
+        return {"prompts_hash": prompts_hash, "error": error}
+
+    def adaptation_outlook(self) -> dict[str, Any]:
+        """What this worker's profile predicts for trees before and after adaptation (DecodeEngine's)."""
+        return {**self.engine.adaptation_outlook(), "worker": self.name}
+
+    def adapt(self, rows: list[dict], outputs: list[list[int]], held_out: list[bool],
+              settings: dict[str, Any]) -> dict[str, Any]:
+        """Learn prompt tokens from these completed rows beside decoding (this call's own thread): {"passed",
+        "report", "files": the new artifact's files, "prompts_hash"} (workers/adaptation.py)."""
+        if self.num_threads:
+            import torch
+
+            torch.set_num_threads(self.num_threads)  # per calling thread, as in the decode loop
+        try:
+            outcome = self.engine.adapt(rows, outputs, held_out, AdaptationConfig(**settings))
+        finally:
+            self.engine.adapt_progress = None
+        files, prompts_hash = artifact_files(outcome.prompt_tokens)
+        return {"passed": outcome.passed, "report": outcome.report, "files": files, "prompts_hash": prompts_hash,
+                "worker": self.name}
+
+    def adapt_progress(self) -> str | None:
+        """What a running adaptation is at (None when none runs here)."""
+        return self.engine.adapt_progress
+
+
 def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str | None = None,
                   resources: dict[str, float] | None = None, max_restarts: int = 3):
     """`DecodeWorker` as a Ray actor class with the given resources.
@@ -114,7 +157,7 @@ def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str
     """
     # Threaded: shards queued ahead (jobs/pool.py) wait in process() while the loop decodes, and ready() answers.
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                   max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 2)
+                                   max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 5)
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
     if resources:

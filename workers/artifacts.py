@@ -49,31 +49,49 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def artifact_files(pt: PromptTokens) -> tuple[dict[str, bytes], str]:
+    """The artifact's two files as bytes ({file name: content}; the weights first) and its hash (the sha256 of
+    the safetensors file): what ``save_prompt_tokens`` writes, for a store that is not a local directory."""
+    embeddings = pt.embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    weights = safetensors.torch.save({TENSOR_NAME: embeddings}, metadata={"format": "pt"})
+    content_hash = hashlib.sha256(weights).hexdigest()
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "safetensors_sha256": content_hash,
+        "shape": list(embeddings.shape),
+        "meta": pt.meta.to_json_dict(),
+    }
+    return {WEIGHTS_NAME: weights, METADATA_NAME: json.dumps(metadata, indent=1, sort_keys=True).encode()}, content_hash
+
+
 def save_prompt_tokens(pt: PromptTokens, path: str | os.PathLike[str]) -> str:
     """Write the artifact directory ``path`` atomically (replacing an earlier artifact there) and return
     the sha256 of its safetensors file."""
     target = Path(path)
     if target.exists() and not _is_replaceable(target):
         raise ArtifactError(f"{str(target)!r} exists and is not a prompt-token artifact; refusing to replace it")
-    embeddings = pt.embeddings.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    files, content_hash = artifact_files(pt)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
-        weights_path = tmp / WEIGHTS_NAME
-        safetensors.torch.save_file({TENSOR_NAME: embeddings}, str(weights_path), metadata={"format": "pt"})
-        content_hash = _sha256_file(weights_path)
-        metadata = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "safetensors_sha256": content_hash,
-            "shape": list(embeddings.shape),
-            "meta": pt.meta.to_json_dict(),
-        }
-        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
         _swap_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return content_hash
+
+
+def prompt_tokens_from_files(files: dict[str, bytes], **checks: Any) -> tuple[PromptTokens, str]:
+    """An artifact given as its files' bytes (``artifact_files``), loaded and checked as ``load_prompt_tokens``
+    does (``checks`` are its keyword arguments); returns the prompt tokens and the artifact's hash."""
+    if set(files) != {WEIGHTS_NAME, METADATA_NAME}:
+        raise ArtifactError(f"a prompt-token artifact is {WEIGHTS_NAME} and {METADATA_NAME}, got {sorted(files)}")
+    with tempfile.TemporaryDirectory(prefix="prompt-tokens-") as tmp:
+        for name, content in files.items():
+            (Path(tmp) / name).write_bytes(content)
+        return load_prompt_tokens(tmp, **checks), artifact_hash(tmp)
 
 
 def _is_replaceable(target: Path) -> bool:
@@ -217,4 +235,20 @@ def find_shipped_artifact(model_hash: str, shipped_dir: Path = SHIPPED_DIR) -> P
             continue
         if meta.get("base_model_hash") == model_hash:
             return candidate
+    return None
+
+
+def reference_acceptance_table(k: int) -> list[list[float]] | None:
+    """The acceptance table of a shipped artifact with k prompt tokens: what trained prompt tokens typically
+    reach, for planning before a model has its own (None when none is shipped)."""
+    if not SHIPPED_DIR.is_dir():
+        return None
+    for candidate in sorted(SHIPPED_DIR.iterdir()):
+        try:
+            meta = _read_metadata(candidate)["meta"]
+        except (OSError, ArtifactError):
+            continue
+        table = (meta.get("extra") or {}).get("acceptance")
+        if meta.get("k") == k and table:
+            return table
     return None

@@ -197,3 +197,35 @@ class DecodingConfig(BaseModel):
         description="k, the number of prompt tokens, when they are initialised from token "
         "embeddings (an artifact brings its own k).",
     )
+
+
+class AdaptationConfig(BaseModel):
+    """Prompt tokens learned from the job's own first rows (docs/training.md#adaptation-in-the-job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="'on': a PPD job of at least min_rows rows learns prompt tokens from its first completed rows "
+        "and decodes the rest with them, if they pass the gate. 'auto': the same, only where a worker's latency "
+        "profile says trees pay at the tau adaptation is expected to reach, and the job is long enough to win the "
+        "training time back. 'off': never.")
+    min_rows: int = Field(default=200, ge=1, description="Input rows a job needs before it adapts.")
+    train_rows: int = Field(default=192, ge=1, description="Completed rows learned from.")
+    held_out_rows: int = Field(default=48, ge=1, description="Completed rows held back for the gate's replay.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
+    samples_per_step: int = Field(default=4, ge=1, description="Rows whose gradients add up per step.")
+    cuts_per_sample: int = Field(default=24, ge=1, description="Cut points drawn per row and pass.")
+    lr: float | None = Field(default=None, gt=0, description="AdamW peak learning rate; default lr_untrained, or "
+                             "lr_from_trained when the current prompt tokens were trained.")
+    lr_untrained: float = Field(default=1e-2, gt=0, description="Default learning rate from untrained tokens.")
+    lr_from_trained: float = Field(default=3e-3, gt=0, description="Default learning rate from trained tokens.")
+    seed: int = Field(default=0, description="Seed of the training draws (the rows' order and cuts).")
+    timeout_s: float = Field(default=900.0, gt=0, description="Training that runs longer is given up (the job "
+                             "goes on with the old prompt tokens).")
+    auto_min_speedup: float = Field(default=1.1, gt=1, description="'auto' adapts only where the worker's profile "
+                                    "predicts at least this speed-up over plain decoding at the expected tau.")
+
+    def steps_for(self, rows: int) -> int:
+        """Training steps for this many rows: ``epochs`` passes of ``samples_per_step`` rows a step."""
+        return max(1, round(self.epochs * rows / self.samples_per_step))

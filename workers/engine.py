@@ -28,13 +28,17 @@ from decoding.captured_step import StepMode
 from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
+from decoding.tree import TreeSet
 from trees.builder import tree_family
-from workers.artifacts import artifact_hash, find_shipped_artifact, load_prompt_tokens
-from workers.configs import DecodingConfig, ModelConfig
+from trees.paths import fixed_size_tree_set
+from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt_tokens, prompt_tokens_from_files,
+                               reference_acceptance_table)
+from workers.adaptation import AdaptOutcome, adapt_prompt_tokens
+from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
 from workers.numerics import DecisionBoard, numeric_path
-from workers.planning import plan_decoding
+from workers.planning import best_tree_set, plan_decoding
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
 from workers.sampling import StopStrings, resolve_sampling, text_before_stop
@@ -46,8 +50,13 @@ class DecodeEngine:
 
     def __init__(self, loaded: LoadedModel, decoding: DecodingConfig | None = None, *,
                  batch_size: int | Literal["auto"] = 1, max_batch_size: int = 64, cache_dir: str | None = None,
-                 latency_profile: str | None = None):
+                 latency_profile: str | None = None, adaptable: bool = False,
+                 prompt_files: tuple[str, dict[str, bytes]] | None = None):
         self.loaded = loaded
+        # Prompt tokens may be replaced mid-job (adopt_prompt_tokens): untrained ones then start from an empty
+        # acceptance table, which plans plain decoding until adapted tokens bring a real one.
+        self.adaptable = adaptable
+        self.prompt_files = prompt_files  # (where from, the artifact's files): instead of decoding.prompts
         self.config = decoding or DecodingConfig()
         self.requested_batch_size = batch_size
         self.max_batch_size = max_batch_size
@@ -56,6 +65,8 @@ class DecodeEngine:
         self.device_name = identify(loaded.device, loaded.dtype).readable
         self.numeric_path = numeric_path(loaded.model)
         self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
+        self.adoptions = 0  # prompt tokens adopted mid-job
+        self.adapt_progress: str | None = None  # what an adaptation running on this worker is at
         self.tree_info: dict[str, Any] = {}
         started = time.perf_counter()
         self.decoder = self._build_decoder()  # also settles self.batch_size and self.step_mode
@@ -75,6 +86,7 @@ class DecodeEngine:
         warmup_s = self.batch.warm_up()
         self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
         self._lock = threading.Lock()
+        self._pending_prompts: list[PendingPrompts] = []  # adopted between steps, by the decode loop
         self._open: list[ShardJob] = []  # shards added and not yet done
         self._occupancy_reported: dict[str, int] = {}
 
@@ -89,7 +101,11 @@ class DecodeEngine:
         self.prompts_source = None
         self.prompts_hash = None
         prompt_tokens = None
-        if self.config.method == "ppd":
+        if self.config.method == "ppd" and self.prompt_files is not None:
+            self.prompts_source, files = self.prompt_files
+            prompt_tokens, self.prompts_hash = prompt_tokens_from_files(
+                files, expect_model_hash=lm.content_hash, device=lm.device, dtype=lm.dtype)
+        elif self.config.method == "ppd":
             artifact = self.config.prompts
             if artifact == "auto":
                 shipped = find_shipped_artifact(lm.content_hash)
@@ -109,6 +125,8 @@ class DecodeEngine:
                     base_model_id=lm.model_id,
                     base_model_hash=lm.content_hash,
                 )
+                if self.adaptable and not self.config.tree_nodes:
+                    prompt_tokens.meta.extra["acceptance"] = empty_acceptance_table(prompt_tokens.k)
         if prompt_tokens is None and self.config.prune_head not in ("none", "auto"):
             raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
         prune_head = self._load_prune_head() if prompt_tokens is not None else None
@@ -122,6 +140,7 @@ class DecodeEngine:
             profile_budget_s=self.config.profile_budget_s, latency_profile=self.latency_profile,
             step_mode="cuda_graphs" if self.step_mode == "cuda_graphs" else "eager")
         self.batch_size = plan.batch_size
+        self.profile = plan.profile
         self.tree_info = {**plan.info, **self.tree_info}  # the prune head's entries, when one was loaded
         if prompt_tokens is None:
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
@@ -170,6 +189,113 @@ class DecodeEngine:
         self.tree_info = {**self.tree_info, "prune_head": source, "prune_layer": head.layer,
                           "keep_top_k": head.keep_top_k}
         return head
+
+    # -- prompt tokens replaced mid-job ------------------------------------------------------------------------
+    def request_prompt_tokens(self, prompt_tokens: PromptTokens, prompts_hash: str, source: str) -> PendingPrompts:
+        """Queue new prompt tokens for the decode loop to adopt at its next step boundary (any thread); the
+        returned handle's ``done`` is set once adopted, with ``error`` set if they could not be."""
+        pending = PendingPrompts(prompt_tokens, prompts_hash, source)
+        with self._lock:
+            self._pending_prompts.append(pending)
+        return pending
+
+    @property
+    def has_pending_prompts(self) -> bool:
+        return bool(self._pending_prompts)
+
+    def adopt_pending_prompts(self) -> None:
+        """Adopt the queued prompt tokens (the decode loop's thread, between steps); a failure leaves the old ones."""
+        with self._lock:
+            queued, self._pending_prompts = self._pending_prompts, []
+        for pending in queued:
+            try:
+                self.adopt_prompt_tokens(pending.prompt_tokens, pending.prompts_hash, pending.source)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller; the worker keeps its old tokens
+                log.warning("could not adopt prompt tokens %s: %r", pending.prompts_hash[:12], exc)
+                pending.error = exc
+            pending.done.set()
+
+    def adopt_prompt_tokens(self, prompt_tokens: PromptTokens, prompts_hash: str, source: str) -> None:
+        """Decode with ``prompt_tokens`` from the next step on, between steps, without draining the slots: the
+        prompt-token table is overwritten in place, the tree (or ProPD's family and statistics) is rebuilt from
+        their acceptance table, and rows not yet admitted will name them in ``prompts_hash``; rows in flight
+        name the tokens they were admitted with. Outputs are unchanged: only the steps they take change."""
+        lm = self.loaded
+        decoder = self.decoder
+        if not isinstance(decoder, PPDDecoder):
+            raise ValueError("plain decoding has no prompt tokens to replace")
+        if prompt_tokens.meta.base_model_hash != lm.content_hash:
+            raise ValueError(f"the prompt tokens were made for model {prompt_tokens.meta.base_model_hash[:12]}…, "
+                             f"not the loaded {lm.content_hash[:12]}…")
+        table = prompt_tokens.meta.extra.get("acceptance")
+        tree_set = None
+        if not isinstance(decoder, ProPDDecoder) and table:
+            tree_set = self.tree_for(table, prompt_tokens)
+        prompt_tokens = PromptTokens(prompt_tokens.embeddings.detach().to(device=lm.device, dtype=lm.dtype),
+                                     prompt_tokens.meta)
+        decoder.adopt_prompt_tokens(prompt_tokens)
+        if tree_set is not None:
+            decoder.use_tree_set(tree_set)
+        self.batch.make_room()
+        self.prompts_hash, self.prompts_source = prompts_hash, source
+        for request in self.batch.waiting:
+            request.tag[1].output.prompts_hash, request.tag[1].output.tree_hash = prompts_hash, self.tree_hash
+        self.adoptions += 1
+
+    def tree_for(self, table: list[list[float]], prompt_tokens: PromptTokens | None = None) -> TreeSet:
+        """The tree set this worker would decode with at its batch size, were ``table`` its prompt tokens'
+        acceptance table: the fixed-size tree with ``tree_nodes``, else the profile's hardware-aware choice
+        (ProPD's choice at a full batch), else the tree it has."""
+        pt = prompt_tokens or self.decoder.prompt_tokens
+        if self.config.tree_nodes:
+            return fixed_size_tree_set(table, self.config.tree_nodes, pt.k)
+        if self.profile is not None:
+            return best_tree_set(self.profile, table, pt.k, pt.n, self.batch_size).chosen.tree_set
+        return self.decoder.tree_set
+
+    def adaptation_outlook(self, settings: AdaptationConfig | None = None) -> dict[str, Any]:
+        """What this worker's latency profile predicts for trees at its batch size: the speed-up over plain
+        decoding, tau and tokens/s with its prompt tokens as they are ("now") and as adaptation is expected to
+        leave them ("expected": their own table when they were trained, else the acceptance of the shipped
+        artifact, which training on a job's own rows came within 5% of), and a rough estimate of the training's
+        seconds here (each row: ~4 passes of a 256-slot step, forward and backward)."""
+        if self.profile is None or not isinstance(self.decoder, PPDDecoder):
+            return {"profiled": False}
+        settings = settings or AdaptationConfig()
+        pt = self.decoder.prompt_tokens
+        now = pt.meta.extra.get("acceptance")
+        trained = now and any(any(row) for row in now)
+        expected = now if trained else reference_acceptance_table(pt.k)
+        widest = max(self.profile.measured_slots(1) or [1])
+        rows = settings.steps_for(settings.train_rows) * settings.samples_per_step
+        outlook: dict[str, Any] = {"profiled": True, "batch_size": self.batch_size,
+                                   "train_seconds_estimate": round(4 * rows * self.profile.step_seconds(1, widest)
+                                                                   * 256 / widest, 1)}
+        for name, table in (("now", now), ("expected", expected)):
+            if table:
+                choice = best_tree_set(self.profile, table, pt.k, pt.n, self.batch_size)
+                outlook[name] = {"speedup": round(choice.speedup, 3),
+                                 "tau": round(choice.chosen.estimate.expected_tokens, 3),
+                                 "tokens_per_s": round(self.batch_size * choice.chosen.estimate.expected_tokens
+                                                       / choice.step_seconds, 2)}
+        return outlook
+
+    def adapt(self, rows: list[dict], outputs: list[list[int]], held_out: list[bool],
+              settings: AdaptationConfig) -> AdaptOutcome:
+        """Learn prompt tokens from completed rows (input rows and their output ids; ``held_out`` marks the
+        gate's rows) in the caller's thread, beside decoding (workers/adaptation.py)."""
+        if not isinstance(self.decoder, PPDDecoder):
+            raise ValueError("plain decoding has no prompt tokens to adapt")
+        sequences = [(self._encode(row), list(out)) for row, out in zip(rows, outputs)]
+        train = [seq for seq, held in zip(sequences, held_out) if not held]
+        held = [seq for seq, held in zip(sequences, held_out) if held]
+        self.adapt_progress = "training"
+
+        def on_step(step: int, loss: float) -> None:
+            self.adapt_progress = f"step {step}, loss {loss:.3f}"
+
+        return adapt_prompt_tokens(self.loaded.model, self.decoder.prompt_tokens, train, held, settings,
+                                   self.tree_for, on_step=on_step)
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
@@ -286,6 +412,8 @@ class DecodeEngine:
     def step(self) -> None:
         """One step of the slot batch: waiting rows fill the free slots, every busy slot advances, finished rows
         fill their outputs, finished shards are closed."""
+        if self._pending_prompts:
+            self.adopt_pending_prompts()
         try:
             finished = self.batch.step()
         except Exception as exc:  # noqa: BLE001 - the rows in flight are decoded alone below
@@ -373,6 +501,23 @@ class ShardJob:
     outputs: list[RowOutput]
     remaining: int
     occupancy: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def empty_acceptance_table(k: int, top_k: int = 10) -> list[list[float]]:
+    """No guess ever right: what untrained prompt tokens are planned with when they may be adapted (every tree
+    then predicts one token a step, so plain decoding is chosen)."""
+    return [[0.0] * top_k for _ in range(k)]
+
+
+@dataclass
+class PendingPrompts:
+    """Prompt tokens queued for the decode loop; ``done`` once adopted (or refused: ``error``)."""
+
+    prompt_tokens: PromptTokens
+    prompts_hash: str
+    source: str
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 

@@ -15,7 +15,7 @@ from typing import Any
 from decoding import PromptTokens, TreeSet, default_tree_set
 from decoding.captured_step import StepMode
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile
-from trees.builder import choose_budget, estimate, tree_set_slots
+from trees.builder import BudgetChoice, choose_budget, estimate, tree_set_slots
 from trees.paths import fixed_size_tree_set
 from workers.profiles import load_or_measure_profile
 
@@ -46,6 +46,13 @@ def load_profile_file(path: str | Path, prompt_tokens: PromptTokens, model_hash:
         raise ValueError(f"latency profile {path} was measured for model {profile.model_hash[:12]}…, "
                          f"not the loaded model {model_hash[:12]}…")
     return profile
+
+
+def best_tree_set(profile: LatencyProfile, acceptance, k: int, n: int, batch_size: int) -> BudgetChoice:
+    """The hardware-aware tree set for this batch size: the slot budget whose expected tokens per measured second
+    are highest under ``acceptance``, over the budgets the profile measured."""
+    return choose_budget(acceptance, k, lambda s: profile.step_seconds(batch_size, s),
+                         profile.measured_slots(batch_size) or profile.measured_slots(profile.batches()[-1]), n=n)
 
 
 def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int | None, batch_size: int | None,
@@ -92,9 +99,7 @@ def plan_decoding(model, prompt_tokens: PromptTokens | None, *, tree_nodes: int 
     options = []
     for b in candidates:
         if hardware_aware:
-            choice = choose_budget(acceptance, prompt_tokens.k, lambda s, b=b: profile.step_seconds(b, s),
-                                   profile.measured_slots(b) or profile.measured_slots(profile.batches()[-1]),
-                                   n=prompt_tokens.n)
+            choice = best_tree_set(profile, acceptance, prompt_tokens.k, prompt_tokens.n, b)
             tokens, seconds = choice.chosen.estimate.expected_tokens, choice.step_seconds
             options.append((b * tokens / seconds, b, choice))
         else:

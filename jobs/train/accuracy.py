@@ -8,20 +8,17 @@ import hashlib
 import torch
 
 from decoding import PromptTokens
-from decoding.distill import guess_ranks, prefix_pass, student_logits, valid_cuts
+from decoding.distill import cut_generator, guess_ranks, prefix_pass, student_logits
+from decoding.distill import draw_cuts as draw_sequence_cuts
 from jobs.train.data import Sample
 from workers.models import LoadedModel
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
+sample_generator = cut_generator
 
 
 def draw_cuts(sample: Sample, k: int, count: int, g: torch.Generator) -> torch.Tensor:
-    cuts = valid_cuts(len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.response_ids), k)
-    if len(cuts) > count:
-        cuts = cuts[torch.randperm(len(cuts), generator=g)[:count]].sort().values
-    return cuts
+    return draw_sequence_cuts(len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.response_ids), k, count, g)
 
 
 def sequence(sample: Sample, device) -> torch.Tensor:

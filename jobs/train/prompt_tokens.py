@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from decoding import PromptTokens
-from decoding.distill import distill_loss, prefix_pass, student_logits, teacher_log_probs
+from decoding.distill import sequence_loss
 from jobs.train.accuracy import draw_cuts, evaluate, sample_generator, sequence
 from jobs.train.data import DataConfig, Sample, load_samples
 from workers.artifacts import save_prompt_tokens
@@ -115,10 +115,7 @@ def train(cfg: TrainConfig) -> dict:
             cuts = draw_cuts(s, cfg.k, cfg.cuts_per_sample, sample_generator(cfg.seed, epoch, index)).to(device)
             if len(cuts) == 0:
                 continue
-            seq = sequence(s, device)
-            cache, hidden = prefix_pass(model, seq)
-            teacher = teacher_log_probs(model, hidden, cuts, cfg.k)
-            loss = distill_loss(student_logits(model, pt, cache, len(seq), cuts), teacher, cfg.alpha) / len(batch)
+            loss = sequence_loss(model, pt, sequence(s, device), cuts, cfg.alpha) / len(batch)
             loss.backward()
             step_loss += loss.item()
         opt.step()

@@ -1,0 +1,164 @@
+"""Adaptation in the job (jobs/adapt.py) end to end on a local Ray: rows learned from, the artifact published
+into the output and adopted by the worker mid-job, resume after a kill before and after publishing, a failing
+training, and 'auto' deciding from the workers' latency profiles.
+
+The tiny random model learns little, so where publishing is under test the driver is told the gate passed
+(``force_gate``); the gate itself is tested in tests/test_adaptation.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jobs.adapt import Adaptation
+from jobs.config import JobConfig
+from jobs.output import read_output
+from jobs.run import main
+from jobs.storage import resolve
+from tests.test_job import write_jsonl
+from workers.artifacts import load_prompt_tokens
+
+ROWS = [{"id": f"q{i:03d}", "prompt": f"Item {i}: write the number {i * 7} in words."} for i in range(160)]
+SETTINGS = {"mode": "on", "min_rows": 10, "train_rows": 12, "held_out_rows": 4, "epochs": 1.0,
+            "samples_per_step": 4, "cuts_per_sample": 8}
+
+
+class KilledDriver(BaseException):
+    """The driver dying at a chosen point (not an Exception: nothing in the job catches it)."""
+
+
+@pytest.fixture(scope="module")
+def job(ray_local, tiny_model_dir, tmp_path_factory):
+    """The input, the common arguments, and plain decoding's outputs (the reference every run must equal)."""
+    tmp = tmp_path_factory.mktemp("adapt-job")
+    src = write_jsonl(tmp / "in.jsonl", ROWS)
+    common = ["--input", str(src), "--model", str(tiny_model_dir), "--max-new-tokens", "32", "--batch-size", "2",
+              "--shard-size", "8", "--profile-budget-s", "2"]
+    assert main([*common, "--decoding", "vanilla", "--output", str(tmp / "plain")]) == 0
+    plain = {r["id"]: r["output_token_ids"] for r in read_output(tmp / "plain").to_pylist()}
+    return tmp, common, plain
+
+
+def run(tmp: Path, common: list[str], name: str, settings: dict | None = None) -> dict:
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"adaptation": {**SETTINGS, **(settings or {})}}))
+    assert main([*common, "--config", str(config), "--output", str(tmp / name)]) == 0
+    return json.loads((tmp / name / "summary.json").read_text())
+
+
+def rows_of(out: Path) -> list[dict]:
+    rows = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in rows) == [r["id"] for r in ROWS]  # every row exactly once
+    return rows
+
+
+@pytest.fixture
+def force_gate(monkeypatch):
+    trained = Adaptation._trained
+
+    def passed(self, result, workers):
+        trained(self, {**result, "passed": True}, workers)
+
+    monkeypatch.setattr(Adaptation, "_trained", passed)
+
+
+def test_a_job_learns_from_its_first_rows_publishes_and_decodes_the_rest_with_them(job, force_gate):
+    tmp, common, plain = job
+    summary = run(tmp, common, "published")
+    adaptation = summary["adaptation"]
+    assert adaptation["state"] == "published", adaptation
+    assert adaptation["rows_learned"] == 12 and adaptation["rows_held_out"] == 4
+    assert adaptation["adopted_by"] and not adaptation["refused_by"]
+    assert {"tree_63", "worker_tree"} <= set(adaptation["tau_before"]) and adaptation["train_seconds"] > 0
+    out = tmp / "published"
+    record = json.loads((out / "job.json").read_text())["adapted_prompts"]
+    artifact = out / record["artifact"]
+    pt = load_prompt_tokens(artifact, expect_model_hash=None)  # the training artifact's format, hash checked
+    assert pt.meta.extra["acceptance"] and pt.meta.extra["adaptation"]["rows_learned"] == 12
+    assert adaptation["prompts_hash"] == record["prompts_hash"]
+    rows = rows_of(out)
+    assert {r["id"]: r["output_token_ids"] for r in rows} == plain  # before, across and after the swap
+    hashes = [r["prompts_hash"] for r in sorted(rows, key=lambda r: r["started_at"])]
+    assert hashes[0] is None and hashes[-1] == record["prompts_hash"]  # untrained first, the new tokens last
+    assert set(hashes) == {None, record["prompts_hash"]}
+
+
+def test_a_driver_killed_before_publishing_trains_again_and_loses_nothing(job, force_gate, monkeypatch):
+    tmp, common, plain = job
+
+    def killed(*args, **kwargs):
+        raise KilledDriver
+
+    with monkeypatch.context() as patch:
+        patch.setattr("jobs.adapt.publish_artifact", killed)
+        with pytest.raises(KilledDriver):
+            run(tmp, common, "killed-before")
+    out = tmp / "killed-before"
+    assert "adapted_prompts" not in json.loads((out / "job.json").read_text())
+    summary = run(tmp, common, "killed-before")
+    assert summary["adaptation"]["state"] == "published"  # learned again, from this run's first rows
+    assert summary["rows_skipped"] > 0
+    assert {r["id"]: r["output_token_ids"] for r in rows_of(out)} == plain
+
+
+def test_a_driver_killed_after_publishing_reuses_the_artifact_and_does_not_train(job, force_gate, monkeypatch):
+    tmp, common, plain = job
+    from jobs import adapt
+
+    publish = adapt.publish_artifact
+
+    def published_then_killed(*args, **kwargs):
+        publish(*args, **kwargs)
+        raise KilledDriver
+
+    with monkeypatch.context() as patch:
+        patch.setattr("jobs.adapt.publish_artifact", published_then_killed)
+        with pytest.raises(KilledDriver):
+            run(tmp, common, "killed-after")
+    out = tmp / "killed-after"
+    record = json.loads((out / "job.json").read_text())["adapted_prompts"]
+    summary = run(tmp, common, "killed-after")
+    adaptation = summary["adaptation"]
+    assert adaptation["state"] == "reused" and "train_seconds" in adaptation  # the first run's report, kept
+    assert adaptation["prompts_hash"] == record["prompts_hash"]
+    rows = rows_of(out)
+    assert {r["id"]: r["output_token_ids"] for r in rows} == plain
+    this_run = [r for r in rows if r["prompts_hash"] == record["prompts_hash"]]
+    assert len(this_run) >= summary["rows_this_run"]  # every row of the rerun decoded with the artifact
+
+
+def test_a_failing_training_leaves_the_job_and_its_outputs_intact(job):
+    tmp, common, plain = job
+    summary = run(tmp, common, "failed", {"timeout_s": 1e-3, "epochs": 4.0})
+    adaptation = summary["adaptation"]
+    assert adaptation["state"] == "failed" and "deadline" in adaptation["reason"], adaptation
+    out = tmp / "failed"
+    assert not list(out.glob("prompt_tokens-*")) and "adapted_prompts" not in json.loads(
+        (out / "job.json").read_text())
+    rows = rows_of(out)
+    assert {r["id"]: r["output_token_ids"] for r in rows} == plain
+    assert {r["prompts_hash"] for r in rows} == {None}
+
+
+def test_auto_adapts_only_where_a_profile_says_trees_pay_and_the_job_wins_the_time_back():
+    class Plan:  # the part of an InputPlan the constructor reads
+        shard_size = 64
+
+        def shard_bounds(self):
+            return [(0, 64)]
+
+    cfg = JobConfig()
+    adaptation = Adaptation(cfg, resolve("/nonexistent-output"), Plan(), np.zeros(64, bool), 100_000)
+    cpu = {"worker": "w0", "profiled": True, "train_seconds_estimate": 300.0,
+           "now": {"speedup": 1.0, "tau": 1.0, "tokens_per_s": 40.0},
+           "expected": {"speedup": 0.92, "tau": 2.1, "tokens_per_s": 37.0}}
+    assert "trees do not pay on w0's device" in adaptation._auto_reason([cpu])
+    gpu = {**cpu, "expected": {"speedup": 1.6, "tau": 2.1, "tokens_per_s": 64.0}}
+    assert adaptation._auto_reason([gpu]) is None
+    assert adaptation._auto_reason([cpu, gpu]) is None  # some worker gains
+    short = Adaptation(cfg, resolve("/nonexistent-output"), Plan(), np.zeros(64, bool), 300)
+    assert "less than training" in short._auto_reason([gpu])

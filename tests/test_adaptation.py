@@ -1,0 +1,204 @@
+"""Prompt tokens replaced mid-job (decoders, engine) and learned from a job's own rows (training, the gate).
+
+Lossless across a swap: rows decoded before, across and after new prompt tokens are adopted equal plain
+decoding, greedy and sampled, with continuous batching and with a compiled step (float64 tiny models)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from decoding import PPDDecoder, PromptTokens, SamplingParams, default_tree_set, reference_sample
+from decoding.propd import ProPDDecoder
+from decoding.sampling import GREEDY
+from decoding.slots import Request, SlotBatch
+from tests.helpers_models import make_tiny_llama, tiny_loaded_model
+from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
+from tests.test_sampling import K, VOCAB, prompts_for, untrained
+from trees.builder import tree_family
+from workers.adaptation import acceptance_table, adapt_prompt_tokens, rank_tables
+from workers.configs import AdaptationConfig, DecodingConfig
+from workers.engine import DecodeEngine, empty_acceptance_table
+
+LIMITS = (14, 6, 9)  # max_new_tokens of the three rows; the third waits for a slot
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    prompts = prompts_for(3, seed=21)
+    out = {}
+    for sampled in (False, True):
+        params = [SamplingParams(0.8, top_p=0.9, seed=s) if sampled else GREEDY for s in (1, 2, 3)]
+        out[sampled] = [(p, n, s, reference_sample(model, p, n, s).token_ids)
+                        for p, n, s in zip(prompts, LIMITS, params)]
+    return out
+
+
+def other_tokens(model, seed: int, table=TABLE) -> PromptTokens:
+    """Prompt tokens unlike ``untrained``'s: random embeddings, with an acceptance table."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(K, 1, model.config.hidden_size, generator=g, dtype=torch.float64)
+    pt = untrained(model)
+    pt.embeddings.data.copy_(emb)
+    pt.meta.extra["acceptance"] = table
+    return pt
+
+
+def make(method: str, model):
+    if method == "ppd":
+        return PPDDecoder(model, untrained(model), tree_set=default_tree_set(K))
+    return ProPDDecoder(model, untrained(model), tree_family(K, BUDGETS), TABLE, FlipFlopLatency())
+
+
+def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=contextlib.nullcontext(),
+                  **batch_options):
+    batch = SlotBatch(decoder, num_slots=2, **batch_options)
+    table = decoder.prompt_table
+    batch.add([Request(p, n, s, tag=i) for i, (p, n, s, _) in enumerate(rows)])
+    finished = []
+    for _ in range(swap_at):
+        finished += batch.step()
+    decoder.adopt_prompt_tokens(new)
+    assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))  # in place
+    with after_swap:
+        finished += batch.run()
+    return batch, {req.tag: res.token_ids for req, res in finished}
+
+
+@pytest.mark.parametrize("method", ["ppd", "propd"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, method, sampled):
+    want = {i: t for i, (_, _, _, t) in enumerate(rows[sampled])}
+    for swap_at in (0, 1, 4, 9, 30):  # before any step, early, mid-row, as the third row joins, after all
+        decoder = make(method, model)
+        _, got = run_with_swap(decoder, rows[sampled], swap_at, other_tokens(model, seed=swap_at))
+        assert got == want, f"swap at step {swap_at}"
+        if method == "propd":  # the family was rebuilt from the new table
+            assert decoder.built_from == TABLE and decoder.initial_family == tuple(decoder.family)
+
+
+def test_propd_adopts_the_new_tokens_table_and_starts_its_statistics_again(model, rows):
+    decoder = make("propd", model)
+    _, _ = run_with_swap(decoder, rows[False], 3, other_tokens(model, 5))
+    new_table = [[0.9] + [0.01] * 9, [0.8] + [0.01] * 9, [0.7] + [0.01] * 9]
+    decoder.adopt_prompt_tokens(other_tokens(model, 6, new_table))
+    assert sum(decoder.acceptance.table(), []) == pytest.approx(sum(new_table, []))
+    assert decoder.built_from == new_table
+    with pytest.raises(ValueError, match="acceptance table"):
+        decoder.adopt_prompt_tokens(other_tokens(model, 7, table=None))
+    with pytest.raises(ValueError, match="new prompt tokens are"):
+        PPDDecoder(model, untrained(model)).adopt_prompt_tokens(untrained(model, k=2))
+
+
+def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, rows):
+    """torch.compile (inductor, float64): a swap between steps changes the table's values in place, so the
+    step's single shape is neither recompiled nor stale, and the rows still equal plain decoding."""
+    torch._dynamo.reset()
+    (p0, _, _, _), (p1, _, _, _), _ = rows[False]
+    t0, t1 = (reference_sample(model, p, 8, GREEDY).token_ids for p in (p0, p1))
+    same_length = [(p0, 8, GREEDY, t0), (p1, 8, GREEDY, t1)]
+    decoder = make("ppd", model)
+    no_recompiling = torch._dynamo.config.patch(error_on_recompile=True)
+    batch, got = run_with_swap(decoder, same_length, 3, other_tokens(model, 1), no_recompiling, step_mode="compile")
+    assert got == {0: t0, 1: t1}
+    assert len(batch._runner.shapes) == 1
+
+
+# -- the engine -----------------------------------------------------------------------------------------------
+def tiny_rows(count: int, seed: int = 5) -> list[dict]:
+    prompts = prompts_for(count, seed=seed, vocab=64)
+    return [{"id": str(i), "prompt": " ".join(map(str, p))} for i, p in enumerate(prompts)]
+
+
+class IdsEngine(DecodeEngine):
+    """Rows' prompts are token ids written out (the tiny model's stub tokenizer encodes nothing)."""
+
+    def _encode(self, row: dict) -> list[int]:
+        return [int(t) for t in row["prompt"].split()]
+
+
+def test_the_engine_swaps_between_steps_and_rows_name_the_tokens_that_decoded_them():
+    loaded = tiny_loaded_model()
+    config = DecodingConfig(max_new_tokens=12)
+    plain = IdsEngine(loaded, config.model_copy(update={"method": "vanilla"}), batch_size=2)
+    want = [out.output_token_ids for out in plain.run_rows(tiny_rows(6))]
+    engine = IdsEngine(loaded, config, batch_size=2, adaptable=True)
+    assert isinstance(engine.decoder, ProPDDecoder)  # untrained tokens, an empty table: plain decoding planned
+    assert engine.decoder.prompt_tokens.meta.extra["acceptance"] == empty_acceptance_table(3)
+    job = engine.add_shard(tiny_rows(6))
+    for _ in range(3):
+        engine.step()
+    in_flight = {r.request.tag[1].output.id for r in engine.batch.rows}
+    new = other_tokens(loaded.model, 2)
+    new = PromptTokens(new.embeddings.float(), new.meta.__class__(**{**vars(new.meta), "base_model_hash": "tinyhash"}))
+    pending = engine.request_prompt_tokens(new, "newhash", "test")
+    while not job.done.is_set():
+        engine.step()
+    assert pending.done.is_set() and pending.error is None and engine.adoptions == 1
+    assert [out.output_token_ids for out in job.outputs] == want
+    names = {out.id: out.prompts_hash for out in job.outputs}
+    assert in_flight and all(names[i] is None for i in in_flight)  # admitted with the untrained tokens
+    assert {names[i] for i in names if i not in in_flight} == {"newhash"}
+    assert engine.describe()["prompts_hash"] == "newhash"
+
+
+def test_the_engine_keeps_its_tokens_when_new_ones_are_for_another_model():
+    loaded = tiny_loaded_model()
+    engine = IdsEngine(loaded, DecodingConfig(max_new_tokens=4), batch_size=2, adaptable=True)
+    pending = engine.request_prompt_tokens(other_tokens(loaded.model, 3), "x", "test")  # base_model_hash "0"
+    engine.step()
+    assert pending.done.is_set() and "made for model" in str(pending.error)
+    assert engine.prompts_hash is None and engine.adoptions == 0
+
+
+# -- training and the gate ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def repeating():
+    """A tiny float32 model whose greedy outputs repeat (learnable structure) and rows of its own outputs."""
+    model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3, dtype=torch.float32)
+    prompts = prompts_for(40, seed=8)
+    return model, [(p, reference_sample(model, p, 24, GREEDY).token_ids) for p in prompts]
+
+
+def test_adaptation_raises_replay_tau_and_the_gate_refuses_worse_tokens(repeating):
+    model, seqs = repeating
+    train, held = seqs[:32], seqs[32:]
+    start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
+    settings = AdaptationConfig(epochs=6, lr=3e-2, samples_per_step=4)
+    outcome = adapt_prompt_tokens(model, start, train, held, settings, lambda table: default_tree_set(K))
+    report = outcome.report
+    assert outcome.passed, report
+    assert report["tau_after"]["tree_63"] > report["tau_before"]["tree_63"] + 0.2, report
+    table = outcome.prompt_tokens.meta.extra["acceptance"]
+    assert table == acceptance_table(rank_tables(model, outcome.prompt_tokens, held), K)
+    # Deterministic for a seed.
+    again = adapt_prompt_tokens(model, start, train, held, settings, lambda table: default_tree_set(K))
+    assert torch.equal(again.prompt_tokens.embeddings, outcome.prompt_tokens.embeddings)
+    # Trained tokens as the current ones, untrained as the "new": refused.
+    worse = adapt_prompt_tokens(model, outcome.prompt_tokens, train, held,
+                                settings.model_copy(update={"lr": 50.0, "epochs": 1}),
+                                lambda table: default_tree_set(K))
+    assert not worse.passed, worse.report
+    assert worse.report["tau_after"]["tree_63"] <= worse.report["tau_before"]["tree_63"]
+
+
+def test_training_stops_at_its_time_limit(repeating):
+    model, seqs = repeating
+    start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
+    with pytest.raises(TimeoutError, match="deadline"):
+        adapt_prompt_tokens(model, start, seqs[:32], seqs[32:], AdaptationConfig(epochs=4, timeout_s=1e-6),
+                            lambda table: default_tree_set(K))
+
+
+def test_acceptance_tables_count_only_targets_inside_the_row():
+    ranks = torch.tensor([[0, 1], [2, 10], [10, 0]])  # R = 3 cuts, k = 2
+    table = acceptance_table([ranks], 2)
+    # token 0: cuts 0, 1 (targets 1, 2) ranked 0 and 2; token 1: cut 0 (target 2) ranked 1
+    assert table[0][0] == 0.5 and table[0][2] == 0.5 and table[1][1] == 1.0
