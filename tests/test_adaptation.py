@@ -161,29 +161,34 @@ def test_the_engine_keeps_its_tokens_when_new_ones_are_for_another_model():
 # -- training and the gate ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repeating():
-    """A tiny float32 model whose greedy outputs repeat (learnable structure) and rows of its own outputs."""
-    model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3, dtype=torch.float32)
-    prompts = prompts_for(40, seed=8)
-    return model, [(p, reference_sample(model, p, 24, GREEDY).token_ids) for p in prompts]
+    """A one-layer float32 model over 16 tokens, whose greedy outputs fall into short cycles (structure prompt
+    tokens can learn), and 48 rows of its own outputs."""
+    model = make_tiny_llama(vocab_size=16, hidden_size=32, num_layers=1, seed=3, dtype=torch.float32)
+    prompts = prompts_for(48, seed=8, vocab=16)
+    return model, [(p, reference_sample(model, p, 32, GREEDY).token_ids) for p in prompts]
+
+
+SETTINGS = AdaptationConfig(epochs=8, lr=3e-2)
 
 
 def test_adaptation_raises_replay_tau_and_the_gate_refuses_worse_tokens(repeating):
     model, seqs = repeating
-    train, held = seqs[:32], seqs[32:]
+    train, held = seqs[:36], seqs[36:]
     start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
-    settings = AdaptationConfig(epochs=6, lr=3e-2, samples_per_step=4)
-    outcome = adapt_prompt_tokens(model, start, train, held, settings, lambda table: default_tree_set(K))
+    outcome = adapt_prompt_tokens(model, start, train, held, SETTINGS, lambda table: default_tree_set(K))
     report = outcome.report
     assert outcome.passed, report
     assert report["tau_after"]["tree_63"] > report["tau_before"]["tree_63"] + 0.2, report
+    assert report["tau_after"]["worker_tree"] > report["tau_before"]["worker_tree"] + 0.5, report
     table = outcome.prompt_tokens.meta.extra["acceptance"]
     assert table == acceptance_table(rank_tables(model, outcome.prompt_tokens, held), K)
+    assert outcome.prompt_tokens.meta.extra["adaptation"]["rows_learned"] == 36
     # Deterministic for a seed.
-    again = adapt_prompt_tokens(model, start, train, held, settings, lambda table: default_tree_set(K))
+    again = adapt_prompt_tokens(model, start, train, held, SETTINGS, lambda table: default_tree_set(K))
     assert torch.equal(again.prompt_tokens.embeddings, outcome.prompt_tokens.embeddings)
-    # Trained tokens as the current ones, untrained as the "new": refused.
+    # From the trained tokens, a step far too large spoils them: refused.
     worse = adapt_prompt_tokens(model, outcome.prompt_tokens, train, held,
-                                settings.model_copy(update={"lr": 50.0, "epochs": 1}),
+                                SETTINGS.model_copy(update={"lr": 50.0, "epochs": 1}),
                                 lambda table: default_tree_set(K))
     assert not worse.passed, worse.report
     assert worse.report["tau_after"]["tree_63"] <= worse.report["tau_before"]["tree_63"]
@@ -193,7 +198,7 @@ def test_training_stops_at_its_time_limit(repeating):
     model, seqs = repeating
     start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
     with pytest.raises(TimeoutError, match="deadline"):
-        adapt_prompt_tokens(model, start, seqs[:32], seqs[32:], AdaptationConfig(epochs=4, timeout_s=1e-6),
+        adapt_prompt_tokens(model, start, seqs[:36], seqs[36:], SETTINGS.model_copy(update={"timeout_s": 1e-6}),
                             lambda table: default_tree_set(K))
 
 
