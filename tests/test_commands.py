@@ -42,7 +42,7 @@ def help_text(target: str, capsys, monkeypatch) -> str:
 def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
-        "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.inputs", "jobs.bench.overhead",
+        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.inputs", "jobs.bench.overhead",
         "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.sampling", "jobs.bench.time_step", "jobs.bench.tree",
         "jobs.cost.study", "jobs.reference", "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
     }

@@ -23,18 +23,26 @@ def ranks_at_every_cut(model, prompt_tokens: PromptTokens, prompt_ids: list[int]
                        max_rank: int = 10, chunk: int = 128) -> torch.Tensor:
     """[R, k] long for cuts c = P-1 .. P+R-2 (R = len(response)): the rank of S[c+2+i] under prompt token i,
     ``max_rank`` when it is not in the top ``max_rank`` or lies past the end of S."""
-    k = prompt_tokens.k
+    return ranks_of_versions(model, [prompt_tokens], prompt_ids, response_ids, max_rank, chunk)[0]
+
+
+@torch.no_grad()
+def ranks_of_versions(model, versions: list[PromptTokens], prompt_ids: list[int], response_ids: list[int],
+                      max_rank: int = 10, chunk: int = 128) -> list[torch.Tensor]:
+    """``ranks_at_every_cut`` for several versions of prompt tokens (the same k), over one teacher-forced pass."""
+    k = versions[0].k
     seq = torch.tensor(prompt_ids + response_ids, dtype=torch.long, device=model.get_input_embeddings().weight.device)
     P, R = len(prompt_ids), len(response_ids)
     cache, _ = prefix_pass(model, seq)
     padded = torch.cat([seq, seq.new_zeros(k + 1)])  # targets past the end: ranked, then marked missing
-    out = []
+    out: list[list[torch.Tensor]] = [[] for _ in versions]
     for start in range(P - 1, P - 1 + R, chunk):
         cuts = torch.arange(start, min(start + chunk, P - 1 + R), device=seq.device)
-        ranks = guess_ranks(student_logits(model, prompt_tokens, cache, len(seq), cuts), padded, cuts, max_rank)
         past_end = cuts[:, None] + 2 + torch.arange(k, device=seq.device) >= len(seq)  # [M, k]
-        out.append(ranks.masked_fill(past_end, max_rank))
-    return torch.cat(out).cpu()
+        for ranks, prompt_tokens in zip(out, versions):
+            logits = student_logits(model, prompt_tokens, cache, len(seq), cuts)  # crops the cache back
+            ranks.append(guess_ranks(logits, padded, cuts, max_rank).masked_fill(past_end, max_rank))
+    return [torch.cat(ranks).cpu() for ranks in out]
 
 
 def replay_decoding(ranks: torch.Tensor, tree_set: TreeSet, num_tokens: int) -> int:

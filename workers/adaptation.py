@@ -22,7 +22,7 @@ from torch import nn
 from decoding.distill import fit_prompt_tokens
 from decoding.prompt_tokens import PromptTokens
 from decoding.tree import TreeSet
-from trees.acceptance import ranks_at_every_cut, replay_decoding
+from trees.acceptance import ranks_at_every_cut, ranks_of_versions, replay_decoding
 from trees.paths import fixed_size_tree_set
 from workers.configs import AdaptationConfig
 
@@ -93,9 +93,10 @@ def adapt_prompt_tokens(model: nn.Module, current: PromptTokens, train: Sequence
                                     deadline=started + settings.timeout_s, on_step=on_step)
     train_seconds = time.monotonic() - started
     with torch.no_grad():
+        both = [ranks_of_versions(model, [current, new], list(p), list(r), max_rank=MAX_RANK) for p, r in held_out]
         versions = {}
-        for name, tokens in (("before", current), ("after", new)):
-            ranks = rank_tables(model, tokens, held_out)
+        for v, (name, tokens) in enumerate((("before", current), ("after", new))):
+            ranks = [row[v] for row in both]
             table = acceptance_table(ranks, tokens.k)
             versions[name] = {
                 "tree_63": replay(ranks, held_out, fixed_size_tree_set(table, GATE_TREE_NODES, tokens.k), table),

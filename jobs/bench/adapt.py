@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Adaptation in the job (--adapt-prompts), measured: tau before and after, per workload, side by side.
+
+    python -m jobs.bench.adapt                                   # 400 rows of chat, code and a templated task
+    python -m jobs.bench.adapt --rows 1000 --workloads code --baseline --json outputs/bench_adapt.json
+
+For each workload (public sets no prompt-token training here has seen; ../shared/data), two jobs run as a
+user would run them, with `--adapt-prompts on`: from the shipped artifact, and from untrained prompt tokens
+(standing in for a model with no artifact). Their outputs are identical (greedy PPD is lossless), so the
+shipped artifact without adaptation needs no job of its own: it is replayed over the same rows. With
+`--baseline`, a third job runs the shipped artifact with adaptation off, for adaptation's share of wall time.
+
+Tau is exact greedy acceptance replay (trees/acceptance.py) over the rows both jobs decoded after their swap
+(the first `--eval-rows` of them in input order), each prompt-token version on its own 63-node tree, built from
+its artifact's acceptance table. Beside them: a suffix index over the job's earlier outputs (trees/suffix.py),
+the model-free alternative, replayed the same way. `--check-decode N` decodes N of those rows for real at 63 nodes
+and checks the steps against the replay. The GPU view takes the shipped H100 latency profile: for each version,
+the tree a worker would plan at batch 1 and 16, its replay tau, and tau x batch over the profiled step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from decoding import PPDDecoder
+from jobs.output import read_output
+from jobs.train.data import DEFAULT_DATA_DIR
+from profiling.latency import LatencyProfile
+from trees.acceptance import ranks_of_versions, replay_decoding
+from trees.paths import fixed_size_tree_set
+from trees.suffix import SuffixIndex, replay_suffix
+from workers.artifacts import find_shipped_artifact, load_prompt_tokens
+from workers.configs import ModelConfig
+from workers.models import encode_row, load_model
+from workers.planning import best_tree_set
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+H100_PROFILE = REPO_ROOT / "artifacts" / "measurements" / "h100-latency-profile-float32.json"
+TEMPLATE = "Summarize the following text in one sentence.\n\n{text}"
+
+
+def _read(data_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
+
+
+def workload_rows(name: str, count: int, data_dir: Path) -> list[dict]:
+    """chat: GPTeacher roleplay instructions; code: Code Alpaca tasks; template: one instruction over GPTeacher's
+    reference outputs (rows past those the chat workload takes), as a dataset builder's templated job."""
+    if name == "template":
+        source = _read(data_dir, "gpteacher_roleplay.jsonl")[-count:]
+        return [{"id": f"template-{r['id']}",
+                 "messages": [{"role": "user", "content": TEMPLATE.format(text=r["output"])}]} for r in source]
+    source = _read(data_dir, {"chat": "gpteacher_roleplay.jsonl", "code": "code_alpaca_2k.jsonl"}[name])[:count]
+    return [{"id": f"{name}-{r['id']}", "messages": [{"role": "user", "content": r["instruction"]
+                                                      + (f"\n\n{r['input']}" if r.get("input") else "")}]}
+            for r in source]
+
+
+def run_job(rows_file: Path, out: Path, args: argparse.Namespace, prompts: str, mode: str) -> dict:
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({"adaptation": {"mode": mode}}))
+    command = [sys.executable, "jobs/run.py", "--input", str(rows_file), "--output", str(out), "--overwrite",
+               "--config", str(config), "--prompts", prompts, "--max-new-tokens", str(args.max_new_tokens),
+               "--batch-size", str(args.batch_size), "--progress-interval-s", "60"]
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["bench_wall_seconds"] = time.perf_counter() - started
+    return summary
+
+
+def evaluate(lm, versions: dict, rows: list[tuple[list[int], list[int]]], earlier: list[list[int]],
+             check_decode: int) -> dict:
+    """Replay tau at 63 nodes per version, the suffix index's, the GPU view, and the real-decode check."""
+    names = list(versions)
+    ranks = [ranks_of_versions(lm.model, [versions[n] for n in names], p, r) for p, r in rows]
+    tokens = sum(len(r) for _, r in rows)
+    out: dict = {"rows": len(rows), "tokens": tokens, "tau_63": {}, "gpu_h100": {}}
+    trees = {}
+    for v, name in enumerate(names):
+        table = versions[name].meta.extra["acceptance"]
+        trees[name] = fixed_size_tree_set(table, 63, versions[name].k)
+        steps = sum(replay_decoding(rk[v], trees[name], len(r)) for rk, (_, r) in zip(ranks, rows))
+        out["tau_63"][name] = round(tokens / steps, 4)
+    index = SuffixIndex()
+    for output in earlier:
+        index.add(output)
+    suffix_tokens, suffix_steps = replay_suffix(rows, index)
+    out["tau_63"]["suffix_index"] = round(suffix_tokens / suffix_steps, 4)
+    profile = LatencyProfile.model_validate_json(H100_PROFILE.read_text())
+    for v, name in enumerate(names):
+        pt = versions[name]
+        view = {}
+        for batch in (1, 16):
+            choice = best_tree_set(profile, pt.meta.extra["acceptance"], pt.k, pt.n, batch)
+            steps = sum(replay_decoding(rk[v], choice.chosen.tree_set, len(r)) for rk, (_, r) in zip(ranks, rows))
+            tau = tokens / steps
+            view[str(batch)] = {"slots": choice.chosen.slots, "tau": round(tau, 4),
+                                "tokens_per_s": round(batch * tau / choice.step_seconds, 1),
+                                "plain_tokens_per_s": round(batch / profile.step_seconds(batch, 1), 1)}
+        out["gpu_h100"][name] = view
+    checks = []
+    for v, name in enumerate(names[1:], start=1):  # the adapted versions
+        decoder = PPDDecoder(lm.model, versions[name], tree_set=trees[name], eos_token_ids=[])
+        for (prompt, output), rk in list(zip(rows, ranks))[:check_decode]:
+            result = decoder.generate([prompt], len(output))[0]
+            checks.append({"version": name, "equal_output": result.token_ids == output,
+                           "steps": result.num_steps, "replay_steps": replay_decoding(rk[v], trees[name], len(output))})
+    out["decode_checks"] = checks
+    return out
+
+
+def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, work: Path) -> dict:
+    rows = workload_rows(name, args.rows, Path(args.data_dir))
+    rows_file = work / f"{name}.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jobs = {"shipped+adapt": run_job(rows_file, work / f"{name}-shipped-adapt", args, str(shipped_dir), "on"),
+            "untrained+adapt": run_job(rows_file, work / f"{name}-untrained-adapt", args, "untrained", "on")}
+    if args.baseline:
+        jobs["shipped"] = run_job(rows_file, work / f"{name}-shipped", args, str(shipped_dir), "off")
+    result: dict = {"workload": name, "jobs": {k: {"wall_seconds": round(s["wall_seconds"], 1),
+                                                   "decode_seconds": round(s["decode_seconds"], 1),
+                                                   "tokens_per_s": round(s["tokens_per_s"], 2),
+                                                   "adaptation": s["adaptation"]} for k, s in jobs.items()}}
+    versions = {"shipped": load_prompt_tokens(shipped_dir, expect_model_hash=lm.content_hash)}
+    after: set[str] | None = None
+    by_id = {r["id"]: r for r in rows}
+    outputs: dict[str, list[int]] = {}
+    for job in ("shipped+adapt", "untrained+adapt"):
+        adaptation = jobs[job]["adaptation"]
+        if adaptation["state"] != "published":
+            result[f"{job} not evaluated"] = adaptation["reason"]
+            continue
+        out = work / f"{name}-{job.replace('+', '-')}"
+        versions[job] = load_prompt_tokens(out / Path(adaptation["artifact"]).name, expect_model_hash=lm.content_hash)
+        table = read_output(out).to_pylist()
+        ids = {r["id"] for r in table if r["prompts_hash"] == adaptation["prompts_hash"] and r["error"] is None}
+        after = ids if after is None else after & ids
+        outputs.update({r["id"]: r["output_token_ids"] for r in table})
+    if after is None:
+        return result
+    order = [r["id"] for r in rows]
+    evaluated = [i for i in order if i in after and outputs[i]][: args.eval_rows]
+    first = order.index(evaluated[0]) if evaluated else len(order)
+    earlier = [outputs[i] for i in order[:first] if outputs.get(i)]
+    pairs = [(encode_row(lm.tokenizer, messages=by_id[i]["messages"]), outputs[i]) for i in evaluated]
+    result["evaluation"] = evaluate(lm, versions, pairs, earlier, args.check_decode)
+    if args.baseline:
+        base, adapted = jobs["shipped"]["wall_seconds"], jobs["shipped+adapt"]["wall_seconds"]
+        result["adaptation_share_of_wall"] = round((adapted - base) / adapted, 4)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| workload | rows replayed | shipped | shipped + adaptation | untrained + adaptation | suffix index "
+             "| untrained+adapt / shipped | training s (shipped / untrained) | adaptation wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ev = r.get("evaluation")
+        if not ev:
+            lines.append(f"| {r['workload']} | not evaluated: {r} |")
+            continue
+        tau = ev["tau_63"]
+        jobs = r["jobs"]
+        train = " / ".join(str(jobs[j]["adaptation"].get("train_seconds", "-")) for j in ("shipped+adapt",
+                                                                                           "untrained+adapt"))
+        wall = " / ".join(str(jobs[j]["adaptation"].get("wall_seconds", "-")) for j in ("shipped+adapt",
+                                                                                        "untrained+adapt"))
+        ratio = tau.get("untrained+adapt", 0) / tau["shipped"]
+        lines.append(f"| {r['workload']} | {ev['rows']} | {tau['shipped']:.3f} | {tau.get('shipped+adapt', 0):.3f} "
+                     f"| {tau.get('untrained+adapt', 0):.3f} | {tau['suffix_index']:.3f} | {ratio:.3f} | {train} "
+                     f"| {wall} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench.adapt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", nargs="+", default=["chat", "code", "template"],
+                   choices=["chat", "code", "template"])
+    p.add_argument("--rows", type=int, default=400, help="rows per job (default: 400)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", default="8", help="the jobs' --batch-size (default: 8)")
+    p.add_argument("--eval-rows", type=int, default=64, help="rows decoded after both swaps replayed (default: 64)")
+    p.add_argument("--check-decode", type=int, default=1, help="rows per adapted version decoded for real at "
+                   "63 nodes (default: 1; ~1 minute each on the 2-core CPU)")
+    p.add_argument("--baseline", action="store_true", help="also run the shipped artifact with adaptation off")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--work-dir", help="where the jobs write (default: a temporary directory)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    lm = load_model(ModelConfig())
+    shipped = find_shipped_artifact(lm.content_hash)
+    if shipped is None:
+        raise SystemExit("no shipped prompt-token artifact for the default model")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-adapt-") as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.workloads:
+            results.append(bench_workload(name, args, lm, shipped, work))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
