@@ -99,6 +99,8 @@ class Adaptation:
         self.training: Any = None  # the worker call's object ref
         self.trainer: Any = None
         self.started_at = 0.0
+        self.asked_progress: Any = None  # a pending adapt_progress() call on the trainer
+        self.training_status: str | None = None  # its last answer
         self.adoptions: dict[Any, Any] = {}  # object ref -> worker name
         self.adopted_by: list[str] = []
         self.refused_by: list[str] = []
@@ -218,6 +220,7 @@ class Adaptation:
         from ray.exceptions import RayError
 
         if self.state == "training":
+            self._ask_progress()
             done, _ = ray.wait([self.training], timeout=0)
             if done:
                 try:
@@ -241,6 +244,21 @@ class Adaptation:
                 else:
                     self.refused_by.append(name)
                     log.warning("adapt-prompts: %s keeps its old prompt tokens: %s", name, answer["error"])
+
+    def _ask_progress(self) -> None:
+        """Keep one adapt_progress() call in flight to the trainer; its answer feeds the progress line."""
+        import ray
+        from ray.exceptions import RayError
+
+        if self.asked_progress is not None:
+            done, _ = ray.wait([self.asked_progress], timeout=0)
+            if not done:
+                return
+            try:
+                self.training_status = ray.get(self.asked_progress)
+            except RayError:
+                self.training_status = None
+        self.asked_progress = self.trainer.handle.adapt_progress.remote()
 
     def _trained(self, result: dict[str, Any], workers: list) -> None:
         self.report.update(result["report"])
@@ -273,7 +291,8 @@ class Adaptation:
             have = sum(len(rows) for rows in self.collected.values())
             return f"adapt: collecting rows ({have}/{self.target})"
         if self.state == "training":
-            return f"adapt: training on {self.report.get('trained_on')}"
+            return f"adapt: training on {self.report.get('trained_on')}" + (
+                f" ({self.training_status})" if self.training_status else "")
         if self.state in ("published", "rejected", "failed"):
             return f"adapt: {self.state}"
         return None

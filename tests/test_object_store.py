@@ -82,3 +82,29 @@ def test_parts_in_a_bucket_are_published_whole_and_resumed(s3_server):
     assert names[0] == "job.json" and not any(n.endswith(".tmp") for n in names)
     assert "part-00001-00000000.parquet.unreadable" in names
     assert read_output(out).column("id").to_pylist() == ["a"]
+
+
+def test_adapted_prompt_tokens_are_published_to_and_read_from_a_store(s3_server, tmp_path):
+    """The artifact a job learned is written into an s3:// output (each file published whole, then job.json's
+    record), and a later job's `--prompts s3://...` hands its files to the workers, which load and check them."""
+    from decoding import PromptTokens
+    from jobs.adapt import load_prompt_files, publish_artifact, recorded_artifact
+    from tests.helpers_models import make_tiny_llama
+    from workers.artifacts import artifact_files, prompt_tokens_from_files
+
+    model = make_tiny_llama(vocab_size=32, hidden_size=16, num_layers=1)
+    pt = PromptTokens.from_token_embeddings(model, k=2, base_model_id="tiny", base_model_hash="h")
+    pt.meta.extra["acceptance"] = [[0.5] + [0.0] * 9, [0.25] + [0.0] * 9]
+    files, prompts_hash = artifact_files(pt)
+    out = resolve("s3://jobs-out/adapted/")
+    out.child("job.json").write_bytes_atomically(json.dumps({"config_hash": "c", "output_config": {}}).encode())
+    where = publish_artifact(out, files, prompts_hash, {"rows_learned": 3})
+    record = recorded_artifact(out)
+    assert record == {"artifact": where.name, "prompts_hash": prompts_hash, "report": {"rows_learned": 3}}
+    assert not [f for f in where.files() if f.name.endswith(".tmp")]
+    cfg = build_config(None, {"prompts": where.uri})
+    source, fetched = load_prompt_files(cfg)
+    assert source == where.uri and fetched == files
+    loaded, loaded_hash = prompt_tokens_from_files(fetched, expect_model_hash="h")
+    assert loaded_hash == prompts_hash and loaded.meta.extra["acceptance"] == pt.meta.extra["acceptance"]
+    assert load_prompt_files(build_config(None, {"prompts": "untrained"})) is None

@@ -161,7 +161,8 @@ class DecodingConfig(BaseModel):
         description="Fix the tree to this many candidate nodes, the most probable paths under the "
         "prompt tokens' acceptance table, every node carrying k prompt tokens (needs a trained artifact). "
         "Default: each worker profiles its device and builds the fastest tree for it from the acceptance "
-        "table (untrained prompt tokens, which have none, use a built-in sparse tree).",
+        "table (untrained prompt tokens, which have none, use a built-in sparse tree; in a job that may learn its "
+        "prompt tokens, an empty table: plain decoding until they are learned).",
     )
     profile_budget_s: float | None = Field(
         default=None,

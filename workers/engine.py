@@ -291,8 +291,10 @@ class DecodeEngine:
         held = [seq for seq, held in zip(sequences, held_out) if held]
         self.adapt_progress = "training"
 
+        steps = settings.steps_for(len(train))
+
         def on_step(step: int, loss: float) -> None:
-            self.adapt_progress = f"step {step}, loss {loss:.3f}"
+            self.adapt_progress = f"step {step}/{steps}, loss {loss:.3f}" if step < steps else "the gate's replay"
 
         return adapt_prompt_tokens(self.loaded.model, self.decoder.prompt_tokens, train, held, settings,
                                    self.tree_for, on_step=on_step)
