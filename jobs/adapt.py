@@ -301,6 +301,8 @@ class Adaptation:
         """summary.json's ``adaptation``."""
         if self.state == "training":  # the job's rows ran out first; the workers are gone
             self._fail("the job's last row was decoded before the training ended")
+        elif self.state == "undecided":  # no worker started: nothing was left to decode
+            self.state, self.reason = "off", "no rows were decoded in this run"
         out = {"mode": self.settings.mode, "state": self.state, "reason": self.reason,
                "artifact": self.source if self.state in ("published", "reused") else None,
                "prompts_hash": self.prompts_hash, "adopted_by": self.adopted_by, "refused_by": self.refused_by}

@@ -213,10 +213,10 @@ class AdaptationConfig(BaseModel):
         "training time back. 'off': never.")
     min_rows: int = Field(default=200, ge=1, description="Input rows a job needs before it adapts.")
     train_rows: int = Field(default=192, ge=1, description="Completed rows learned from.")
-    held_out_rows: int = Field(default=48, ge=1, description="Completed rows held back for the gate's replay.")
+    held_out_rows: int = Field(default=40, ge=1, description="Completed rows held back for the gate's replay.")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
     samples_per_step: int = Field(default=4, ge=1, description="Rows whose gradients add up per step.")
-    cuts_per_sample: int = Field(default=24, ge=1, description="Cut points drawn per row and pass.")
+    cuts_per_sample: int = Field(default=16, ge=1, description="Cut points drawn per row and pass.")
     lr: float | None = Field(default=None, gt=0, description="AdamW peak learning rate; default lr_untrained, or "
                              "lr_from_trained when the current prompt tokens were trained.")
     lr_untrained: float = Field(default=1e-2, gt=0, description="Default learning rate from untrained tokens.")
