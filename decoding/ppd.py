@@ -105,8 +105,14 @@ class PPDDecoder:
     def begin(self) -> None:
         """A new SlotBatch begins."""
         self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
-        # [k*n, H], the decoder's own storage: adopt_prompt_tokens overwrites it in place
-        self.prompt_table = self.prompt_tokens.flat(self.dtype).detach().clone()
+        # [k*n, H], the decoder's own storage, allocated once: a later batch (a fallback's) and adopt_prompt_tokens
+        # overwrite it in place, so a compiled or captured step of another batch never reads a stale address
+        table = self.prompt_tokens.flat(self.dtype).detach()
+        if getattr(self, "prompt_table", None) is None or self.prompt_table.shape != table.shape:
+            self.prompt_table = table.clone()
+        else:
+            with torch.inference_mode():  # the table may have been made in inference mode (by generate)
+                self.prompt_table.copy_(table)
 
     def adopt_prompt_tokens(self, prompt_tokens: PromptTokens) -> None:
         """Decode with ``prompt_tokens`` from the next step on. The prompt-token table is overwritten in place
@@ -118,7 +124,7 @@ class PPDDecoder:
                              f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
         self.prompt_tokens = prompt_tokens
         if hasattr(self, "prompt_table"):
-            with torch.no_grad():
+            with torch.inference_mode():  # the table may have been made in inference mode (by generate)
                 self.prompt_table.copy_(prompt_tokens.flat(self.dtype))
 
     def use_tree_set(self, tree_set: TreeSet) -> None:

@@ -84,6 +84,19 @@ def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, m
             assert decoder.built_from == TABLE and decoder.initial_family == tuple(decoder.family)
 
 
+def test_the_decoders_prompt_token_table_is_allocated_once(model, rows):
+    """A second batch on the decoder (the engine's fallback decodes rows alone) and a swap both write the table a
+    first batch's compiled or captured steps read, never a new one."""
+    decoder = make("ppd", model)
+    SlotBatch(decoder, num_slots=2)
+    table = decoder.prompt_table
+    decoder.generate([rows[False][0][0]], 3)  # a new SlotBatch begins, in inference mode
+    assert decoder.prompt_table is table
+    new = other_tokens(model, 4)
+    decoder.adopt_prompt_tokens(new)
+    assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))
+
+
 def test_propd_adopts_the_new_tokens_table_and_starts_its_statistics_again(model, rows):
     decoder = make("propd", model)
     _, _ = run_with_swap(decoder, rows[False], 3, other_tokens(model, 5))
