@@ -102,7 +102,9 @@ class CudaGraphStep:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the worker may train prompt tokens in another thread meanwhile (workers/actor.adapt), whose
+        # allocations and syncs the default ("global") mode would turn into a failed capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             packed = self.step(batch, A, buffers, sizes, view, draw)
         self.captures += 1
         return graph, packed

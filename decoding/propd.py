@@ -212,6 +212,7 @@ class ProPDDecoder(PPDDecoder):
         self._set_family(family)
         self.built_from = table
         self.initial_family = tuple(self.family)
+        self.start = self.current if self.current is not None else self.keys[0]  # the set in use, mapped across
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
 
     @property

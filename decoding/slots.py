@@ -26,7 +26,6 @@ A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``,
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ class Request:
     stop: StopCheck | None = None
     tag: Any = None
     admitted_at: float | None = None  # time.time() when it took a slot
+    admission: int | None = None  # its number among the SlotBatch's admissions (increasing; its row id)
 
     def __post_init__(self) -> None:
         if len(self.prompt) == 0:
@@ -155,7 +155,7 @@ class SlotBatch:
         self._admitting: list[_Row] = []  # taking slots A.. (prefill running)
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy(num_slots)
-        self._ids = itertools.count()
+        self.admissions = 0  # rows admitted so far: the next row's id
         self.decoder.begin()
 
     # -- the queue ---------------------------------------------------------------------------------------------
@@ -351,7 +351,8 @@ class SlotBatch:
         finished, newcomers = [], []
         while self.waiting and len(self.rows) + len(newcomers) < self.num_slots:
             req = self.waiting.popleft()
-            row = _Row(req, next(self._ids), kv_len=len(req.prompt) - 1)
+            row = _Row(req, self.admissions, kv_len=len(req.prompt) - 1)
+            req.admission, self.admissions = self.admissions, self.admissions + 1
             if req.max_new_tokens == 0:
                 row.result.finish_reason = FinishReason.LENGTH
                 finished.append((req, row.result))

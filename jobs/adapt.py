@@ -20,8 +20,8 @@ Nothing here imports torch: the worker returns the artifact's files as bytes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import time
 from typing import Any
 
@@ -31,7 +31,7 @@ from jobs.config import JobConfig
 from jobs.inputs import InputPlan, Shard
 from jobs.output import read_json, write_json
 from jobs.resume import MANIFEST
-from jobs.storage import Location, resolve
+from jobs.storage import Location, StorageError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ ARTIFACT_PREFIX = "prompt_tokens-"
 WEIGHTS_NAME, METADATA_NAME = "prompt_tokens.safetensors", "prompt_tokens.json"  # workers/artifacts.py's
 MIN_TRAIN_ROWS, MIN_HELD_OUT_ROWS = 8, 4  # fewer usable rows than this: no adaptation
 DRIVER_GRACE_S = 600.0  # past the training's own time limit, the gate's replay and the transfer
+OUTLOOK_TIMEOUT_S = 60.0
 
 
 def read_artifact_files(where: Location) -> dict[str, bytes]:
@@ -67,14 +68,17 @@ def publish_artifact(out: Location, files: dict[str, bytes], prompts_hash: str, 
     return where
 
 
-def first_todo_shards(plan: InputPlan, done: np.ndarray, count: int) -> list[int]:
-    """The indices of the first ``count`` shards that hold rows not yet written."""
+def first_todo_shards(plan: InputPlan, done: np.ndarray, rows: int) -> list[int]:
+    """The indices of the first shards holding rows not yet written, as many as hold ``rows`` such rows, and
+    one more (for rows that fail)."""
     bounds = plan.shard_bounds()
-    if not bounds:
+    if not bounds or rows <= 0:
         return []
     starts = np.array([start for start, _ in bounds], dtype=np.int64)
-    todo = np.flatnonzero(np.add.reduceat(~done, starts) > 0)
-    return todo[:count].tolist()
+    counts = np.add.reduceat((~done).astype(np.int64), starts)
+    todo = np.flatnonzero(counts > 0)
+    enough = int(np.searchsorted(np.cumsum(counts[todo]), rows)) + 2
+    return todo[:enough].tolist()
 
 
 class Adaptation:
@@ -88,8 +92,7 @@ class Adaptation:
         self.max_new_tokens = cfg.decoding.max_new_tokens
         self.rows_this_run = rows_this_run
         self.target = min(self.settings.train_rows + self.settings.held_out_rows, rows_this_run // 2)
-        shards = math.ceil(self.target / max(1, plan.shard_size)) + 1
-        self.wanted = set(first_todo_shards(plan, done, shards)) if self.target else set()
+        self.wanted = set(first_todo_shards(plan, done, self.target))
         self.collected: dict[int, list[tuple[dict, list[int]]]] = {}
         self.state, self.reason = "undecided", ""
         self.report: dict[str, Any] = {}
@@ -106,17 +109,30 @@ class Adaptation:
         self.refused_by: list[str] = []
         recorded = recorded_artifact(out) if self.settings.mode != "off" and self.method == "ppd" else None
         if recorded:
-            where = out.child(recorded["artifact"])
-            self.files, self.source, self.prompts_hash = read_artifact_files(where), where.uri, recorded["prompts_hash"]
-            self.state, self.reason = "reused", f"this output's adapted prompt tokens ({where.name}) are reused"
-            self.report = recorded.get("report") or {}
+            self._reuse(recorded)
+
+    def _reuse(self, recorded: dict[str, Any]) -> None:
+        """Start from the adapted tokens job.json records, if their files are there and whole (else learn again)."""
+        where = self.out.child(recorded["artifact"])
+        try:
+            files = read_artifact_files(where)
+        except (OSError, StorageError) as exc:
+            log.warning("adapt-prompts: job.json records %s, which cannot be read (%s): learning again", where.uri, exc)
+            return
+        if hashlib.sha256(files[WEIGHTS_NAME]).hexdigest() != recorded["prompts_hash"]:
+            log.warning("adapt-prompts: %s does not hold the recorded prompt tokens: learning again", where.uri)
+            return
+        self.files, self.source, self.prompts_hash = files, where.uri, recorded["prompts_hash"]
+        self.state, self.reason = "reused", f"this output's adapted prompt tokens ({where.name}) are reused"
+        self.report = recorded.get("report") or {}
 
     @property
     def adaptable(self) -> bool:
         """Whether this run may learn prompt tokens (its workers then plan untrained tokens as plain decoding,
         with the latency profile that trees are planned from once the new tokens come)."""
         return (self.state == "undecided" and self.settings.mode != "off" and self.method == "ppd"
-                and self.rows_this_run >= self.settings.min_rows)
+                and self.rows_this_run >= self.settings.min_rows
+                and self.target >= MIN_TRAIN_ROWS + MIN_HELD_OUT_ROWS)
 
     @property
     def worker_files(self) -> tuple[str, dict[str, bytes]] | None:
@@ -126,6 +142,8 @@ class Adaptation:
     def start(self, ready_workers: list) -> str:
         """Decide whether this run adapts, from the configuration and the ready workers; returns the start line."""
         import ray
+
+        from ray.exceptions import GetTimeoutError, RayError
 
         if self.state != "undecided":
             return f"adapt-prompts: {self.reason}"
@@ -138,7 +156,11 @@ class Adaptation:
         if self.target < MIN_TRAIN_ROWS + MIN_HELD_OUT_ROWS:
             return self._decide("off", f"too few rows to learn from ({self.target})")
         if mode == "auto":
-            outlooks = ray.get([w.handle.adaptation_outlook.remote() for w in ready_workers])
+            try:
+                outlooks = ray.get([w.handle.adaptation_outlook.remote(self.settings.model_dump(mode="json"))
+                                    for w in ready_workers], timeout=OUTLOOK_TIMEOUT_S)
+            except (RayError, GetTimeoutError) as exc:
+                return self._decide("off", f"the workers' latency profiles could not be read: {_first_line(exc)}")
             self.report["outlooks"] = outlooks
             reason = self._auto_reason(outlooks)
             if reason is not None:
@@ -185,11 +207,24 @@ class Adaptation:
         self.collected[shard.index] = [
             (by_id[r["id"]], r["output_token_ids"]) for r in records
             if r.get("error") is None and r.get("output_token_ids") and r["id"] in by_id]
-        if set(self.collected) >= self.wanted:
+        usable = 0
+        for index in sorted(self.wanted):  # the leading shards that are in, in input order
+            if index not in self.collected:
+                break
+            usable += len(self.collected[index])
+        else:
+            self._train(workers)  # every wanted shard is in
+            return
+        if usable >= self.target:
             self._train(workers)
 
     def _train(self, workers: list) -> None:
-        pairs = [pair for index in sorted(self.collected) for pair in self.collected[index]][: self.target]
+        pairs = []
+        for index in sorted(self.wanted):
+            if index not in self.collected or len(pairs) >= self.target:
+                break
+            pairs += self.collected[index]
+        pairs = pairs[: self.target]
         self.collected = {}
         share = self.settings.held_out_rows / (self.settings.train_rows + self.settings.held_out_rows)
         count = round(len(pairs) * share)
@@ -270,7 +305,11 @@ class Adaptation:
                            f"{result['report']['tau_after']['tree_63']:.3f})")
             log.info("adapt-prompts: %s", self.reason)
             return
-        where = publish_artifact(self.out, result["files"], result["prompts_hash"], self.report)
+        try:
+            where = publish_artifact(self.out, result["files"], result["prompts_hash"], self.report)
+        except (OSError, StorageError) as exc:  # the store failed: the job goes on, and a rerun learns again
+            self._fail(f"the new prompt tokens could not be saved in {self.out.uri}: {exc}")
+            return
         self.files, self.source, self.prompts_hash = result["files"], where.uri, result["prompts_hash"]
         self.state = "published"
         self.reason = (f"published {where.name}: replay tau at 63 nodes {self.report['tau_before']['tree_63']:.3f}"
@@ -289,7 +328,7 @@ class Adaptation:
         """A few words for the progress line."""
         if self.state == "collecting":
             have = sum(len(rows) for rows in self.collected.values())
-            return f"adapt: collecting rows ({have}/{self.target})"
+            return f"adapt: collecting rows ({min(have, self.target)}/{self.target})"
         if self.state == "training":
             return f"adapt: training on {self.report.get('trained_on')}" + (
                 f" ({self.training_status})" if self.training_status else "")
@@ -301,6 +340,8 @@ class Adaptation:
         """summary.json's ``adaptation``."""
         if self.state == "training":  # the job's rows ran out first; the workers are gone
             self._fail("the job's last row was decoded before the training ended")
+        elif self.state == "collecting":
+            self._fail("the job ended before its first rows were all in")
         elif self.state == "undecided":  # no worker started: nothing was left to decode
             self.state, self.reason = "off", "no rows were decoded in this run"
         out = {"mode": self.settings.mode, "state": self.state, "reason": self.reason,

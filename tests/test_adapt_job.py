@@ -7,6 +7,7 @@ The tiny random model learns little, so where publishing is under test the drive
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -162,3 +163,41 @@ def test_auto_adapts_only_where_a_profile_says_trees_pay_and_the_job_wins_the_ti
     assert adaptation._auto_reason([cpu, gpu]) is None  # some worker gains
     short = Adaptation(cfg, resolve("/nonexistent-output"), Plan(), np.zeros(64, bool), 300)
     assert "less than training" in short._auto_reason([gpu])
+
+
+def test_the_rows_learned_from_are_the_first_shards_in_input_order(tmp_path):
+    from jobs.adapt import first_todo_shards
+
+    class Plan:
+        def shard_bounds(self):
+            return [(0, 3), (3, 6), (6, 10), (10, 12), (12, 20)]
+
+    done = np.zeros(20, bool)
+    done[0:3] = done[6:8] = True  # shard 0 written, shard 2 half written
+    assert first_todo_shards(Plan(), done, 4) == [1, 2, 3]  # 3 + 2 rows reach 4, and one shard more
+    assert first_todo_shards(Plan(), done, 100) == [1, 2, 3, 4]
+    assert first_todo_shards(Plan(), done, 0) == []
+
+
+def test_a_recorded_artifact_that_is_gone_or_damaged_is_learned_again(tmp_path):
+    from jobs.adapt import publish_artifact
+
+    class Plan:
+        shard_size = 64
+
+        def shard_bounds(self):
+            return [(0, 64)]
+
+    out = resolve(str(tmp_path / "out"))
+    out.make_dir()
+    (tmp_path / "out" / "job.json").write_text(json.dumps({"config_hash": "c"}))
+    files = {"prompt_tokens.safetensors": b"weights", "prompt_tokens.json": b"{}"}
+    where = publish_artifact(out, files, hashlib.sha256(b"weights").hexdigest(), {})
+    cfg = JobConfig()
+    assert Adaptation(cfg, out, Plan(), np.zeros(64, bool), 1000).state == "reused"
+    (tmp_path / "out" / where.name / "prompt_tokens.safetensors").write_bytes(b"damaged")
+    assert Adaptation(cfg, out, Plan(), np.zeros(64, bool), 1000).state == "undecided"
+    (tmp_path / "out" / where.name / "prompt_tokens.safetensors").unlink()
+    assert Adaptation(cfg, out, Plan(), np.zeros(64, bool), 1000).state == "undecided"
+    off = cfg.model_copy(update={"adaptation": cfg.adaptation.model_copy(update={"mode": "off"})})
+    assert Adaptation(off, out, Plan(), np.zeros(64, bool), 1000).state == "undecided"

@@ -69,7 +69,14 @@ def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=con
     assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))  # in place
     with after_swap:
         finished += batch.run()
-    return batch, {req.tag: res.token_ids for req, res in finished}
+    return batch, {req.tag: res for req, res in finished}
+
+
+def tokens(results) -> dict:
+    return {tag: res.token_ids for tag, res in results.items()}
+
+
+TABLE2 = [[0.7, 0.1] + [0.02] * 8, [0.6, 0.1] + [0.02] * 8, [0.5, 0.1] + [0.02] * 8]
 
 
 @pytest.mark.parametrize("method", ["ppd", "propd"])
@@ -78,10 +85,25 @@ def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, m
     want = {i: t for i, (_, _, _, t) in enumerate(rows[sampled])}
     for swap_at in (0, 1, 4, 9, 30):  # before any step, early, mid-row, as the third row joins, after all
         decoder = make(method, model)
-        _, got = run_with_swap(decoder, rows[sampled], swap_at, other_tokens(model, seed=swap_at))
-        assert got == want, f"swap at step {swap_at}"
+        _, got = run_with_swap(decoder, rows[sampled], swap_at, other_tokens(model, swap_at, TABLE2))
+        assert tokens(got) == want, f"swap at step {swap_at}"
         if method == "propd":  # the family was rebuilt from the new table
-            assert decoder.built_from == TABLE and decoder.initial_family == tuple(decoder.family)
+            assert decoder.built_from == TABLE2 and decoder.initial_family == tuple(decoder.family)
+
+
+def test_after_a_swap_the_steps_are_those_of_the_new_tokens(model, rows):
+    """Swapped in before the first step, new tokens decode exactly as a decoder built with them: the same
+    accepted tokens at every step (and not those of the tokens swapped out)."""
+    new = other_tokens(model, 3)
+    _, swapped = run_with_swap(make("ppd", model), rows[False], 0, new)
+    built = SlotBatch(PPDDecoder(model, new, tree_set=default_tree_set(K)), num_slots=2)
+    built.add([Request(p, n, s, tag=i) for i, (p, n, s, _) in enumerate(rows[False])])
+    direct = {req.tag: res for req, res in built.run()}
+    assert {t: r.accepted_per_step for t, r in swapped.items()} == {t: r.accepted_per_step for t, r in direct.items()}
+    old = SlotBatch(make("ppd", model), num_slots=2)
+    old.add([Request(p, n, s, tag=i) for i, (p, n, s, _) in enumerate(rows[False])])
+    assert {req.tag: res.accepted_per_step for req, res in old.run()} != {
+        t: r.accepted_per_step for t, r in direct.items()}, "the two sets of tokens guess alike: a weak test"
 
 
 def test_the_decoders_prompt_token_table_is_allocated_once(model, rows):
@@ -120,8 +142,11 @@ def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, row
     decoder = make("ppd", model)
     no_recompiling = torch._dynamo.config.patch(error_on_recompile=True)
     batch, got = run_with_swap(decoder, same_length, 3, other_tokens(model, 1), no_recompiling, step_mode="compile")
-    assert got == {0: t0, 1: t1}
+    assert tokens(got) == {0: t0, 1: t1}
     assert len(batch._runner.shapes) == 1
+    # The compiled step read the new values: it accepted what the eager fixed-shape step does with the same swap.
+    _, eager = run_with_swap(make("ppd", model), same_length, 3, other_tokens(model, 1), fixed_shapes=True)
+    assert {t: r.accepted_per_step for t, r in got.items()} == {t: r.accepted_per_step for t, r in eager.items()}
 
 
 # -- the engine -----------------------------------------------------------------------------------------------

@@ -122,22 +122,37 @@ class DecodeWorker:
         error = None if pending.error is None else f"{type(pending.error).__name__}: {pending.error}"
         return {"prompts_hash": prompts_hash, "error": error}
 
-    def adaptation_outlook(self) -> dict[str, Any]:
+    def adaptation_outlook(self, settings: dict[str, Any]) -> dict[str, Any]:
         """What this worker's profile predicts for trees before and after adaptation (DecodeEngine's)."""
-        return {**self.engine.adaptation_outlook(), "worker": self.name}
+        return {**self.engine.adaptation_outlook(AdaptationConfig(**settings)), "worker": self.name}
 
     def adapt(self, rows: list[dict], outputs: list[list[int]], held_out: list[bool],
               settings: dict[str, Any]) -> dict[str, Any]:
         """Learn prompt tokens from these completed rows beside decoding (this call's own thread): {"passed",
         "report", "files": the new artifact's files, "prompts_hash"} (workers/adaptation.py)."""
-        if self.num_threads:
-            import torch
+        # A thread of its own, which ends with the training: on a CPU, a thread that runs OpenMP regions keeps
+        # its team of workers until it ends, and a process holding more of them than cores slows every later
+        # decode step (see __init__); Ray's threads for calls live as long as the actor.
+        done: list[Any] = []
 
-            torch.set_num_threads(self.num_threads)  # per calling thread, as in the decode loop
-        try:
-            outcome = self.engine.adapt(rows, outputs, held_out, AdaptationConfig(**settings))
-        finally:
-            self.engine.adapt_progress = None
+        def train() -> None:
+            if self.num_threads:
+                import torch
+
+                torch.set_num_threads(self.num_threads)  # per calling thread, as in the decode loop
+            try:
+                done.append(self.engine.adapt(rows, outputs, held_out, AdaptationConfig(**settings)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the call's thread below
+                done.append(exc)
+            finally:
+                self.engine.adapt_progress = None
+
+        thread = threading.Thread(target=train, name="adapt-prompts", daemon=True)
+        thread.start()
+        thread.join()
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        outcome = done[0]
         files, prompts_hash = artifact_files(outcome.prompt_tokens)
         return {"passed": outcome.passed, "report": outcome.report, "files": files, "prompts_hash": prompts_hash,
                 "worker": self.name}
@@ -155,7 +170,8 @@ def remote_worker(*, num_cpus: float, num_gpus: float = 0, accelerator_type: str
     in-flight shard is not retried on it: the driver hands the shard back to the pool, so another
     worker takes it (jobs/pool.py).
     """
-    # Threaded: shards queued ahead (jobs/pool.py) wait in process() while the loop decodes, and ready() answers.
+    # Threaded: shards queued ahead (jobs/pool.py) wait in process() while the loop decodes, and ready(), adapt()
+    # (a training beside decoding), adopt_prompts() and the progress and outlook calls answer.
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                    max_task_retries=0, max_concurrency=PREFETCH_SHARDS + 5)
     if accelerator_type:

@@ -66,6 +66,9 @@ class DecodeEngine:
         self.numeric_path = numeric_path(loaded.model)
         self.batch_fallbacks = 0  # batches that failed and were decoded row by row (see _generate)
         self.adoptions = 0  # prompt tokens adopted mid-job
+        # (first admission number, prompts_hash, tree_hash) of every set of prompt tokens, in adoption order: a row
+        # names the one in force when it was admitted (set once the decoder is built)
+        self.provenance: list[tuple[int, str | None, str | None]] = []
         self.adapt_progress: str | None = None  # what an adaptation running on this worker is at
         self.tree_info: dict[str, Any] = {}
         started = time.perf_counter()
@@ -85,6 +88,7 @@ class DecodeEngine:
         # The full batch's step is compiled or captured now, at start-up; other shapes at their first use.
         warmup_s = self.batch.warm_up()
         self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
+        self.provenance.append((0, self.prompts_hash, self.tree_hash))
         self._lock = threading.Lock()
         self._pending_prompts: list[PendingPrompts] = []  # adopted between steps, by the decode loop
         self._open: list[ShardJob] = []  # shards added and not yet done
@@ -218,8 +222,9 @@ class DecodeEngine:
     def adopt_prompt_tokens(self, prompt_tokens: PromptTokens, prompts_hash: str, source: str) -> None:
         """Decode with ``prompt_tokens`` from the next step on, between steps, without draining the slots: the
         prompt-token table is overwritten in place, the tree (or ProPD's family and statistics) is rebuilt from
-        their acceptance table, and rows not yet admitted will name them in ``prompts_hash``; rows in flight
-        name the tokens they were admitted with. Outputs are unchanged: only the steps they take change."""
+        their acceptance table, and rows admitted from the next step on name them in ``prompts_hash``; rows in
+        flight name the tokens they were admitted with. Outputs are unchanged: only the steps they take change. Every
+        check comes first: a refusal leaves the worker as it was."""
         lm = self.loaded
         decoder = self.decoder
         if not isinstance(decoder, PPDDecoder):
@@ -227,10 +232,19 @@ class DecodeEngine:
         if prompt_tokens.meta.base_model_hash != lm.content_hash:
             raise ValueError(f"the prompt tokens were made for model {prompt_tokens.meta.base_model_hash[:12]}…, "
                              f"not the loaded {lm.content_hash[:12]}…")
+        old = decoder.prompt_tokens
+        if (prompt_tokens.k, prompt_tokens.n, prompt_tokens.hidden_size) != (old.k, old.n, old.hidden_size):
+            raise ValueError(f"new prompt tokens are [{prompt_tokens.k}, {prompt_tokens.n}, "
+                             f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
         table = prompt_tokens.meta.extra.get("acceptance")
+        if isinstance(decoder, ProPDDecoder) and not table:
+            raise ValueError("ProPD needs prompt tokens with an acceptance table")
         tree_set = None
         if not isinstance(decoder, ProPDDecoder) and table:
             tree_set = self.tree_for(table, prompt_tokens)
+            if (tree_set.k, tree_set.top_k) != (decoder.tree_set.k, decoder.tree_set.top_k):
+                raise ValueError("the new prompt tokens' tree has another k or top_k than the slots' guesses")
+        # Checked: from here on nothing is expected to fail.
         prompt_tokens = PromptTokens(prompt_tokens.embeddings.detach().to(device=lm.device, dtype=lm.dtype),
                                      prompt_tokens.meta)
         decoder.adopt_prompt_tokens(prompt_tokens)
@@ -238,8 +252,8 @@ class DecodeEngine:
             decoder.use_tree_set(tree_set)
         self.batch.make_room()
         self.prompts_hash, self.prompts_source = prompts_hash, source
-        for request in self.batch.waiting:
-            request.tag[1].output.prompts_hash, request.tag[1].output.tree_hash = prompts_hash, self.tree_hash
+        # Rows admitted from here on were decoded with these tokens (the decode loop's thread admits rows).
+        self.provenance.append((self.batch.admissions, prompts_hash, self.tree_hash))
         self.adoptions += 1
 
     def tree_for(self, table: list[list[float]], prompt_tokens: PromptTokens | None = None) -> TreeSet:
@@ -460,6 +474,9 @@ class DecodeEngine:
         out.latency_s = now - admitted
         out.started_at = datetime.fromtimestamp(admitted, timezone.utc)
         out.finished_at = datetime.fromtimestamp(now, timezone.utc)
+        if request.admission is not None:  # the prompt tokens and tree in force when the row took its slot
+            _, out.prompts_hash, out.tree_hash = next(
+                version for version in reversed(self.provenance) if version[0] <= request.admission)
         if isinstance(result, Exception):
             out.error = RowError(ErrorCode.DECODE_FAILED, f"decoding failed: {type(result).__name__}: {result}")
         else:

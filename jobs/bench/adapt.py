@@ -151,7 +151,10 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
         return result
     order = [r["id"] for r in rows]
     evaluated = [i for i in order if i in after and outputs[i]][: args.eval_rows]
-    first = order.index(evaluated[0]) if evaluated else len(order)
+    if not evaluated:
+        result["not evaluated"] = "no row was decoded after both jobs' swaps"
+        return result
+    first = order.index(evaluated[0])
     earlier = [outputs[i] for i in order[:first] if outputs.get(i)]
     pairs = [(encode_row(lm.tokenizer, messages=by_id[i]["messages"]), outputs[i]) for i in evaluated]
     result["evaluation"] = evaluate(lm, versions, pairs, earlier, args.check_decode)
