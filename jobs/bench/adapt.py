@@ -124,8 +124,8 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
     rows = workload_rows(name, args.rows, Path(args.data_dir))
     rows_file = work / f"{name}.jsonl"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    jobs = {"shipped+adapt": run_job(rows_file, work / f"{name}-shipped-adapt", args, str(shipped_dir), "on"),
-            "untrained+adapt": run_job(rows_file, work / f"{name}-untrained-adapt", args, "untrained", "on")}
+    starts = {"shipped": str(shipped_dir), "untrained": "untrained"}
+    jobs = {f"{v}+adapt": run_job(rows_file, work / f"{name}-{v}-adapt", args, starts[v], "on") for v in args.variants}
     if args.baseline:
         jobs["shipped"] = run_job(rows_file, work / f"{name}-shipped", args, str(shipped_dir), "off")
     result: dict = {"workload": name, "jobs": {k: {"wall_seconds": round(s["wall_seconds"], 1),
@@ -136,7 +136,7 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
     after: set[str] | None = None
     by_id = {r["id"]: r for r in rows}
     outputs: dict[str, list[int]] = {}
-    for job in ("shipped+adapt", "untrained+adapt"):
+    for job in [f"{v}+adapt" for v in args.variants]:
         adaptation = jobs[job]["adaptation"]
         if adaptation["state"] != "published":
             result[f"{job} not evaluated"] = adaptation["reason"]
@@ -175,10 +175,9 @@ def table(results: list[dict]) -> str:
             continue
         tau = ev["tau_63"]
         jobs = r["jobs"]
-        train = " / ".join(str(jobs[j]["adaptation"].get("train_seconds", "-")) for j in ("shipped+adapt",
-                                                                                           "untrained+adapt"))
-        wall = " / ".join(str(jobs[j]["adaptation"].get("wall_seconds", "-")) for j in ("shipped+adapt",
-                                                                                        "untrained+adapt"))
+        variants = ("shipped+adapt", "untrained+adapt")
+        train = " / ".join(str(jobs[j]["adaptation"].get("train_seconds", "-")) if j in jobs else "-" for j in variants)
+        wall = " / ".join(str(jobs[j]["adaptation"].get("wall_seconds", "-")) if j in jobs else "-" for j in variants)
         ratio = tau.get("untrained+adapt", 0) / tau["shipped"]
         lines.append(f"| {r['workload']} | {ev['rows']} | {tau['shipped']:.3f} | {tau.get('shipped+adapt', 0):.3f} "
                      f"| {tau.get('untrained+adapt', 0):.3f} | {tau['suffix_index']:.3f} | {ratio:.3f} | {train} "
@@ -197,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-rows", type=int, default=64, help="rows decoded after both swaps replayed (default: 64)")
     p.add_argument("--check-decode", type=int, default=1, help="rows per adapted version decoded for real at "
                    "63 nodes (default: 1; ~1 minute each on the 2-core CPU)")
+    p.add_argument("--variants", nargs="+", default=["shipped", "untrained"], choices=["shipped", "untrained"],
+                   help="the prompt tokens the adapting jobs start from (default: both)")
     p.add_argument("--baseline", action="store_true", help="also run the shipped artifact with adaptation off")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--work-dir", help="where the jobs write (default: a temporary directory)")
