@@ -88,16 +88,26 @@ def test_a_job_learns_from_its_first_rows_publishes_and_decodes_the_rest_with_th
     assert set(hashes) == {None, record["prompts_hash"]}
 
 
-def test_a_driver_killed_before_publishing_trains_again_and_loses_nothing(job, force_gate, monkeypatch):
-    tmp, common, plain = job
+def run_killed(tmp: Path, common: list[str], name: str, monkeypatch, publish_too: bool) -> None:
+    """A run whose driver dies as it publishes: before anything is saved, or once the artifact is recorded."""
+    from jobs import adapt
+
+    publish = adapt.publish_artifact
 
     def killed(*args, **kwargs):
+        if publish_too:
+            publish(*args, **kwargs)
         raise KilledDriver
 
     with monkeypatch.context() as patch:
         patch.setattr("jobs.adapt.publish_artifact", killed)
         with pytest.raises(KilledDriver):
-            run(tmp, common, "killed-before")
+            run(tmp, common, name)
+
+
+def test_a_driver_killed_before_publishing_trains_again_and_loses_nothing(job, force_gate, monkeypatch):
+    tmp, common, plain = job
+    run_killed(tmp, common, "killed-before", monkeypatch, publish_too=False)
     out = tmp / "killed-before"
     assert "adapted_prompts" not in json.loads((out / "job.json").read_text())
     summary = run(tmp, common, "killed-before")
@@ -108,18 +118,7 @@ def test_a_driver_killed_before_publishing_trains_again_and_loses_nothing(job, f
 
 def test_a_driver_killed_after_publishing_reuses_the_artifact_and_does_not_train(job, force_gate, monkeypatch):
     tmp, common, plain = job
-    from jobs import adapt
-
-    publish = adapt.publish_artifact
-
-    def published_then_killed(*args, **kwargs):
-        publish(*args, **kwargs)
-        raise KilledDriver
-
-    with monkeypatch.context() as patch:
-        patch.setattr("jobs.adapt.publish_artifact", published_then_killed)
-        with pytest.raises(KilledDriver):
-            run(tmp, common, "killed-after")
+    run_killed(tmp, common, "killed-after", monkeypatch, publish_too=True)
     out = tmp / "killed-after"
     record = json.loads((out / "job.json").read_text())["adapted_prompts"]
     summary = run(tmp, common, "killed-after")

