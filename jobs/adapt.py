@@ -178,9 +178,10 @@ class Adaptation:
                 continue
             now, expected = o.get("now", {"speedup": 1.0, "tokens_per_s": 0.0}), o["expected"]
             if expected["speedup"] < self.settings.auto_min_speedup:
-                reasons.append(f"trees do not pay on {o['worker']}'s device: at the expected tau "
-                               f"{expected['tau']:.2f} its profile predicts {expected['speedup']:.2f}x plain "
-                               f"decoding (below {self.settings.auto_min_speedup:.2f}x)")
+                reasons.append(f"trees do not pay on {o['worker']}'s device: with prompt tokens of the tau adaptation "
+                               f"is expected to reach ({expected['tau_63']:.2f} at 63 nodes) its profile's best tree "
+                               f"gives {expected['speedup']:.2f}x plain decoding (below "
+                               f"{self.settings.auto_min_speedup:.2f}x)")
                 continue
             if expected["speedup"] <= now["speedup"]:
                 reasons.append(f"{o['worker']}'s prompt tokens already predict {now['speedup']:.2f}x")

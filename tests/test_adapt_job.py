@@ -155,9 +155,9 @@ def test_auto_adapts_only_where_a_profile_says_trees_pay_and_the_job_wins_the_ti
     adaptation = Adaptation(cfg, resolve("/nonexistent-output"), Plan(), np.zeros(64, bool), 100_000)
     cpu = {"worker": "w0", "profiled": True, "train_seconds_estimate": 300.0,
            "now": {"speedup": 1.0, "tau": 1.0, "tokens_per_s": 40.0},
-           "expected": {"speedup": 0.92, "tau": 2.1, "tokens_per_s": 37.0}}
+           "expected": {"speedup": 0.92, "tau": 1.0, "tau_63": 2.1, "tokens_per_s": 37.0}}
     assert "trees do not pay on w0's device" in adaptation._auto_reason([cpu])
-    gpu = {**cpu, "expected": {"speedup": 1.6, "tau": 2.1, "tokens_per_s": 64.0}}
+    gpu = {**cpu, "expected": {"speedup": 1.6, "tau": 1.9, "tau_63": 2.1, "tokens_per_s": 64.0}}
     assert adaptation._auto_reason([gpu]) is None
     assert adaptation._auto_reason([cpu, gpu]) is None  # some worker gains
     short = Adaptation(cfg, resolve("/nonexistent-output"), Plan(), np.zeros(64, bool), 300)

@@ -29,11 +29,11 @@ from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from decoding.tree import TreeSet
-from trees.builder import tree_family
+from trees.builder import estimate, tree_family
 from trees.paths import fixed_size_tree_set
 from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt_tokens, prompt_tokens_from_files,
                                reference_acceptance_table)
-from workers.adaptation import AdaptOutcome, adapt_prompt_tokens
+from workers.adaptation import GATE_TREE_NODES, AdaptOutcome, adapt_prompt_tokens
 from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
@@ -268,11 +268,12 @@ class DecodeEngine:
         return self.decoder.tree_set
 
     def adaptation_outlook(self, settings: AdaptationConfig | None = None) -> dict[str, Any]:
-        """What this worker's latency profile predicts for trees at its batch size: the speed-up over plain
+        """What this worker's latency profile predicts at its batch size: the best tree's speed-up over plain
         decoding, tau and tokens/s with its prompt tokens as they are ("now") and as adaptation is expected to
         leave them ("expected": their own table when they were trained, else the acceptance of the shipped
-        artifact, which training on a job's own rows came within 5% of), and a rough estimate of the training's
-        seconds here (each row: ~4 passes of a 256-slot step, forward and backward)."""
+        artifact, which training on a job's own rows came within 5% of), with the tau a 63-node tree would have
+        ("tau_63"), and a rough estimate of adaptation's seconds here: a training row costs about one step of
+        256 slots, a held-back row about three (measured on the 2-core CPU with the default model)."""
         if self.profile is None or not isinstance(self.decoder, PPDDecoder):
             return {"profiled": False}
         settings = settings or AdaptationConfig()
@@ -281,15 +282,16 @@ class DecodeEngine:
         trained = now and any(any(row) for row in now)
         expected = now if trained else reference_acceptance_table(pt.k)
         widest = max(self.profile.measured_slots(1) or [1])
-        rows = settings.steps_for(settings.train_rows) * settings.samples_per_step
+        row_seconds = self.profile.step_seconds(1, widest) * 256 / widest
+        rows = settings.steps_for(settings.train_rows) * settings.samples_per_step + 3 * settings.held_out_rows
         outlook: dict[str, Any] = {"profiled": True, "batch_size": self.batch_size,
-                                   "train_seconds_estimate": round(4 * rows * self.profile.step_seconds(1, widest)
-                                                                   * 256 / widest, 1)}
+                                   "train_seconds_estimate": round(rows * row_seconds, 1)}
         for name, table in (("now", now), ("expected", expected)):
             if table:
                 choice = best_tree_set(self.profile, table, pt.k, pt.n, self.batch_size)
+                tau_63 = estimate(table, fixed_size_tree_set(table, GATE_TREE_NODES, pt.k)).expected_tokens
                 outlook[name] = {"speedup": round(choice.speedup, 3),
-                                 "tau": round(choice.chosen.estimate.expected_tokens, 3),
+                                 "tau": round(choice.chosen.estimate.expected_tokens, 3), "tau_63": round(tau_63, 3),
                                  "tokens_per_s": round(self.batch_size * choice.chosen.estimate.expected_tokens
                                                        / choice.step_seconds, 2)}
         return outlook
