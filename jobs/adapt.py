@@ -320,6 +320,23 @@ class Adaptation:
             if w.joined:
                 self.worker_ready(w)
 
+    def finish(self, workers: list) -> None:
+        """The job's rows are all decoded: with ``finish_after_last_row``, wait for a training still running (up to
+        its time limit) and publish what passes the gate, for later jobs; else it is dropped (``summary``)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        if self.state != "training" or not self.settings.finish_after_last_row:
+            return
+        left = self.settings.timeout_s + DRIVER_GRACE_S - (time.perf_counter() - self.started_at)
+        log.info("adapt-prompts: the rows are done; waiting up to %.0f s for the training", left)
+        try:
+            result = ray.get(self.training, timeout=max(left, 1.0))
+        except (RayError, GetTimeoutError) as exc:
+            self._fail(f"training failed on {self.report.get('trained_on')}: {_first_line(exc)}")
+            return
+        self._trained(result, [])  # no worker decodes any more: published for later jobs only
+
     def worker_ready(self, w) -> None:
         """A worker (re)started: hand it the adopted tokens (a reused artifact it started with already)."""
         if self.state == "published" and self.files is not None:

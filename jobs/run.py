@@ -220,6 +220,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 run["retries"] += shard.attempts
                 progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
                              seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
+            run["decoded"] = time.perf_counter()
+            adaptation.finish(workers)
         finally:
             index.flush()
             for w in workers:
@@ -228,7 +230,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 ray.kill(board)
             if we_started_ray:
                 ray.shutdown()
-    run["decoded"] = time.perf_counter()
+    run.setdefault("decoded", time.perf_counter())
     progress.close()
     summary = {**_summarise(out, plan, cfg, run, workers, progress), "adaptation": adaptation.summary()}
     write_summary(out, summary)

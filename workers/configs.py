@@ -224,6 +224,9 @@ class AdaptationConfig(BaseModel):
     seed: int = Field(default=0, description="Seed of the training draws (the rows' order and cuts).")
     timeout_s: float = Field(default=900.0, gt=0, description="Training that runs longer is given up (the job "
                              "goes on with the old prompt tokens).")
+    finish_after_last_row: bool = Field(default=False, description="When the job's rows run out while the "
+                                        "training runs: wait for it, and publish the tokens that pass the gate for "
+                                        "later jobs of the workload (--prompts), instead of dropping it.")
     auto_min_speedup: float = Field(default=1.1, gt=1, description="'auto' adapts only where the worker's profile "
                                     "predicts at least this speed-up over plain decoding at the expected tau.")
 

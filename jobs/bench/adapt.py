@@ -10,9 +10,11 @@ user would run them, with `--adapt-prompts on`: from the shipped artifact, and f
 shipped artifact without adaptation needs no job of its own: it is replayed over the same rows. With
 `--baseline`, a third job runs the shipped artifact with adaptation off, for adaptation's share of wall time.
 
-Tau is exact greedy acceptance replay (trees/acceptance.py) over the rows both jobs decoded after their swap
-(the first `--eval-rows` of them in input order), each prompt-token version on its own 63-node tree, built from
-its artifact's acceptance table. Beside them: a suffix index over the job's earlier outputs (trees/suffix.py),
+Tau is exact greedy acceptance replay (trees/acceptance.py) over rows no training saw (the first `--eval-rows`
+past the shards the jobs learn from, in input order; each job's count of rows decoded after its swap is
+reported beside), each prompt-token version on its own 63-node tree, built from its artifact's acceptance table.
+The jobs wait for a training still running when their rows run out (`finish_after_last_row`), so that a short
+job still yields its artifact. Beside them: a suffix index over the job's earlier outputs (trees/suffix.py),
 the model-free alternative, replayed the same way. `--check-decode N` decodes N of those rows for real at 63 nodes
 and checks the steps against the replay. The GPU view takes the shipped H100 latency profile: for each version,
 the tree a worker would plan at batch 1 and 16, its replay tau, and tau x batch over the profiled step time.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -39,7 +42,7 @@ from trees.acceptance import ranks_of_versions, replay_decoding
 from trees.paths import fixed_size_tree_set
 from trees.suffix import SuffixIndex, replay_suffix
 from workers.artifacts import find_shipped_artifact, load_prompt_tokens
-from workers.configs import ModelConfig
+from workers.configs import AdaptationConfig, ModelConfig
 from workers.models import encode_row, load_model
 from workers.planning import best_tree_set
 
@@ -67,7 +70,7 @@ def workload_rows(name: str, count: int, data_dir: Path) -> list[dict]:
 
 def run_job(rows_file: Path, out: Path, args: argparse.Namespace, prompts: str, mode: str) -> dict:
     config = out.with_suffix(".yaml")
-    config.write_text(yaml.safe_dump({"adaptation": {"mode": mode}}))
+    config.write_text(yaml.safe_dump({"adaptation": {"mode": mode, "finish_after_last_row": True}}))
     command = [sys.executable, "jobs/run.py", "--input", str(rows_file), "--output", str(out), "--overwrite",
                "--config", str(config), "--prompts", prompts, "--max-new-tokens", str(args.max_new_tokens),
                "--batch-size", str(args.batch_size), "--progress-interval-s", "60"]
@@ -133,7 +136,6 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
                                                    "tokens_per_s": round(s["tokens_per_s"], 2),
                                                    "adaptation": s["adaptation"]} for k, s in jobs.items()}}
     versions = {"shipped": load_prompt_tokens(shipped_dir, expect_model_hash=lm.content_hash)}
-    after: set[str] | None = None
     by_id = {r["id"]: r for r in rows}
     outputs: dict[str, list[int]] = {}
     for job in [f"{v}+adapt" for v in args.variants]:
@@ -144,16 +146,18 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
         out = work / f"{name}-{job.replace('+', '-')}"
         versions[job] = load_prompt_tokens(out / Path(adaptation["artifact"]).name, expect_model_hash=lm.content_hash)
         table = read_output(out).to_pylist()
-        ids = {r["id"] for r in table if r["prompts_hash"] == adaptation["prompts_hash"] and r["error"] is None}
-        after = ids if after is None else after & ids
+        result["jobs"][job]["rows_after_swap"] = sum(r["prompts_hash"] == adaptation["prompts_hash"] for r in table)
         outputs.update({r["id"]: r["output_token_ids"] for r in table})
-    if after is None:
+    if len(versions) == 1:
         return result
+    # The rows no training saw: past the first shards a job learns from (its first rows, and a shard more).
     order = [r["id"] for r in rows]
-    evaluated = [i for i in order if i in after and outputs[i]][: args.eval_rows]
+    unseen = first_unseen_row(args)
+    evaluated = [i for i in order[unseen:] if outputs.get(i)][: args.eval_rows]
     if not evaluated:
-        result["not evaluated"] = "no row was decoded after both jobs' swaps"
+        result["not evaluated"] = f"no row past the first {unseen}"
         return result
+    result["evaluated_rows_from"] = unseen
     first = order.index(evaluated[0])
     earlier = [outputs[i] for i in order[:first] if outputs.get(i)]
     pairs = [(encode_row(lm.tokenizer, messages=by_id[i]["messages"]), outputs[i]) for i in evaluated]
@@ -162,6 +166,13 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
         base, adapted = jobs["shipped"]["wall_seconds"], jobs["shipped+adapt"]["wall_seconds"]
         result["adaptation_share_of_wall"] = round((adapted - base) / adapted, 4)
     return result
+
+
+def first_unseen_row(args: argparse.Namespace, shard_size: int = 64) -> int:
+    """The first input row past every shard a job of these rows learns from (jobs/adapt.first_todo_shards)."""
+    settings = AdaptationConfig()
+    target = min(settings.train_rows + settings.held_out_rows, args.rows // 2)
+    return (math.ceil(target / shard_size) + 1) * shard_size
 
 
 def table(results: list[dict]) -> str:
