@@ -118,14 +118,18 @@ class PPDDecoder:
         """Decode with ``prompt_tokens`` from the next step on. The prompt-token table is overwritten in place
         (same shape, same storage), so a compiled or captured step that reads it stays valid. Rows in flight keep
         the guesses they hold: a guess only decides how many tokens a step may accept, never which."""
-        old = self.prompt_tokens
-        if (prompt_tokens.k, prompt_tokens.n, prompt_tokens.hidden_size) != (old.k, old.n, old.hidden_size):
-            raise ValueError(f"new prompt tokens are [{prompt_tokens.k}, {prompt_tokens.n}, "
-                             f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
+        self.check_adoptable(prompt_tokens)
         self.prompt_tokens = prompt_tokens
         if hasattr(self, "prompt_table"):
             with torch.inference_mode():  # the table may have been made in inference mode (by generate)
                 self.prompt_table.copy_(prompt_tokens.flat(self.dtype))
+
+    def check_adoptable(self, prompt_tokens: PromptTokens) -> None:
+        """Raise ValueError unless ``adopt_prompt_tokens`` can take these prompt tokens (the same shape)."""
+        old = self.prompt_tokens
+        if (prompt_tokens.k, prompt_tokens.n, prompt_tokens.hidden_size) != (old.k, old.n, old.hidden_size):
+            raise ValueError(f"new prompt tokens are [{prompt_tokens.k}, {prompt_tokens.n}, "
+                             f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
 
     def use_tree_set(self, tree_set: TreeSet) -> None:
         """Decode with ``tree_set`` from the next step on (rows keep their depth states: same k)."""

@@ -200,9 +200,8 @@ class ProPDDecoder(PPDDecoder):
     def adopt_prompt_tokens(self, prompt_tokens: PromptTokens) -> None:
         """New prompt tokens (PPDDecoder's), with their acceptance table: the family is rebuilt from it, and
         the statistics learned of the old tokens (acceptance, yields) start again from it."""
-        table = prompt_tokens.meta.extra.get("acceptance")
-        if not table:
-            raise ValueError("ProPD needs prompt tokens with an acceptance table")
+        self.check_adoptable(prompt_tokens)
+        table = prompt_tokens.meta.extra["acceptance"]
         family = list(self.build_family(table))
         if not family:
             raise ValueError("the tree family builder returned no tree set")
@@ -214,6 +213,11 @@ class ProPDDecoder(PPDDecoder):
         self.initial_family = tuple(self.family)
         self.start = self.current if self.current is not None else self.keys[0]  # the set in use, mapped across
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
+
+    def check_adoptable(self, prompt_tokens: PromptTokens) -> None:
+        super().check_adoptable(prompt_tokens)
+        if not prompt_tokens.meta.extra.get("acceptance"):
+            raise ValueError("ProPD needs prompt tokens with an acceptance table")
 
     @property
     def max_step_tokens(self) -> int:

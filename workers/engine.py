@@ -232,13 +232,8 @@ class DecodeEngine:
         if prompt_tokens.meta.base_model_hash != lm.content_hash:
             raise ValueError(f"the prompt tokens were made for model {prompt_tokens.meta.base_model_hash[:12]}…, "
                              f"not the loaded {lm.content_hash[:12]}…")
-        old = decoder.prompt_tokens
-        if (prompt_tokens.k, prompt_tokens.n, prompt_tokens.hidden_size) != (old.k, old.n, old.hidden_size):
-            raise ValueError(f"new prompt tokens are [{prompt_tokens.k}, {prompt_tokens.n}, "
-                             f"{prompt_tokens.hidden_size}], the decoder's [{old.k}, {old.n}, {old.hidden_size}]")
+        decoder.check_adoptable(prompt_tokens)
         table = prompt_tokens.meta.extra.get("acceptance")
-        if isinstance(decoder, ProPDDecoder) and not table:
-            raise ValueError("ProPD needs prompt tokens with an acceptance table")
         tree_set = None
         if not isinstance(decoder, ProPDDecoder) and table:
             tree_set = self.tree_for(table, prompt_tokens)
