@@ -40,6 +40,7 @@ WEIGHTS_NAME, METADATA_NAME = "prompt_tokens.safetensors", "prompt_tokens.json" 
 MIN_TRAIN_ROWS, MIN_HELD_OUT_ROWS = 8, 4  # fewer usable rows than this: no adaptation
 DRIVER_GRACE_S = 600.0  # past the training's own time limit, the gate's replay and the transfer
 OUTLOOK_TIMEOUT_S = 60.0
+ADOPTION_WAIT_S = 60.0  # at the job's end, for adoptions in flight (each is one step boundary away)
 
 
 def read_artifact_files(where: Location) -> dict[str, bytes]:
@@ -107,6 +108,7 @@ class Adaptation:
         self.adoptions: dict[Any, Any] = {}  # object ref -> worker name
         self.adopted_by: list[str] = []
         self.refused_by: list[str] = []
+        self.unconfirmed_by: list[str] = []  # adoptions unanswered when the job ended
         recorded = recorded_artifact(out) if self.settings.mode != "off" and self.method == "ppd" else None
         if recorded:
             self._reuse(recorded)
@@ -267,8 +269,15 @@ class Adaptation:
             elif time.perf_counter() - self.started_at > self.settings.timeout_s + DRIVER_GRACE_S:
                 self._fail(f"no answer from the training within {self.settings.timeout_s + DRIVER_GRACE_S:.0f} s")
                 self.training = None
+        self._collect_adoptions(timeout=0)
+
+    def _collect_adoptions(self, timeout: float) -> None:
+        """Record the adoptions that have answered, waiting up to ``timeout`` seconds for all of them."""
+        import ray
+        from ray.exceptions import RayError
+
         if self.adoptions:
-            done, _ = ray.wait(list(self.adoptions), num_returns=len(self.adoptions), timeout=0)
+            done, _ = ray.wait(list(self.adoptions), num_returns=len(self.adoptions), timeout=timeout)
             for ref in done:
                 name = self.adoptions.pop(ref)
                 try:
@@ -315,17 +324,25 @@ class Adaptation:
         self.state = "published"
         self.reason = (f"published {where.name}: replay tau at 63 nodes {self.report['tau_before']['tree_63']:.3f}"
                        f" -> {self.report['tau_after']['tree_63']:.3f}")
+        if not workers:
+            self.reason += " after the job's last row: no row of this run used it; pass it with --prompts"
         log.info("adapt-prompts: %s", self.reason)
         for w in workers:
             if w.joined:
                 self.worker_ready(w)
 
     def finish(self, workers: list) -> None:
-        """The job's rows are all decoded: with ``finish_after_last_row``, wait for a training still running (up to
-        its time limit) and publish what passes the gate, for later jobs; else it is dropped (``summary``)."""
+        """The job's rows are all decoded: wait briefly for the adoptions in flight (those unanswered are named in
+        ``unconfirmed_by``); with ``finish_after_last_row``, wait for a training still running (up to its time
+        limit) and publish what passes the gate, for later jobs; else it is dropped (``summary``)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayError
 
+        self._collect_adoptions(timeout=ADOPTION_WAIT_S)  # a worker adopts at its next step boundary
+        self.unconfirmed_by = sorted(self.adoptions.values())
+        if self.unconfirmed_by:
+            log.warning("adapt-prompts: %s did not confirm adopting the new prompt tokens before the job ended",
+                        ", ".join(map(str, self.unconfirmed_by)))
         if self.state != "training" or not self.settings.finish_after_last_row:
             return
         left = self.settings.timeout_s + DRIVER_GRACE_S - (time.perf_counter() - self.started_at)
@@ -364,7 +381,8 @@ class Adaptation:
             self.state, self.reason = "off", "no rows were decoded in this run"
         out = {"mode": self.settings.mode, "state": self.state, "reason": self.reason,
                "artifact": self.source if self.state in ("published", "reused") else None,
-               "prompts_hash": self.prompts_hash, "adopted_by": self.adopted_by, "refused_by": self.refused_by}
+               "prompts_hash": self.prompts_hash, "adopted_by": self.adopted_by, "refused_by": self.refused_by,
+               "unconfirmed_by": self.unconfirmed_by}
         keys = ("rows_learned", "rows_held_out", "trained_on", "steps", "train_seconds", "gate_seconds",
                 "wall_seconds", "tau_before", "tau_after", "replay_gain", "outlooks")
         return {**out, **{key: self.report[key] for key in keys if key in self.report}}

@@ -73,7 +73,8 @@ def test_a_job_learns_from_its_first_rows_publishes_and_decodes_the_rest_with_th
     adaptation = summary["adaptation"]
     assert adaptation["state"] == "published", adaptation
     assert adaptation["rows_learned"] == 12 and adaptation["rows_held_out"] == 4
-    assert adaptation["adopted_by"] and not adaptation["refused_by"]
+    assert [name.split()[0] for name in adaptation["adopted_by"]] == ["default/0"]  # the one worker, once
+    assert not adaptation["refused_by"] + adaptation["unconfirmed_by"]
     assert {"tree_63", "worker_tree"} <= set(adaptation["tau_before"]) and adaptation["train_seconds"] > 0
     out = tmp / "published"
     record = json.loads((out / "job.json").read_text())["adapted_prompts"]
@@ -200,3 +201,36 @@ def test_a_recorded_artifact_that_is_gone_or_damaged_is_learned_again(tmp_path):
     assert Adaptation(cfg, out, Plan(), np.zeros(64, bool), 1000).state == "undecided"
     off = cfg.model_copy(update={"adaptation": cfg.adaptation.model_copy(update={"mode": "off"})})
     assert Adaptation(off, out, Plan(), np.zeros(64, bool), 1000).state == "undecided"
+
+
+@pytest.fixture
+def training_outlasts_rows(monkeypatch):
+    """The driver sees the training end only after the last row (as when it outlasts a short job's rows)."""
+    poll = Adaptation.poll
+
+    def poll_but_not_training(self, workers):
+        if self.state == "training":
+            self._ask_progress()
+            self._collect_adoptions(timeout=0)
+            return
+        poll(self, workers)
+
+    monkeypatch.setattr(Adaptation, "poll", poll_but_not_training)
+
+
+def test_a_training_outlasting_the_rows_is_dropped_unless_finish_after_last_row(job, force_gate,
+                                                                                training_outlasts_rows):
+    tmp, common, plain = job
+    dropped = run(tmp, common, "outlasted")["adaptation"]
+    assert dropped["state"] == "failed" and "before the training ended" in dropped["reason"], dropped
+    assert not list((tmp / "outlasted").glob("prompt_tokens-*"))
+
+    kept = run(tmp, common, "outlasted-kept", {"finish_after_last_row": True})["adaptation"]
+    assert kept["state"] == "published" and "no row of this run used it" in kept["reason"], kept
+    assert kept["adopted_by"] == [] and kept["unconfirmed_by"] == []  # handed to no worker: they are done
+    out = tmp / "outlasted-kept"
+    record = json.loads((out / "job.json").read_text())["adapted_prompts"]
+    assert load_prompt_tokens(out / record["artifact"], expect_model_hash=None).meta.extra["acceptance"]
+    rows = rows_of(out)
+    assert {r["prompts_hash"] for r in rows} == {None}  # every row decoded with the untrained tokens
+    assert {r["id"]: r["output_token_ids"] for r in rows} == plain
