@@ -36,21 +36,12 @@ test: setup
 clean:
 	rm -rf outputs .pytest_cache
 
-# On a machine with a CUDA device (run as one prepared command; needs torch and transformers, not the venv):
-# the cuda-marked tests (graph replays equal each row decoded alone; a profile of captured steps), then plain
-# and PPD steps eager, at fixed shapes and from CUDA graphs, beside transformers' generate (eager, and with a
-# static cache, which it compiles), on a random model of the default's shape in bfloat16 and float32. Random
-# weights: step costs are the default model's, acceptance is not, so the JSON goes beside the cost study's
-# measurements (artifacts/measurements/gpu-check/), not among them. The timeouts keep it under the device
-# tool's 10 minutes a command; each benchmark writes its JSON after every batch size.
-GPU_OUT   := artifacts/measurements/gpu-check
-GPU_BENCH := PYTHONUNBUFFERED=1 timeout 150 python3 -m jobs.bench.overhead --random-default --device cuda
+# On a machine with a CUDA device (run as one prepared command; needs torch with CUDA, transformers and pytest,
+# not the venv): the machine's report, the cuda-marked tests, the step benchmark on random models of the default's
+# shape, and the real-size runs (random weights of the default's and Llama-3.1-8B's shapes: memory plan, step
+# costs, tokens/s, transformers' generate), each part under its own timeout, all within 9 minutes
+# (jobs/bench/gpu_check.py). Random weights: step costs are real, acceptance is not, so the JSON goes beside the
+# cost study's measurements, not among them. tests/test_gpu_check.py runs every part on tiny shapes on a CPU.
+GPU_OUT ?= artifacts/measurements/gpu-check
 gpu-check:
-	mkdir -p $(GPU_OUT)
-	PYTHONUNBUFFERED=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_fixed_step.py
-	$(GPU_BENCH) --dtype bfloat16 --batch-sizes 1 16 --modes eager fixed cuda_graphs hf_eager hf_static \
-		--json $(GPU_OUT)/bench_overhead-bfloat16-b1-16.json
-	$(GPU_BENCH) --dtype float32 --batch-sizes 1 16 --modes eager cuda_graphs hf_eager \
-		--json $(GPU_OUT)/bench_overhead-float32-b1-16.json
-	$(GPU_BENCH) --dtype bfloat16 --batch-sizes 64 256 --modes eager cuda_graphs --rows-per-slot 1 \
-		--json $(GPU_OUT)/bench_overhead-bfloat16-b64-256.json
+	PYTHONUNBUFFERED=1 python3 -m jobs.bench.gpu_check --out $(GPU_OUT)

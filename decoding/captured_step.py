@@ -11,8 +11,11 @@ and how it samples): a handful per worker, from the slot buckets and the tree se
   CPU it is the ``--compile`` option; on CUDA its ``mode`` may be "reduce-overhead" (inductor's own graphs).
 - ``CudaGraphStep``: the eager (or compiled) step captured per shape with ``torch.cuda.CUDAGraph`` on first use,
   after two warm-up runs whose effects on the slots are undone; every later step of that shape is a replay.
-  Graphs share one memory pool. A capacity growth of the KV cache or of the uniform streams reallocates
-  tensors the graphs read, so it drops them (they are captured again at the next use).
+  Graphs share one memory pool and are held in an LRU of ``max_shapes`` (``ShapeRunner``). A capacity growth of
+  the KV cache or of the uniform streams reallocates tensors the graphs read, so it drops them (they are
+  captured again at the next use); a worker's memory plan fixes both, so it never happens in a job.
+- ``CheckedReplayStep`` (tests, any device): records what a shape's first step reads and checks every later
+  step of that shape reads the same tensors at the same addresses, as a captured graph would.
 
 Nothing in the step changes Python state (the decoders count their steps on the host, ``count_step``): a
 compiled step would be specialised on it, and a replay would not run it.
@@ -20,12 +23,16 @@ compiled step would be specialised on it, and a replay would not run it.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-StepMode = Literal["eager", "compile", "cuda_graphs"]
+StepMode = Literal["eager", "compile", "cuda_graphs", "checked_replay"]
 
 # The slot tensors a device step advances in place (decoding/slots.py): restored after warm-ups and trials.
 ADVANCED = ("kv_len", "emitted", "root", "state", "guesses")
@@ -55,6 +62,10 @@ class CompiledStep:
         with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
             return self.compiled(batch, A, buffers, sizes, view, draw)
 
+    def stats(self) -> dict[str, Any]:
+        """Shapes compiled (dynamo falls back to eager past ``recompile_limit``) and the limit."""
+        return {"captures": len(self.shapes), "held": len(self.shapes), "cap": self.recompile_limit}
+
 
 def step_guards(entries) -> list[bool]:
     """Dynamo guard filter: keep every guard except those on nn modules and on module globals."""
@@ -63,34 +74,64 @@ def step_guards(entries) -> list[bool]:
     return [a and b for a, b in zip(not_global, not_module)]
 
 
-class CudaGraphStep:
-    """The device step captured as one CUDA graph per shape, replayed after (``torch.cuda.CUDAGraph``)."""
+class ShapeRunner:
+    """The device step run once per shape to make a record of it (a captured graph, or the reads it made), and
+    that record used at every later call of the shape. Records are held in an LRU of ``max_shapes`` (the memory
+    plan's cap): the least recently used is dropped past it, and made again at its next use. A record keeps the
+    tree buffers it was made with alive, so a lookup of that tree set finds the same tensors (decoding/tree.py).
+    A reallocation of the tensors every record reads (the KV cache's or the uniform streams' growth) drops them
+    all."""
 
-    def __init__(self, step: Callable, warmups: int = 2):
-        self.step, self.warmups = step, warmups
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-        self.allocation: tuple[Any, ...] | None = None  # what the captured graphs read from (see _check_allocation)
-        self.captures = 0
+    def __init__(self, step: Callable, max_shapes: int = 64):
+        self.step, self.max_shapes = step, max_shapes
+        self.records: OrderedDict[tuple, Any] = OrderedDict()
+        self.allocation: tuple[Any, ...] | None = None
+        self.captures, self.capture_seconds, self.evictions = 0, 0.0, 0
 
     def _check_allocation(self, batch) -> None:
-        """Graphs hold the addresses of the tensors they read; a reallocation (growth) makes them stale."""
         now = (batch.cache.capacity, batch.uniforms.data_ptr())
         if now != self.allocation:
-            self.graphs.clear()
+            self.records.clear()
             self.allocation = now
 
     def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> torch.Tensor:
         self._check_allocation(batch)
         key = shape_key(A, buffers, sizes, view, draw)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(batch, A, buffers, sizes, view, draw)
-        graph, packed = entry
-        graph.replay()
+        record = self.records.get(key)
+        if record is not None:
+            self.records.move_to_end(key)
+            return self._replay(record, batch, A, buffers, sizes, view, draw)
+        started = time.perf_counter()
+        record, packed = self._record(batch, A, buffers, sizes, view, draw)
+        self.capture_seconds += time.perf_counter() - started
+        self.captures += 1
+        self.records[key] = record
+        while len(self.records) > self.max_shapes:
+            self.records.popitem(last=False)
+            self.evictions += 1
         return packed
 
-    def _capture(self, batch, A, buffers, sizes, view, draw) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def stats(self) -> dict[str, Any]:
+        """Captures made, their seconds, records held and dropped, and the cap (a worker's summary reports them)."""
+        return {"captures": self.captures, "capture_seconds": round(self.capture_seconds, 3),
+                "held": len(self.records), "evicted": self.evictions, "cap": self.max_shapes}
+
+    def _record(self, batch, A, buffers, sizes, view, draw) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def _replay(self, record, batch, A, buffers, sizes, view, draw) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CudaGraphStep(ShapeRunner):
+    """The device step captured as one CUDA graph per shape, replayed after (``torch.cuda.CUDAGraph``)."""
+
+    def __init__(self, step: Callable, max_shapes: int = 64, warmups: int = 2):
+        super().__init__(step, max_shapes)
+        self.warmups = warmups
+        self.pool = None
+
+    def _record(self, batch, A, buffers, sizes, view, draw):
         saved = batch.slot_snapshot()  # the warm-ups advance the slots; the columns they write lie past kv_len
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -106,18 +147,92 @@ class CudaGraphStep:
         # allocations and syncs the default ("global") mode would turn into a failed capture.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             packed = self.step(batch, A, buffers, sizes, view, draw)
-        self.captures += 1
-        return graph, packed
+        graph.replay()
+        return (graph, packed, buffers), packed
+
+    def _replay(self, record, batch, A, buffers, sizes, view, draw):
+        graph, packed, _ = record
+        graph.replay()
+        return packed
 
 
-def step_runner(mode: StepMode, step: Callable, compile_mode: str | None = None):
-    """The callable that runs ``step`` (the unbound ``SlotBatch._device_step``) in this mode, or None (eager)."""
+class StaleReplay(AssertionError):
+    """A step of a recorded shape read a tensor at another address, shape, stride or dtype than the record:
+    a CUDA graph replayed there would have read stale memory."""
+
+
+class CheckedReplayStep(ShapeRunner):
+    """For tests, on any device: what a CUDA graph would get wrong, found without one. A shape's first call records
+    every tensor the step reads from outside itself (storage address and offset, shape, stride, dtype, in op
+    order: the slots' state, the KV cache, the tree buffers, the prompt-token table, the sampling parameters and
+    streams, the weights); every later call of that shape runs the step again under the same watch and raises
+    ``StaleReplay`` at the first read that differs."""
+
+    def _record(self, batch, A, buffers, sizes, view, draw):
+        with ReadRecorder() as reads:
+            packed = self.step(batch, A, buffers, sizes, view, draw)
+        return (reads.reads, buffers), packed
+
+    def _replay(self, record, batch, A, buffers, sizes, view, draw):
+        recorded, _ = record
+        with ReadRecorder() as reads:
+            packed = self.step(batch, A, buffers, sizes, view, draw)
+        for i, (then, now) in enumerate(zip(recorded, reads.reads)):
+            if then != now:
+                raise StaleReplay(f"read {i} of the step at shape {shape_key(A, buffers, sizes, view, draw)}: "
+                                  f"recorded {then}, now {now}")
+        if len(recorded) != len(reads.reads):
+            raise StaleReplay(f"the step made {len(reads.reads)} outside reads, its record {len(recorded)}")
+        return packed
+
+
+LIFTED = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+
+
+class ReadRecorder(TorchDispatchMode):
+    """Records, per op, each input tensor whose storage the watched code did not create: (op, storage address,
+    offset, shape, stride, dtype, device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple] = []
+        self.created: set[int] = set()
+        self.outside: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in LIFTED and args[0].numel() <= 64:
+            # A constant the step makes from a Python value (``x[:, 0] = True``): a graph bakes its value in, so
+            # its value is what must not change, not the fresh tensor's address.
+            self.reads.append((str(func), "constant", tuple(args[0].flatten().tolist()), args[0].dtype))
+            out = func(*args, **kwargs)
+            self.created.add(out.untyped_storage().data_ptr())
+            return out
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                address = t.untyped_storage().data_ptr()
+                if address not in self.created:
+                    self.outside.add(address)
+                    self.reads.append((str(func), address, t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                                       t.dtype, t.device))
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.outside:
+                self.created.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def step_runner(mode: StepMode, step: Callable, compile_mode: str | None = None, max_shapes: int = 64):
+    """The callable that runs ``step`` (the unbound ``SlotBatch._device_step``) in this mode, or None (eager).
+    ``max_shapes``: the graphs (or records) a runner holds at once."""
     if mode == "eager":
         return None
     if mode == "compile":
-        return CompiledStep(step, compile_mode)
+        return CompiledStep(step, compile_mode, recompile_limit=max_shapes)
     if mode == "cuda_graphs":
         if not torch.cuda.is_available():
             raise ValueError("CUDA graphs need a CUDA device")
-        return CudaGraphStep(step)
+        return CudaGraphStep(step, max_shapes)
+    if mode == "checked_replay":
+        return CheckedReplayStep(step, max_shapes)
     raise ValueError(f"unknown step mode {mode!r}")

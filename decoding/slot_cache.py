@@ -83,19 +83,21 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """Per-slot KV for ``num_slots`` rows of up to ``capacity`` columns each (grown by ``ensure_capacity``)."""
+    """Per-slot KV for ``num_slots`` rows of up to ``capacity`` columns each: grown by ``ensure_capacity`` (to
+    ``capacity_for`` sizes), or, ``fixed``, exactly ``capacity`` columns for the cache's life (a worker's memory
+    plan, workers/memory.py), which ``ensure_capacity`` refuses to pass."""
 
-    def __init__(self, num_layers: int, num_slots: int, capacity: int = CAPACITY_BUCKET):
+    def __init__(self, num_layers: int, num_slots: int, capacity: int = CAPACITY_BUCKET, fixed: bool = False):
         assert num_slots >= 1 and capacity >= 1
-        self.num_slots, self.capacity = num_slots, capacity_for(capacity)
+        self.num_slots, self.capacity, self.fixed = num_slots, capacity if fixed else capacity_for(capacity), fixed
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
         self.view = 0  # columns the current forward's attention sees
         self._mode = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
         self._index: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # this forward's write index by (H, n)
 
     @classmethod
-    def for_model(cls, model, num_slots: int, capacity: int = CAPACITY_BUCKET) -> SlotCache:
-        return cls(model.config.get_text_config().num_hidden_layers, num_slots, capacity)
+    def for_model(cls, model, num_slots: int, capacity: int = CAPACITY_BUCKET, fixed: bool = False) -> SlotCache:
+        return cls(model.config.get_text_config().num_hidden_layers, num_slots, capacity, fixed)
 
     # -- what the next forward writes --------------------------------------------------------------------------
     def for_step(self, kv_len: torch.Tensor, view: int) -> None:
@@ -145,6 +147,8 @@ class SlotCache(Cache):
         """Room for ``columns`` columns per slot: grown (a copy of what is held) to ``capacity_for`` when short."""
         if columns <= self.capacity:
             return
+        if self.fixed:
+            raise ValueError(f"a row needs {columns} KV columns; the cache holds {self.capacity} (its fixed capacity)")
         self.capacity = capacity_for(columns)
         for layer in self.layers:
             if layer.is_initialized:

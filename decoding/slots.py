@@ -120,25 +120,29 @@ class SlotBatch:
     sized to its rows: the narrowest tree that fits their depth states and the longest row's columns. The
     tokens are the same either way.
 
-    ``step_mode``: "eager", "compile" (torch.compile, one graph per shape) or "cuda_graphs" (one captured CUDA
-    graph per shape, replayed); the last two imply fixed shapes (decoding/captured_step.py).
+    ``step_mode``: "eager", "compile" (torch.compile, one graph per shape), "cuda_graphs" (one captured CUDA
+    graph per shape, replayed; at most ``max_shapes`` held) or "checked_replay" (tests: every step of a shape is
+    checked to read what its first did, as a replay would); all but the first imply fixed shapes
+    (decoding/captured_step.py). ``capacity``: KV columns per slot, allocated once (a worker's memory plan);
+    default: grown as rows need.
     """
 
     def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
                  eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False,
-                 step_mode: StepMode = "eager"):
+                 step_mode: StepMode = "eager", capacity: int | None = None, max_shapes: int = 64):
         assert num_slots >= 1
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
         self.fixed_shapes = fixed_shapes or step_mode != "eager"
         self.step_mode = step_mode
-        self._runner = step_runner(step_mode, SlotBatch._device_step)
+        self._runner = step_runner(step_mode, SlotBatch._device_step, max_shapes=max_shapes)
         if self.fixed_shapes and getattr(decoder, "prune_head", None) is not None:
             raise ValueError("early pruning keeps a data-dependent number of slots: its steps run eager, not at "
                              "fixed shapes")
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
         model = decoder.model
         self.device = decoder.device
-        self.cache = SlotCache.for_model(model, num_slots)
+        # capacity given (a memory plan): the KV and the streams are allocated once, at that many columns per slot
+        self.cache = SlotCache.for_model(model, num_slots, capacity or CAPACITY_BUCKET, fixed=capacity is not None)
         S, k, top_k = num_slots, decoder.k, decoder.top_k
         long = dict(dtype=torch.long, device=self.device)
         self.kv_len = torch.zeros(S, **long)  # [S] (0 in a free slot)
@@ -150,13 +154,17 @@ class SlotBatch:
         f64 = dict(dtype=torch.float64, device=self.device)
         self.temperature, self.top_p = torch.zeros(S, **f64), torch.ones(S, **f64)  # [S]
         self.top_k = torch.zeros(S, **long)  # [S]
-        self.uniforms = torch.zeros(S, CAPACITY_BUCKET, **f64)  # [S, L]: each sampled row's stream
+        self.uniforms = torch.zeros(S, capacity or CAPACITY_BUCKET, **f64)  # [S, L]: each sampled row's stream
         self.rows: list[_Row] = []  # slots 0..A-1
         self._admitting: list[_Row] = []  # taking slots A.. (prefill running)
         self.waiting: deque[Request] = deque()
         self.occupancy = Occupancy(num_slots)
         self.admissions = 0  # rows admitted so far: the next row's id
         self.decoder.begin()
+
+    def graph_stats(self) -> dict[str, Any] | None:
+        """The step runner's captures (or compiles), their seconds, what it holds and its cap; None when eager."""
+        return None if self._runner is None else self._runner.stats()
 
     # -- the queue ---------------------------------------------------------------------------------------------
     def add(self, requests: Sequence[Request] | Request) -> None:
@@ -176,6 +184,14 @@ class SlotBatch:
         if self.rows:
             need = max(len(r.request.prompt) + r.request.max_new_tokens for r in self.rows)
             self.cache.ensure_capacity(need + self.decoder.max_step_tokens)
+
+    @torch.inference_mode()
+    def allocate(self) -> None:
+        """Allocate every layer's KV now (at its capacity) rather than at the first prefill: a one-token prompt is
+        run into slot 0, which is free, so the column it writes is scratch. The model's own attention gives the
+        keys' and values' shapes, whatever its architecture."""
+        assert not self.rows and not self._admitting, "allocate before the first row"
+        prefill_slots(self.decoder.model, self.cache, 0, [[0]])
 
     def view(self) -> ActiveView:
         rows = self.rows
@@ -375,7 +391,9 @@ class SlotBatch:
         self.emitted[slots] = 0
         self.guesses[slots] = 0
         self._admit_sampling(first, newcomers)
-        prefill_slots(self.decoder.model, self.cache, first, [r.request.prompt[:-1] for r in newcomers])
+        prompts = [r.request.prompt[:-1] for r in newcomers]
+        for start, stop in prefill_chunks([len(p) for p in prompts]):
+            prefill_slots(self.decoder.model, self.cache, first + start, prompts[start:stop])
         self.rows += newcomers
         self._admitting = []
         return finished
@@ -428,6 +446,24 @@ class SlotDraw:
         b = self.batch
         u = b.uniforms[rows, b.emitted[rows] + depth]  # [R]
         return sample_tokens(logits, b.temperature[rows], b.top_k[rows], b.top_p[rows], u, self.filters)
+
+
+PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward takes at most (workers/memory.py budgets it)
+
+
+def prefill_chunks(lengths: Sequence[int], limit: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) groups of prompts whose right-padded forward (rows x the longest) stays within
+    ``limit`` tokens (default PREFILL_TOKENS); a longer prompt goes alone."""
+    limit = PREFILL_TOKENS if limit is None else limit
+    chunks, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, length) > limit:
+            chunks.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, length)
+    if lengths:
+        chunks.append((start, len(lengths)))
+    return chunks
 
 
 @torch.inference_mode()

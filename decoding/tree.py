@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -321,7 +323,6 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int], fill) -> torch.Tensor:
     return out
 
 
-@lru_cache(maxsize=64)
 def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
     depth = max(t.depth for t in tree_set.trees)
     per_state = [tree_buffers(t, k=tree_set.k, top_k=tree_set.top_k, n=n, max_depth=depth) for t in tree_set.trees]
@@ -360,16 +361,31 @@ def _tree_set_buffers_cpu(tree_set: TreeSet, n: int) -> TreeSetBuffers:
     return TreeSetBuffers(tree_set=tree_set, n=n, stacked=stacked, state_sizes=sizes)
 
 
+# Every tree set's buffers that anything still holds (a decoder, a captured graph), by (tree set, n, device):
+# a lookup finds the very tensors a live graph reads, however many sets came and went since. The RECENT ones
+# are also held here, so switching back to a set used lately costs nothing.
+_LIVE: weakref.WeakValueDictionary[tuple[TreeSet, int, str], TreeSetBuffers] = weakref.WeakValueDictionary()
+_RECENT: OrderedDict[tuple[TreeSet, int, str], TreeSetBuffers] = OrderedDict()
+RECENT_BUFFERS = 64
+_LOCK = threading.Lock()  # the decode loop and an adaptation's thread both look sets up
+
+
 def tree_set_buffers(tree_set: TreeSet, n: int = 1, device: torch.device | str = "cpu") -> TreeSetBuffers:
-    """Cached per (tree set, ensemble size); moved to ``device`` (cheap: the tensors are small)."""
-    cpu = _tree_set_buffers_cpu(tree_set, n)
-    if torch.device(device).type == "cpu":
-        return cpu
-    return _tree_set_buffers_on_device(tree_set, n, str(torch.device(device)))
-
-
-@lru_cache(maxsize=64)
-def _tree_set_buffers_on_device(tree_set: TreeSet, n: int, device: str) -> TreeSetBuffers:
-    cpu = _tree_set_buffers_cpu(tree_set, n)
-    moved = TreeBuffers(**{f: getattr(cpu.stacked, f).to(device) for f in TreeBuffers.__dataclass_fields__})
-    return TreeSetBuffers(tree_set=tree_set, n=n, stacked=moved, state_sizes=cpu.state_sizes)
+    """Per (tree set, ensemble size, device), one object for as long as anything holds it (never two copies of a
+    set's buffers at different addresses while a graph reads one); moved to ``device`` (the tensors are small)."""
+    key = (tree_set, n, str(torch.device(device)))
+    with _LOCK:
+        buffers = _LIVE.get(key)
+        if buffers is None:
+            cpu = _LIVE.get((tree_set, n, "cpu")) or _tree_set_buffers_cpu(tree_set, n)
+            if torch.device(device).type == "cpu":
+                buffers = cpu
+            else:
+                moved = TreeBuffers(**{f: getattr(cpu.stacked, f).to(device) for f in TreeBuffers.__dataclass_fields__})
+                buffers = TreeSetBuffers(tree_set=tree_set, n=n, stacked=moved, state_sizes=cpu.state_sizes)
+            _LIVE[key] = buffers
+        _RECENT[key] = buffers
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > RECENT_BUFFERS:
+            _RECENT.popitem(last=False)
+    return buffers

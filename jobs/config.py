@@ -86,6 +86,14 @@ class JobConfig(BaseModel):
         "directory resumes: rows already written are skipped. Under `ray job submit`, give an absolute "
         "path: a relative one lands in the job's working directory.",
     )
+    input_format: Literal["auto", "native", "openai-batch"] = Field(
+        default="auto", description="'native': rows of `id`, `messages` or `prompt`, `sampling_params`. "
+        "'openai-batch': JSONL lines of OpenAI Batch API requests (`custom_id`, `method`, `url`, `body`; "
+        "/v1/chat/completions or /v1/completions). 'auto': a JSONL file whose first line is such a request is read "
+        "as one (every line must be).")
+    output_format: Literal["parquet", "openai-batch"] = Field(
+        default="parquet", description="'openai-batch': also write each Parquet part's requests as Batch API "
+        "result lines (`results-<part>.jsonl`, one line per request), beside it.")
     shard_size: int = Field(
         default=64, ge=1, description="Rows per unit of work: a worker pulls one shard at a time, decodes it "
         "in batches of its own batch size, and the driver writes it as one Parquet file.")
@@ -148,6 +156,9 @@ CONFIG_FLAGS: dict[str, Flag] = {
                   "s3://bucket/prefix/; default: the demo", "PATH|URI"),
     "output": Flag(("output",), "output directory or URI", "DIR|URI"),
     "shard_size": Flag(("shard_size",), "rows per unit of work and per part file", "N"),
+    "input_format": Flag(("input_format",), "native rows, OpenAI Batch API request lines, or auto (by a JSONL "
+                         "file's first line)"),
+    "output_format": Flag(("output_format",), "openai-batch: also Batch API result lines beside the Parquet parts"),
     "model": Flag(("model", "model"), "'default' (the packaged SmolLM2-135M-Instruct) or a model directory"),
     "dtype": Flag(("model", "dtype"), "weight and compute dtype (auto: float32 on CPU, bfloat16 on CUDA)"),
     "device": Flag(("model", "device"), "'auto', 'cpu', 'cuda', 'cuda:0', ..."),
@@ -185,6 +196,10 @@ CONFIG_FLAGS: dict[str, Flag] = {
                              "device (default: 60 CPU, 30 GPU)", "S"),
     "adapt_prompts": Flag(("adaptation", "mode"), "learn prompt tokens from the job's first rows and decode the "
                           "rest with them (auto: only where this device's profile says trees pay)"),
+    "gpu_memory_utilization": Flag(("decoding", "memory", "gpu_memory_utilization"), "share of a GPU's memory a "
+                                   "worker may use (weights, activations, graphs, KV)", "F"),
+    "max_prompt_tokens": Flag(("decoding", "memory", "max_prompt_tokens"), "prompt budget: longer prompts end with "
+                              "prompt_too_long; with --max-new-tokens it sets each slot's KV capacity", "N"),
     "num_prompt_tokens": Flag(("decoding", "num_prompt_tokens"), "k when prompt tokens come from embeddings", "K"),
     "batch_size": Flag(("workers", "batch_size"), "rows per batch, or auto", "N|auto", parse=_int_or_auto),
     "num_workers": Flag(("workers", "count"), "decode actors", "N"),

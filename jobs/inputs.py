@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.idset import DigestIndex, id_digests
+from jobs.openai_batch import is_request, request_to_row
 from jobs.storage import Location, StorageError, resolve
 
 KEPT_FIELDS = ("id", "messages", "prompt", "sampling_params")
@@ -40,14 +41,34 @@ class InputError(ValueError):
     """The input cannot be used as a whole."""
 
 
+InputFormat = Literal["auto", "native", "openai-batch"]
+
+
 @dataclass(frozen=True)
 class InputFile:
     location: Location
-    format: str  # "jsonl" or "parquet"
+    format: str  # "jsonl", "parquet" or "openai-batch" (JSONL of Batch API requests: jobs/openai_batch.py)
 
 
-def input_files(where: str) -> list[InputFile]:
-    """The input's files: ``where`` itself, or the .jsonl/.json/.parquet files directly in it, by name."""
+def input_files(where: str, input_format: InputFormat = "auto") -> list[InputFile]:
+    """The input's files: ``where`` itself, or the .jsonl/.json/.parquet files directly in it, by name. A JSONL
+    file holds OpenAI Batch API requests with ``input_format`` "openai-batch", or, "auto", when its first line
+    is one (every line must then be)."""
+    return [_with_format(f, input_format) for f in _files(where)]
+
+
+def _with_format(f: InputFile, input_format: InputFormat) -> InputFile:
+    if f.format == "parquet":
+        if input_format == "openai-batch":
+            raise InputError(f"{f.location.uri}: an OpenAI batch input is JSONL, not Parquet")
+        return f
+    if input_format == "openai-batch" or (input_format == "auto"
+                                          and is_request(next(_jsonl_objects(f), (0, {}))[1])):
+        return InputFile(f.location, "openai-batch")
+    return f
+
+
+def _files(where: str) -> list[InputFile]:
     try:
         location = resolve(where)
         kind = location.info().type.name
@@ -152,6 +173,14 @@ def _parquet_ids(f: InputFile, batch: pa.RecordBatch, first_row: int) -> list[st
     return values if is_text else [str(v) for v in values]
 
 
+def _request(f: InputFile, lineno: int, value: dict) -> dict:
+    """A Batch API request line, checked to be one."""
+    if not is_request(value):
+        raise InputError(f"{f.location.uri}: line {lineno}: not an OpenAI batch request (it needs 'custom_id' and "
+                         "'body'), in a file read as OpenAI batch requests (--input-format)")
+    return value
+
+
 def file_ids(f: InputFile) -> Iterator[list[str]]:
     """The file's ids in order, checked, in chunks."""
     if f.format == "parquet":
@@ -161,8 +190,11 @@ def file_ids(f: InputFile) -> Iterator[list[str]]:
             row += batch.num_rows
         return
     chunk = []
+    key = "custom_id" if f.format == "openai-batch" else "id"
     for lineno, value in _jsonl_objects(f):
-        chunk.append(_check_id(f"{f.location.uri}: line {lineno}", value.get("id")))
+        if f.format == "openai-batch":
+            _request(f, lineno, value)
+        chunk.append(_check_id(f"{f.location.uri}: line {lineno}", value.get(key)))
         if len(chunk) == BATCH_ROWS:
             yield chunk
             chunk = []
@@ -181,8 +213,11 @@ def file_rows(f: InputFile) -> Iterator[dict]:
                 yield row
         return
     for lineno, value in _jsonl_objects(f):
-        row = {key: value[key] for key in KEPT_FIELDS if key in value}
-        row["id"] = _check_id(f"{uri}: line {lineno}", value.get("id"))
+        if f.format == "openai-batch":
+            row = request_to_row(_request(f, lineno, value))
+        else:
+            row = {key: value[key] for key in KEPT_FIELDS if key in value}
+        row["id"] = _check_id(f"{uri}: line {lineno}", row.get("id"))
         yield row
 
 
@@ -240,10 +275,10 @@ class InputPlan:
         return locate(self.files[i], row - int(self.file_starts()[i]))
 
 
-def scan_input(where: str, shard_size: int) -> InputPlan:
+def scan_input(where: str, shard_size: int, input_format: InputFormat = "auto") -> InputPlan:
     """Read every id of the input once, check them all, and plan its shards (see the module's contract)."""
     assert shard_size >= 1
-    files = input_files(where)
+    files = input_files(where, input_format)
     digests, counts = bytearray(), []
     for f in files:
         n = 0
@@ -286,6 +321,6 @@ def iter_shards(plan: InputPlan, done: np.ndarray | None = None) -> Iterator[Sha
         raise InputError(f"{plan.uri} changed while the job ran: it has rows past those planned")
 
 
-def read_rows(where: str) -> list[dict]:
+def read_rows(where: str, input_format: InputFormat = "auto") -> list[dict]:
     """The whole input as row dicts, checked as ``scan_input`` checks it: for small inputs (benchmarks, tests)."""
-    return list(all_rows(scan_input(where, shard_size=1 << 30)))
+    return list(all_rows(scan_input(where, shard_size=1 << 30, input_format=input_format)))

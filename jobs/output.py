@@ -35,10 +35,13 @@ SAMPLING_TYPE = pa.struct([
     pa.field("n", pa.int32()),
 ])
 
+REQUEST_TYPE = pa.struct([pa.field("endpoint", pa.string()), pa.field("model", pa.string()), pa.field("n", pa.int32())])
+
 # RowOutput's column types, by the names workers/records.py gives them.
 ARROW_TYPES = {
     "string": pa.string(), "int32": pa.int32(), "float64": pa.float64(), "bool": pa.bool_(),
     "list<int32>": pa.list_(pa.int32()), "timestamp": TIMESTAMP, "error": ERROR_TYPE, "sampling": SAMPLING_TYPE,
+    "request": REQUEST_TYPE,
 }
 OUTPUT_SCHEMA = pa.schema([pa.field(f.name, ARROW_TYPES[f.metadata["arrow"]], nullable=f.metadata["nullable"])
                            for f in fields(RowOutput)])

@@ -212,6 +212,8 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
         w.last_busy_seconds = now - max(submitted, w.last_result_at)
         w.last_result_at = now
         w.last_slots = result.get("slots") or {}
+        if result.get("graphs") is not None:  # the step's captures so far: summary.json's workers show the last
+            w.info["graphs"] = result["graphs"]
         yield shard, result["records"], w
 
 

@@ -40,7 +40,7 @@ from jobs.output import (
     write_table,
 )
 from jobs.storage import Location
-from workers.configs import SamplingConfig
+from workers.configs import MemoryConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def output_shaping_config(cfg: JobConfig) -> dict[str, Any]:
     # Only when set: the directories of greedy jobs written before sampling existed keep their hash.
     if cfg.model.cpu_linear != "auto":  # a CPU's float32 logits differ in the last bits
         shaping["cpu_linear"] = cfg.model.cpu_linear
+    if cfg.decoding.memory.max_prompt_tokens != MemoryConfig().max_prompt_tokens:  # which rows fail as too long
+        shaping["max_prompt_tokens"] = cfg.decoding.memory.max_prompt_tokens
     sampling = cfg.decoding.sampling.model_dump(mode="json")
     if sampling != SamplingConfig().model_dump(mode="json"):
         shaping["sampling"] = sampling

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from jobs.adapt import Adaptation, load_prompt_files
 from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
+from jobs.openai_batch import reconcile_results, write_results
 from jobs.output import PartIndex, write_part, write_summary
 from jobs.progress import Progress, device_table
 from jobs.resume import (
@@ -81,6 +82,10 @@ def describe_worker(info: dict[str, Any]) -> str:
     if info.get("numeric_path"):
         decision = info.get("linear_decision")
         line += f"; numerics {info['numeric_path']}" + (f" ({decision['source']})" if decision else "")
+    if info.get("memory"):
+        m, gib = info["memory"], 2**30
+        line += (f"; memory {m['budget'] / gib:.1f} GiB: KV {m['kv'] / gib:.2f} ({m['slots']} slots x {m['capacity']} "
+                 f"columns), weights {m['weights'] / gib:.2f}, free {m['free'] / gib:.1f}")
     if info.get("startup"):
         up = info["startup"]
         line += f"; start-up: plan {up['plan_s']:.1f} s"
@@ -214,7 +219,9 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
-                write_part(out, shard.index, records, index)
+                part = write_part(out, shard.index, records, index)
+                if cfg.output_format == "openai-batch":
+                    write_results(out, part.name, records)
                 adaptation.add_shard(shard, records, workers)
                 adaptation.poll(workers)
                 run["retries"] += shard.attempts
@@ -231,6 +238,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             if we_started_ray:
                 ray.shutdown()
     run.setdefault("decoded", time.perf_counter())
+    if cfg.output_format == "openai-batch":  # a resume's rewritten parts, a killed run's last part
+        reconcile_results(out)
     progress.close()
     summary = {**_summarise(out, plan, cfg, run, workers, progress), "adaptation": adaptation.summary()}
     write_summary(out, summary)
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     try:
-        plan = scan_input(cfg.input_uri(), cfg.shard_size)
+        plan = scan_input(cfg.input_uri(), cfg.shard_size, cfg.input_format)
         if args.plan_only:
             print(json.dumps(plan_report(cfg, plan, started)), flush=True)
             return 0

@@ -42,9 +42,10 @@ def help_text(target: str, capsys, monkeypatch) -> str:
 def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
-        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.inputs", "jobs.bench.overhead",
-        "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.sampling", "jobs.bench.time_step", "jobs.bench.tree",
-        "jobs.cost.study", "jobs.reference", "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
+        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.gpu_check", "jobs.bench.inputs",
+        "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size", "jobs.bench.sampling",
+        "jobs.bench.time_step", "jobs.bench.tree", "jobs.cost.study", "jobs.export", "jobs.reference",
+        "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
     }
 
 
@@ -116,7 +117,8 @@ FLAG_VALUES = {
     "stop": ("END", ["END"]), "seed": ("11", 11), "n": ("1", 1), "prompts": ("untrained", "untrained"),
     "tree_nodes": ("12", 12), "tree_sizing": ("static", "static"), "prune_head": ("auto", "auto"),
     "keep_top_k": ("4", 4), "profile_budget_s": ("2.5", 2.5), "num_prompt_tokens": ("2", 2),
-    "adapt_prompts": ("on", "on"),
+    "adapt_prompts": ("on", "on"), "gpu_memory_utilization": ("0.8", 0.8), "max_prompt_tokens": ("512", 512),
+    "input_format": ("openai-batch", "openai-batch"), "output_format": ("openai-batch", "openai-batch"),
     "batch_size": ("auto", "auto"), "num_workers": ("3", 3), "num_cpus_per_worker": ("1.5", 1.5),
     "num_gpus_per_worker": ("0.5", 0.5),
 }

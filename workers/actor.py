@@ -95,7 +95,8 @@ class DecodeWorker:
 
     def process(self, rows: list[dict]) -> dict[str, Any]:
         """Decode one shard of input rows: {"records": one per completion, in input order; "slots": the slot
-        counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy)}."""
+        counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy); "graphs":
+        the step's captures (or compiles) so far, or None when it runs eager}."""
         job = self.engine.add_shard(rows)
         with self._work:
             self._work.notify()
@@ -105,7 +106,7 @@ class DecodeWorker:
         records = [out.to_dict() for out in job.outputs]
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
-        return {"records": records, "slots": job.occupancy}
+        return {"records": records, "slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
 
 
     def adopt_prompts(self, source: str, files: dict[str, bytes]) -> dict[str, Any]:

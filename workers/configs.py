@@ -110,6 +110,25 @@ class ModelConfig(BaseModel):
 DecodingMethod = Literal["ppd", "vanilla"]
 
 
+class MemoryConfig(BaseModel):
+    """A worker's memory plan (workers/memory.py): what its KV cache may take, decided before the first step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1,
+        description="On a GPU, the share of the device's total memory a worker may use: weights, the widest "
+        "step's activations, the CUDA graphs' pool and the KV cache (vLLM's meaning). The KV gets what is left.")
+    cpu_memory_share: float = Field(
+        default=0.5, gt=0, le=1,
+        description="On a CPU, the share of the host's available memory (once the model is loaded) a worker may "
+        "use for activations and its KV cache.")
+    max_prompt_tokens: int = Field(
+        default=2048, ge=1,
+        description="The prompt budget: longer prompts end with a prompt_too_long error. With max_new_tokens (and "
+        "the model's context) it fixes every slot's KV capacity, allocated once at start-up.")
+
+
 class DecodingConfig(BaseModel):
     """How each worker decodes."""
 
@@ -191,6 +210,7 @@ class DecodingConfig(BaseModel):
         description="A child survives pruning when its token is among its parent's top keep_top_k head "
         "predictions (default: the artifact's).",
     )
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="The worker's memory plan.")
     num_prompt_tokens: int = Field(
         default=3,
         ge=1,
@@ -216,7 +236,7 @@ class AdaptationConfig(BaseModel):
     held_out_rows: int = Field(default=40, ge=1, description="Completed rows held back for the gate's replay.")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
     samples_per_step: int = Field(default=4, ge=1, description="Rows whose gradients add up per step.")
-    cuts_per_sample: int = Field(default=16, ge=1, description="Cut points drawn per row and pass.")
+    cuts_per_sample: int = Field(default=24, ge=1, description="Cut points drawn per row and pass.")
     lr: float | None = Field(default=None, gt=0, description="AdamW peak learning rate; default lr_untrained, or "
                              "lr_from_trained when the current prompt tokens were trained.")
     lr_untrained: float = Field(default=1e-2, gt=0, description="Default learning rate from untrained tokens.")

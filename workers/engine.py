@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+import torch
+
 from decoding import PPDDecoder, PromptTokens, SamplingParams, VanillaDecoder
 from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
@@ -28,7 +30,7 @@ from decoding.captured_step import StepMode
 from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
-from decoding.tree import TreeSet
+from decoding.tree import TreeSet, tree_set_buffers
 from trees.builder import estimate, tree_family
 from trees.paths import fixed_size_tree_set
 from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt_tokens, prompt_tokens_from_files,
@@ -36,6 +38,7 @@ from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt
 from workers.adaptation import GATE_TREE_NODES, AdaptOutcome, adapt_prompt_tokens
 from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
+from workers.memory import PPD_STEP_ROOM, MemoryPlan, ModelShape, device_memory, job_capacity, plan_memory
 from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
 from workers.numerics import DecisionBoard, numeric_path
 from workers.planning import best_tree_set, plan_decoding
@@ -72,7 +75,19 @@ class DecodeEngine:
         self.adapt_progress: str | None = None  # what an adaptation running on this worker is at
         self.tree_info: dict[str, Any] = {}
         started = time.perf_counter()
+        # The memory plan first bounds the batch sizes `auto` may choose, then settles the slots and the capacity
+        # for the decoder built (its widest step), before any KV is allocated (workers/memory.py).
+        self.model_shape = ModelShape.of(loaded.model)
+        self.device_memory = device_memory(loaded.device)
+        self.step_room = PPD_STEP_ROOM if self.config.method == "ppd" else 1
+        self.max_batch_size = self._plan_memory(1, max_batch_size).max_slots
         self.decoder = self._build_decoder()  # also settles self.batch_size and self.step_mode
+        self.step_room = max(self.step_room, self.decoder.max_step_tokens)
+        self.memory = self._plan_memory(self.decoder.max_step_tokens, self.batch_size)
+        if self.requested_batch_size == "auto" and self.memory.slots < self.batch_size:
+            log.info("memory: batch size %d lowered to the %d slots that fit", self.batch_size, self.memory.slots)
+            self.batch_size = self.memory.slots
+            self.tree_info = {**self.tree_info, "batch_size": self.batch_size}
         plan_s = time.perf_counter() - started
         if self.step_mode != "eager":
             self.numeric_path += f" step={self.step_mode}"
@@ -84,10 +99,19 @@ class DecodeEngine:
         # batch_size decode slots; static batching refills them only once all are free
         self.batch = SlotBatch(self.decoder, self.batch_size,
                                refill="continuous" if self.config.batching == "continuous" else "when_empty",
-                               step_mode=self.step_mode)
+                               step_mode=self.step_mode, capacity=self.memory.capacity,
+                               max_shapes=self.memory.max_graphs)
+        self.batch.allocate()  # the KV, once, at its planned size
         # The full batch's step is compiled or captured now, at start-up; other shapes at their first use.
+        cuda = loaded.device.type == "cuda"
+        if cuda:  # the warm-up's peak beside the plan's activation estimate
+            torch.cuda.synchronize(loaded.device)
+            held = torch.cuda.memory_allocated(loaded.device)
+            torch.cuda.reset_peak_memory_stats(loaded.device)
         warmup_s = self.batch.warm_up()
         self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
+        if cuda:
+            self.startup["warmup_peak_bytes"] = torch.cuda.max_memory_allocated(loaded.device) - held
         self.provenance.append((0, self.prompts_hash, self.tree_hash))
         self._lock = threading.Lock()
         self._pending_prompts: list[PendingPrompts] = []  # adopted between steps, by the decode loop
@@ -99,6 +123,26 @@ class DecodeEngine:
                     board: DecisionBoard | None = None, **kwargs: Any) -> DecodeEngine:
         """Load the model (its numeric decisions from ``board``, the job's, when given) and build the engine."""
         return cls(load_model(model, board), decoding, batch_size=batch_size, cache_dir=model.cache_dir, **kwargs)
+
+    @property
+    def row_tokens(self) -> int:
+        """A row's prompt and new tokens together fit this many KV columns (the capacity less one step's room)."""
+        return min(self.loaded.max_context, self.memory.capacity - self.step_room)
+
+    def _plan_memory(self, step_tokens: int, max_slots: int) -> MemoryPlan:
+        """The memory plan for this worker's configuration: a fixed batch size's slots, or (``auto``) the most that
+        fit, up to ``max_slots``; raises DoesNotFit with the numbers."""
+        memory, lm = self.config.memory, self.loaded
+        total, free = self.device_memory
+        prompt_budget = min(memory.max_prompt_tokens, lm.max_context)
+        fixed = None if self.requested_batch_size == "auto" else self.requested_batch_size
+        return plan_memory(
+            self.model_shape, device=str(lm.device), total=total, free=free,
+            capacity=job_capacity(prompt_budget, self.config.max_new_tokens, lm.max_context, self.step_room),
+            step_tokens=step_tokens, prefill_columns=prompt_budget,
+            graphs=lm.device.type == "cuda" and self.config.cuda_graphs,
+            batch_size=fixed, max_batch_size=max_slots,
+            gpu_memory_utilization=memory.gpu_memory_utilization, cpu_memory_share=memory.cpu_memory_share)
 
     def _build_decoder(self):
         lm = self.loaded
@@ -239,6 +283,10 @@ class DecodeEngine:
             tree_set = self.tree_for(table, prompt_tokens)
             if (tree_set.k, tree_set.top_k) != (decoder.tree_set.k, decoder.tree_set.top_k):
                 raise ValueError("the new prompt tokens' tree has another k or top_k than the slots' guesses")
+            widest = tree_set_buffers(tree_set, prompt_tokens.n).widest.slots
+            if widest > self.step_room:  # the KV capacity was planned with room for this many
+                raise ValueError(f"the new prompt tokens' tree steps {widest} slots a row; the memory plan left "
+                                 f"room for {self.step_room}")
         # Checked: from here on nothing is expected to fail.
         prompt_tokens = PromptTokens(prompt_tokens.embeddings.detach().to(device=lm.device, dtype=lm.dtype),
                                      prompt_tokens.meta)
@@ -331,6 +379,7 @@ class DecodeEngine:
             "tree_hash": self.tree_hash,
             **self.tree_info,
             "batch_size": self.batch_size,
+            "memory": self.memory.as_dict(),  # bytes: budget, weights, KV, slots x capacity, free (workers/memory.py)
             "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/captured_step.py)
             # seconds spent at start-up planning (latency profile, tree choice) and compiling or capturing
             "startup": self.startup,
@@ -352,7 +401,13 @@ class DecodeEngine:
         return tree_set.tree_hash if tree_set is not None else None
 
     def _encode(self, row: dict) -> list[int]:
-        return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=row.get("prompt"))
+        prompt = row.get("prompt")
+        if isinstance(prompt, list):  # token ids (an OpenAI completions request's)
+            vocab = self.loaded.model.get_input_embeddings().weight.shape[0]
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ValueError(f"a prompt token id is outside the model's vocabulary of {vocab}")
+            return list(prompt)
+        return encode_row(self.loaded.tokenizer, messages=row.get("messages"), prompt=prompt)
 
     def _check_and_encode(self, row: Any, out: RowOutput) -> list[int] | None:
         """The row's prompt ids, or None with `out.error` set."""
@@ -371,6 +426,9 @@ class DecodeEngine:
         elif len(ids) >= lm.max_context:
             out.error = RowError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens, which leaves no room "
                                  f"in the model's max context of {lm.max_context}")
+        elif len(ids) > self.config.memory.max_prompt_tokens:
+            out.error = RowError(ErrorCode.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens, more than the job's "
+                                 f"prompt budget of {self.config.memory.max_prompt_tokens} (--max-prompt-tokens)")
         return None if out.error else ids
 
     def _prepare(self, rows: list[dict]) -> tuple[list[RowOutput], list[Completion]]:
@@ -384,6 +442,9 @@ class DecodeEngine:
             out = RowOutput(id=str(row_id), decoding=self.config.method, model_id=lm.model_id,
                             model_hash=lm.content_hash, prompts_hash=self.prompts_hash, device=self.device_name,
                             dtype=self.dtype_name, numeric_path=self.numeric_path, tree_hash=self.tree_hash)
+            if isinstance(row, dict):
+                out.request = row.get("request") or {"endpoint": "chat" if row.get("messages") is not None
+                                                     else "completions", "model": None, "n": 1}
             ids = self._check_and_encode(row, out)
             sampling = None
             if ids is not None:
@@ -396,7 +457,7 @@ class DecodeEngine:
                 outputs.append(out)
                 continue
             out.sampling_params = sampling.to_record()
-            budget = min(sampling.max_new_tokens, lm.max_context - len(ids))
+            budget = min(sampling.max_new_tokens, self.row_tokens - len(ids))
             stop = StopStrings(lm.tokenizer, sampling.stop) if sampling.stop else None
             for index in range(sampling.n):
                 completion = replace(out, sample_index=index) if index else out

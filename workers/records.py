@@ -19,6 +19,8 @@ class ErrorCode(str, Enum):
     EMPTY_PROMPT = "empty_prompt"
     PROMPT_TOO_LONG = "prompt_too_long"
     ENCODE_FAILED = "encode_failed"
+    INVALID_REQUEST = "invalid_request"
+    UNSUPPORTED_FIELD = "unsupported_field"
     DECODE_FAILED = "decode_failed"
     WORKER_DIED = "worker_died"
 
@@ -27,8 +29,13 @@ ERROR_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_ROW: "neither or both of `messages` and `prompt`, or wrong types",
     ErrorCode.INVALID_SAMPLING: "the row's `sampling_params` are malformed or out of range",
     ErrorCode.EMPTY_PROMPT: "nothing left after encoding",
-    ErrorCode.PROMPT_TOO_LONG: "no room left in the model's context",
+    ErrorCode.PROMPT_TOO_LONG: "longer than the job's prompt budget (`--max-prompt-tokens`), or no room left in "
+                               "the model's context",
     ErrorCode.ENCODE_FAILED: "the tokenizer or chat template raised",
+    ErrorCode.INVALID_REQUEST: "an OpenAI batch request that is malformed (its url, method, body, messages or "
+                               "prompt; several prompts in one request)",
+    ErrorCode.UNSUPPORTED_FIELD: "an OpenAI batch request with a body field the job cannot honour (`logprobs`, "
+                                 "`tools`, `response_format`, ...), named in the message",
     ErrorCode.DECODE_FAILED: "the decoder raised on this row alone",
     ErrorCode.WORKER_DIED: "every worker that took this row's shard died while decoding it "
                            "(`faults.max_shard_attempts` of them)",
@@ -78,6 +85,10 @@ class RowOutput:
     sampling_params: dict[str, Any] | None = column(
         "sampling", "the effective temperature, top_p, top_k, max_new_tokens, stop, seed (resolved) and n; null "
         "when they were invalid", None)
+    request: dict[str, Any] | None = column(
+        "request", "how the row was asked for, as an OpenAI batch result needs it: `endpoint` (`chat` for "
+        "`messages`, `completions` for `prompt`), `model` (an OpenAI request's, echoed) and `n` (greedy choices "
+        "written per decoded row)", None)
     model_id: str = column("string", "the model's id or path", "")
     model_hash: str = column("string", "sha256 of the model's weights", "")
     prompts_hash: str | None = column("string", "sha256 of the prompt-token artifact (null: vanilla or untrained)",
@@ -112,6 +123,9 @@ def row_error(row: Any) -> RowError | None:
 
     if not isinstance(row, dict):
         return invalid(f"row must be an object, got {type(row).__name__}")
+    if isinstance(row.get("request_error"), dict):  # found reading an OpenAI batch request (jobs/openai_batch.py)
+        problem = row["request_error"]
+        return RowError(ErrorCode(problem["code"]), str(problem["message"]))
     has_messages = row.get("messages") is not None
     has_prompt = row.get("prompt") is not None
     if has_messages == has_prompt:
@@ -121,8 +135,10 @@ def row_error(row: Any) -> RowError | None:
             else "row has neither 'messages' nor 'prompt'; give exactly one"
         )
     if has_prompt:
-        if not isinstance(row["prompt"], str):
-            return invalid(f"'prompt' must be a string, got {type(row['prompt']).__name__}")
+        prompt = row["prompt"]
+        ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        if not isinstance(prompt, str) and not ids:
+            return invalid(f"'prompt' must be a string or a list of token ids, got {type(prompt).__name__}")
         return None
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:

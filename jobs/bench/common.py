@@ -21,6 +21,19 @@ from workers.configs import ModelConfig
 from workers.models import load_model, resolve_cache_dir
 from workers.profiles import load_or_measure_profile
 
+# Model shapes for random weights (--random-default, --random-shape; jobs/bench/real_size.py): the step cost of
+# the real model, with no download.
+RANDOM_SHAPES = {
+    "default": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),  # SmolLM2-135M-Instruct
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                     rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),  # Llama-3.1-8B
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),  # smoke runs
+}
+
 
 def run_round(decoders: dict, prompts: list, max_new_tokens: int, device: torch.device, batch: int,
               rotation: int = 0, sampling: list | None = None) -> dict[str, dict]:

@@ -45,15 +45,12 @@ import torch
 
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set
 from decoding.slots import Request, SlotBatch
+from jobs.bench.common import RANDOM_SHAPES
 from jobs.bench.hf_baseline import hf_greedy
 from jobs.bench.host_ops import HOST_READS, top_level_aten_calls
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# SmolLM2-135M-Instruct's shape (the default model), for --random-default: the same step cost, random weights.
-DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                     rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -104,7 +101,7 @@ def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool
 def load(args):
     """(model, prompt tokens, prompts): the default model, its trained prompt tokens and held-out prompts; or,
     ``--random-default``, a random model of its shape, untrained prompt tokens and random prompts."""
-    if not args.random_default:
+    if not args.random_default and not args.random_shape:
         from jobs.bench.common import load_model_and_prompts
         from jobs.train.data import DEFAULT_DATA_DIR, mixed_held_out_prompts
 
@@ -116,11 +113,12 @@ def load(args):
         ("cpu" if args.device == "auto" else args.device)
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    shape = RANDOM_SHAPES[args.random_shape or "default"]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**DEFAULT_SHAPE)).to(device=device, dtype=dtype).eval()
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(device=device, dtype=dtype).eval()
     pt = PromptTokens.from_token_embeddings(model, k=3, base_model_id="random", base_model_hash="random")
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, DEFAULT_SHAPE["vocab_size"], (int(n),), generator=g).tolist()
+    prompts = [torch.randint(0, shape["vocab_size"], (int(n),), generator=g).tolist()
                for n in torch.randint(40, 200, (64,), generator=g)]
     return model, pt, prompts
 
@@ -268,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--random-default", action="store_true",
                    help="a randomly initialised model of the default's shape and random prompts (needs only torch "
                    "and transformers: for a GPU machine without the model package)")
+    p.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES),
+                   help="like --random-default, another shape (tiny: a smoke run on a CPU in seconds)")
     args = p.parse_args(argv)
     if args.proxy:
         results = side_by_side(args)
