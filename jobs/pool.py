@@ -11,6 +11,7 @@ constructor has run again.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -109,7 +110,8 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
             handle = cls.remote(model, cfg.decoding.model_dump(), group=group.name, index=index,
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
                                 num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
-                                numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files)
+                                numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files,
+                                niceness=os.nice(0))  # the driver's (workers/actor.take_niceness)
             workers.append(Worker(handle, group.name, index))
     return workers
 

@@ -82,6 +82,8 @@ def describe_worker(info: dict[str, Any]) -> str:
     if info.get("numeric_path"):
         decision = info.get("linear_decision")
         line += f"; numerics {info['numeric_path']}" + (f" ({decision['source']})" if decision else "")
+    if info.get("priority"):
+        line += f"; {info['threads']} threads, {info['priority']}"
     if info.get("memory"):
         m, gib = info["memory"], 2**30
         line += (f"; memory {m['budget'] / gib:.1f} GiB: KV {m['kv'] / gib:.2f} ({m['slots']} slots x {m['capacity']} "
@@ -190,6 +192,9 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         we_started_ray = not ray.is_initialized()
         if we_started_ray:
+            # A local Ray this starts runs its workers at the driver's niceness, not Ray's 15 (workers/actor.py
+            # take_niceness); a running cluster keeps its own setting.
+            os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
             ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,

@@ -12,6 +12,8 @@ from workers import actor
 
 
 class FakeEngine:
+    has_pending_prompts = False
+
     def __init__(self):
         self.built_in = threading.get_ident()
         self.stepped_in: set[int] = set()
@@ -56,3 +58,42 @@ def test_a_failure_to_build_the_engine_fails_the_constructor(monkeypatch):
     monkeypatch.setattr(actor.DecodeEngine, "from_config", classmethod(broken))
     with pytest.raises(ValueError, match="no such model"):
         make_worker()
+
+
+def in_thread(fn):
+    """fn() in a new thread (niceness is per thread on Linux); its result and the thread's niceness after."""
+    import os
+
+    out = []
+
+    def run():
+        result = fn()
+        out.append((result, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_the_decode_thread_takes_the_drivers_niceness_and_says_so():
+    import os
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert in_thread(lambda: actor.take_niceness(mine)) == (f"niceness {mine}, the driver's", mine)
+    higher = min(mine + 3, 19)  # raising niceness needs no privilege
+    said, now = in_thread(lambda: actor.take_niceness(higher))
+    assert now == higher and said == f"niceness {higher}, the driver's (Ray started the worker at {mine})"
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller's thread is untouched
+
+
+def test_a_refused_niceness_is_reported_with_what_to_do(monkeypatch):
+    import os
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    said, now = in_thread(lambda: actor.take_niceness(mine - 1))
+    assert now == mine and "refused (Operation not permitted)" in said and "RAY_worker_niceness" in said
