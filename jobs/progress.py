@@ -80,6 +80,10 @@ class Progress:
         self.devices: dict[str, Tally] = defaultdict(Tally)
         self.group_started: dict[str, float] = {}
         self.status: Callable[[], str | None] = lambda: None  # a few more words for the line (the adaptation's)
+        # Completions finished (and tokens) in shards still on a worker, by the shard's first row id; dropped
+        # once the shard is written, so nothing counts twice.
+        self.open: dict[str, tuple[int, int]] = {}
+        self.written: set[str] = set()
 
     def worker_ready(self, group: str) -> None:
         if not self.group_started:  # rates count from the first worker ready, not from model loading
@@ -91,19 +95,28 @@ class Progress:
         """A finished shard and its worker's slot counters; group and device are None for rows given up on
         (their workers died)."""
         self.total.add(records, seconds, slots)
+        if records:
+            self.written.add(records[0]["id"])
+            self.open.pop(records[0]["id"], None)
         if group is not None:
             self.groups[group].add(records, seconds, slots)
         if device is not None:
             self.devices[device].add(records, seconds, slots)
         self.show()
 
+    def in_flight(self, counts: dict[str, tuple[int, int]]) -> None:
+        """A worker's open shards: completions finished so far and their tokens, by each shard's first row id."""
+        self.open.update({first: tuple(c) for first, c in counts.items() if first not in self.written})
+
     def line(self) -> str:
         now = time.perf_counter()
         elapsed = now - self.started
-        done = self.total.prompts
+        # rows done: the written shards' input rows, and the completions finished in shards still decoding
+        done = self.total.prompts + sum(c for c, _ in self.open.values())
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = _duration((self.rows_to_do - done) / rate) if rate > 0 else "?"
-        tokens_per_s = self.total.output_tokens / elapsed if elapsed > 0 else 0.0
+        tokens = self.total.output_tokens + sum(t for _, t in self.open.values())
+        tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
         parts = [f"rows {done}/{self.rows_to_do}" + (f" (+{self.rows_skipped} skipped)" if self.rows_skipped else ""),
                  f"{tokens_per_s:.1f} tok/s", f"ETA {eta}"]
         if self.total.occupancy is not None:

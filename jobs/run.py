@@ -214,8 +214,11 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                     print(adaptation.start([w]), flush=True)
                 adaptation.worker_ready(w)
 
+            asked: dict[Any, Any] = {}  # worker handle -> its open_progress() call in flight
+
             def on_tick() -> None:
                 adaptation.poll(workers)
+                ask_open_progress(workers, asked, progress)
                 progress.show()
 
             for shard, records, w in run_shards(
@@ -254,6 +257,27 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
         print(f"warning: {summary['batch_fallback_rows']} rows were decoded alone because their batch failed: a "
               "bug in the batched decoder (the workers' logs hold the exception)", file=sys.stderr, flush=True)
     return summary
+
+
+def ask_open_progress(workers: list, asked: dict[Any, Any], progress: Progress) -> None:
+    """Keep one ``open_progress()`` call in flight to each live worker, feeding each answer to the progress line
+    (never waits: a tick costs no round trip)."""
+    import ray
+    from ray.exceptions import RayError
+
+    for w in workers:
+        if not w.joined:
+            continue
+        ref = asked.get(w.handle)
+        if ref is not None:
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            try:
+                progress.in_flight(ray.get(ref))
+            except RayError:
+                pass  # a restarted worker: its shards come back and are counted when written
+        asked[w.handle] = w.handle.open_progress.remote()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,3 +197,32 @@ def test_engine_shards_share_the_slots_and_an_empty_shard_closes_at_once(tiny_mo
         assert [o.id for o in job.outputs] == [r["id"] for r in rows] and all(o.error is None for o in job.outputs)
         assert [o.output_token_ids for o in job.outputs] == [o.output_token_ids for o in static.run_rows(rows)]
     assert sum(job.occupancy["steps"] for job in (first, empty, second)) == engine.batch.occupancy.steps
+
+
+def test_the_progress_line_counts_rows_as_they_complete_and_never_twice(tiny_model_dir):
+    """A shard's completions count as they finish (the engine's open_progress, the driver's in_flight), and once
+    the shard is written they count from its records alone."""
+    from jobs.progress import Progress
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+    from workers.models import load_model
+
+    engine = DecodeEngine(load_model(ModelConfig(model=str(tiny_model_dir))),
+                          DecodingConfig(method="vanilla", max_new_tokens=6), batch_size=1)
+    rows = [{"id": "a", "prompt": "The sea is"}, {"id": "b", "prompt": "1, 2, 3,"}, {"id": "c", "prompt": "Once"}]
+    job = engine.add_shard(rows)
+    progress = Progress(3, 0, interval_s=1e9)
+    assert engine.open_progress() == {"a": (0, 0)}
+    while job.outputs[0].num_output_tokens == 0 or job.remaining == 3:  # the first row done, not the others
+        engine.step()
+    done, tokens = engine.open_progress()["a"]
+    assert done == 3 - job.remaining >= 1 and tokens == sum(o.num_output_tokens for o in job.outputs)
+    progress.in_flight(engine.open_progress())
+    assert progress.line().startswith(f"rows {done}/3")
+    while not job.done.is_set():
+        engine.step()
+    assert engine.open_progress() == {}
+    records = [o.to_dict() for o in job.outputs]
+    progress.add(records, group="g", device="cpu", seconds=1.0)
+    progress.in_flight({"a": (1, 5)})  # a late answer about the shard just written
+    assert progress.line().startswith("rows 3/3") and progress.open == {}

@@ -132,6 +132,11 @@ class DecodeWorker:
         return {"records": records, "slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
 
 
+    def open_progress(self) -> dict[str, tuple[int, int]]:
+        """Completions finished (and their tokens) in the shards this worker holds, by each shard's first row id:
+        the driver's progress line counts rows as they complete, not only as shards do."""
+        return self.engine.open_progress()
+
     def adopt_prompts(self, source: str, files: dict[str, bytes]) -> dict[str, Any]:
         """Decode with the prompt-token artifact given as its files (workers/artifacts.artifact_files) from the
         next step on; returns once adopted: {"prompts_hash", "error": None, or why the old ones were kept}."""

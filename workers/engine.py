@@ -546,6 +546,8 @@ class DecodeEngine:
             out.stop_reason = result.stop_reason
             text = self.loaded.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
             out.output_text = text_before_stop(text, result.stop_reason)
+        job.decoded += 1
+        job.tokens += out.num_output_tokens
         job.remaining -= 1
         if job.remaining == 0:
             self._close(job)
@@ -560,6 +562,11 @@ class DecodeEngine:
             self._occupancy_reported = now
             self._open.remove(job)
         job.done.set()
+
+    def open_progress(self) -> dict[str, tuple[int, int]]:
+        """Per open shard, by its first row's id: (completions finished, their tokens). Any thread may ask; the
+        counts are read without a lock (a count read mid-update is one completion off, for a progress line)."""
+        return {job.outputs[0].id: (job.decoded, job.tokens) for job in list(self._open) if job.outputs}
 
     def fail_open_shards(self, exc: BaseException) -> None:
         """The decode loop itself broke: every open shard is failed with ``exc`` (its caller re-raises)."""
@@ -578,6 +585,8 @@ class ShardJob:
     outputs: list[RowOutput]
     remaining: int
     occupancy: dict[str, int] = field(default_factory=dict)
+    decoded: int = 0  # completions finished so far, and their tokens (the progress line's, before the shard is)
+    tokens: int = 0
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
