@@ -27,6 +27,8 @@ from workers.actor import remote_worker
 from workers.records import ErrorCode, RowError, RowOutput
 
 log = logging.getLogger(__name__)
+# Set by Ray's job manager in the environment of a submitted job's entrypoint (ray._private.runtime_env.constants).
+RAY_JOB_ENTRYPOINT_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def make_shards(rows: list[dict], shard_size: int) -> list[Shard]:
@@ -111,7 +113,7 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
                                 num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
                                 numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files,
-                                niceness=os.nice(0))  # the driver's (workers/actor.take_niceness)
+                                niceness=worker_niceness())
             workers.append(Worker(handle, group.name, index))
     return workers
 
@@ -217,6 +219,13 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
         if result.get("graphs") is not None:  # the step's captures so far: summary.json's workers show the last
             w.info["graphs"] = result["graphs"]
         yield shard, result["records"], w
+
+
+def worker_niceness() -> int:
+    """The niceness decode workers take (workers/actor.take_niceness): the driver's, so that ``nice python
+    jobs/run.py`` is honoured; but a driver that is a Ray job's entrypoint (``ray job submit``) runs at Ray's
+    worker niceness, not one the user chose: then 0."""
+    return 0 if RAY_JOB_ENTRYPOINT_ENV in os.environ else os.nice(0)
 
 
 def _brief(exc: BaseException) -> str:

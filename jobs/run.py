@@ -170,7 +170,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     """Decode the input rows not yet in the output directory on the worker pool; write parts and summary.json."""
     import ray  # the driver loads Ray, and through the actors' module torch, only to run a pool
 
-    from jobs.pool import Worker, run_shards, start_workers
+    from jobs.pool import Worker, run_shards, start_workers, worker_niceness
     from workers.actor import PREFETCH_SHARDS
     from workers.board import start_board
 
@@ -194,7 +194,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
         if we_started_ray:
             # A local Ray this starts runs its workers at the driver's niceness, not Ray's 15 (workers/actor.py
             # take_niceness); a running cluster keeps its own setting.
-            os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+            os.environ.setdefault("RAY_worker_niceness", str(worker_niceness()))
             ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,

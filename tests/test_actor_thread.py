@@ -97,3 +97,14 @@ def test_a_refused_niceness_is_reported_with_what_to_do(monkeypatch):
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     said, now = in_thread(lambda: actor.take_niceness(mine - 1))
     assert now == mine and "refused (Operation not permitted)" in said and "RAY_worker_niceness" in said
+
+
+def test_workers_take_the_drivers_niceness_or_0_under_a_submitted_job(monkeypatch):
+    import os
+
+    from jobs.pool import RAY_JOB_ENTRYPOINT_ENV, worker_niceness
+
+    monkeypatch.delenv(RAY_JOB_ENTRYPOINT_ENV, raising=False)
+    assert worker_niceness() == os.nice(0)
+    monkeypatch.setenv(RAY_JOB_ENTRYPOINT_ENV, "{}")  # ray job submit's entrypoint runs at Ray's 15
+    assert worker_niceness() == 0

@@ -57,4 +57,8 @@ def test_ray_job_submit_against_a_local_head(tiny_model_dir, tmp_path):
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     assert rows["a"]["error"] is None and 1 <= rows["a"]["num_output_tokens"] <= 4
     assert rows["b"]["error"]["code"] == "empty_prompt"
-    assert json.loads((out / "summary.json").read_text())["rows"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 2
+    # The entrypoint runs at Ray's worker niceness; the workers aim for 0 all the same (jobs/pool.worker_niceness)
+    priority = summary["workers"][0]["priority"]
+    assert priority.startswith("niceness 0") or "the driver's 0 was refused" in priority, priority
