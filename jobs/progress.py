@@ -80,7 +80,7 @@ class Progress:
         self.devices: dict[str, Tally] = defaultdict(Tally)
         self.group_started: dict[str, float] = {}
         self.status: Callable[[], str | None] = lambda: None  # a few more words for the line (the adaptation's)
-        # Completions finished (and tokens) in shards still on a worker, by the shard's first row id; dropped
+        # Input rows finished (and tokens) in shards still on a worker, by the shard's first row id; dropped
         # once the shard is written, so nothing counts twice.
         self.open: dict[str, tuple[int, int]] = {}
         self.written: set[str] = set()
@@ -105,13 +105,13 @@ class Progress:
         self.show()
 
     def in_flight(self, counts: dict[str, tuple[int, int]]) -> None:
-        """A worker's open shards: completions finished so far and their tokens, by each shard's first row id."""
+        """A worker's open shards: input rows finished so far and their tokens, by each shard's first row id."""
         self.open.update({first: tuple(c) for first, c in counts.items() if first not in self.written})
 
     def line(self) -> str:
         now = time.perf_counter()
         elapsed = now - self.started
-        # rows done: the written shards' input rows, and the completions finished in shards still decoding
+        # rows done: the written shards' input rows, and the rows finished in shards still decoding
         done = self.total.prompts + sum(c for c, _ in self.open.values())
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = _duration((self.rows_to_do - done) / rate) if rate > 0 else "?"

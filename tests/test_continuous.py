@@ -226,3 +226,16 @@ def test_the_progress_line_counts_rows_as_they_complete_and_never_twice(tiny_mod
     progress.add(records, group="g", device="cpu", seconds=1.0)
     progress.in_flight({"a": (1, 5)})  # a late answer about the shard just written
     assert progress.line().startswith("rows 3/3") and progress.open == {}
+
+    sampled = {"temperature": 1.0, "n": 3}  # three completions a row: a row is done when all three are
+    job = engine.add_shard([{"id": "s", "prompt": "The sea is", "sampling_params": sampled},
+                            {"id": "t", "prompt": "Once", "sampling_params": sampled}])
+    seen = set()
+    while not job.done.is_set():
+        rows_done, tokens = engine.open_progress()["s"]
+        finished = [o for o in job.outputs if o.finished_at is not None]
+        assert rows_done == sum(all(o.finished_at for o in job.outputs if o.id == i) for i in ("s", "t")) <= 2
+        assert tokens == sum(o.num_output_tokens for o in finished)
+        seen.add(rows_done)
+        engine.step()
+    assert seen >= {0, 1}  # the first row finished before the second (one slot)

@@ -133,8 +133,8 @@ class DecodeWorker:
 
 
     def open_progress(self) -> dict[str, tuple[int, int]]:
-        """Completions finished (and their tokens) in the shards this worker holds, by each shard's first row id:
-        the driver's progress line counts rows as they complete, not only as shards do."""
+        """Rows finished (and their tokens) in the shards this worker holds, by each shard's first row id: the
+        driver's progress line counts rows as they complete, not only as shards do."""
         return self.engine.open_progress()
 
     def adopt_prompts(self, source: str, files: dict[str, bytes]) -> dict[str, Any]:

@@ -546,7 +546,6 @@ class DecodeEngine:
             out.stop_reason = result.stop_reason
             text = self.loaded.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
             out.output_text = text_before_stop(text, result.stop_reason)
-        job.decoded += 1
         job.tokens += out.num_output_tokens
         job.remaining -= 1
         if job.remaining == 0:
@@ -564,9 +563,14 @@ class DecodeEngine:
         job.done.set()
 
     def open_progress(self) -> dict[str, tuple[int, int]]:
-        """Per open shard, by its first row's id: (completions finished, their tokens). Any thread may ask; the
-        counts are read without a lock (a count read mid-update is one completion off, for a progress line)."""
-        return {job.outputs[0].id: (job.decoded, job.tokens) for job in list(self._open) if job.outputs}
+        """Per open shard, by its first row's id: (input rows whose every completion has finished, the tokens
+        of the completions finished). Any thread may ask; it reads without a lock (a row finishing meanwhile is
+        counted at the next ask)."""
+        progress = {}
+        for job in [job for job in list(self._open) if job.outputs]:
+            pending = {out.id for out in job.outputs if out.finished_at is None and out.error is None}
+            progress[job.outputs[0].id] = (len({out.id for out in job.outputs} - pending), job.tokens)
+        return progress
 
     def fail_open_shards(self, exc: BaseException) -> None:
         """The decode loop itself broke: every open shard is failed with ``exc`` (its caller re-raises)."""
@@ -585,8 +589,7 @@ class ShardJob:
     outputs: list[RowOutput]
     remaining: int
     occupancy: dict[str, int] = field(default_factory=dict)
-    decoded: int = 0  # completions finished so far, and their tokens (the progress line's, before the shard is)
-    tokens: int = 0
+    tokens: int = 0  # of the completions finished so far (the progress line's, before the shard is done)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
