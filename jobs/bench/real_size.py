@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from jobs.bench.hf_baseline import hf_greedy
 from jobs.bench.common import RANDOM_SHAPES
 from profiling.latency import measure_profile
 from workers.artifacts import reference_acceptance_table
-from workers.memory import ModelShape, device_memory, job_capacity, plan_memory
+from workers.memory import DoesNotFit, ModelShape, device_memory, job_capacity, plan_memory
 from workers.planning import best_tree_set
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype):
@@ -79,20 +80,16 @@ def run(args) -> dict:
     shape = ModelShape.of(model)
     total, free = device_memory(device)
     capacity = job_capacity(args.max_prompt_tokens, args.new_tokens, shape.max_context, max(args.widths))
+    plan = partial(plan_memory, shape, device=str(device), total=total, free=free, capacity=capacity,
+                   step_tokens=max(args.widths), prefill_columns=args.max_prompt_tokens, graphs=device.type == "cuda",
+                   gpu_memory_utilization=0.9, cpu_memory_share=0.5)
     plans = {}
     for batch in args.batch_sizes:
         try:
-            plan = plan_memory(shape, device=str(device), total=total, free=free, capacity=capacity,
-                               step_tokens=max(args.widths), prefill_columns=args.max_prompt_tokens,
-                               graphs=device.type == "cuda", batch_size=batch, max_batch_size=batch,
-                               gpu_memory_utilization=0.9, cpu_memory_share=0.5)
-            plans[batch] = plan.as_dict()
-        except ValueError as exc:  # DoesNotFit
+            plans[batch] = plan(batch_size=batch, max_batch_size=batch).as_dict()
+        except DoesNotFit as exc:
             plans[batch] = {"does_not_fit": str(exc)}
-    auto = plan_memory(shape, device=str(device), total=total, free=free, capacity=capacity,
-                       step_tokens=max(args.widths), prefill_columns=args.max_prompt_tokens,
-                       graphs=device.type == "cuda", batch_size=None, max_batch_size=max(args.batch_sizes),
-                       gpu_memory_utilization=0.9, cpu_memory_share=0.5)
+    auto = plan(batch_size=None, max_batch_size=max(args.batch_sizes))
     out["memory"] = {"capacity": capacity, "auto": auto.as_dict(), "by_batch": plans}
     print(f"[{args.shape}] {auto.describe()}", flush=True)
 
