@@ -18,6 +18,7 @@ from tests.helpers_models import make_tiny_llama, tiny_loaded_model
 from tests.test_continuous import model, rows  # noqa: F401 - fixtures: three rows, the third waits for a slot
 from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
 from tests.test_sampling import K, prompts_for, untrained
+from trees.acceptance import replay_decoding
 from trees.builder import tree_family
 from workers.adaptation import acceptance_table, adapt_prompt_tokens, rank_tables
 from workers.configs import AdaptationConfig, DecodingConfig
@@ -213,6 +214,24 @@ def test_adaptation_raises_replay_tau_and_the_gate_refuses_worse_tokens(repeatin
                                 lambda table: default_tree_set(K))
     assert not worse.passed, worse.report
     assert worse.report["tau_after"]["tree_63"] <= worse.report["tau_before"]["tree_63"]
+
+
+def test_the_gate_replays_the_decoding_of_each_held_back_rows_first_gate_tokens(repeating):
+    tiny, seqs = repeating
+    train, held = seqs[:36], seqs[36:]
+    start = PromptTokens.from_token_embeddings(tiny, k=K, base_model_id="tiny", base_model_hash="0")
+    settings = SETTINGS.model_copy(update={"gate_tokens": 12})
+    outcome = adapt_prompt_tokens(tiny, start, train, held, settings, lambda table: default_tree_set(K))
+    cut = [(p, r[:12]) for p, r in held]
+    assert outcome.report["gate_tokens"] == 12 * len(held) < sum(len(r) for _, r in held)
+    ranks = rank_tables(tiny, outcome.prompt_tokens, cut)
+    table = acceptance_table(ranks, K)
+    assert outcome.prompt_tokens.meta.extra["acceptance"] == table
+    steps = sum(replay_decoding(rk, default_tree_set(K), 12) for rk in ranks)
+    assert outcome.report["tau_after"]["worker_tree"] == round(12 * len(held) / steps, 4)
+    # The whole rows give another replay: the cut is real.
+    whole = acceptance_table(rank_tables(tiny, outcome.prompt_tokens, held), K)
+    assert whole != table
 
 
 def test_training_stops_at_its_time_limit(repeating):

@@ -316,7 +316,8 @@ class DecodeEngine:
         leave them ("expected": their own table when they were trained, else the acceptance of the shipped
         artifact, which training on a job's own rows came within 5% of), with the tau a 63-node tree would have
         ("tau_63"), and a rough estimate of adaptation's seconds here: a training row costs about one step of
-        256 slots, a held-back row about three (measured on the 2-core CPU with the default model)."""
+        256 slots, a held-back row about one and a half per 64 replayed tokens (measured on the 2-core CPU with the
+        default model)."""
         if self.profile is None or not isinstance(self.decoder, PPDDecoder):
             return {"profiled": False}
         settings = settings or AdaptationConfig()
@@ -326,7 +327,8 @@ class DecodeEngine:
         expected = now if trained else reference_acceptance_table(pt.k)
         widest = max(self.profile.measured_slots(1) or [1])
         row_seconds = self.profile.step_seconds(1, widest) * 256 / widest
-        rows = settings.steps_for(settings.train_rows) * settings.samples_per_step + 3 * settings.held_out_rows
+        rows = (settings.steps_for(settings.train_rows) * settings.samples_per_step
+                + 1.5 * settings.held_out_rows * settings.gate_tokens / 64)
         outlook: dict[str, Any] = {"profiled": True, "batch_size": self.batch_size,
                                    "train_seconds_estimate": round(rows * row_seconds, 1)}
         for name, table in (("now", now), ("expected", expected)):
