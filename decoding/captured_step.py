@@ -56,15 +56,23 @@ class CompiledStep:
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, options=options)
         self.recompile_limit = recompile_limit
         self.shapes: set[tuple] = set()
+        self.compile_seconds = 0.0  # the first calls of each shape (a compile and one step)
 
     def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> torch.Tensor:
-        self.shapes.add(shape_key(A, buffers, sizes, view, draw))
+        key = shape_key(A, buffers, sizes, view, draw)
+        started = None if key in self.shapes else time.perf_counter()
+        self.shapes.add(key)
         with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
-            return self.compiled(batch, A, buffers, sizes, view, draw)
+            out = self.compiled(batch, A, buffers, sizes, view, draw)
+        if started is not None:
+            self.compile_seconds += time.perf_counter() - started
+        return out
 
     def stats(self) -> dict[str, Any]:
-        """Shapes compiled (dynamo falls back to eager past ``recompile_limit``) and the limit."""
-        return {"captures": len(self.shapes), "held": len(self.shapes), "cap": self.recompile_limit}
+        """Shapes compiled (dynamo falls back to eager past ``recompile_limit``), the seconds their first calls
+        took, and the limit."""
+        return {"captures": len(self.shapes), "capture_seconds": round(self.compile_seconds, 3),
+                "held": len(self.shapes), "cap": self.recompile_limit}
 
 
 def step_guards(entries) -> list[bool]:

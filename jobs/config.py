@@ -171,7 +171,7 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "batching": Flag(("decoding", "batching"), "continuous: a finished row's slot takes the next row at the next "
                      "step; static: batches of --batch-size rows, each run until its longest row ends"),
     "compile": Flag(("decoding", "compile"), "torch.compile the decode step at fixed shapes (minutes of start-up "
-                    "on a CPU)", switch=True),
+                    "on a CPU); auto: where the job's expected decode time makes the compile time pay"),
     "cuda_graphs": Flag(("decoding", "cuda_graphs"), "on a CUDA device, replay the decode step from captured CUDA "
                         "graphs (default: on)", choices=("on", "off")),
     "max_new_tokens": Flag(("decoding", "max_new_tokens"), "most new tokens per row", "N"),

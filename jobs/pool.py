@@ -93,12 +93,15 @@ def _feasible(group: WorkerGroup, cpus: float) -> bool:
 
 
 def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None = None, *, adaptable: bool = False,
-                  prompt_files: tuple[str, dict[str, bytes]] | None = None) -> list[Worker]:
+                  prompt_files: tuple[str, dict[str, bytes]] | None = None,
+                  rows_to_decode: int | None = None) -> list[Worker]:
     """Create every group's actors (their constructors load the model and profile the device). Their numeric
     decisions come from the job's NumericsBoard actor of the name ``numerics_board`` (workers/board.py).
     ``adaptable``: they may be handed new prompt tokens mid-job; ``prompt_files``: the prompt-token artifact they
-    start with, as (where from, its files), instead of ``decoding.prompts``."""
+    start with, as (where from, its files), instead of ``decoding.prompts``. ``rows_to_decode``: the rows this run
+    decodes, of which each worker expects an even share (its ``compile=auto`` weighs it)."""
     workers = []
+    share = -(-rows_to_decode // max(1, sum(g.count for g in cfg.workers))) if rows_to_decode else None
     for group in cfg.workers:
         cpus = _group_cpus(group)
         if not _feasible(group, cpus):
@@ -113,7 +116,7 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
                                 num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
                                 numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files,
-                                niceness=worker_niceness())
+                                niceness=worker_niceness(), expected_rows=share)
             workers.append(Worker(handle, group.name, index))
     return workers
 

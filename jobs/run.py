@@ -88,6 +88,8 @@ def describe_worker(info: dict[str, Any]) -> str:
         m, gib = info["memory"], 2**30
         line += (f"; memory {m['budget'] / gib:.1f} GiB: KV {m['kv'] / gib:.2f} ({m['slots']} slots x {m['capacity']} "
                  f"columns), weights {m['weights'] / gib:.2f}, free {m['free'] / gib:.1f}")
+    if info.get("compile") and info["compile"] != "compile off":
+        line += f"; {info['compile']}"
     if info.get("startup"):
         up = info["startup"]
         line += f"; start-up: plan {up['plan_s']:.1f} s"
@@ -201,7 +203,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
             board, board_name = start_board(recorded_numerics(out))
             workers = start_workers(cfg, chash, board_name, adaptable=adaptation.adaptable,
-                                    prompt_files=adaptation.worker_files or load_prompt_files(cfg))
+                                    prompt_files=adaptation.worker_files or load_prompt_files(cfg),
+                                    rows_to_decode=(plan.num_rows - skipped) * cfg.decoding.sampling.n)
 
             def on_ready(w: Worker) -> None:
                 first = "first_ready" not in run

@@ -97,8 +97,11 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batch_sizes: Sequence[int],
                     slots: Sequence[int] = DEFAULT_SLOTS, context_len: int = 256, budget_s: float | None = None,
-                    repeats: int | None = None, seed: int = 0, step_mode: StepMode = "eager") -> LatencyProfile:
-    """Time the decode step for every (batch, slots) the budget allows."""
+                    repeats: int | None = None, seed: int = 0, step_mode: StepMode = "eager",
+                    interleaved: bool = False) -> LatencyProfile:
+    """Time the decode step for every (batch, slots) the budget allows. ``interleaved``: every size is timed
+    in each round of repeats, in turn, and no budget applies: a busy moment then slows every size alike, and
+    the ratios between sizes (what a spot check compares) keep their shape."""
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     identity = identify(device, dtype)
@@ -133,6 +136,11 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
                 return time.perf_counter() - t0
         else:
             step = FixedStepTimer(decoder, batch, prompts, root, guesses, max(slots), step_mode)
+        if interleaved:
+            points += _interleaved_points(step, batch, k, n, top_k, attempted_slots(k, n, slots), warmups, repeats,
+                                          device)
+            del step
+            continue
         previous: LatencyPoint | None = None  # this batch's last point
         for size in attempted_slots(k, n, slots):
             # Predict this point's cost as proportional to its slots (pessimistic where the curve is flat)
@@ -158,6 +166,21 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
                           step_mode=step_mode,
                           points=points, profile_seconds=time.perf_counter() - started,
                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _interleaved_points(step, batch: int, k: int, n: int, top_k: int, sizes: Sequence[int], warmups: int,
+                        repeats: int, device: torch.device) -> list[LatencyPoint]:
+    """Each size's median over ``repeats`` rounds, a round timing every size once, in turn."""
+    buffers = {size: tree_set_buffers(synthetic_tree_set(k, top_k, size, n), n, device) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(warmups):
+        for size in sizes:
+            step(buffers[size])
+    for _ in range(repeats):
+        for size in sizes:
+            times[size].append(step(buffers[size]))
+    return [LatencyPoint(batch=batch, slots=buffers[size].state_sizes[k].slots, seconds=statistics.median(times[size]),
+                         repeats=repeats) for size in sizes]
 
 
 class FixedStepTimer:

@@ -95,6 +95,28 @@ def test_measure_profile_on_a_tiny_model(tiny, monkeypatch):
     assert short.measured_slots(1) == [1, 4] and short.profile_seconds == pytest.approx(0.02)
 
 
+def test_an_interleaved_measurement_keeps_its_shape_through_a_busy_moment(tiny, monkeypatch):
+    """The spot check's timing: a busy moment (8 steps running 3x slower) lands on one size when each size's
+    repeats run in one block, and on every size alike, a round or so each, when the sizes take turns."""
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    calls = []
+    step = PPDDecoder.step
+
+    def busy_step(decoder, cache, buffers, *args, **kwargs):
+        calls.append(buffers.widest.slots)
+        clock["now"] += 1e-3 * buffers.widest.slots * (3.0 if 12 <= len(calls) < 20 else 1.0)
+        return step(decoder, cache, buffers, *args, **kwargs)
+
+    monkeypatch.setattr(PPDDecoder, "step", busy_step)
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    args = dict(model_hash="tinyhash", batch_sizes=[1], slots=[1, 4, 16], context_len=32, budget_s=1e9, repeats=9)
+    for interleaved, expected in ((False, [1e-3, 12e-3, 16e-3]), (True, [1e-3, 4e-3, 16e-3])):
+        clock, calls = {"now": 0.0}, []
+        profile = measure_profile(tiny.model, pt, interleaved=interleaved, **args)
+        assert [p.seconds for p in profile.points] == pytest.approx(expected), interleaved
+    assert calls[:6] == [1, 4, 16, 1, 4, 16]  # a warm-up of each, then rounds
+
+
 def test_profile_is_cached_per_device_and_model(tiny, tmp_path, monkeypatch):
     # The spot check of a cached profile times live steps (tested on its own): passed here, so that a busy
     # machine cannot make a cached profile look stale.

@@ -55,7 +55,8 @@ class DecodeWorker:
                  config_hash: str, batch_size: int | str = 1, max_batch_size: int = 64,
                  num_threads: int | None = None, latency_profile: str | None = None,
                  numerics_board: str | None = None, adaptable: bool = False,
-                 prompt_files: tuple[str, dict[str, bytes]] | None = None, niceness: int = 0):
+                 prompt_files: tuple[str, dict[str, bytes]] | None = None, niceness: int = 0,
+                 expected_rows: int | None = None):
         self.group = group
         self.config_hash = config_hash
         # A restarted actor is a new process: its pid (and maybe its node) differ, so the name says which
@@ -76,7 +77,8 @@ class DecodeWorker:
             board = BoardClient(numerics_board) if numerics_board is not None else None
             return DecodeEngine.from_config(ModelConfig(**model), DecodingConfig(**decoding), batch_size, board,
                                             max_batch_size=max_batch_size, latency_profile=latency_profile,
-                                            adaptable=adaptable, prompt_files=prompt_files)
+                                            adaptable=adaptable, prompt_files=prompt_files,
+                                            expected_rows=expected_rows)
 
         # Every torch op of this actor runs in the one decode-loop thread, the engine's construction and profile
         # included. On CPU, each thread that runs OpenMP regions gets its own team of workers, and once a process

@@ -141,12 +141,20 @@ class DecodingConfig(BaseModel):
         "runs dry. 'static': each shard is decoded in batches of batch_size rows, each batch run until its longest row "
         "ends (for comparisons). The outputs are the same.",
     )
-    compile: bool = Field(
-        default=False,
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
         description="Run the decode step through torch.compile at fixed shapes (one graph per slot bucket and tree "
-        "set, compiled at first use: minutes on a CPU). Off by default on a CPU, where its start-up outweighs "
-        "short jobs; on CUDA the step is captured as CUDA graphs instead (cuda_graphs).",
+        "set, compiled at first use: minutes on a CPU). 'auto': on a CPU, compile when the worker's share of the "
+        "job, decoded eagerly, would take long enough for the speed-up to win back the compile time "
+        "(workers/compile_choice.py); 'on', 'off'. On CUDA the step is captured as CUDA graphs instead "
+        "(cuda_graphs). true/false mean on/off.",
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     cuda_graphs: bool = Field(
         default=True,
         description="On a CUDA device, capture the decode step as one CUDA graph per shape and replay it (the step "

@@ -31,7 +31,7 @@ from decoding.slots import Request, SlotBatch
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
 from decoding.tree import TreeSet, tree_set_buffers
-from trees.builder import estimate, tree_family
+from trees.builder import estimate, tree_family, tree_set_slots
 from trees.paths import fixed_size_tree_set
 from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt_tokens, prompt_tokens_from_files,
                                reference_acceptance_table)
@@ -41,12 +41,20 @@ from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.memory import PPD_STEP_ROOM, MemoryPlan, ModelShape, device_memory, job_capacity, plan_memory
 from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
 from workers.numerics import DecisionBoard, numeric_path
-from workers.planning import best_tree_set, plan_decoding
+from workers.compile_choice import CompileChoice, choose_compile, estimate_compile, record_compile, record_key
+from workers.planning import DecodingPlan, best_tree_set, plan_decoding
+from workers.profiles import load_or_measure_profile
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
 from workers.records import ErrorCode, RowError, RowOutput, row_error
 from workers.sampling import StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)
+
+
+def compile_record_key(lm: LoadedModel, numerics: str, method: str, batch_size: int, step_tokens: int) -> str:
+    """The record of compile times (workers/compile_choice.py) this worker's compiled step reads and writes."""
+    return record_key(identify(lm.device, lm.dtype).key(), lm.content_hash, numerics, method, batch_size,
+                      step_tokens)
 
 class DecodeEngine:
     """A loaded model plus a decoder; turns rows into `RowOutput`s."""
@@ -54,8 +62,9 @@ class DecodeEngine:
     def __init__(self, loaded: LoadedModel, decoding: DecodingConfig | None = None, *,
                  batch_size: int | Literal["auto"] = 1, max_batch_size: int = 64, cache_dir: str | None = None,
                  latency_profile: str | None = None, adaptable: bool = False,
-                 prompt_files: tuple[str, dict[str, bytes]] | None = None):
+                 prompt_files: tuple[str, dict[str, bytes]] | None = None, expected_rows: int | None = None):
         self.loaded = loaded
+        self.expected_rows = expected_rows  # this worker's share of the job, for compile=auto (None: unknown)
         # Prompt tokens may be replaced mid-job (adopt_prompt_tokens): untrained ones then start from an empty
         # acceptance table, which plans plain decoding until adapted tokens bring a real one.
         self.adaptable = adaptable
@@ -110,6 +119,7 @@ class DecodeEngine:
             torch.cuda.reset_peak_memory_stats(loaded.device)
         warmup_s = self.batch.warm_up()
         self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
+        self._record_compile_time()
         if cuda:
             self.startup["warmup_peak_bytes"] = torch.cuda.max_memory_allocated(loaded.device) - held
         self.provenance.append((0, self.prompts_hash, self.tree_hash))
@@ -178,7 +188,7 @@ class DecodeEngine:
         if prompt_tokens is None and self.config.prune_head not in ("none", "auto"):
             raise ValueError("prune_head prunes PPD's tree: it needs decoding method 'ppd'")
         prune_head = self._load_prune_head() if prompt_tokens is not None else None
-        self.step_mode = self._step_mode(prune_head)
+        captured = (prune_head is None and self.loaded.device.type == "cuda" and self.config.cuda_graphs)
         # Profiles time the step the worker runs; a compiled step's profile is the eager one: compiling each
         # of a profile's ~30 shapes would take most of an hour on a CPU (ProPD re-prices from the steps it runs).
         plan = plan_decoding(
@@ -186,8 +196,13 @@ class DecodeEngine:
             batch_size=None if self.requested_batch_size == "auto" else self.requested_batch_size,
             max_batch_size=self.max_batch_size, model_hash=lm.content_hash, cache_dir=self.cache_dir,
             profile_budget_s=self.config.profile_budget_s, latency_profile=self.latency_profile,
-            step_mode="cuda_graphs" if self.step_mode == "cuda_graphs" else "eager")
+            step_mode="cuda_graphs" if captured else "eager")
         self.batch_size = plan.batch_size
+        self._compile_key = compile_record_key(lm, self.numeric_path, self.config.method, plan.batch_size,
+                                               PPD_STEP_ROOM if prompt_tokens is not None else 1)
+        self._compile_recorded_s = 0.0  # the compile seconds last written to the record
+        self.compile_choice = self._choose_compile(plan, prompt_tokens, pruning=prune_head is not None)
+        self.step_mode = ("cuda_graphs" if captured else "compile" if self.compile_choice.compile else "eager")
         self.profile = plan.profile
         self.tree_info = {**plan.info, **self.tree_info}  # the prune head's entries, when one was loaded
         if prompt_tokens is None:
@@ -203,14 +218,44 @@ class DecodeEngine:
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
                           prune_head=prune_head)
 
-    def _step_mode(self, prune_head: PruneHead | None) -> StepMode:
-        """CUDA graphs on CUDA (unless turned off), torch.compile where asked, else eager. Early pruning keeps a
-        data-dependent number of slots, so its steps stay eager."""
-        if prune_head is not None:
-            return "eager"
-        if self.loaded.device.type == "cuda" and self.config.cuda_graphs:
-            return "cuda_graphs"
-        return "compile" if self.config.compile else "eager"
+    def _choose_compile(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None, *,
+                        pruning: bool) -> CompileChoice:
+        """torch.compile or not (workers/compile_choice.py): ``auto`` weighs this worker's share of the job,
+        decoded at the eager speed its latency profile predicts, against the compile time."""
+        lm, mode = self.loaded, self.config.compile
+        weighs = (mode == "auto" and not pruning and lm.device.type == "cpu" and bool(self.expected_rows))
+        rate = self._eager_tokens_per_s(plan, prompt_tokens) if weighs else None
+        choice = choose_compile(
+            mode, device_type=lm.device.type, cuda_graphs=self.config.cuda_graphs, pruning=pruning,
+            expected_tokens=(self.expected_rows or 0) * self.config.max_new_tokens, eager_tokens_per_s=rate,
+            estimate=estimate_compile(self.cache_dir, self._compile_key))
+        log.info("step: %s", choice.reason)
+        return choice
+
+    def _record_compile_time(self) -> None:
+        """The seconds compiling took so far (the warm-up, and shapes compiled at their first use), for the next
+        worker's compile=auto; written when they grew."""
+        stats = self.batch.graph_stats() if self.step_mode == "compile" else None
+        if stats and stats.get("capture_seconds", 0.0) > self._compile_recorded_s + 0.5:
+            self._compile_recorded_s = stats["capture_seconds"]
+            try:
+                record_compile(self.cache_dir, self._compile_key, self._compile_recorded_s)
+            except OSError as exc:  # a read-only cache: the next estimate is a guess again
+                log.warning("could not record the compile time: %s", exc)
+
+    def _eager_tokens_per_s(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None) -> float:
+        """Tokens per second an eager step of the plan decodes: the plan's prediction, or (a plan that needed no
+        profile) the plain or fixed-tree step timed by a latency profile at the plan's batch size (cached)."""
+        if plan.info.get("predicted_tokens_per_s"):
+            return float(plan.info["predicted_tokens_per_s"])
+        lm = self.loaded
+        profiled = prompt_tokens or PromptTokens.from_token_embeddings(lm.model, k=1, base_model_id="",
+                                                                         base_model_hash=lm.content_hash)
+        slots = tree_set_slots(plan.tree_set, profiled.n) if plan.tree_set is not None else 1
+        profile, _ = load_or_measure_profile(
+            lm.model, profiled, model_hash=lm.content_hash, cache_dir=self.cache_dir, batch_sizes=[plan.batch_size],
+            slots=sorted({1, slots}), budget_s=self.config.profile_budget_s)
+        return plan.batch_size * plan.info.get("predicted_tau", 1.0) / profile.step_seconds(plan.batch_size, slots)
 
     def _sizes_every_step(self, prompt_tokens: PromptTokens) -> bool:
         """Whether the decoder is ProPD's: 'auto' takes it wherever it can run. ProPD plans from an acceptance
@@ -383,6 +428,7 @@ class DecodeEngine:
             "batch_size": self.batch_size,
             "memory": self.memory.as_dict(),  # bytes: budget, weights, KV, slots x capacity, free (workers/memory.py)
             "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/captured_step.py)
+            "compile": self.compile_choice.reason,  # why compiled or not (workers/compile_choice.py)
             # seconds spent at start-up planning (latency profile, tree choice) and compiling or capturing
             "startup": self.startup,
         }
@@ -562,6 +608,7 @@ class DecodeEngine:
                              for key in now}
             self._occupancy_reported = now
             self._open.remove(job)
+        self._record_compile_time()
         job.done.set()
 
     def open_progress(self) -> dict[str, tuple[int, int]]:

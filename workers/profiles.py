@@ -36,7 +36,9 @@ PROFILE_VERSION = 8
 SPOT_CHECK_MONOTONE_TOLERANCE = 1.15
 # Against fresh steps: plain decoding and a few tree sizes are timed at the profile's smallest batch size,
 # and each tree's ratio to the plain step is compared with the profile's. Past this factor for any of them,
-# in two probes running, the profile is measured again.
+# in two probes running, the profile is measured again. A probe times the sizes in turn, round after round
+# (measure_profile's ``interleaved``): a busy moment slows every size of its round alike, so the ratios hold,
+# where timing each size's repeats in one block put the whole moment on one size.
 SPOT_CHECK_TOLERANCE = 1.3
 # The probe's trees: the measured slot counts nearest these, and the tree static planning would choose from
 # the profile at that batch size (when the prompt tokens carry an acceptance table): that is where a
@@ -239,7 +241,7 @@ def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, mod
         return 1.0
     fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, *probes],
                             context_len=profile.context_len, budget_s=1e9, repeats=SPOT_CHECK_REPEATS,
-                            step_mode=step_mode)
+                            step_mode=step_mode, interleaved=True)
     # With ensembles a few slot counts cannot be built and the next one down is timed: compared as timed.
     timed = [s for s in fresh.measured_slots(batch) if s > 1]
     if 1 not in fresh.measured_slots(batch) or not timed:

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The job at its engine's speed, on a quiet machine and beside a background process; compile where it pays.
+
+    python -m jobs.bench.job_speed                                   # batch 1 and 8, plain and ProPD, 5 rounds
+    python -m jobs.bench.job_speed --rounds 3 --compile-rows 500 --json outputs/bench_job_speed.json
+
+The rows: ``--rows`` public prompts (../shared/data: GPTeacher roleplay, Code Alpaca and GSM8K train, each read
+from its end, interleaved), the default model, ``--max-new-tokens`` each, greedy. For each batch size, rounds interleave:
+- in-process: ``DecodeEngine`` over the rows (prefill included; one warm-up batch first), in a process of its own,
+  plain decoding (vanilla) and ProPD (ppd with the shipped prompt tokens);
+- the same rows as a job, run as a user runs it (``python jobs/run.py``, its own local Ray, adaptation off,
+  compile off): summary.json's ``tokens_per_s`` (first worker ready to last row: start-up is not counted), plain and
+  ProPD, on a quiet machine and beside ``nice -n 19 python3 -c 'while True: pass'`` (one core's busy loop).
+Reported per batch size: medians over the rounds, the job against in-process (quiet), loaded against quiet, ProPD
+against plain (each round's pair, then the median), and each ProPD job's start-up plan (its tree, batch size and
+where its profile came from): a stable plan is the same in every round.
+
+``--compile-rows N``: then a job of N rows at batch 8, plain decoding, with ``--compile off``, ``on`` and ``auto``
+(the compile cache emptied before ``on``, so it pays a first compile; ``auto`` runs last and finds the record and
+the warm cache as a second job would), wall time compile included. ``auto`` should be within 5% of the better.
+
+Ratios only, every number measured in this one run; timings on a shared VM drift by +-20% between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.train.data import DEFAULT_DATA_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOAD_COMMAND = ["nice", "-n", "19", sys.executable, "-c", "while True: pass"]
+METHODS = {"plain": "vanilla", "propd": "ppd"}
+
+
+def bench_rows(count: int, data_dir: Path) -> list[dict]:
+    """``count`` prompts, chat, code and math in turn."""
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
+
+    chat, code, math = read("gpteacher_roleplay.jsonl"), read("code_alpaca_2k.jsonl"), read("gsm8k_train.jsonl")
+    prompts = []
+    for i in range(count):
+        kind = i % 3
+        if kind == 0:
+            r = chat[-1 - i // 3]
+            text = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        elif kind == 1:
+            r = code[-1 - i // 3]
+            text = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        else:
+            text = math[-1 - i // 3]["question"]
+        prompts.append({"id": f"speed-{i}", "messages": [{"role": "user", "content": text}]})
+    return prompts
+
+
+def in_process(rows_file: Path, batch: int, method: str, max_new_tokens: int) -> dict:
+    """Decode the rows with the engine in this process (the child of ``measure_in_process``)."""
+    from jobs.inputs import read_rows
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+
+    rows = read_rows(str(rows_file))
+    engine = DecodeEngine.from_config(ModelConfig(), DecodingConfig(method=method, max_new_tokens=max_new_tokens,
+                                                                    compile="off"), batch_size=batch)
+    engine.run_rows(rows[:batch])  # warm-up: the first steps' allocations, as a job's warm-up does
+    started = time.perf_counter()
+    outputs = engine.run_rows(rows)
+    seconds = time.perf_counter() - started
+    tokens = sum(o.num_output_tokens for o in outputs)
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+
+
+def measure_in_process(rows_file: Path, batch: int, method: str, max_new_tokens: int) -> dict:
+    command = [sys.executable, "-m", "jobs.bench.job_speed", "--in-process", str(rows_file), "--batch-sizes",
+               str(batch), "--method", method, "--max-new-tokens", str(max_new_tokens)]
+    done = subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_job(rows_file: Path, out: Path, batch: int, method: str, max_new_tokens: int,
+            compile_mode: str = "off") -> dict:
+    """The job as a user runs it; summary.json's figures, the wall time of the command, and the start-up plan."""
+    command = [sys.executable, "jobs/run.py", "--input", str(rows_file), "--output", str(out), "--overwrite",
+               "--batch-size", str(batch), "--decoding", method, "--adapt-prompts", "off", "--compile", compile_mode,
+               "--max-new-tokens", str(max_new_tokens), "--progress-interval-s", "600"]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    summary = json.loads((out / "summary.json").read_text())
+    worker = summary["workers"][0]
+    return {"tokens_per_s": summary["tokens_per_s"], "tokens": summary["output_tokens"], "command_wall_s": wall,
+            "plan": {key: worker.get(key) for key in ("tree_hash", "tree_slots", "batch_size", "profile")},
+            "compile": worker.get("compile"), "step_mode": worker.get("step_mode")}
+
+
+class Load:
+    """A busy loop at nice 19 on one core, for the ``with`` block."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen(LOAD_COMMAND)
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+def speed_rounds(rows_file: Path, work: Path, batch: int, args: argparse.Namespace) -> dict:
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for name, method in METHODS.items():
+            runs.setdefault(f"{name} in-process", []).append(
+                measure_in_process(rows_file, batch, method, args.max_new_tokens))
+            runs.setdefault(f"{name} job", []).append(
+                run_job(rows_file, work / f"b{batch}-{name}-quiet-{r}", batch, method, args.max_new_tokens))
+            with Load():
+                runs.setdefault(f"{name} job, loaded", []).append(
+                    run_job(rows_file, work / f"b{batch}-{name}-load-{r}", batch, method, args.max_new_tokens))
+        print(f"batch {batch} round {r + 1}: " + ", ".join(
+            f"{key} {runs[key][-1]['tokens_per_s']:.1f}" for key in runs), flush=True)
+    median = {key: statistics.median(x["tokens_per_s"] for x in values) for key, values in runs.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b]))
+
+    plans = [json.dumps(x["plan"], sort_keys=True) for key in ("propd job", "propd job, loaded") for x in runs[key]]
+    return {
+        "tokens_per_s": {key: round(v, 2) for key, v in median.items()},
+        "job_vs_in_process": {name: round(paired(f"{name} job", f"{name} in-process"), 3) for name in METHODS},
+        "loaded_vs_quiet": {name: round(paired(f"{name} job, loaded", f"{name} job"), 3) for name in METHODS},
+        "propd_vs_plain": {"quiet": round(paired("propd job", "plain job"), 3),
+                           "loaded": round(paired("propd job, loaded", "plain job, loaded"), 3),
+                           "in-process": round(paired("propd in-process", "plain in-process"), 3)},
+        "propd_plans": {plan: plans.count(plan) for plan in dict.fromkeys(plans)},
+        "runs": runs,
+    }
+
+
+def compile_comparison(rows_file: Path, work: Path, args: argparse.Namespace) -> dict:
+    from workers.models import resolve_cache_dir
+
+    cache = resolve_cache_dir(None)
+    results = {}
+    for mode in ("off", "on", "auto"):
+        if mode == "on":  # a first compile: no inductor cache, no record
+            shutil.rmtree(cache / "inductor", ignore_errors=True)
+            shutil.rmtree(cache / "compile", ignore_errors=True)
+        results[mode] = run_job(rows_file, work / f"compile-{mode}", 8, "vanilla", args.max_new_tokens, mode)
+        print(f"compile {mode}: {results[mode]['command_wall_s']:.0f} s wall, {results[mode]['tokens_per_s']:.1f} "
+              f"tok/s ({results[mode]['compile']})", flush=True)
+    best = min(results["off"]["command_wall_s"], results["on"]["command_wall_s"])
+    return {"wall_s": {mode: round(r["command_wall_s"], 1) for mode, r in results.items()},
+            "auto_vs_best": round(results["auto"]["command_wall_s"] / best, 3),
+            "auto_chose": results["auto"]["step_mode"], "auto_reason": results["auto"]["compile"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench.job_speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=32, help="rows per job (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument("--compile-rows", type=int, default=0, help="also compare --compile off/on/auto on a job of "
+                   "this many rows at batch 8 (the issue's: 500)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--work-dir", help="where the jobs write (default: a temporary directory)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--in-process", metavar="ROWS", help=argparse.SUPPRESS)  # the in-process child
+    p.add_argument("--method", default="vanilla", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.in_process:
+        print(json.dumps(in_process(Path(args.in_process), args.batch_sizes[0], args.method, args.max_new_tokens)))
+        return 0
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-job-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows_file = work / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.rows, Path(args.data_dir))))
+    results: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                     "load": " ".join(LOAD_COMMAND[:3]) + " python3 -c 'while True: pass'"}
+    for batch in args.batch_sizes:
+        results[f"batch {batch}"] = result = speed_rounds(rows_file, work, batch, args)
+        print(json.dumps({key: value for key, value in result.items() if key != "runs"}, indent=1), flush=True)
+    if args.compile_rows:
+        compile_rows = work / "compile_rows.jsonl"
+        compile_rows.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.compile_rows,
+                                                                                  Path(args.data_dir))))
+        results["compile"] = compile_comparison(compile_rows, work, args)
+        print(json.dumps(results["compile"], indent=1), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    worst = min(min(results[f"batch {b}"]["job_vs_in_process"].values()) for b in args.batch_sizes)
+    print(f"job vs in-process (worst of methods and batch sizes): {worst:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Whether a worker runs its decode step through torch.compile (``decoding.compile``: auto, on, off).
+
+Contract of ``choose_compile``: ``on`` and ``off`` are obeyed (``on`` still yields to CUDA graphs on a CUDA device
+and to early pruning, whose steps stay eager). ``auto`` compiles only on a CPU, and only when the worker's share
+of the job, decoded eagerly, would take long enough that compiling's speed-up wins back the compile time:
+
+    expected_tokens / eager_tokens_per_s * (1 - 1 / speedup) > compile_s
+
+``expected_tokens`` is the worker's share of the job's rows times ``max_new_tokens`` (an upper bound: a workload
+of short answers is credited more decoding than it has). ``eager_tokens_per_s`` comes from the worker's latency
+profile. ``compile_s`` is what the last compile of this step took on this machine (the inductor cache beside the
+model's makes a second one cheaper), else a guess measured on the 2-core VM; ``speedup`` is a measured guess.
+
+Pure arithmetic on given numbers, plus the record of compile times on disk: tested with fake times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from workers.models import write_json_atomically
+
+CompileMode = Literal["auto", "on", "off"]
+
+# Measured on the 2-core VM, default model, plain decoding at batch 8 (python -m jobs.bench.overhead): the first
+# compile of the step took 116 s, one from a warm inductor cache ~30 s; compiled steps ran 56.9 tok/s against 43.6
+# eager (1.31x). Guesses for a step never compiled on this machine; the record replaces the compile time.
+FIRST_COMPILE_S_GUESS = 120.0
+SPEEDUP_GUESS = 1.3
+
+
+@dataclass(frozen=True)
+class CompileEstimate:
+    """What compiling is expected to cost and give."""
+
+    compile_s: float
+    speedup: float
+    source: str  # where compile_s comes from
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    compile: bool
+    reason: str
+
+
+def choose_compile(mode: CompileMode, *, device_type: str, cuda_graphs: bool, pruning: bool,
+                   expected_tokens: int | None, eager_tokens_per_s: float | None,
+                   estimate: CompileEstimate) -> CompileChoice:
+    """Compile or not, and why (see the module docstring)."""
+    if pruning:
+        return CompileChoice(False, "eager: early pruning keeps a data-dependent number of slots")
+    if device_type == "cuda" and cuda_graphs:
+        return CompileChoice(False, "the step is captured as CUDA graphs")
+    if mode != "auto":
+        return CompileChoice(mode == "on", f"compile {mode}")
+    if device_type != "cpu":
+        return CompileChoice(False, f"eager: compile auto compiles only on a CPU, not on {device_type}")
+    if not expected_tokens or not eager_tokens_per_s:
+        return CompileChoice(False, "eager: no job size or no eager speed to weigh the compile time against")
+    decode_s = expected_tokens / eager_tokens_per_s
+    saved = decode_s * (1 - 1 / estimate.speedup)
+    weighed = (f"~{decode_s:.0f} s of eager decoding ({expected_tokens} tokens at {eager_tokens_per_s:.1f} tok/s) "
+               f"would save ~{saved:.0f} s at {estimate.speedup:.2f}x, against ~{estimate.compile_s:.0f} s of "
+               f"compiling ({estimate.source})")
+    if saved > estimate.compile_s:
+        return CompileChoice(True, f"compile auto: compiled, {weighed}")
+    return CompileChoice(False, f"compile auto: eager, {weighed}")
+
+
+def record_key(device_key: str, model_hash: str, numeric_path: str, method: str, batch_size: int,
+               step_tokens: int) -> str:
+    """The name of the compiled step's record: what shapes its graphs."""
+    text = json.dumps([device_key, model_hash, numeric_path, method, batch_size, step_tokens])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "compile" / f"{key}.json"
+
+
+def estimate_compile(cache_dir: Path | None, key: str) -> CompileEstimate:
+    """The compile time this step last took here (record_compile), else FIRST_COMPILE_S_GUESS."""
+    if cache_dir is not None:
+        try:
+            record = json.loads(record_path(cache_dir, key).read_text())
+            return CompileEstimate(float(record["last_compile_s"]), SPEEDUP_GUESS,
+                                   f"the last compile here took {float(record['last_compile_s']):.0f} s")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return CompileEstimate(FIRST_COMPILE_S_GUESS, SPEEDUP_GUESS, "a first compile, guessed")
+
+
+def record_compile(cache_dir: Path | None, key: str, compile_s: float) -> None:
+    """Remember what this compile took, for the next worker's estimate."""
+    if cache_dir is None:
+        return
+    path = record_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        first = float(json.loads(path.read_text())["first_compile_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        first = compile_s
+    write_json_atomically(path, {"first_compile_s": round(first, 2), "last_compile_s": round(compile_s, 2)})
