@@ -74,13 +74,14 @@ class Worker:
     last_result_at: float = 0.0
 
 
-def _group_cpus(group: WorkerGroup) -> float:
+def _group_cpus(group: WorkerGroup) -> tuple[float, str]:
+    """The CPUs each of the group's actors reserves (its torch threads), and why."""
     if group.num_cpus:
-        return group.num_cpus
+        return group.num_cpus, "the group's num_cpus"
     if group.num_gpus > 0:
-        return 1.0
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    return float(max(1, int(max(node_cpus, default=1)) // group.count))
+        return 1.0, "one CPU for a GPU worker"
+    node_cpus = int(max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")], default=1))
+    return float(max(1, node_cpus // group.count)), f"the largest node's {node_cpus} CPUs for {group.count} worker(s)"
 
 
 def _feasible(group: WorkerGroup, cpus: float) -> bool:
@@ -103,7 +104,7 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
     workers = []
     share = -(-rows_to_decode // max(1, sum(g.count for g in cfg.workers))) if rows_to_decode else None
     for group in cfg.workers:
-        cpus = _group_cpus(group)
+        cpus, why = _group_cpus(group)
         if not _feasible(group, cpus):
             log.warning("worker group %r needs resources no node has now (cpus=%s, gpus=%s, accelerator=%s, %s); "
                         "its actors start only if such a node joins", group.name, cpus, group.num_gpus,
@@ -116,7 +117,7 @@ def start_workers(cfg: JobConfig, config_hash: str, numerics_board: str | None =
                                 config_hash=config_hash, batch_size=group.batch_size, max_batch_size=cfg.shard_size,
                                 num_threads=max(1, int(cpus)), latency_profile=group.latency_profile,
                                 numerics_board=numerics_board, adaptable=adaptable, prompt_files=prompt_files,
-                                niceness=worker_niceness(), expected_rows=share)
+                                niceness=worker_niceness(), expected_rows=share, threads_reason=why)
             workers.append(Worker(handle, group.name, index))
     return workers
 

@@ -83,7 +83,8 @@ def describe_worker(info: dict[str, Any]) -> str:
         decision = info.get("linear_decision")
         line += f"; numerics {info['numeric_path']}" + (f" ({decision['source']})" if decision else "")
     if info.get("priority"):
-        line += f"; {info['threads']} threads, {info['priority']}"
+        reason = f" ({info['threads_reason']})" if info.get("threads_reason") else ""
+        line += f"; {info['threads']} threads{reason}, {info['priority']}"
     if info.get("memory"):
         m, gib = info["memory"], 2**30
         line += (f"; memory {m['budget'] / gib:.1f} GiB: KV {m['kv'] / gib:.2f} ({m['slots']} slots x {m['capacity']} "

@@ -43,7 +43,7 @@ def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
         "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.gpu_check", "jobs.bench.inputs",
-        "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size", "jobs.bench.sampling",
+        "jobs.bench.job_speed", "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size", "jobs.bench.sampling",
         "jobs.bench.time_step", "jobs.bench.tree", "jobs.cost.study", "jobs.export", "jobs.reference",
         "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
     }
@@ -112,7 +112,7 @@ FLAG_VALUES = {
     "input": ("in.jsonl", "in.jsonl"), "output": ("out", "out"), "shard_size": ("7", 7), "model": ("m", "m"),
     "dtype": ("bfloat16", "bfloat16"), "device": ("cuda:1", "cuda:1"), "attn_implementation": ("eager", "eager"),
     "cache_dir": ("c", "c"), "cpu_linear": ("torch", "torch"), "decoding": ("vanilla", "vanilla"),
-    "batching": ("static", "static"), "compile": (None, True), "cuda_graphs": ("off", False),
+    "batching": ("static", "static"), "compile": ("on", "on"), "cuda_graphs": ("off", False),
     "max_new_tokens": ("9", 9), "temperature": ("0.5", 0.5), "top_p": ("0.9", 0.9), "top_k": ("5", 5),
     "stop": ("END", ["END"]), "seed": ("11", 11), "n": ("1", 1), "prompts": ("untrained", "untrained"),
     "tree_nodes": ("12", 12), "tree_sizing": ("static", "static"), "prune_head": ("auto", "auto"),

@@ -52,6 +52,7 @@ def test_the_estimate_is_the_last_compile_recorded_here(tmp_path):
     assert key != record_key("cpu-x", "model", "numerics", "vanilla", 16, 1)
     first = estimate_compile(tmp_path, key)
     assert (first.compile_s, first.speedup) == (FIRST_COMPILE_S_GUESS, SPEEDUP_GUESS)
+    assert estimate_compile(tmp_path, key, tree_sets=14).compile_s == 14 * FIRST_COMPILE_S_GUESS  # ProPD's family
     record_compile(tmp_path, key, 117.0)
     record_compile(tmp_path, key, 31.0)  # the second job, from a warm inductor cache
     assert estimate_compile(tmp_path, key).compile_s == 31.0

@@ -252,6 +252,30 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
     assert outputs["compile"] == outputs["eager"]
 
 
+def test_compile_auto_weighs_the_workers_share_against_the_recorded_compile_time(tiny_model_dir, tmp_path):
+    """compile=auto in the engine: eager without a job size or for a short share; compiled where the record of
+    an earlier compile here says it pays; and its own compile time recorded for the next worker."""
+    from workers.compile_choice import estimate_compile, record_compile
+    from workers.configs import DecodingConfig, ModelConfig
+    from workers.engine import DecodeEngine
+    from workers.models import load_model
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir)))
+    torch._dynamo.reset()
+    config = DecodingConfig(method="vanilla", max_new_tokens=4, compile="auto")
+    unknown = DecodeEngine(loaded, config, batch_size=2, cache_dir=str(tmp_path))
+    assert unknown.step_mode == "eager" and "no job size" in unknown.describe()["compile"]
+    short = DecodeEngine(loaded, config, batch_size=2, cache_dir=str(tmp_path), expected_rows=2)
+    assert short.step_mode == "eager" and short.describe()["compile"].startswith("compile auto: eager")
+    assert "a first compile, guessed" in short.describe()["compile"]
+    record_compile(tmp_path, short.compile_key, 0.001)  # as if a compile of this step here had taken 1 ms
+    long = DecodeEngine(loaded, config, batch_size=2, cache_dir=str(tmp_path), expected_rows=10**6)
+    assert long.compile_key == short.compile_key
+    assert long.step_mode == "compile" and long.describe()["compile"].startswith("compile auto: compiled")
+    recorded = estimate_compile(tmp_path, long.compile_key).compile_s  # its own warm-up compile, recorded
+    assert recorded > 0.001 and recorded == pytest.approx(long.batch.graph_stats()["capture_seconds"], abs=0.01)
+
+
 def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(model):  # noqa: F811
     """The latency profile of a captured or compiled step runs the SlotBatch's device step at fixed shapes,
     undoing each: the slots step from the same state every time, and the prompts' KV stays as written."""

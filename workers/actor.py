@@ -56,13 +56,17 @@ class DecodeWorker:
                  num_threads: int | None = None, latency_profile: str | None = None,
                  numerics_board: str | None = None, adaptable: bool = False,
                  prompt_files: tuple[str, dict[str, bytes]] | None = None, niceness: int = 0,
-                 expected_rows: int | None = None):
+                 expected_rows: int | None = None, threads_reason: str = ""):
         self.group = group
         self.config_hash = config_hash
         # A restarted actor is a new process: its pid (and maybe its node) differ, so the name says which
         # process decoded a row.
         self.name = f"{group}/{index} pid {os.getpid()} on {socket.gethostname()}"
         self.num_threads = num_threads
+        # Threads: one per CPU the actor reserves. Not pinned: the driver, the raylet and other processes share
+        # these cores, and a pinned thread could not move off a core one of them holds.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads_reason = ", ".join(x for x in (threads_reason, f"unpinned on {cores} cores") if x)
         self.niceness, self.priority = niceness, ""
 
         def build_engine() -> DecodeEngine:
@@ -116,6 +120,7 @@ class DecodeWorker:
         """What this worker loaded and chose (returns once the model is in memory)."""
         return {**self.engine.describe(), "worker": self.name, "group": self.group, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "threads": self.num_threads,
+                "threads_reason": self.threads_reason,
                 "priority": self.priority}
 
     def process(self, rows: list[dict]) -> dict[str, Any]:

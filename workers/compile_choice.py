@@ -9,7 +9,8 @@ of the job, decoded eagerly, would take long enough that compiling's speed-up wi
 ``expected_tokens`` is the worker's share of the job's rows times ``max_new_tokens`` (an upper bound: a workload
 of short answers is credited more decoding than it has). ``eager_tokens_per_s`` comes from the worker's latency
 profile. ``compile_s`` is what the last compile of this step took on this machine (the inductor cache beside the
-model's makes a second one cheaper), else a guess measured on the 2-core VM; ``speedup`` is a measured guess.
+model's makes a second one cheaper), else a guess measured on the 2-core VM for plain decoding, times the tree
+sets the decoder may step with (ProPD's family: each is its own graphs); ``speedup`` is a measured guess.
 
 Pure arithmetic on given numbers, plus the record of compile times on disk: tested with fake times.
 """
@@ -83,8 +84,9 @@ def record_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "compile" / f"{key}.json"
 
 
-def estimate_compile(cache_dir: Path | None, key: str) -> CompileEstimate:
-    """The compile time this step last took here (record_compile), else FIRST_COMPILE_S_GUESS."""
+def estimate_compile(cache_dir: Path | None, key: str, tree_sets: int = 1) -> CompileEstimate:
+    """The compile time this step last took here (record_compile), else FIRST_COMPILE_S_GUESS for each of the
+    ``tree_sets`` the decoder may step with."""
     if cache_dir is not None:
         try:
             record = json.loads(record_path(cache_dir, key).read_text())
@@ -92,7 +94,8 @@ def estimate_compile(cache_dir: Path | None, key: str) -> CompileEstimate:
                                    f"the last compile here took {float(record['last_compile_s']):.0f} s")
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    return CompileEstimate(FIRST_COMPILE_S_GUESS, SPEEDUP_GUESS, "a first compile, guessed")
+    return CompileEstimate(FIRST_COMPILE_S_GUESS * tree_sets, SPEEDUP_GUESS,
+                           "a first compile, guessed" + (f" for {tree_sets} tree sets" if tree_sets > 1 else ""))
 
 
 def record_compile(cache_dir: Path | None, key: str, compile_s: float) -> None:

@@ -198,10 +198,14 @@ class DecodeEngine:
             profile_budget_s=self.config.profile_budget_s, latency_profile=self.latency_profile,
             step_mode="cuda_graphs" if captured else "eager")
         self.batch_size = plan.batch_size
-        self._compile_key = compile_record_key(lm, self.numeric_path, self.config.method, plan.batch_size,
-                                               PPD_STEP_ROOM if prompt_tokens is not None else 1)
+        self.compile_key = compile_record_key(lm, self.numeric_path, self.config.method, plan.batch_size,
+                                              PPD_STEP_ROOM if prompt_tokens is not None else 1)
         self._compile_recorded_s = 0.0  # the compile seconds last written to the record
-        self.compile_choice = self._choose_compile(plan, prompt_tokens, pruning=prune_head is not None)
+        # ProPD may step with a tree set per budget of its family (at most one per DEFAULT_SLOTS entry)
+        tree_sets = (len(DEFAULT_SLOTS) if prompt_tokens is not None and self._sizes_every_step(prompt_tokens)
+                     else 1)
+        self.compile_choice = self._choose_compile(plan, prompt_tokens, pruning=prune_head is not None,
+                                                   tree_sets=tree_sets)
         self.step_mode = ("cuda_graphs" if captured else "compile" if self.compile_choice.compile else "eager")
         self.profile = plan.profile
         self.tree_info = {**plan.info, **self.tree_info}  # the prune head's entries, when one was loaded
@@ -218,8 +222,8 @@ class DecodeEngine:
         return PPDDecoder(lm.model, prompt_tokens, tree_set=plan.tree_set, eos_token_ids=lm.eos_token_ids,
                           prune_head=prune_head)
 
-    def _choose_compile(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None, *,
-                        pruning: bool) -> CompileChoice:
+    def _choose_compile(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None, *, pruning: bool,
+                        tree_sets: int) -> CompileChoice:
         """torch.compile or not (workers/compile_choice.py): ``auto`` weighs this worker's share of the job,
         decoded at the eager speed its latency profile predicts, against the compile time."""
         lm, mode = self.loaded, self.config.compile
@@ -228,7 +232,7 @@ class DecodeEngine:
         choice = choose_compile(
             mode, device_type=lm.device.type, cuda_graphs=self.config.cuda_graphs, pruning=pruning,
             expected_tokens=(self.expected_rows or 0) * self.config.max_new_tokens, eager_tokens_per_s=rate,
-            estimate=estimate_compile(self.cache_dir, self._compile_key))
+            estimate=estimate_compile(self.cache_dir, self.compile_key, tree_sets))
         log.info("step: %s", choice.reason)
         return choice
 
@@ -239,7 +243,7 @@ class DecodeEngine:
         if stats and stats.get("capture_seconds", 0.0) > self._compile_recorded_s + 0.5:
             self._compile_recorded_s = stats["capture_seconds"]
             try:
-                record_compile(self.cache_dir, self._compile_key, self._compile_recorded_s)
+                record_compile(self.cache_dir, self.compile_key, self._compile_recorded_s)
             except OSError as exc:  # a read-only cache: the next estimate is a guess again
                 log.warning("could not record the compile time: %s", exc)
 

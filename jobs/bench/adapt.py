@@ -69,6 +69,11 @@ def workload_rows(name: str, count: int, data_dir: Path) -> list[dict]:
 
 
 def run_job(rows_file: Path, out: Path, args: argparse.Namespace, prompts: str, mode: str) -> dict:
+    if args.reuse and (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
+        if summary.get("rows_ok") == args.rows and summary.get("config", {}).get("adaptation", {}).get("mode") == mode:
+            print(f"reusing {out} (its summary.json: {summary['wall_seconds']:.0f} s wall)", flush=True)
+            return summary
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump({"adaptation": {"mode": mode, "finish_after_last_row": True}}))
     command = [sys.executable, "jobs/run.py", "--input", str(rows_file), "--output", str(out), "--overwrite",
@@ -221,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--work-dir", help="where the jobs write (default: a temporary directory)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--reuse", action="store_true", help="a job whose output in --work-dir is whole (summary.json: "
+                   "every row, the same adaptation mode) is not run again: an interrupted run goes on")
     args = p.parse_args(argv)
     lm = load_model(ModelConfig())
     shipped = find_shipped_artifact(lm.content_hash)
