@@ -36,7 +36,7 @@ import yaml
 
 from decoding import PPDDecoder
 from jobs.output import read_output
-from jobs.train.data import DEFAULT_DATA_DIR
+from jobs.train.data import DEFAULT_DATA_DIR, instruction_text, read_jsonl
 from profiling.latency import LatencyProfile
 from trees.acceptance import ranks_of_versions, replay_decoding
 from trees.paths import fixed_size_tree_set
@@ -51,20 +51,16 @@ H100_PROFILE = REPO_ROOT / "artifacts" / "measurements" / "h100-latency-profile-
 TEMPLATE = "Summarize the following text in one sentence.\n\n{text}"
 
 
-def _read(data_dir: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
-
-
 def workload_rows(name: str, count: int, data_dir: Path) -> list[dict]:
     """chat: GPTeacher roleplay instructions; code: Code Alpaca tasks; template: one instruction over GPTeacher's
     reference outputs (rows past those the chat workload takes), as a dataset builder's templated job."""
     if name == "template":
-        source = _read(data_dir, "gpteacher_roleplay.jsonl")[-count:]
+        source = read_jsonl(data_dir / "gpteacher_roleplay.jsonl")[-count:]
         return [{"id": f"template-{r['id']}",
                  "messages": [{"role": "user", "content": TEMPLATE.format(text=r["output"])}]} for r in source]
-    source = _read(data_dir, {"chat": "gpteacher_roleplay.jsonl", "code": "code_alpaca_2k.jsonl"}[name])[:count]
-    return [{"id": f"{name}-{r['id']}", "messages": [{"role": "user", "content": r["instruction"]
-                                                      + (f"\n\n{r['input']}" if r.get("input") else "")}]}
+    source = read_jsonl(data_dir / {"chat": "gpteacher_roleplay.jsonl", "code": "code_alpaca_2k.jsonl"}[name])[:count]
+    return [{"id": f"{name}-{r['id']}",
+             "messages": [{"role": "user", "content": instruction_text(r["instruction"], r.get("input"))}]}
             for r in source]
 
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.train.data import DEFAULT_DATA_DIR
+from jobs.train.data import DEFAULT_DATA_DIR, instruction_text, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOAD_COMMAND = ["nice", "-n", "19", sys.executable, "-c", "while True: pass"]
@@ -43,21 +43,16 @@ METHODS = {"plain": "vanilla", "propd": "ppd"}
 
 def bench_rows(count: int, data_dir: Path) -> list[dict]:
     """``count`` prompts, chat, code and math in turn."""
-    def read(name: str) -> list[dict]:
-        return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
-
-    chat, code, math = read("gpteacher_roleplay.jsonl"), read("code_alpaca_2k.jsonl"), read("gsm8k_train.jsonl")
+    chat, code, math = (read_jsonl(data_dir / name) for name in
+                        ("gpteacher_roleplay.jsonl", "code_alpaca_2k.jsonl", "gsm8k_train.jsonl"))
     prompts = []
     for i in range(count):
         kind = i % 3
-        if kind == 0:
-            r = chat[-1 - i // 3]
-            text = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-        elif kind == 1:
-            r = code[-1 - i // 3]
-            text = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-        else:
+        if kind == 2:
             text = math[-1 - i // 3]["question"]
+        else:
+            r = (chat, code)[kind][-1 - i // 3]
+            text = instruction_text(r["instruction"], r.get("input"))
         prompts.append({"id": f"speed-{i}", "messages": [{"role": "user", "content": text}]})
     return prompts
 

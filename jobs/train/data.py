@@ -72,7 +72,7 @@ def is_held_out(item_id: str, every: int = 10) -> bool:
     return int(hashlib.sha256(item_id.encode()).hexdigest(), 16) % every == 0
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: point --data-dir at the shared data directory")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -80,16 +80,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def math_prompts(data_dir: Path) -> list[PromptItem]:
     return [PromptItem(f"gsm8k-{i}", "math", (("user", row["question"]),))
-            for i, row in enumerate(_read_jsonl(data_dir / "gsm8k_train.jsonl"))]
+            for i, row in enumerate(read_jsonl(data_dir / "gsm8k_train.jsonl"))]
 
 
 def chat_prompts(data_dir: Path) -> list[PromptItem]:
     items = []
-    for row in _read_jsonl(data_dir / "alpaca_seed_tasks.jsonl"):
+    for row in read_jsonl(data_dir / "alpaca_seed_tasks.jsonl"):
         for j, instance in enumerate(row.get("instances") or [{"input": ""}]):
-            text = row["instruction"] + (f"\n\n{instance['input']}" if instance.get("input") else "")
+            text = instruction_text(row["instruction"], instance.get("input"))
             items.append(PromptItem(f"{row['id']}-{j}", "chat", (("user", text),)))
     return items
+
+
+def instruction_text(instruction: str, given: str | None) -> str:
+    """An instruction-tuning row's user message: the instruction, then its input (if any) after a blank line."""
+    return instruction + (f"\n\n{given}" if given else "")
 
 
 def code_prompts() -> list[PromptItem]:
