@@ -13,8 +13,8 @@ GUESS = CompileEstimate(compile_s=100.0, speedup=1.25, source="a test")
 
 
 def auto(expected_tokens, eager_tokens_per_s, estimate=GUESS, **kwargs):
-    args = {"device_type": "cpu", "cuda_graphs": True, "pruning": False, **kwargs}
-    return choose_compile("auto", expected_tokens=expected_tokens, eager_tokens_per_s=eager_tokens_per_s,
+    args = {"device_type": "cpu", "captured": False, "pruning": False, **kwargs}
+    return choose_compile("auto", expected_tokens=expected_tokens, eager_tokens_per_s=lambda: eager_tokens_per_s,
                           estimate=estimate, **args)
 
 
@@ -36,15 +36,18 @@ def test_auto_stays_eager_without_a_job_size_or_a_speed():
 
 
 def test_on_and_off_are_obeyed_and_cuda_graphs_and_pruning_come_first():
-    common = {"expected_tokens": 10**9, "eager_tokens_per_s": 1.0, "estimate": GUESS}
-    assert choose_compile("on", device_type="cpu", cuda_graphs=True, pruning=False, **common).compile
-    assert not choose_compile("off", device_type="cpu", cuda_graphs=True, pruning=False, **common).compile
-    captured = choose_compile("on", device_type="cuda", cuda_graphs=True, pruning=False, **common)
+    def never_timed() -> float:
+        raise AssertionError("the eager speed is timed only where auto weighs the compile")
+
+    common = {"expected_tokens": 10**9, "eager_tokens_per_s": never_timed, "estimate": GUESS}
+    assert choose_compile("on", device_type="cpu", captured=False, pruning=False, **common).compile
+    assert not choose_compile("off", device_type="cpu", captured=False, pruning=False, **common).compile
+    captured = choose_compile("on", device_type="cuda", captured=True, pruning=False, **common)
     assert not captured.compile and "CUDA graphs" in captured.reason
-    assert not choose_compile("on", device_type="cpu", cuda_graphs=True, pruning=True, **common).compile
+    assert not choose_compile("on", device_type="cpu", captured=False, pruning=True, **common).compile
     # auto compiles only on a CPU: a GPU without graphs stays eager; `on` compiles there.
-    assert not choose_compile("auto", device_type="cuda", cuda_graphs=False, pruning=False, **common).compile
-    assert choose_compile("on", device_type="cuda", cuda_graphs=False, pruning=False, **common).compile
+    assert not choose_compile("auto", device_type="cuda", captured=False, pruning=False, **common).compile
+    assert choose_compile("on", device_type="cuda", captured=False, pruning=False, **common).compile
 
 
 def test_the_estimate_is_the_last_compile_recorded_here(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,23 +50,25 @@ class CompileChoice:
     reason: str
 
 
-def choose_compile(mode: CompileMode, *, device_type: str, cuda_graphs: bool, pruning: bool,
-                   expected_tokens: int | None, eager_tokens_per_s: float | None,
+def choose_compile(mode: CompileMode, *, device_type: str, captured: bool, pruning: bool,
+                   expected_tokens: int | None, eager_tokens_per_s: Callable[[], float | None],
                    estimate: CompileEstimate) -> CompileChoice:
-    """Compile or not, and why (see the module docstring)."""
+    """Compile or not, and why (see the module docstring). ``captured``: the step runs as CUDA graphs.
+    ``eager_tokens_per_s`` is asked only where ``auto`` weighs the compile (it may time steps)."""
     if pruning:
         return CompileChoice(False, "eager: early pruning keeps a data-dependent number of slots")
-    if device_type == "cuda" and cuda_graphs:
+    if captured:
         return CompileChoice(False, "the step is captured as CUDA graphs")
     if mode != "auto":
         return CompileChoice(mode == "on", f"compile {mode}")
     if device_type != "cpu":
         return CompileChoice(False, f"eager: compile auto compiles only on a CPU, not on {device_type}")
-    if not expected_tokens or not eager_tokens_per_s:
+    rate = eager_tokens_per_s() if expected_tokens else None
+    if not expected_tokens or not rate:
         return CompileChoice(False, "eager: no job size or no eager speed to weigh the compile time against")
-    decode_s = expected_tokens / eager_tokens_per_s
+    decode_s = expected_tokens / rate
     saved = decode_s * (1 - 1 / estimate.speedup)
-    weighed = (f"~{decode_s:.0f} s of eager decoding ({expected_tokens} tokens at {eager_tokens_per_s:.1f} tok/s) "
+    weighed = (f"~{decode_s:.0f} s of eager decoding ({expected_tokens} tokens at {rate:.1f} tok/s) "
                f"would save ~{saved:.0f} s at {estimate.speedup:.2f}x, against ~{estimate.compile_s:.0f} s of "
                f"compiling ({estimate.source})")
     if saved > estimate.compile_s:

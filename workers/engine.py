@@ -201,17 +201,17 @@ class DecodeEngine:
         self.compile_key = compile_record_key(lm, self.numeric_path, self.config.method, plan.batch_size,
                                               PPD_STEP_ROOM if prompt_tokens is not None else 1)
         self._compile_recorded_s = 0.0  # the compile seconds last written to the record
+        sizes_every_step = prompt_tokens is not None and self._sizes_every_step(prompt_tokens)
         # ProPD may step with a tree set per budget of its family (at most one per DEFAULT_SLOTS entry)
-        tree_sets = (len(DEFAULT_SLOTS) if prompt_tokens is not None and self._sizes_every_step(prompt_tokens)
-                     else 1)
         self.compile_choice = self._choose_compile(plan, prompt_tokens, pruning=prune_head is not None,
-                                                   tree_sets=tree_sets)
+                                                   captured=captured,
+                                                   tree_sets=len(DEFAULT_SLOTS) if sizes_every_step else 1)
         self.step_mode = ("cuda_graphs" if captured else "compile" if self.compile_choice.compile else "eager")
         self.profile = plan.profile
         self.tree_info = {**plan.info, **self.tree_info}  # the prune head's entries, when one was loaded
         if prompt_tokens is None:
             return VanillaDecoder(lm.model, eos_token_ids=lm.eos_token_ids)
-        if self._sizes_every_step(prompt_tokens):
+        if sizes_every_step:
             profile = plan.profile
             prior = [(p.batch, p.slots, float(profile.context_len), p.seconds) for p in profile.points]
             self.tree_info = {**self.tree_info, "tree": "propd (sized every step; starts from the planned tree)"}
@@ -223,15 +223,13 @@ class DecodeEngine:
                           prune_head=prune_head)
 
     def _choose_compile(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None, *, pruning: bool,
-                        tree_sets: int) -> CompileChoice:
+                        captured: bool, tree_sets: int) -> CompileChoice:
         """torch.compile or not (workers/compile_choice.py): ``auto`` weighs this worker's share of the job,
         decoded at the eager speed its latency profile predicts, against the compile time."""
-        lm, mode = self.loaded, self.config.compile
-        weighs = (mode == "auto" and not pruning and lm.device.type == "cpu" and bool(self.expected_rows))
-        rate = self._eager_tokens_per_s(plan, prompt_tokens) if weighs else None
         choice = choose_compile(
-            mode, device_type=lm.device.type, cuda_graphs=self.config.cuda_graphs, pruning=pruning,
-            expected_tokens=(self.expected_rows or 0) * self.config.max_new_tokens, eager_tokens_per_s=rate,
+            self.config.compile, device_type=self.loaded.device.type, captured=captured, pruning=pruning,
+            expected_tokens=(self.expected_rows or 0) * self.config.max_new_tokens,
+            eager_tokens_per_s=lambda: self._eager_tokens_per_s(plan, prompt_tokens),
             estimate=estimate_compile(self.cache_dir, self.compile_key, tree_sets))
         log.info("step: %s", choice.reason)
         return choice
