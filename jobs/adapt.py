@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -245,6 +246,7 @@ class Adaptation:
         self.training = self.trainer.handle.adapt.remote([row for row, _ in pairs], [out for _, out in pairs], held,
                                                          self.settings.model_dump(mode="json"))
         self.started_at = time.perf_counter()
+        self.report["started_at"] = datetime.now(timezone.utc).isoformat()  # beside the rows' finished_at
         self.state = "training"
         log.info("adapt-prompts: training on %s from %d rows", self.report["trained_on"], len(pairs))
 
@@ -383,7 +385,7 @@ class Adaptation:
                "artifact": self.source if self.state in ("published", "reused") else None,
                "prompts_hash": self.prompts_hash, "adopted_by": self.adopted_by, "refused_by": self.refused_by,
                "unconfirmed_by": self.unconfirmed_by}
-        keys = ("rows_learned", "rows_held_out", "trained_on", "steps", "train_seconds", "gate_seconds",
+        keys = ("rows_learned", "rows_held_out", "trained_on", "started_at", "steps", "train_seconds", "gate_seconds",
                 "wall_seconds", "tau_before", "tau_after", "replay_gain", "outlooks")
         return {**out, **{key: self.report[key] for key in keys if key in self.report}}
 

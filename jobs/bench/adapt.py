@@ -9,6 +9,8 @@ user would run them, with `--adapt-prompts on`: from the shipped artifact, and f
 (standing in for a model with no artifact). Their outputs are identical (greedy PPD is lossless), so the
 shipped artifact without adaptation needs no job of its own: it is replayed over the same rows. With
 `--baseline`, a third job runs the shipped artifact with adaptation off, for adaptation's share of wall time.
+That difference carries the machine's drift between jobs; `cost_in_job` reads the cost from the adapting job alone:
+the decoding speed lost while adaptation ran, against the speed before and after it.
 
 Tau is exact greedy acceptance replay (trees/acceptance.py) over rows no training saw (the first `--eval-rows`
 past the shards the jobs learn from, in input order; each job's count of rows decoded after its swap is
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -148,6 +151,7 @@ def bench_workload(name: str, args: argparse.Namespace, lm, shipped_dir: Path, w
         versions[job] = load_prompt_tokens(out / Path(adaptation["artifact"]).name, expect_model_hash=lm.content_hash)
         table = read_output(out).to_pylist()
         result["jobs"][job]["rows_after_swap"] = sum(r["prompts_hash"] == adaptation["prompts_hash"] for r in table)
+        result["jobs"][job]["cost_in_job"] = cost_in_job(table, adaptation, jobs[job]["wall_seconds"])
         outputs.update({r["id"]: r["output_token_ids"] for r in table})
     if len(versions) == 1:
         return result
@@ -177,6 +181,29 @@ def adaptation_share(jobs: dict) -> dict:
             for job, s in jobs.items() if job.endswith("+adapt")}
 
 
+def cost_in_job(rows: list[dict], adaptation: dict, wall_seconds: float, tail_rows: int = 16) -> dict:
+    """Adaptation's cost read from one job, free of the machine's drift between jobs: output tokens per second of
+    the rows that finished while it ran, against the rows that finished before and after (the first finished row
+    on; the last ``tail_rows``, which finish with slots left empty, left out). Cost: the window's seconds times
+    the speed it lost; share: that over the job's wall time."""
+    if "started_at" not in adaptation:
+        return {"not measured": "the job's summary names no adaptation start"}
+    start = datetime.fromisoformat(adaptation["started_at"]).timestamp()
+    end = start + adaptation["wall_seconds"]
+    done = sorted((r["finished_at"].timestamp(), r["num_output_tokens"]) for r in rows if r["finished_at"])
+    first, last = done[0][0], done[-1 - tail_rows][0]
+    inside = sum(n for t, n in done if start <= t < end)
+    outside = sum(n for t, n in done if first < t < start or end <= t <= last)
+    outside_s = max(start - first, 0.0) + max(last - end, 0.0)
+    if not inside or not outside or outside_s <= 0:
+        return {"not measured": "no rows finished inside or outside the adaptation's window"}
+    inside_rate, outside_rate = inside / (end - start), outside / outside_s
+    cost = (end - start) * (1 - inside_rate / outside_rate)
+    return {"window_s": round(end - start, 1), "tokens_per_s_inside": round(inside_rate, 2),
+            "tokens_per_s_outside": round(outside_rate, 2), "cost_s": round(cost, 1),
+            "share": round(cost / wall_seconds, 4)}
+
+
 def first_unseen_row(args: argparse.Namespace, shard_size: int = 64) -> int:
     """The first input row past every shard a job of these rows learns from (jobs/adapt.first_todo_shards)."""
     settings = AdaptationConfig()
@@ -186,8 +213,8 @@ def first_unseen_row(args: argparse.Namespace, shard_size: int = 64) -> int:
 
 def table(results: list[dict]) -> str:
     lines = ["| workload | rows replayed | shipped | shipped + adaptation | untrained + adaptation | suffix index "
-             "| untrained+adapt / shipped | training s (shipped / untrained) | adaptation wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| untrained+adapt / shipped | training s (shipped / untrained) | adaptation wall s | its cost, share of job |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ev = r.get("evaluation")
         if not ev:
@@ -198,10 +225,12 @@ def table(results: list[dict]) -> str:
         variants = ("shipped+adapt", "untrained+adapt")
         train = " / ".join(str(jobs[j]["adaptation"].get("train_seconds", "-")) if j in jobs else "-" for j in variants)
         wall = " / ".join(str(jobs[j]["adaptation"].get("wall_seconds", "-")) if j in jobs else "-" for j in variants)
+        cost = " / ".join(f"{jobs[j]['cost_in_job']['share']:.1%}" if "share" in jobs[j].get("cost_in_job", {}) else "-"
+                          for j in variants if j in jobs)
         ratio = tau.get("untrained+adapt", 0) / tau["shipped"]
         lines.append(f"| {r['workload']} | {ev['rows']} | {tau['shipped']:.3f} | {tau.get('shipped+adapt', 0):.3f} "
                      f"| {tau.get('untrained+adapt', 0):.3f} | {tau['suffix_index']:.3f} | {ratio:.3f} | {train} "
-                     f"| {wall} |")
+                     f"| {wall} | {cost} |")
     return "\n".join(lines)
 
 
