@@ -240,13 +240,13 @@ class AdaptationConfig(BaseModel):
         "profile says trees pay at the tau adaptation is expected to reach, and the job is long enough to win the "
         "training time back. 'off': never.")
     min_rows: int = Field(default=200, ge=1, description="Input rows a job needs before it adapts.")
-    train_rows: int = Field(default=192, ge=1, description="Completed rows learned from.")
+    train_rows: int = Field(default=160, ge=1, description="Completed rows learned from.")
     held_out_rows: int = Field(default=40, ge=1, description="Completed rows held back for the gate's replay.")
     gate_tokens: int = Field(default=64, ge=1, description="The gate replays the decoding of each held-back row's "
                              "first gate_tokens output tokens.")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
     samples_per_step: int = Field(default=2, ge=1, description="Rows whose gradients add up per step.")
-    cuts_per_sample: int = Field(default=36, ge=1, description="Cut points drawn per row and pass.")
+    cuts_per_sample: int = Field(default=24, ge=1, description="Cut points drawn per row and pass.")
     lr: float | None = Field(default=None, gt=0, description="AdamW peak learning rate; default lr_untrained, or "
                              "lr_from_trained when the current prompt tokens were trained.")
     lr_untrained: float = Field(default=1e-2, gt=0, description="Default learning rate from untrained tokens.")
