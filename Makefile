@@ -1,5 +1,6 @@
 # `make run`  : set up .venv when needed, then run the main job on the embedded demo data.
 # `make test` : set up .venv when needed, then run the test suite.
+# `make lint` : the linter, as CI runs it.
 # The set-up is idempotent: a stamp in .venv, named by a hash of pyproject.toml and the pins below,
 # makes it run again only when one of those changes.
 
@@ -14,7 +15,7 @@ STAMP      := $(VENV)/.setup-$(SETUP_KEY)
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean gpu-check
+.PHONY: setup run test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -32,6 +33,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The linter (pyproject.toml's [tool.ruff]); CI runs it before the tests.
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-
 # A row's stop condition beyond EOS (stop strings live above the decoder, with the tokenizer): given the row's
 # tokens and the index of the first new one, (tokens to keep, the stop string) once a stop string is complete.
 StopCheck = Callable[[list[int], int], "tuple[int, str] | None"]

@@ -30,9 +30,17 @@ from decoding.results import RowResult
 from decoding.sampling import SamplingParams, sample_accept
 from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import generate as generate_in_slots
+from decoding.tree import (
+    CANDIDATE,
+    PAD,
+    PROMPT,
+    StepSizes,
+    TreeSet,
+    default_tree_set,
+    on_whole_root_path,
+    tree_set_buffers,
+)
 from decoding.vanilla import root_only_step
-from decoding.tree import (CANDIDATE, PAD, PROMPT, StepSizes, TreeSet, default_tree_set, on_whole_root_path,
-                           tree_set_buffers)
 
 
 class PPDDecoder:
@@ -199,24 +207,24 @@ class PPDDecoder:
         attend = sb.attend[state, :N, :N]  # [A, N, N]
         mask = step_mask(kv_len, attend, view, embeds.dtype)  # [A, 1, N, view]
         cache.for_step(kv_len, view)
-        I = 0 if self.prune_head is None else sizes.internal  # pruning needs candidates
-        if I == 0:
+        pruned = self.prune_head is not None and sizes.internal > 0  # pruning needs candidates
+        if not pruned:
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True).last_hidden_state  # [A, N, H]
             return ids, hidden, None
         return self._forward_pruned(cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view)
 
     def _forward_pruned(self, cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view):
-        """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the I internal
+        """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the NI internal
         nodes, then layers [L, end) over the surviving slots only (see decoding/pruning.py). Those write their
         N' slots at columns kv_len[b].. of their own layers."""
         sb, head = buffers.stacked, self.prune_head
         A, N, H = embeds.shape
-        C, I = sizes.nodes, sizes.internal
+        C, NI = sizes.nodes, sizes.internal
         early = run_layers(self.decoder, embeds, mask, positions, cache, slice(0, head.layer))  # [A, N, H]
-        internal = sb.internal_nodes[state, :I]  # [A, I] node slots (nodes lead every tree)
-        at_internal = early.gather(1, internal[..., None].expand(-1, -1, H))  # [A, I, H]
-        top = head(at_internal, self.decoder.norm, self.lm_head).topk(head.keep_top_k, dim=-1).indices  # [A, I, K]
+        internal = sb.internal_nodes[state, :NI]  # [A, NI] node slots (nodes lead every tree)
+        at_internal = early.gather(1, internal[..., None].expand(-1, -1, H))  # [A, NI, H]
+        top = head(at_internal, self.decoder.norm, self.lm_head).topk(head.keep_top_k, dim=-1).indices  # [A, NI, K]
         node_top = top.new_full((A, C, head.keep_top_k), -1)  # [A, C, K]: leaves predict nothing
         node_top.scatter_(1, internal[..., None].expand(-1, -1, head.keep_top_k), top)
         kept = kept_nodes(ids[:, :C], node_top, sb.node_parent[state, :C], sb.node_valid[state, :C],

@@ -32,7 +32,6 @@ from decoding.prompt_tokens import PromptTokens
 from decoding.pruning import PruneHead
 from decoding.tree import TreeOption, TreeSet, tree_set_buffers
 
-
 # acceptance table -> tree sets of increasing size (the first is usually plain decoding: 1 slot)
 TreeFamilyBuilder = Callable[[list[list[float]]], Sequence[TreeOption]]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -145,7 +145,6 @@ class Adaptation:
     def start(self, ready_workers: list) -> str:
         """Decide whether this run adapts, from the configuration and the ready workers; returns the start line."""
         import ray
-
         from ray.exceptions import GetTimeoutError, RayError
 
         if self.state != "undecided":
@@ -246,7 +245,7 @@ class Adaptation:
         self.training = self.trainer.handle.adapt.remote([row for row, _ in pairs], [out for _, out in pairs], held,
                                                          self.settings.model_dump(mode="json"))
         self.started_at = time.perf_counter()
-        self.report["started_at"] = datetime.now(timezone.utc).isoformat()  # beside the rows' finished_at
+        self.report["started_at"] = datetime.now(UTC).isoformat()  # beside the rows' finished_at
         self.state = "training"
         log.info("adapt-prompts: training on %s from %d rows", self.report["trained_on"], len(pairs))
 

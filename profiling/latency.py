@@ -17,7 +17,7 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -127,13 +127,7 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
             prefill_slots(model, cache, 0, prompts)
             kv_len = torch.full((batch,), context_len, dtype=torch.long, device=device)
             state = torch.full((batch,), k, dtype=torch.long, device=device)
-
-            def step(buffers) -> float:
-                _sync(device)
-                t0 = time.perf_counter()
-                one_step(decoder, cache, buffers, kv_len, root, guesses, state)
-                _sync(device)
-                return time.perf_counter() - t0
+            step = _eager_step_timer(decoder, cache, kv_len, root, guesses, state)
         else:
             step = FixedStepTimer(decoder, batch, prompts, root, guesses, max(slots), step_mode)
         if interleaved:
@@ -165,7 +159,21 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     return LatencyProfile(device=identity, model_hash=model_hash, k=k, ensemble=n, context_len=context_len,
                           step_mode=step_mode,
                           points=points, profile_seconds=time.perf_counter() - started,
-                          measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                          measured_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def _eager_step_timer(decoder, cache, kv_len, root, guesses, state):
+    """Seconds of one eager step over these inputs, for a tree's buffers (its device drained before and after)."""
+    device = kv_len.device
+
+    def step(buffers) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        one_step(decoder, cache, buffers, kv_len, root, guesses, state)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return step
 
 
 def _interleaved_points(step, batch: int, k: int, n: int, top_k: int, sizes: Sequence[int], warmups: int,

@@ -24,6 +24,7 @@ from workers.adaptation import acceptance_table, adapt_prompt_tokens, rank_table
 from workers.configs import AdaptationConfig, DecodingConfig
 from workers.engine import DecodeEngine, empty_acceptance_table
 
+
 def other_tokens(model, seed: int, table=TABLE) -> PromptTokens:
     """Prompt tokens unlike ``untrained``'s: random embeddings, with an acceptance table."""
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +41,7 @@ def make(method: str, model):
     return ProPDDecoder(model, untrained(model), tree_family(K, BUDGETS), TABLE, FlipFlopLatency())
 
 
-def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=contextlib.nullcontext(),
+def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=None,
                   **batch_options):
     batch = SlotBatch(decoder, num_slots=2, **batch_options)
     table = decoder.prompt_table
@@ -50,7 +51,7 @@ def run_with_swap(decoder, rows, swap_at: int, new: PromptTokens, after_swap=con
         finished += batch.step()
     decoder.adopt_prompt_tokens(new)
     assert decoder.prompt_table is table and torch.equal(table, new.flat(table.dtype))  # in place
-    with after_swap:  # around the first step after the swap
+    with after_swap or contextlib.nullcontext():  # around the first step after the swap
         finished += batch.step()
     finished += batch.run()
     return batch, {req.tag: res for req, res in finished}

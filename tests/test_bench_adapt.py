@@ -1,10 +1,10 @@
 """jobs.bench.adapt's reading of adaptation's cost from one job's rows."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from jobs.bench.adapt import cost_in_job
 
-T0 = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 
 def rows_at(rate_per_s: float, start_s: float, end_s: float, tokens: int = 10) -> list[dict]:

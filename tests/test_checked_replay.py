@@ -94,7 +94,8 @@ class EveryTree(ProPDDecoder):
 
 def test_a_long_propd_run_with_forced_rebuilds_holds_at_most_the_cap(model):  # noqa: F811
     """2,000 steps of ProPD whose family is rebuilt every 8 steps (rebuild_drift below 0: always) and whose every
-    set is run in turn, under checked_replay with a cap of 6 records (fewer than the shapes met): every replay checked, the records held
+    set is run in turn, under checked_replay with a cap of 6 records (fewer than the shapes met): every replay
+    checked, the records held
     never past the cap, and every row equal to plain decoding."""
     family = ChangingFamily()
     decoder = EveryTree(model, untrained(model), family, TABLE, FlipFlopLatency(), rebuild_every=8,
@@ -125,7 +126,7 @@ def test_a_rebuild_that_keeps_its_tree_sets_keeps_their_records(model):  # noqa:
     for rebuild_every in (4, 10**9):
         calls = []
 
-        def same_family(table):
+        def same_family(table, calls=calls):
             calls.append(1)
             return family
 

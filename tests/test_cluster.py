@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -48,16 +48,16 @@ def cluster():
 
 def _profile(path: Path, model_hash: str, seconds_per_slot: float, base: float) -> Path:
     """A made-up latency profile: `base` + `seconds_per_slot` x slots, at batch 1 and 2."""
+    import torch
+
     from profiling.device import identify
     from profiling.latency import DEFAULT_SLOTS, LatencyPoint, LatencyProfile
-
-    import torch
 
     points = [LatencyPoint(batch=b, slots=s, seconds=b * (base + seconds_per_slot * s), repeats=1)
               for b in (1, 2) for s in DEFAULT_SLOTS]
     profile = LatencyProfile(device=identify(torch.device("cpu"), torch.float32), model_hash=model_hash, k=3,
                              ensemble=1, context_len=256, points=points, profile_seconds=0.0,
-                             measured_at=datetime.now(timezone.utc).isoformat())
+                             measured_at=datetime.now(UTC).isoformat())
     path.write_text(profile.model_dump_json())
     return path
 

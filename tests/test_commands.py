@@ -43,7 +43,8 @@ def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
         "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.gpu_check", "jobs.bench.inputs",
-        "jobs.bench.job_speed", "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size", "jobs.bench.sampling",
+        "jobs.bench.job_speed", "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size",
+        "jobs.bench.sampling",
         "jobs.bench.time_step", "jobs.bench.tree", "jobs.cost.study", "jobs.export", "jobs.reference",
         "jobs.train.evaluate", "jobs.train.prompt_tokens", "jobs.train.prune_head",
     }

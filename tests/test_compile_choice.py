@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from workers.compile_choice import (FIRST_COMPILE_S_GUESS, SPEEDUP_GUESS, CompileEstimate, choose_compile,
-                                    estimate_compile, record_compile, record_key, record_path)
+from workers.compile_choice import (
+    FIRST_COMPILE_S_GUESS,
+    SPEEDUP_GUESS,
+    CompileEstimate,
+    choose_compile,
+    estimate_compile,
+    record_compile,
+    record_key,
+    record_path,
+)
 from workers.configs import DecodingConfig
 
 GUESS = CompileEstimate(compile_s=100.0, speedup=1.25, source="a test")

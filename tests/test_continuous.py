@@ -20,7 +20,7 @@ from decoding.slots import Request, SlotBatch
 from tests.helpers_models import make_tiny_llama
 from tests.test_propd import BUDGETS, TABLE, FlipFlopLatency
 from tests.test_pruning import LAYERS, random_head
-from tests.test_sampling import K, VOCAB, prompts_for, untrained
+from tests.test_sampling import VOCAB, K, prompts_for, untrained
 from trees.builder import tree_family
 
 LONG, SHORT, LATE = 14, 6, 4  # max_new_tokens of the row in flight, the newcomer, and a row queued behind it

@@ -8,6 +8,7 @@ from torch import nn
 from decoding import PPDDecoder, PromptTokens, VanillaDecoder, default_tree_set, reference_greedy
 from tests.helpers_models import make_tiny_llama, save_tiny_llama_dir
 from workers import numerics
+from workers.configs import ModelConfig
 from workers.cpu_linear import (
     DEFAULT_ROWS_BELOW,
     ROW_CANDIDATES,
@@ -21,7 +22,6 @@ from workers.cpu_linear import (
     measure_rows_below,
     use_weight_stationary_linears,
 )
-from workers.configs import ModelConfig
 from workers.models import load_model
 
 

@@ -198,8 +198,8 @@ def test_the_compiled_step_writes_the_kv_cache_in_place(model, rows):  # noqa: F
 @pytest.mark.parametrize("sampled", [False, True])
 def test_cuda_graph_steps_equal_each_row_decoded_alone(rows, method, sampled):  # noqa: F811
     """On a GPU: every step replayed from a captured graph, rows joining mid-flight, float64."""
-    from tests.test_continuous import K, LAYERS, VOCAB  # noqa: F401
     from tests.helpers_models import make_tiny_llama
+    from tests.test_continuous import LAYERS, VOCAB, K  # noqa: F401
 
     cuda_model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, seed=3).cuda()
     cpu_rows = {s: [(p, n, params, t) for p, n, params, t in rows[s]] for s in rows}
@@ -214,7 +214,7 @@ def test_a_profile_of_captured_steps_times_each_size_from_its_graph():
     """On a GPU: the latency profile of a worker with CUDA graphs captures each size's step and times replays."""
     from profiling.latency import measure_profile
     from tests.helpers_models import make_tiny_llama
-    from tests.test_continuous import K, VOCAB, untrained
+    from tests.test_continuous import VOCAB, K, untrained
 
     cuda_model = make_tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3).cuda().float()
     profile = measure_profile(cuda_model, untrained(cuda_model), model_hash="tiny", batch_sizes=[1, 2],
@@ -280,8 +280,8 @@ def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(mod
     """The latency profile of a captured or compiled step runs the SlotBatch's device step at fixed shapes,
     undoing each: the slots step from the same state every time, and the prompts' KV stays as written."""
     from decoding import PPDDecoder
-    from profiling.latency import FixedStepTimer
     from decoding.tree import tree_set_buffers
+    from profiling.latency import FixedStepTimer
     from tests.test_continuous import K, untrained
     from trees.synthetic import synthetic_tree_set
 

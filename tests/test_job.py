@@ -100,12 +100,14 @@ def test_non_object_line_names_the_line(tmp_path):
 
 
 def test_duplicate_ids_are_refused(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
+    path = write_jsonl(tmp_path / "in.jsonl",
+                       [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
     with pytest.raises(InputError, match=r"line 3: duplicate id 'a' \(first seen at .*line 1\)"):
         read_rows(path)
 
 
-@pytest.mark.parametrize("row", [{"prompt": "x"}, {"id": None, "prompt": "x"}, {"id": "  ", "prompt": "x"}, {"id": 1.5, "prompt": "x"}, {"id": True, "prompt": "x"}])
+@pytest.mark.parametrize("row", [{"prompt": "x"}, {"id": None, "prompt": "x"}, {"id": "  ", "prompt": "x"},
+                                 {"id": 1.5, "prompt": "x"}, {"id": True, "prompt": "x"}])
 def test_rows_need_a_usable_id(tmp_path, row):
     path = write_jsonl(tmp_path / "in.jsonl", [row])
     with pytest.raises(InputError, match="line 1: .*'id'"):
@@ -163,7 +165,8 @@ def test_duplicates_are_named_in_both_places_across_files(tmp_path):
 
 @settings(max_examples=50, deadline=None)
 @given(
-    ids=st.lists(st.one_of(st.text(min_size=1).filter(str.strip), st.integers()), unique_by=str, min_size=1, max_size=30),
+    ids=st.lists(st.one_of(st.text(min_size=1).filter(str.strip), st.integers()), unique_by=str, min_size=1,
+                 max_size=30),
     shard_size=st.integers(1, 8),
     text=st.text(),
 )
@@ -281,7 +284,8 @@ def test_row_output_fields_are_the_schema():
 GOOD_ROWS = [
     {"id": "r01", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
     {"id": "r02", "prompt": "The three primary colours are"},
-    {"id": "r03", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]},
+    {"id": "r03", "messages": [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Name a fruit."}]},
     {"id": "r04", "prompt": "def add(a, b):\n"},
     {"id": "r05", "prompt": "1, 2, 3,"},
     {"id": "r06", "messages": [{"role": "user", "content": "List three animals."}]},

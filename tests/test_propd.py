@@ -11,7 +11,7 @@ from decoding import VanillaDecoder
 from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.propd import ProPDDecoder
 from decoding.tree import TreeOption
-from tests.test_lossless import K, MAX_NEW, OracleGuessDecoder, model, prompt_tokens, ragged_prompts, truth  # noqa: F401 (fixtures)
+from tests.test_lossless import MAX_NEW, K, OracleGuessDecoder, model, prompt_tokens, ragged_prompts, truth  # noqa: F401 (fixtures)
 from trees.builder import tree_family
 
 TABLE = [[0.5, 0.2, 0.1] + [0.02] * 7, [0.4, 0.2, 0.05] + [0.02] * 7, [0.3, 0.1, 0.1] + [0.02] * 7]
@@ -104,7 +104,7 @@ def test_latency_fit_is_refitted_every_few_steps_not_every_step():
     """The least-squares fallback costs ~2 ms on a CPU: it is refitted once refit_every steps have come in."""
     model = LatencyModel([(1, 1, 0.0, 0.01), (1, 8, 0.0, 0.02), (4, 1, 0.0, 0.02)], refit_every=4)
     before = model.predict(2, 16, 0.0)  # no profiled pair at batch 2: the fit
-    for i in range(3):  # a pair that is neither profiled nor a floor for (2, 16): only the fit could move
+    for _ in range(3):  # a pair that is neither profiled nor a floor for (2, 16): only the fit could move
         model.observe(4, 64, 0.0, 1.0)
         assert model.predict(2, 16, 0.0) == before
     model.observe(4, 64, 0.0, 1.0)
@@ -370,7 +370,8 @@ def test_a_rebuild_keeps_the_yields_and_the_current_choice_of_surviving_trees(mo
     survivor, widest = dec.keys[1], dec.widest[2]
     replacement = tree_family(K, (16, widest + 8))(TABLE)  # the 16-slot set again and a slightly wider one
     assert replacement[1].tree_set.tree_hash == survivor and replacement[2].tree_set.tree_hash != dec.current
-    dec._set_family([replacement[0], TreeOption(replacement[1].tree_set, 2.0), TreeOption(replacement[2].tree_set, 2.0)])
+    dec._set_family([replacement[0], TreeOption(replacement[1].tree_set, 2.0),
+                     TreeOption(replacement[2].tree_set, 2.0)])
     w, n = dec.yields.prior_weight, 8 * dec.yields.decay
     assert dec.expected_tokens(1) == pytest.approx((w * 2.0 + n) / (w + n))  # its own evidence is kept
     assert dec.expected_tokens(2) == 2.0  # a new tree set: its table figure

@@ -9,8 +9,17 @@ from decoding.pruning import PruneHead, compact, compacted_attend, kept_nodes
 from decoding.slot_cache import step_mask
 from decoding.tree import tree_buffers, tree_set_buffers
 from tests.helpers_models import make_tiny_llama
-from tests.test_lossless import (BUILT, DEEP, K, MAX_NEW, VOCAB, OracleGuessDecoder, prefilled, prompt_tokens,
-                                 ragged_prompts)
+from tests.test_lossless import (
+    BUILT,
+    DEEP,
+    MAX_NEW,
+    VOCAB,
+    K,
+    OracleGuessDecoder,
+    prefilled,
+    prompt_tokens,
+    ragged_prompts,
+)
 
 LAYERS, HEAD_LAYER = 4, 2
 SMALL = TreeSpec.build({(): 2, (0,): 1, (1,): 0, (0, 0): 1})  # nodes: 0 root, 1 (0), 2 (1), 3 (0,0)
@@ -64,7 +73,8 @@ def test_compaction_on_literals():
     mask = step_mask(torch.tensor([1, 1]), compacted_attend(attend, c), 4, torch.float32)  # [2, 1, 3, 1+3]
     visible = (mask[:, 0] == 0).tolist()
     assert visible[0] == [[True, True, False, False], [True, True, True, False], [True, True, True, True]]
-    assert visible[1] == [[True, True, False, False], [True, True, True, False], [True, False, False, True]]  # padding: the prefix and itself
+    # padding: the prefix and itself
+    assert visible[1] == [[True, True, False, False], [True, True, True, False], [True, False, False, True]]
 
 
 def test_surviving_slots_equal_the_unpruned_pass(model):

@@ -239,7 +239,8 @@ def test_all_greedy_sampling_is_greedy_decoding(model):
     prompts = prompts_for(4, 4)
     decoder = PPDDecoder(model, untrained(model), tree_set=default_tree_set(K))
     greedy = [r.token_ids for r in decoder.generate(prompts, 16)]
-    zero = [r.token_ids for r in decoder.generate(prompts, 16, sampling=[SamplingParams(0.0, seed=s) for s in range(4)])]
+    greedy_params = [SamplingParams(0.0, seed=s) for s in range(4)]
+    zero = [r.token_ids for r in decoder.generate(prompts, 16, sampling=greedy_params)]
     assert greedy == zero == [reference_greedy(model, p, 16).token_ids for p in prompts]
 
 

@@ -1,5 +1,5 @@
-"""jobs/train/prompt_tokens.py end to end on a tiny random Llama: deterministic for a seed, a stopped run resumes to the same
-result, the artifact loads for its model only, the loss falls, and evaluation reports sane tables."""
+"""jobs/train/prompt_tokens.py end to end on a tiny random Llama: deterministic for a seed, a stopped run resumes to
+the same result, the artifact loads for its model only, the loss falls, and evaluation reports sane tables."""
 
 import json
 

@@ -41,7 +41,8 @@ def test_fixed_size_tree_set_is_valid_for_the_decoder():
     ts = fixed_size_tree_set(TABLE, num_nodes=5, k=3)
     assert [len(t.paths) for t in ts.trees] == [0, 3, 5, 5]
     assert all(set(t.prompt_counts) == {3} for t in ts.trees)
-    assert ts.trees[1].depth == 1 and ts.trees[3].paths == tuple(sorted(best_paths(TABLE, 5, 3), key=lambda p: (len(p), p)))
+    assert ts.trees[1].depth == 1
+    assert ts.trees[3].paths == tuple(sorted(best_paths(TABLE, 5, 3), key=lambda p: (len(p), p)))
     tree_set_buffers(ts, n=2)
     with pytest.raises(ValueError, match="covers 3 prompt tokens"):
         fixed_size_tree_set(TABLE, 5, k=4)

@@ -16,11 +16,10 @@ from typing import Any
 
 import ray
 
-from workers.board import BoardClient
 from workers.artifacts import ArtifactError, artifact_files, prompt_tokens_from_files
+from workers.board import BoardClient
 from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.engine import DecodeEngine
-
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
@@ -26,22 +26,26 @@ from decoding.online_stats import LatencyModel
 from decoding.propd import ProPDDecoder
 from decoding.pruning import PruneHead
 from decoding.results import RowResult
-from decoding.captured_step import StepMode
 from decoding.slots import Request, SlotBatch
+from decoding.tree import TreeSet, tree_set_buffers
 from profiling.device import identify
 from profiling.latency import DEFAULT_SLOTS
-from decoding.tree import TreeSet, tree_set_buffers
 from trees.builder import estimate, tree_family, tree_set_slots
 from trees.paths import fixed_size_tree_set
-from workers.artifacts import (artifact_hash, find_shipped_artifact, load_prompt_tokens, prompt_tokens_from_files,
-                               reference_acceptance_table)
 from workers.adaptation import GATE_TREE_NODES, AdaptOutcome, adapt_prompt_tokens
+from workers.artifacts import (
+    artifact_hash,
+    find_shipped_artifact,
+    load_prompt_tokens,
+    prompt_tokens_from_files,
+    reference_acceptance_table,
+)
+from workers.compile_choice import CompileChoice, choose_compile, estimate_compile, record_compile, record_key
 from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.memory import PPD_STEP_ROOM, MemoryPlan, ModelShape, device_memory, job_capacity, plan_memory
 from workers.models import LoadedModel, encode_row, load_model, resolve_cache_dir
 from workers.numerics import DecisionBoard, numeric_path
-from workers.compile_choice import CompileChoice, choose_compile, estimate_compile, record_compile, record_key
 from workers.planning import DecodingPlan, best_tree_set, plan_decoding
 from workers.profiles import load_or_measure_profile
 from workers.prune_heads import find_shipped_prune_head, load_prune_head
@@ -580,8 +584,8 @@ class DecodeEngine:
         now = time.time()
         admitted = request.admitted_at or now
         out.latency_s = now - admitted
-        out.started_at = datetime.fromtimestamp(admitted, timezone.utc)
-        out.finished_at = datetime.fromtimestamp(now, timezone.utc)
+        out.started_at = datetime.fromtimestamp(admitted, UTC)
+        out.finished_at = datetime.fromtimestamp(now, UTC)
         if request.admission is not None:  # the prompt tokens and tree in force when the row took its slot
             _, out.prompts_hash, out.tree_hash = next(
                 version for version in reversed(self.provenance) if version[0] <= request.admission)

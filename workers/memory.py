@@ -69,7 +69,8 @@ class ModelShape:
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         dtype = next(model.parameters()).dtype
         return cls(layers=c.num_hidden_layers, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                   head_dim=head_dim, hidden=c.hidden_size, intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
+                   head_dim=head_dim, hidden=c.hidden_size,
+                   intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
                    vocab=c.vocab_size, max_context=c.max_position_embeddings,
                    dtype_bytes=torch.empty((), dtype=dtype).element_size(), weights_bytes=weights)
 

@@ -31,7 +31,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -157,7 +157,7 @@ def settle_rows_below(model: nn.Module, model_hash: str, cache_dir: Path,
 def _publish(path: Path, record: dict) -> tuple[int, bool]:
     """``publish_first`` with a time stamp; a cache that cannot be written costs reuse across runs, not
     consistency within a job (the board holds its decisions), so the record is then taken as published."""
-    record = {**record, "decided_at": datetime.now(timezone.utc).isoformat()}
+    record = {**record, "decided_at": datetime.now(UTC).isoformat()}
     try:
         return publish_first(path, record)
     except OSError as exc:

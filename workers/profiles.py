@@ -16,8 +16,8 @@ from decoding.captured_step import StepMode
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
 from trees.builder import choose_budget
-from workers.numerics import numeric_path
 from workers.models import write_json_atomically
+from workers.numerics import numeric_path
 
 log = logging.getLogger(__name__)
 

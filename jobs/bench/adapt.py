@@ -213,7 +213,8 @@ def first_unseen_row(args: argparse.Namespace, shard_size: int = 64) -> int:
 
 def table(results: list[dict]) -> str:
     lines = ["| workload | rows replayed | shipped | shipped + adaptation | untrained + adaptation | suffix index "
-             "| untrained+adapt / shipped | training s (shipped / untrained) | adaptation wall s | its cost, share of job |",
+             "| untrained+adapt / shipped | training s (shipped / untrained) | adaptation wall s "
+             "| its cost, share of job |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ev = r.get("evaluation")

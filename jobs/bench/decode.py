@@ -182,12 +182,12 @@ def bench_device(device: str, cfg: BenchConfig) -> list[dict]:
     rows = []
     for batch in cfg.batch_sizes:
         prompts = read_prompts(cfg.input, lm.tokenizer, batch)
-        for name, fn in runners.items():  # warm-up: kernels, allocator, caches
+        for fn in runners.values():  # warm-up: kernels, allocator, caches
             fn([p for p in prompts])
         runs: dict[str, list] = {name: [] for name in runners}
         for _ in range(cfg.repeats):  # interleaved, so drifting machine load hits every method alike
             for name, fn in runners.items():
-                runs[name].append(timed(lambda: fn(prompts), dev))
+                runs[name].append(timed(lambda fn=fn, prompts=prompts: fn(prompts), dev))
         reference = runs["generate"][0][2]
         base_s = statistics.median(r[0] for r in runs["generate"])
         for name, measured in runs.items():

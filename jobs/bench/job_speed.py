@@ -5,7 +5,8 @@
     python -m jobs.bench.job_speed --rounds 3 --compile-rows 500 --json outputs/bench_job_speed.json
 
 The rows: ``--rows`` public prompts (../shared/data: GPTeacher roleplay, Code Alpaca and GSM8K train, each read
-from its end, interleaved), the default model, ``--max-new-tokens`` each, greedy. For each batch size, rounds interleave:
+from its end, interleaved), the default model, ``--max-new-tokens`` each, greedy. For each batch size, rounds
+interleave:
 - in-process: ``DecodeEngine`` over the rows (prefill included; one warm-up batch first), in a process of its own,
   plain decoding (vanilla) and ProPD (ppd with the shipped prompt tokens);
 - the same rows as a job, run as a user runs it (``python jobs/run.py``, its own local Ray, adaptation off,

@@ -23,7 +23,7 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(saved["device"], args, results)
         return 0
 
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     lm, pt = load_model_and_prompts(args.device, args.dtype, args.prompts)
     head_dir = args.prune_head or find_shipped_prune_head(lm.content_hash)
     head = None

@@ -26,12 +26,13 @@ import torch
 
 from decoding import PromptTokens, VanillaDecoder
 from decoding.slots import Request, SlotBatch
-from jobs.bench.hf_baseline import hf_greedy
 from jobs.bench.common import RANDOM_SHAPES
+from jobs.bench.hf_baseline import hf_greedy
 from profiling.latency import measure_profile
 from workers.artifacts import reference_acceptance_table
 from workers.memory import DoesNotFit, ModelShape, device_memory, job_capacity, plan_memory
 from workers.planning import best_tree_set
+
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype):
     """A LlamaForCausalLM of this shape, its random weights made on the device in ``dtype``."""

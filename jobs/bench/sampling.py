@@ -34,7 +34,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(saved["device"], saved, saved["results"])
         return verdict(saved["results"], saved["dtype"])
 
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     lm, pt = load_model_and_prompts(args.device, args.dtype, args.prompts)
     profile, name = device_profile(lm, pt, args.batch_sizes, args.profile_budget_s)
     pool = mixed_held_out_prompts(lm, pt, Path(args.data_dir))

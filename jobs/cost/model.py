@@ -199,7 +199,7 @@ def project(target: Target, rates: Mapping[str, DeviceRate], counts: Mapping[str
     counts = {d: c for d, c in counts.items() if c > 0}
     if not counts:
         raise ValueError("the cluster mix has no device")
-    for device, c in counts.items():
+    for device in counts:
         if device not in rates:
             raise ValueError(f"no measurement of {device!r} for this method")
     rate = sum(c * rates[d].tokens_per_s for d, c in counts.items())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.cost.model import (
@@ -106,7 +106,7 @@ def write_report(out_dir: Path, measurements: Sequence[Measurement], prices: Pri
     """Write report.md and the plots into ``out_dir``; returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Cost study", "",
-             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `jobs/cost/study.py` from "
+             f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by `jobs/cost/study.py` from "
              f"{len(sources)} source(s):", ""]
     lines += [f"- `{s}`" for s in sources] + [""]
     models = sorted({m.model_hash for m in measurements if m.model_hash})

@@ -13,7 +13,6 @@ from decoding.distill import draw_cuts as draw_sequence_cuts
 from jobs.train.data import Sample
 from workers.models import LoadedModel
 
-
 sample_generator = cut_generator
 
 
