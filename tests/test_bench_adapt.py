@@ -28,3 +28,8 @@ def test_the_cost_is_the_speed_lost_while_adaptation_ran():
 def test_no_start_recorded_is_said_not_guessed():
     rows = rows_at(100, 0, 100)
     assert "not measured" in cost_in_job(rows, {"wall_seconds": 10.0}, wall_seconds=100.0)
+
+
+def test_a_job_of_fewer_rows_than_its_tail_is_not_measured():
+    adaptation = {"started_at": T0.isoformat(), "wall_seconds": 10.0}
+    assert "not measured" in cost_in_job(rows_at(100, 0, 1), adaptation, wall_seconds=100.0)

@@ -191,6 +191,8 @@ def cost_in_job(rows: list[dict], adaptation: dict, wall_seconds: float, tail_ro
     start = datetime.fromisoformat(adaptation["started_at"]).timestamp()
     end = start + adaptation["wall_seconds"]
     done = sorted((r["finished_at"].timestamp(), r["num_output_tokens"]) for r in rows if r["finished_at"])
+    if len(done) <= tail_rows:
+        return {"not measured": f"{len(done)} finished rows: too few past the last {tail_rows}"}
     first, last = done[0][0], done[-1 - tail_rows][0]
     inside = sum(n for t, n in done if start <= t < end)
     outside = sum(n for t, n in done if first < t < start or end <= t <= last)
