@@ -1,6 +1,6 @@
 # `make run`  : set up .venv when needed, then run the main job on the embedded demo data.
 # `make test` : set up .venv when needed, then run the test suite.
-# `make lint` : the linter, as CI runs it.
+# `make lint` : the linter and the type checker, as CI runs them.
 # The set-up is idempotent: a stamp in .venv, named by a hash of pyproject.toml and the pins below,
 # makes it run again only when one of those changes.
 
@@ -34,9 +34,10 @@ run: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The linter (pyproject.toml's [tool.ruff]); CI runs it before the tests.
+# The linter and the type checker (pyproject.toml's [tool.ruff] and [tool.mypy]); CI runs them before the tests.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -5,6 +5,7 @@ helpers. The decoders' KV lives in decoding/slot_cache.py; training and distilla
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -57,6 +58,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device):
     return ids, valid, attend, positions
 
 
+def embedding_weight(model: Any) -> torch.Tensor:
+    """The model's input embedding matrix [V, H]: its device and dtype are the model's."""
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Upcast half-precision logits for softmax / averaging; leave fp32 and fp64 as they are."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -65,7 +73,8 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop every layer's KV columns from ``length`` on. Layers are cropped one by one: after a pruned step
     (decoding/pruning.py) the early layers hold more columns than the later ones."""
-    for layer in cache.layers:
+    layers: list[Any] = list(cache.layers)  # DynamicLayers (typed as the union of every cache's layer kinds)
+    for layer in layers:
         excess = layer.get_seq_length() - length
         if excess > 0:  # crop takes a negative count; crop(-0) would not be a no-op
             layer.crop(-excess)

@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from transformers import PreTrainedModel
 
-from decoding.batch import additive_from_visible, at_least_fp32, crop_cache, new_cache
+from decoding.batch import additive_from_visible, at_least_fp32, crop_cache, embedding_weight, new_cache
 from decoding.prompt_tokens import PromptTokens
 
 
@@ -45,7 +45,7 @@ def draw_cuts(prompt_len: int, seq_len: int, k: int, count: int, g: torch.Genera
     return cuts
 
 
-def prefix_pass(model: nn.Module, seq: torch.Tensor):
+def prefix_pass(model: PreTrainedModel, seq: torch.Tensor):
     """No-grad pass over the whole sequence [L]. Returns (KV cache, last hidden states [L, H])."""
     cache = new_cache(model)
     with torch.no_grad():
@@ -54,7 +54,7 @@ def prefix_pass(model: nn.Module, seq: torch.Tensor):
     return cache, hidden
 
 
-def teacher_log_probs(model: nn.Module, hidden: torch.Tensor, cuts: torch.Tensor, k: int) -> torch.Tensor:
+def teacher_log_probs(model: PreTrainedModel, hidden: torch.Tensor, cuts: torch.Tensor, k: int) -> torch.Tensor:
     """The teacher for prompt token i at cut t: log-softmax of the model at position t+1+i. [M, k, V]."""
     pos = cuts[:, None] + 1 + torch.arange(k, device=cuts.device)  # [M, k]
     with torch.no_grad():
@@ -62,7 +62,7 @@ def teacher_log_probs(model: nn.Module, hidden: torch.Tensor, cuts: torch.Tensor
     return F.log_softmax(at_least_fp32(logits), -1).view(len(cuts), k, -1)
 
 
-def student_logits(model: nn.Module, prompt_tokens: PromptTokens, cache, seq_len: int,
+def student_logits(model: PreTrainedModel, prompt_tokens: PromptTokens, cache, seq_len: int,
                    cuts: torch.Tensor) -> torch.Tensor:
     """Ensemble-averaged logits of every cut's prompt tokens, in one forward over the cached prefix. [M, k, V].
 
@@ -70,7 +70,7 @@ def student_logits(model: nn.Module, prompt_tokens: PromptTokens, cache, seq_len
     """
     k, n = prompt_tokens.k, prompt_tokens.n
     M, device = len(cuts), cuts.device
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = embedding_weight(model).dtype
     # Slot order (cut m, token i, copy e).
     m_idx = torch.arange(M, device=device).repeat_interleave(k * n)  # [S]
     i_idx = torch.arange(k, device=device).repeat_interleave(n).repeat(M)  # [S]
@@ -112,7 +112,7 @@ def guess_ranks(student: torch.Tensor, seq: torch.Tensor, cuts: torch.Tensor, ma
     return rank.clamp(max=max_rank)
 
 
-def sequence_loss(model: nn.Module, prompt_tokens: PromptTokens, seq: torch.Tensor, cuts: torch.Tensor,
+def sequence_loss(model: PreTrainedModel, prompt_tokens: PromptTokens, seq: torch.Tensor, cuts: torch.Tensor,
                   alpha: float) -> torch.Tensor:
     """The distillation loss of one sequence [L] at these cuts [M]: the teacher's pass (no gradient), then one
     student pass over every cut. Gradients reach only ``prompt_tokens``."""
@@ -121,7 +121,8 @@ def sequence_loss(model: nn.Module, prompt_tokens: PromptTokens, seq: torch.Tens
     return distill_loss(student_logits(model, prompt_tokens, cache, len(seq), cuts), teacher, alpha)
 
 
-def fit_prompt_tokens(model: nn.Module, start: PromptTokens, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+def fit_prompt_tokens(model: PreTrainedModel, start: PromptTokens,
+                      sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
                       *, steps: int, samples_per_step: int = 4, cuts_per_sample: int = 24, lr: float = 1e-2,
                       alpha: float = 0.8, seed: int = 0, deadline: float | None = None,
                       on_step: Callable[[int, float], None] | None = None) -> tuple[PromptTokens, list[float]]:
@@ -135,7 +136,7 @@ def fit_prompt_tokens(model: nn.Module, start: PromptTokens, sequences: Sequence
     loss; ``on_step(step, loss)`` is called after each."""
     if not sequences:
         raise ValueError("no sequences to learn from")
-    device = model.get_input_embeddings().weight.device
+    device = embedding_weight(model).device
     pt = PromptTokens(start.embeddings.detach().to(device=device, dtype=torch.float32).clone(),
                       replace(start.meta, extra=dict(start.meta.extra)))
     opt = torch.optim.AdamW(pt.parameters(), lr=lr, weight_decay=0.0)

@@ -257,6 +257,12 @@ class LatencyModel:
             self._coef = torch.linalg.solve(A, Xs.T @ (w * h[:, 3])) / scale
         return self._coef
 
+    def _known_price(self, key: tuple[int, int]) -> float:
+        """``_known`` of a pair measured or profiled."""
+        price = self._known(key)
+        assert price is not None, key
+        return price
+
     def _known(self, key: tuple[int, int]) -> float | None:
         if key in self.average:
             return self._average(key)
@@ -280,11 +286,11 @@ class LatencyModel:
         if not above:
             return None
         hi = min(above)
-        t_hi = self._known((hi, slots))
+        t_hi = self._known_price((hi, slots))
         if not below:
             return t_hi * batch / hi
         lo = max(below)
-        t_lo = self._known((lo, slots))
+        t_lo = self._known_price((lo, slots))
         return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
 
     def _grounded(self, batch: int, slots: int) -> float | None:
@@ -302,6 +308,6 @@ class LatencyModel:
         estimate = self._between(batch, slots)
         if estimate is None:
             estimate = sum(c * f for c, f in zip(self._fit().tolist(), self._features(batch, slots, context)))
-        floor = max((self._known(key) for key in {*self.average, *self.prior}
+        floor = max((self._known_price(key) for key in {*self.average, *self.prior}
                      if key[0] <= batch and key[1] <= slots), default=0.0)
         return max(estimate, floor, 1e-9)

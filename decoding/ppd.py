@@ -19,15 +19,25 @@ A row with sampling parameters is verified by walking its tree with the draws pl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
-from decoding.batch import StopCheck, at_least_fp32
+from decoding.batch import StopCheck, at_least_fp32, embedding_weight
 from decoding.prompt_tokens import PromptTokens
-from decoding.pruning import PruneHead, check_splittable, compact, compacted_attend, kept_nodes, run_layers
+from decoding.protocol import ActiveView, Decoder, StepOutput, StepPlan, StepReport
+from decoding.pruning import (
+    Compaction,
+    PruneHead,
+    check_splittable,
+    compact,
+    compacted_attend,
+    kept_nodes,
+    run_layers,
+)
 from decoding.results import RowResult
-from decoding.sampling import SamplingParams, sample_accept
+from decoding.sampling import SamplingParams
 from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import generate as generate_in_slots
 from decoding.tree import (
@@ -36,6 +46,7 @@ from decoding.tree import (
     PROMPT,
     StepSizes,
     TreeSet,
+    TreeSetBuffers,
     default_tree_set,
     on_whole_root_path,
     tree_set_buffers,
@@ -43,7 +54,29 @@ from decoding.tree import (
 from decoding.vanilla import root_only_step
 
 
-class PPDDecoder:
+class TreeForward(NamedTuple):
+    """A tree forward's outputs: slot token ids [A, N] (a prompt slot holds the root, unused), hidden states
+    [A, N, H], and with early pruning the kept nodes [A, C] and the later layers' ``Compaction`` (pruned slots'
+    hidden states are zeros); else None for both."""
+
+    ids: torch.Tensor
+    hidden: torch.Tensor
+    kept: torch.Tensor | None = None
+    compaction: Compaction | None = None
+
+
+class Verified(NamedTuple):
+    """Verification's outcome per row: the deepest accepted node [B], the emitted tokens [B, D+1] (the accepted
+    candidates, then the bonus token at index ``accepted``), the accepted candidates' count [B], and the accepted
+    path's slots [B, D+1] (root first, padded with the best node)."""
+
+    best: torch.Tensor
+    tokens: torch.Tensor
+    accepted: torch.Tensor
+    path: torch.Tensor
+
+
+class PPDDecoder(Decoder):
     """``prune_head``: ProPD early pruning (decoding/pruning.py); None runs every slot through every layer.
 
     ``merged_logits_rows``: a step over at most this many slots in all (batch x slots) runs the lm_head once,
@@ -52,7 +85,7 @@ class PPDDecoder:
     ``passes`` and ``tokens_processed`` count the tree forwards and their input tokens (batch x slots, averaged
     over layers when pruning ran the later layers on fewer slots), for benchmarks."""
 
-    def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, tree_set: TreeSet | None = None,
+    def __init__(self, model: PreTrainedModel, prompt_tokens: PromptTokens, tree_set: TreeSet | None = None,
                  eos_token_ids: Sequence[int] = (), prune_head: PruneHead | None = None,
                  merged_logits_rows: int = 32):
         self.model = model
@@ -73,14 +106,18 @@ class PPDDecoder:
         if prune_head is not None:
             check_splittable(self.decoder, prune_head)
         self.passes, self.tokens_processed = 0, 0.0
+        self.buffers = tree_set_buffers(self.tree_set, prompt_tokens.n, self.device)
+        # [k*n, H], the decoder's own storage, allocated once: adopt_prompt_tokens overwrites it in place, so a
+        # compiled or captured step never reads a stale address
+        self.prompt_table = prompt_tokens.flat(self.dtype).detach().clone()
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return embedding_weight(self.model).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return embedding_weight(self.model).dtype
 
     @property
     def k(self) -> int:
@@ -103,24 +140,9 @@ class PPDDecoder:
         return generate_in_slots(self, prompts, max_new_tokens, sampling, stop)
 
     def accept_sampled(self, node_tokens, node_parent, node_valid, logits_at, draw, max_depth):
-        """Sampled verification (decoding/sampling.sample_accept); a method so that a test can put a wrong
-        scheme in its place and see the statistical tests catch it. A draw that says ``fixed_shapes`` (a
-        captured step's) walks every row to the full depth."""
-        return sample_accept(node_tokens, node_parent, node_valid, logits_at, draw, max_depth,
-                             all_rows=getattr(draw, "fixed_shapes", False))
-
-    # The slot protocol (decoding/slots.py). ProPD (decoding/propd.py) changes the tree between steps here.
-    def begin(self) -> None:
-        """A new SlotBatch begins."""
-        self._buffers = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
-        # [k*n, H], the decoder's own storage, allocated once: a later batch (a fallback's) and adopt_prompt_tokens
-        # overwrite it in place, so a compiled or captured step of another batch never reads a stale address
-        table = self.prompt_tokens.flat(self.dtype).detach()
-        if getattr(self, "prompt_table", None) is None or self.prompt_table.shape != table.shape:
-            self.prompt_table = table.clone()
-        else:
-            with torch.inference_mode():  # the table may have been made in inference mode (by generate)
-                self.prompt_table.copy_(table)
+        """Sampled verification with the step's draw (decoding/draws.py); a method so that a test can put a wrong
+        scheme in its place and see the statistical tests catch it."""
+        return draw.accept(node_tokens, node_parent, node_valid, logits_at, max_depth)
 
     def adopt_prompt_tokens(self, prompt_tokens: PromptTokens) -> None:
         """Decode with ``prompt_tokens`` from the next step on. The prompt-token table is overwritten in place
@@ -128,9 +150,8 @@ class PPDDecoder:
         the guesses they hold: a guess only decides how many tokens a step may accept, never which."""
         self.check_adoptable(prompt_tokens)
         self.prompt_tokens = prompt_tokens
-        if hasattr(self, "prompt_table"):
-            with torch.inference_mode():  # the table may have been made in inference mode (by generate)
-                self.prompt_table.copy_(prompt_tokens.flat(self.dtype))
+        with torch.inference_mode():  # the table may have been made in inference mode
+            self.prompt_table.copy_(prompt_tokens.flat(self.dtype))
 
     def check_adoptable(self, prompt_tokens: PromptTokens) -> None:
         """Raise ValueError unless ``adopt_prompt_tokens`` can take these prompt tokens (the same shape)."""
@@ -144,57 +165,65 @@ class PPDDecoder:
         if (tree_set.k, tree_set.top_k) != (self.tree_set.k, self.tree_set.top_k):
             raise ValueError("a new tree set must keep k and top_k (the slots' guesses are shaped by them)")
         self.tree_set = tree_set
-        if hasattr(self, "_buffers"):
-            self._buffers = tree_set_buffers(tree_set, self.prompt_tokens.n, self.device)
+        self.buffers = tree_set_buffers(tree_set, self.prompt_tokens.n, self.device)
 
-    def plan_step(self, rows):
-        """The tree buffers of the next step, for the rows in slots 0..A-1 (``rows``: an ActiveView, host only)."""
-        return self._buffers
+    # The decoder protocol (decoding/protocol.py). ProPD (decoding/propd.py) changes the tree between steps here.
+    def plan_step(self, rows: ActiveView | None) -> StepPlan:
+        """The tree of the next step, for the rows in slots 0..A-1 (``rows``, host only; None: any rows)."""
+        return self.plan_for(self.buffers, rows)
 
-    def first_buffers(self):
-        """The tree buffers a first step takes (a warm-up compiles or captures that shape)."""
-        return self._buffers
+    @staticmethod
+    def plan_for(buffers: TreeSetBuffers, rows: ActiveView | None) -> StepPlan:
+        """A step of ``buffers``' tree set, sized to ``rows``' depth states (None: at its widest)."""
+        return StepPlan(buffers, buffers.widest if rows is None else buffers.sizes(rows.states), buffers.widest)
 
-    def after_commit(self, rows, keep: list[bool]) -> None:
-        """The step's tokens are committed; ``keep`` [A] marks the rows still decoding."""
-
-    def after_propose(self, rows, guesses: torch.Tensor) -> None:
-        """The surviving rows (slots 0..A'-1, ``rows``) have their next guesses: on the device in the slots' own
-        tensor ``guesses`` [slots, k, top_k] (rows 0..A'-1 theirs), on the host in ``rows.guesses`` and
-        ``rows.states``."""
-
-    def row_finished(self, row_id: int) -> None:
-        """The row of this id has left its slot."""
-
-    def count_step(self, rows: int, sizes: StepSizes) -> None:
-        """A step over ``rows`` slots of these sizes ran (counted on the host: the step itself mutates no Python
-        state, so that a compiled step is not specialised on a counter). A pruned step counts its own tokens."""
+    def finish_step(self, plan: StepPlan, report: StepReport) -> None:
+        """Counts the step's tree forward and its input tokens (batch x slots; a pruned step's later layers ran
+        ``late_width`` slots per row)."""
         self.passes += 1
-        if self.prune_head is None or sizes.internal == 0:
-            self.tokens_processed += rows * sizes.slots
+        slots = report.sizes.slots
+        if report.late_width is None:
+            self.tokens_processed += report.run * slots
+        else:
+            assert self.prune_head is not None, "only a pruned step has a late width"
+            layers, early = len(self.decoder.layers), self.prune_head.layer
+            self.tokens_processed += report.run * (early * slots + (layers - early) * report.late_width) / layers
 
-    def after_step(self) -> None:
-        """The step and its bookkeeping are done."""
+    # -- the step, in its parts: forward, verify, propose, compact -------------------------------------------------
+    def step(self, cache: SlotCache, buffers: TreeSetBuffers, kv_len: torch.Tensor, root: torch.Tensor,
+             guesses: torch.Tensor, state: torch.Tensor, draw=None, *, sizes: StepSizes, view: int) -> StepOutput:
+        """One guess-and-verify pass over slots 0..A-1. kv_len, root, state [A] long, guesses [A, k, top_k];
+        ``sizes``: the step's sizes, at least those of the rows' trees (a fixed-shape step passes the tree set's
+        widest); ``view``: the KV columns attention reads, at least the longest row plus ``sizes.slots``.
+        ``draw``: None for greedy verification, else the step's draw (decoding/draws.py). Without pruning and
+        greedy, nothing reads the device.
 
-    def propose(self, prompt_logits: torch.Tensor) -> torch.Tensor:
-        """Next step's candidates from the first m prompt tokens' logits [A, m, V]: their top_k tokens, as
-        [A, k, top_k] (zeros past m; a row's next state says how many are real). Part of the device step."""
-        B, m, _ = prompt_logits.shape
-        top_k = self.tree_set.top_k
-        guesses = torch.zeros(B, self.prompt_tokens.k, top_k, dtype=torch.long, device=prompt_logits.device)
-        if m:
-            guesses[:, :m] = prompt_logits.topk(top_k, dim=-1).indices
-        return guesses
-
-    def _forward_tree(self, cache: SlotCache, buffers, kv_len, root, guesses, state, sizes: StepSizes, view: int):
-        """Run every row's tree through the model, its N slots written at columns kv_len[b].. of its slot.
-
-        Returns (slot token ids [A, N], hidden states [A, N, H], pruning): row b uses the tree of its depth state
-        ``state[b]``, padded to ``sizes.slots`` (N, at least the widest tree among the rows). Prompt slots take the
-        prompt-token embeddings; their entry in the returned ids is the root (unused). ``pruning`` is None, or
-        (kept nodes [A, C], the later layers' Compaction) when early pruning ran: pruned slots' hidden states are
-        zeros.
+        Returns a ``StepOutput``: row b emits ``tokens[b, :counts[b]]``, and the KV of its root and accepted
+        candidates now sits at columns kv_len[b] .. kv_len[b] + counts[b] - 1 (the caller advances kv_len by
+        counts); its next guesses are [k, top_k], of which its next state says how many are real.
         """
+        if buffers.tree_set.root_only:
+            return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, guesses, draw, view)
+        tree = self.forward(cache, buffers, kv_len, root, guesses, state, sizes, view)
+        # The lm_head reads its whole weight (V x H, 113 MB for the default model in float32) in every call, and
+        # over a few rows that read is most of its cost: one call over all the slots then costs about what a
+        # call over the nodes alone does, and saves a second read for the best node's prompt slots (a batch-1
+        # 8-slot step on the 2-core CPU: 2 x ~9 ms against ~9 ms). Over more rows, the slots never read would
+        # cost more than the read saved.
+        A, N = tree.ids.shape
+        slot_logits = self.logits(tree.hidden) if A * N <= self.merged_logits_rows else None  # [A, N, V] or None
+        verified = self.verify(buffers, state, tree, slot_logits, sizes, draw)
+        next_guesses, next_state = self.propose(buffers, state, verified.best, tree.hidden, slot_logits, sizes)
+        self.compact(cache, kv_len, verified.path, tree.compaction)
+        late_width = None if tree.compaction is None else tree.compaction.width
+        bonus = verified.tokens.gather(1, verified.accepted[:, None]).squeeze(1)  # [A]: the next root
+        return StepOutput(verified.tokens, verified.accepted + 1, bonus, next_guesses, next_state, late_width)
+
+    def forward(self, cache: SlotCache, buffers: TreeSetBuffers, kv_len, root, guesses, state, sizes: StepSizes,
+                view: int) -> TreeForward:
+        """Run every row's tree through the model, its N slots written at columns kv_len[b].. of its slot: row b
+        uses the tree of its depth state ``state[b]``, padded to ``sizes.slots`` (N, at least the widest tree
+        among the rows). Prompt slots take the prompt-token embeddings."""
         sb = buffers.stacked
         N = sizes.slots
         kind = sb.slot_kind[state, :N]  # [A, N]
@@ -207,18 +236,19 @@ class PPDDecoder:
         attend = sb.attend[state, :N, :N]  # [A, N, N]
         mask = step_mask(kv_len, attend, view, embeds.dtype)  # [A, 1, N, view]
         cache.for_step(kv_len, view)
-        pruned = self.prune_head is not None and sizes.internal > 0  # pruning needs candidates
-        if not pruned:
+        if self.prune_head is None or sizes.internal == 0:  # pruning needs candidates
             hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True).last_hidden_state  # [A, N, H]
-            return ids, hidden, None
+            return TreeForward(ids, hidden)
         return self._forward_pruned(cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view)
 
-    def _forward_pruned(self, cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len, view):
+    def _forward_pruned(self, cache, buffers, state, sizes, ids, embeds, positions, attend, mask, kv_len,
+                        view) -> TreeForward:
         """The tree forward with early pruning: layers [0, L) over every slot, the prune head on the NI internal
         nodes, then layers [L, end) over the surviving slots only (see decoding/pruning.py). Those write their
         N' slots at columns kv_len[b].. of their own layers."""
         sb, head = buffers.stacked, self.prune_head
+        assert head is not None
         A, N, H = embeds.shape
         C, NI = sizes.nodes, sizes.internal
         early = run_layers(self.decoder, embeds, mask, positions, cache, slice(0, head.layer))  # [A, N, H]
@@ -238,9 +268,7 @@ class PPDDecoder:
                           slice(head.layer, None))
         late = self.decoder.norm(late)  # [A, N', H]
         hidden = late.new_zeros(A, N, H).scatter_(1, c.order[..., None].expand(-1, -1, H), late)  # [A, N, H]
-        layers = len(self.decoder.layers)
-        self.tokens_processed += A * (head.layer * N + (layers - head.layer) * c.width) / layers
-        return ids, hidden, (kept, c)
+        return TreeForward(ids, hidden, kept, c)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V], as one 2D matmul. A strided 3D input (the tree's leading slots,
@@ -249,66 +277,35 @@ class PPDDecoder:
         V = self.lm_head.weight.shape[0]
         return self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], V)
 
-    def step_sizes(self, buffers, states: Sequence[int] | None) -> StepSizes:
-        """The sizes of a step over rows in these depth states (None: in any state, a fixed-shape step's), host
-        ints: a step's shapes never read the device."""
-        return buffers.widest if states is None else buffers.sizes(states)
-
-    def step(self, cache: SlotCache, buffers, kv_len, root, guesses, state, draw=None, *, sizes: StepSizes,
-             view: int):
-        """One guess-and-verify pass over slots 0..A-1. kv_len, root, state [A] long, guesses [A, k, top_k];
-        ``sizes``: the step's sizes, at least those of the rows' trees (``step_sizes``; a captured step passes
-        the tree set's widest); ``view``: the KV columns attention reads, at least the longest row plus
-        ``sizes.slots``. ``draw``: None for greedy verification, else draw(logits [R, V], depth, rows [R]) gives
-        rows' sampled tokens at a depth below the root. Without pruning and greedy, nothing reads the device.
-
-        Returns (tokens [A, D+1], counts [A], next root [A], prompt logits [A, m, V], next state [A]): row b
-        emits ``tokens[b, :counts[b]]``, and the KV of its root and accepted candidates now sits at columns
-        kv_len[b] .. kv_len[b] + counts[b] - 1 (the caller advances kv_len by counts). m = ``sizes.prompts``;
-        a row's next state says how many of its m guesses are real.
-        """
-        if buffers.tree_set.root_only:
-            return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, view)
+    def verify(self, buffers: TreeSetBuffers, state, tree: TreeForward, slot_logits: torch.Tensor | None,
+               sizes: StepSizes, draw) -> Verified:
+        """Accept each row's longest chain of candidates that the model's argmax (greedy) or its draws (sampled)
+        agree with. Nodes are the leading C slots of every tree; pruned nodes are not valid: never accepted."""
         sb = buffers.stacked
-        B, H = root.shape[0], self.prompt_table.shape[-1]
         C, D = sizes.nodes, sizes.depth  # most nodes (root included) and deepest path among the rows' trees
-        ids, hidden, pruning = self._forward_tree(cache, buffers, kv_len, root, guesses, state, sizes, view)
-        N = hidden.shape[1]  # the widest tree's slots
-
-        # The lm_head reads its whole weight (V x H, 113 MB for the default model in float32) in every call, and
-        # over a few rows that read is most of its cost: one call over all the slots then costs about what a
-        # call over the nodes alone does, and saves a second read for the best node's prompt slots (a batch-1
-        # 8-slot step on the 2-core CPU: 2 x ~9 ms against ~9 ms). Over more rows, the slots never read would
-        # cost more than the read saved.
-        slot_logits = self.logits(hidden) if B * N <= self.merged_logits_rows else None  # [B, N, V] or None
-
-        # Verify: nodes are the leading C slots of every tree. Pruned nodes are not valid: never accepted.
-        valid = sb.node_valid[state, :C] if pruning is None else sb.node_valid[state, :C] & pruning[0]
+        valid = sb.node_valid[state, :C] if tree.kept is None else sb.node_valid[state, :C] & tree.kept  # [B, C]
         if draw is None:
-            node_logits = self.logits(hidden[:, :C]) if slot_logits is None else slot_logits[:, :C]  # [B, C, V]
-            node_argmax = node_logits.argmax(-1)  # [B, C]
-            depth = sb.node_depth[state, :C]  # [B, C]
-            best = greedy_accept(ids[:, :C], node_argmax, sb.node_parent[state, :C], valid,
-                                 sb.ancestor_or_self[state, :C, :C], depth)  # [B]
-            n_acc = depth.gather(1, best[:, None]).squeeze(1)  # [B] accepted candidates
-            bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
-            path = sb.node_path[state, best, : D + 1]  # [B, D+1] slots, root first, padded with the best node
-            tokens = torch.cat([ids.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
-            tokens.scatter_(1, n_acc[:, None], bonus)  # emitted: accepted candidates, then the bonus token
-        else:
-            def logits_at(node: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R], [R] -> logits [R, V]
-                return self.logits(hidden[rows, node]) if slot_logits is None else slot_logits[rows, node]
+            node_logits = self.logits(tree.hidden[:, :C]) if slot_logits is None else slot_logits[:, :C]  # [B, C, V]
+            return verify_greedy(tree.ids[:, :C], node_logits.argmax(-1), sb.node_parent[state, :C], valid,
+                                 sb.ancestor_or_self[state, :C, :C], sb.node_depth[state, :C],
+                                 sb.node_path[state, :C, : D + 1])
 
-            best, tokens, n_acc = self.accept_sampled(ids[:, :C], sb.node_parent[state, :C], valid, logits_at,
-                                                      draw, D)  # [B], [B, D+1], [B]
-            path = sb.node_path[state, best, : D + 1]  # [B, D+1]
-            bonus = tokens.gather(1, n_acc[:, None])  # [B, 1]: the draw at the deepest accepted node
+        def logits_at(node: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [R], [R] -> logits [R, V]
+            return self.logits(tree.hidden[rows, node]) if slot_logits is None else slot_logits[rows, node]
 
-        # Next guesses: the prompt tokens attached to the deepest accepted node, ensemble logits averaged.
-        # Slots past a node's count point at slot 0; their logits are never used (the state forbids it).
-        # Only the first m prompt tokens are ever read (m = most attached to any node of the rows' trees):
-        # unless the slots' logits are at hand, the lm_head runs on those only.
-        n_prompt = sb.node_prompt_count[state, best]  # [B]
+        best, tokens, accepted = self.accept_sampled(tree.ids[:, :C], sb.node_parent[state, :C], valid, logits_at,
+                                                     draw, D)  # [B], [B, D+1], [B]
+        return Verified(best, tokens, accepted, sb.node_path[state, best, : D + 1])
+
+    def propose(self, buffers: TreeSetBuffers, state, best: torch.Tensor, hidden: torch.Tensor,
+                slot_logits: torch.Tensor | None, sizes: StepSizes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next guesses [B, k, top_k] and next depth state [B]: the top_k tokens of the prompt tokens attached
+        to each row's deepest accepted node ``best`` [B], ensemble copies' logits averaged. Only the first m
+        prompt tokens are ever read (m = most attached to any node of the rows' trees): unless the slots'
+        logits are at hand, the lm_head runs on those only. Slots past a node's count point at slot 0; their
+        guesses are never used (the next state forbids it)."""
+        sb = buffers.stacked
+        B, H = hidden.shape[0], hidden.shape[-1]
         m = sizes.prompts
         slots = sb.node_prompt_slots[state, best][:, :m]  # [B, m, n]
         n, V = slots.shape[2], self.lm_head.weight.shape[0]
@@ -318,20 +315,53 @@ class PPDDecoder:
         else:
             prompt_slot_logits = slot_logits.gather(1, slots.reshape(B, -1, 1).expand(-1, -1, V))  # [B, m*n, V]
         prompt_logits = at_least_fp32(prompt_slot_logits).view(B, m, n, V).mean(2)  # [B, m, V]
+        next_guesses = top_k_guesses(prompt_logits, self.prompt_tokens.k, self.tree_set.top_k)  # [B, k, top_k]
+        return next_guesses, sb.node_prompt_count[state, best]
 
-        # Keep the KV of the root and the accepted candidates only: the path's columns move to kv_len[b]..
-        # (the root's is there already). A step whose rows' trees are all the root alone (D = 0) moves nothing.
-        if D > 0:
-            dst = kv_len[:, None] + torch.arange(D + 1, device=root.device)  # [A, D+1]
-            if pruning is None:
-                cache.move_columns(src=kv_len[:, None] + path, dst=dst)
-            else:  # the later layers hold the survivors only, compacted: the path's slots sit elsewhere there
-                c, L = pruning[1], self.prune_head.layer
-                cols = min(D + 1, c.width)  # every accepted path survived, so it fits in its row's survivors
-                cache.move_columns(src=kv_len[:, None] + path[:, :cols], dst=dst[:, :cols], layers=slice(0, L))
-                cache.move_columns(src=kv_len[:, None] + c.position.gather(1, path[:, :cols]), dst=dst[:, :cols],
-                                   layers=slice(L, None))
-        return tokens, n_acc + 1, bonus.squeeze(1), prompt_logits, n_prompt
+    def compact(self, cache: SlotCache, kv_len: torch.Tensor, path: torch.Tensor,
+                compaction: Compaction | None) -> None:
+        """Keep the KV of the root and the accepted candidates only: the path's columns (``path`` [A, D+1] slots,
+        root first) move to kv_len[b].. (the root's is there already); the rest is scratch. A step whose rows'
+        trees are all the root alone (D = 0) moves nothing. With pruning, the later layers hold the survivors
+        only, compacted: the path's slots sit elsewhere there."""
+        D1 = path.shape[1]
+        if D1 == 1:
+            return
+        dst = kv_len[:, None] + torch.arange(D1, device=kv_len.device)  # [A, D+1]
+        if compaction is None:
+            cache.move_columns(src=kv_len[:, None] + path, dst=dst)
+            return
+        assert self.prune_head is not None, "only a pruned step compacts its later layers"
+        L = self.prune_head.layer
+        cols = min(D1, compaction.width)  # every accepted path survived, so it fits in its row's survivors
+        cache.move_columns(src=kv_len[:, None] + path[:, :cols], dst=dst[:, :cols], layers=slice(0, L))
+        cache.move_columns(src=kv_len[:, None] + compaction.position.gather(1, path[:, :cols]), dst=dst[:, :cols],
+                           layers=slice(L, None))
+
+
+def top_k_guesses(prompt_logits: torch.Tensor, k: int, top_k: int) -> torch.Tensor:
+    """Next step's candidates from the first m prompt tokens' logits [B, m, V]: their top_k tokens, as
+    [B, k, top_k] (zeros past m)."""
+    B, m, _ = prompt_logits.shape
+    guesses = torch.zeros(B, k, top_k, dtype=torch.long, device=prompt_logits.device)
+    if m:
+        guesses[:, :m] = prompt_logits.topk(top_k, dim=-1).indices
+    return guesses
+
+
+def verify_greedy(node_tokens: torch.Tensor, node_argmax: torch.Tensor, node_parent: torch.Tensor,
+                  node_valid: torch.Tensor, ancestor_or_self: torch.Tensor, node_depth: torch.Tensor,
+                  node_path: torch.Tensor) -> Verified:
+    """Greedy verification of B trees of C nodes: ``greedy_accept``'s deepest accepted node, then the tokens the
+    row emits, its accepted candidates followed by the argmax there (the bonus token), padded with it to D+1.
+    node_path [B, C, D+1]: each node's root path in slots, root first, padded with the node itself."""
+    best = greedy_accept(node_tokens, node_argmax, node_parent, node_valid, ancestor_or_self, node_depth)  # [B]
+    accepted = node_depth.gather(1, best[:, None]).squeeze(1)  # [B]
+    bonus = node_argmax.gather(1, best[:, None])  # [B, 1]
+    path = node_path.gather(1, best[:, None, None].expand(-1, 1, node_path.shape[2])).squeeze(1)  # [B, D+1]
+    tokens = torch.cat([node_tokens.gather(1, path)[:, 1:], bonus], 1)  # [B, D+1]
+    tokens.scatter_(1, accepted[:, None], bonus)  # emitted: accepted candidates, then the bonus token
+    return Verified(best, tokens, accepted, path)
 
 
 def greedy_accept(node_tokens: torch.Tensor, node_argmax: torch.Tensor, node_parent: torch.Tensor,

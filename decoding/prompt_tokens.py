@@ -64,7 +64,7 @@ class PromptTokens(nn.Module):
                               noise_std: float = 0.01) -> PromptTokens:
         """Untrained start: every prompt token is the mean input embedding; ensemble copies past the first get
         small noise (from ``generator``) so they differ. Training moves them from here."""
-        table = model.get_input_embeddings().weight.detach().float()  # [V, H]
+        table = model.get_input_embeddings().weight.detach().float()  # type: ignore[operator]  # [V, H]
         mean = table.mean(0)  # [H]
         emb = mean.expand(k, n, -1).clone()  # [k, n, H]
         if n > 1:

@@ -22,18 +22,31 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from decoding.online_stats import AcceptanceTracker, LatencyModel, YieldTracker
 from decoding.ppd import PPDDecoder
 from decoding.prompt_tokens import PromptTokens
+from decoding.protocol import ActiveView, StepPlan, StepReport
 from decoding.pruning import PruneHead
-from decoding.tree import TreeOption, TreeSet, tree_set_buffers
+from decoding.tree import TreeOption, TreeSet, TreeSetBuffers, tree_set_buffers
 
 # acceptance table -> tree sets of increasing size (the first is usually plain decoding: 1 slot)
 TreeFamilyBuilder = Callable[[list[list[float]]], Sequence[TreeOption]]
+
+
+@dataclass(frozen=True)
+class ProPDPlan(StepPlan):
+    """A step's plan with what ProPD learns from its step: the family option chosen (``option``, its tree_hash
+    ``key``), the rows' mean context, whether the previous step ran the same set, and when the step began."""
+
+    option: int = 0
+    key: str = ""
+    context: float = 0.0
+    same_as_last: bool = False
+    started: float = 0.0
 
 
 class ProPDDecoder(PPDDecoder):
@@ -53,7 +66,7 @@ class ProPDDecoder(PPDDecoder):
     where a wide step costs about what a narrow one does) their edge is far beyond the margin.
     """
 
-    def __init__(self, model: nn.Module, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
+    def __init__(self, model: PreTrainedModel, prompt_tokens: PromptTokens, build_family: TreeFamilyBuilder,
                  acceptance_prior: Sequence[Sequence[float]], latency: LatencyModel | None = None,
                  eos_token_ids: Sequence[int] = (), rebuild_every: int = 64, rebuild_drift: float = 0.01,
                  top_k: int = 10, yields: YieldTracker | None = None, switch_margin: float = 0.05,
@@ -71,6 +84,8 @@ class ProPDDecoder(PPDDecoder):
         self.current: str | None = None  # tree_hash of the set the last step ran (kept across generate calls)
         self.explored = False  # whether that set ran only to be measured (see choose)
         self.rebuild_every, self.rebuild_drift = rebuild_every, rebuild_drift
+        self.keys: list[str] = []  # the family's tree hashes (_set_family)
+        self.widest: list[int] = []  # the family's widest states' slots
         self.built_from = self.acceptance.table()
         started = time.perf_counter()
         family = list(build_family(self.built_from))
@@ -84,15 +99,18 @@ class ProPDDecoder(PPDDecoder):
             if start.tree_hash not in self.keys:
                 raise ValueError("the starting tree set is not in the family: plan it with the family's builder")
             self.current = start.tree_hash
-        self.start = self.current
+        self.start: str | None = self.current  # the planned first set, if any
         self.steps_since_rebuild, self.seconds_since_rebuild = 0, 0.0
-        self.choices: deque[tuple[int, int]] = deque()  # (rows, slots) per step, the latest 65536 (begin())
+        self.choices: deque[tuple[int, int]] = deque(maxlen=1 << 16)  # (rows, slots) per step, the latest 65536
+        self.ran_last: dict[int, str] = {}  # row id -> tree_hash of the set its last step ran
+        self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
+        self.step_seconds = 0.0  # the last step's, its bookkeeping included
 
     def _set_family(self, family: Sequence[TreeOption]) -> None:
-        old = dict(zip(self.keys, self.widest)) if hasattr(self, "keys") else {}
+        old = dict(zip(self.keys, self.widest))
         self.family = list(family)
         self.keys = [option.tree_set.tree_hash for option in self.family]  # the yields' keys
-        self.buffers: dict[int, object] = {}  # family index -> its buffers on the device (filled when used)
+        self.option_buffers: dict[int, TreeSetBuffers] = {}  # family index -> its buffers on the device (when used)
         # Each option is priced at its widest state: in steady state a batch nearly always holds a row in the
         # deepest state, and pricing the current state instead would favour trees whose cheap states cannot
         # accept anything (state 0 has no guesses) and then abandon them when they become useful.
@@ -223,63 +241,65 @@ class ProPDDecoder(PPDDecoder):
         return max(self.widest)  # the family's widest state
 
     def begin(self) -> None:
-        super().begin()
-        self.choices = deque(maxlen=1 << 16)  # bounded: a worker's batch lives for the whole job
-        self.ran_last: dict[int, str] = {}  # row id -> tree_hash of the set its last step ran
-        self.last_step_key: str | None = None  # tree_hash of the set the previous step ran
-        self.step_seconds = 0.0
+        """A new batch: its row ids start again, and its first step follows no step of this decoder."""
+        self.choices.clear()
+        self.ran_last.clear()
+        self.last_step_key = None
 
-    def first_buffers(self):
-        start = self.keys.index(self.start)
-        if start not in self.buffers:
-            self.buffers[start] = tree_set_buffers(self.family[start].tree_set, self.prompt_tokens.n, self.device)
-        return self.buffers[start]
+    def _buffers_of(self, option: int) -> TreeSetBuffers:
+        if option not in self.option_buffers:
+            self.option_buffers[option] = tree_set_buffers(self.family[option].tree_set, self.prompt_tokens.n,
+                                                           self.device)
+        return self.option_buffers[option]
 
-    def plan_step(self, rows):
-        self.context = sum(rows.kv_lens) / rows.size
-        self.chosen = self.choose(rows.size, self.context)
-        self.current = self.keys[self.chosen]
-        self.tree_set = self.family[self.chosen].tree_set
-        if self.chosen not in self.buffers:
-            self.buffers[self.chosen] = tree_set_buffers(self.tree_set, self.prompt_tokens.n, self.device)
-        buffers = self.buffers[self.chosen]
-        self.choices.append((rows.size, buffers.sizes(rows.states).slots))
-        self.step_started = time.perf_counter()
-        return buffers
+    def plan_step(self, rows: ActiveView | None) -> StepPlan:
+        """The set chosen for ``rows`` (``choose``); None: the starting set at its widest, chosen from nothing."""
+        if rows is None:
+            return self.plan_for(self._buffers_of(self.keys.index(self.start) if self.start in self.keys else 0), None)
+        context = sum(rows.kv_lens) / rows.size
+        option = self.choose(rows.size, context)
+        self.current = self.keys[option]
+        buffers = self._buffers_of(option)
+        sizes = buffers.sizes(rows.states)
+        self.choices.append((rows.size, sizes.slots))
+        return ProPDPlan(buffers, sizes, buffers.widest, option, self.current, context,
+                         self.last_step_key == self.current, time.perf_counter())
 
-    def after_commit(self, rows, keep: list[bool]) -> None:
-        # The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
-        # it too). Left out: a row's first step and the step after a switch, whose state another set (or the
-        # start) left behind, e.g. state 0 after plain decoding, which emits one token whatever the tree; that
-        # is the price of switching, which the margin in choose() keeps rare, not the set's long-run yield.
-        # Also left out: a row's last step, cut short by EOS or max_new_tokens.
-        key = self.current
+    def finish_step(self, plan: StepPlan, report: StepReport) -> None:
+        """Learns from the step: the acceptance of the guesses it verified and of the survivors' new ones, the
+        yield of the set it ran, and the price of its step.
+
+        The set's yield: the tokens of the rows whose depth state this set produced (their previous step ran
+        it too). Left out: a row's first step and the step after a switch, whose state another set (or the
+        start) left behind, e.g. state 0 after plain decoding, which emits one token whatever the tree; that
+        is the price of switching, which the margin in choose() keeps rare, not the set's long-run yield.
+        Also left out: a row's last step, cut short by EOS or max_new_tokens.
+
+        The price is the step and all its bookkeeping (the next guesses, the acceptance record, this): a tree's
+        bookkeeping is dearer than plain decoding's. It is filed under the width the choice priced (the set's
+        widest state), not this step's width: tau is a long-run average over the states a set passes through,
+        so the price must be the long-run average step of that set too. Hence not filed: a batch's first
+        step, and a set's first step after a switch, whose rows are in the states the previous set left (after
+        plain decoding, state 0: root and prompt tokens only, far cheaper than the set's steady steps, so
+        filing it would make a tree tried from there look cheap)."""
+        super().finish_step(plan, report)
+        assert isinstance(plan, ProPDPlan)
+        key, before = plan.key, report.before
         own = []
-        for row, result, kept in zip(rows.ids, rows.results, keep):
+        for row, result, kept in zip(before.ids, before.results, report.keep):
             self.acceptance.resolve(row, result.token_ids, finished=not kept)
-            if kept and self.ran_last.get(row) == key:
-                own.append(result.accepted_per_step[-1])
-            self.ran_last[row] = key
-        self.yields.observe(key, self.family[self.chosen].expected_tokens, own)
-        self.step_rows = rows.size
+            if kept:
+                if self.ran_last.get(row) == key:
+                    own.append(result.accepted_per_step[-1])
+                self.ran_last[row] = key
+        self.yields.observe(key, self.family[plan.option].expected_tokens, own)
+        after = report.after
+        self.acceptance.record(after.ids, [len(r.token_ids) for r in after.results], after.guesses, after.states)
+        self.step_seconds = time.perf_counter() - plan.started
+        if plan.same_as_last:
+            self.latency.observe(before.size, self.widest[plan.option], plan.context, self.step_seconds)
+        self.last_step_key = key
+        self._maybe_rebuild(self.step_seconds)
 
     def row_finished(self, row_id: int) -> None:
         self.ran_last.pop(row_id, None)
-
-    def after_propose(self, rows, guesses: torch.Tensor) -> None:
-        self.acceptance.record(rows.ids, [len(r.token_ids) for r in rows.results], rows.guesses, rows.states)
-
-    def after_step(self) -> None:
-        """The step is over, its bookkeeping too (the next guesses, the acceptance record): all of that is the
-        step's price, and a tree's bookkeeping is dearer than plain decoding's.
-
-        Filed under the width the choice priced (the set's widest state), not this step's width: tau is a
-        long-run average over the states a set passes through, so the price must be the long-run average step
-        of that set too. Hence not filed: a SlotBatch's first step, and a set's first step after a switch, whose
-        rows are in the states the previous set left (after plain decoding, state 0: root and prompt tokens only, far
-        cheaper than the set's steady steps, so filing it would make a tree tried from there look cheap)."""
-        self.step_seconds = time.perf_counter() - self.step_started
-        if self.last_step_key == self.current:
-            self.latency.observe(self.step_rows, self.widest[self.chosen], self.context, self.step_seconds)
-        self.last_step_key = self.current
-        self._maybe_rebuild(self.step_seconds)

@@ -18,6 +18,7 @@ its KV (``decoding/ppd.py``), after which every layer holds the same columns aga
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class PruneHead(nn.Module):
         return lm_head(norm(hidden + self.up(self.down(hidden))))
 
 
-def run_layers(decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+def run_layers(decoder: Any, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
                layers: slice) -> torch.Tensor:
     """Run ``decoder.layers[layers]`` over ``hidden`` [B, S, H] through the public module API, as the decoder's
     own forward does (rotary embeddings from ``positions`` [B, S]; ``mask`` the 4D float mask [B, 1, S, T+S]).
@@ -59,7 +60,7 @@ def run_layers(decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, pos
     return hidden
 
 
-def check_splittable(decoder: nn.Module, head: PruneHead) -> None:
+def check_splittable(decoder: Any, head: PruneHead) -> None:
     """Pruning runs the decoder's layers one by one: it needs a Llama-style decoder (layers, rotary_emb, norm)."""
     missing = [name for name in ("layers", "rotary_emb", "norm") if not hasattr(decoder, name)]
     if missing:

@@ -9,23 +9,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
+from decoding.batch import embedding_weight
 from decoding.results import FinishReason, RowResult
 from decoding.sampling import GREEDY, SamplingParams, sample_tokens, uniform_stream
 
 
-def reference_greedy(model: nn.Module, prompt: Sequence[int], max_new_tokens: int,
+def reference_greedy(model: PreTrainedModel, prompt: Sequence[int], max_new_tokens: int,
                      eos_token_ids: Sequence[int] = ()) -> RowResult:
     return reference_sample(model, prompt, max_new_tokens, GREEDY, eos_token_ids)
 
 
 @torch.inference_mode()
-def reference_sample(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
+def reference_sample(model: PreTrainedModel, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
                      eos_token_ids: Sequence[int] = ()) -> RowResult:
     """Plain sampling: token t drawn from the model's filtered distribution after tokens 0..t-1 with the
     t-th uniform of the row's stream (decoding/sampling.py); temperature 0 is the argmax."""
-    device = model.get_input_embeddings().weight.device
+    device = embedding_weight(model).device
     uniforms = uniform_stream(params.seed, max_new_tokens).to(device)
     seq = list(prompt)
     result = RowResult()

@@ -48,6 +48,8 @@ class SlotLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    keys: torch.Tensor  # [slots, kv_heads, capacity, head_dim], once initialized
+    values: torch.Tensor
 
     def __init__(self, owner: SlotCache):
         super().__init__()
@@ -90,9 +92,10 @@ class SlotCache(Cache):
     def __init__(self, num_layers: int, num_slots: int, capacity: int = CAPACITY_BUCKET, fixed: bool = False):
         assert num_slots >= 1 and capacity >= 1
         self.num_slots, self.capacity, self.fixed = num_slots, capacity if fixed else capacity_for(capacity), fixed
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.slot_layers = [SlotLayer(self) for _ in range(num_layers)]  # the same layers, typed as ours
+        super().__init__(layers=list(self.slot_layers))
         self.view = 0  # columns the current forward's attention sees
-        self._mode = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
+        self._mode: tuple | None = None  # ("step", rows, kv_len) or ("prefill", first, rows, sources)
         self._index: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # this forward's write index by (H, n)
 
     @classmethod
@@ -150,7 +153,7 @@ class SlotCache(Cache):
         if self.fixed:
             raise ValueError(f"a row needs {columns} KV columns; the cache holds {self.capacity} (its fixed capacity)")
         self.capacity = capacity_for(columns)
-        for layer in self.layers:
+        for layer in self.slot_layers:
             if layer.is_initialized:
                 layer.grow(self.capacity)
 
@@ -160,7 +163,7 @@ class SlotCache(Cache):
         A = src.shape[0]
         src, dst = src[:, None, :], dst[:, None, :]  # [A, 1, L]
         index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in self.layers[layers]:
+        for layer in self.slot_layers[layers]:
             for t in (layer.keys, layer.values):
                 H = t.shape[1]
                 if H not in index:
@@ -170,7 +173,7 @@ class SlotCache(Cache):
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor, columns: int) -> None:
         """Slot ``src[i]``'s first ``columns`` columns become slot ``dst[i]``'s (src, dst [M] long, disjoint)."""
-        for layer in self.layers:
+        for layer in self.slot_layers:
             if layer.is_initialized:
                 layer.keys[dst, :, :columns] = layer.keys[src, :, :columns]
                 layer.values[dst, :, :columns] = layer.values[src, :, :columns]

@@ -17,11 +17,11 @@ its own columns only, positions are its own, and a sampled row draws its t-th to
 its own stream. ``tests/test_continuous.py`` checks rows joining at every step offset against the naive
 reference of each row alone.
 
-A decoder plugs in through a small protocol (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``): ``k`` and
-``top_k`` (the guesses' shape), ``max_step_tokens``, ``begin``, ``plan_step``, ``first_buffers``, ``step_sizes``,
-``step``, ``propose`` (both inside the device step: no Python state changes there), ``count_step``, ``after_commit``,
-``after_propose``, ``row_finished`` and ``after_step``. The decoders' own ``generate`` is a
-``SlotBatch`` with a slot per prompt.
+A decoder plugs in through ``decoding.protocol.Decoder`` (``VanillaDecoder``, ``PPDDecoder``, ``ProPDDecoder``):
+a plan per step on the host, the step on the device, and what it learns from the step back on the host. The step
+runs through a runner chosen once from the step mode (decoding/runners.py): eager, at fixed shapes, compiled,
+captured as CUDA graphs, or checked as a replay would be. The decoders' own ``generate`` is a ``SlotBatch`` with a
+slot per prompt.
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 
 from decoding.batch import StopCheck, additive_mask, pad_prompts
-from decoding.captured_step import ADVANCED, StepMode, step_runner
+from decoding.protocol import ActiveView, Decoder, StepPlan, StepReport
 from decoding.results import FinishReason, RowResult
-from decoding.sampling import GREEDY, Filters, SamplingParams, sample_tokens, uniform_stream
+from decoding.runners import ADVANCED, StepMode, slot_bucket, step_runner
+from decoding.sampling import GREEDY, SamplingParams, uniform_stream
 from decoding.slot_cache import CAPACITY_BUCKET, SlotCache, capacity_for, fixed_view, step_view
-from decoding.tree import StepSizes
+from decoding.tree import StepSizes, TreeSetBuffers
 
 Refill = Literal["continuous", "when_empty"]
 
@@ -73,21 +74,6 @@ class _Row:
     result: RowResult = field(default_factory=RowResult)
 
 
-class ActiveView(NamedTuple):
-    """The rows in slots 0..A-1, for the decoders' hooks, in slot order: ids, results, and host copies of their
-    KV lengths, depth states and guesses (flat [k * top_k] each; empty before a row's first step)."""
-
-    ids: list[int]
-    results: list[RowResult]
-    kv_lens: list[int]
-    states: list[int]
-    guesses: list[list[int]]
-
-    @property
-    def size(self) -> int:
-        return len(self.ids)
-
-
 @dataclass
 class Occupancy:
     """Busy slots per step, over the steps that began with rows waiting for a slot (and over all steps)."""
@@ -107,35 +93,22 @@ class Occupancy:
         return asdict(self)
 
 
-def slot_bucket(rows: int, num_slots: int) -> int:
-    """The rows a fixed-shape step runs for ``rows`` busy slots: the next power of two, at most ``num_slots``."""
-    return min(num_slots, 1 << max(rows - 1, 0).bit_length())
-
-
 class SlotBatch:
-    """``fixed_shapes``: every step runs at one of a few fixed shapes, with no host read inside, so that it can
-    be compiled and captured as a graph: slots 0..``slot_bucket(A)``-1 (the free ones among them idle), the
-    tree set's widest tree for every row, attention over the longest row's columns rounded up to a power of
-    two (``slot_cache.fixed_view``), sampling without data-dependent shapes. Otherwise (eager) each step is
-    sized to its rows: the narrowest tree that fits their depth states and the longest row's columns. The
-    tokens are the same either way.
-
-    ``step_mode``: "eager", "compile" (torch.compile, one graph per shape), "cuda_graphs" (one captured CUDA
-    graph per shape, replayed; at most ``max_shapes`` held) or "checked_replay" (tests: every step of a shape is
-    checked to read what its first did, as a replay would); all but the first imply fixed shapes
-    (decoding/captured_step.py). ``capacity``: KV columns per slot, allocated once (a worker's memory plan);
-    default: grown as rows need.
+    """``step_mode``: how the device step runs (decoding/runners.py): "eager" (each step sized to its rows),
+    "fixed" (eager at fixed shapes), "compile" (torch.compile, one graph per shape), "cuda_graphs" (one captured
+    CUDA graph per shape, replayed; at most ``max_shapes`` held) or "checked_replay" (tests: every step of a
+    shape is checked to read what its first did, as a replay would). The tokens are the same in every mode.
+    ``capacity``: KV columns per slot, allocated once (a worker's memory plan); default: grown as rows need.
     """
 
-    def __init__(self, decoder, num_slots: int, refill: Refill = "continuous",
-                 eos_token_ids: Sequence[int] | None = None, fixed_shapes: bool = False,
-                 step_mode: StepMode = "eager", capacity: int | None = None, max_shapes: int = 64):
+    def __init__(self, decoder: Decoder, num_slots: int, refill: Refill = "continuous",
+                 eos_token_ids: Sequence[int] | None = None, step_mode: StepMode = "eager",
+                 capacity: int | None = None, max_shapes: int = 64):
         assert num_slots >= 1
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
-        self.fixed_shapes = fixed_shapes or step_mode != "eager"
         self.step_mode = step_mode
-        self._runner = step_runner(step_mode, SlotBatch._device_step, max_shapes=max_shapes)
-        if self.fixed_shapes and getattr(decoder, "prune_head", None) is not None:
+        self.runner = step_runner(step_mode, SlotBatch._device_step, max_shapes=max_shapes)
+        if self.runner.fixed_shapes and getattr(decoder, "prune_head", None) is not None:
             raise ValueError("early pruning keeps a data-dependent number of slots: its steps run eager, not at "
                              "fixed shapes")
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))
@@ -144,14 +117,14 @@ class SlotBatch:
         # capacity given (a memory plan): the KV and the streams are allocated once, at that many columns per slot
         self.cache = SlotCache.for_model(model, num_slots, capacity or CAPACITY_BUCKET, fixed=capacity is not None)
         S, k, top_k = num_slots, decoder.k, decoder.top_k
-        long = dict(dtype=torch.long, device=self.device)
+        long: dict[str, Any] = dict(dtype=torch.long, device=self.device)
         self.kv_len = torch.zeros(S, **long)  # [S] (0 in a free slot)
         self.busy_slots = torch.zeros(S, dtype=torch.bool, device=self.device)  # [S] slots 0..A-1
         self.root = torch.zeros(S, **long)  # [S] the last emitted token, not yet in the cache
         self.state = torch.zeros(S, **long)  # [S] depth state: how many guesses the row holds
         self.emitted = torch.zeros(S, **long)  # [S] tokens emitted: the sampler's position in the row's stream
         self.guesses = torch.zeros(S, k, top_k, **long)  # [S, k, top_k]
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=self.device)
         self.temperature, self.top_p = torch.zeros(S, **f64), torch.ones(S, **f64)  # [S]
         self.top_k = torch.zeros(S, **long)  # [S]
         self.uniforms = torch.zeros(S, capacity or CAPACITY_BUCKET, **f64)  # [S, L]: each sampled row's stream
@@ -164,7 +137,7 @@ class SlotBatch:
 
     def graph_stats(self) -> dict[str, Any] | None:
         """The step runner's captures (or compiles), their seconds, what it holds and its cap; None when eager."""
-        return None if self._runner is None else self._runner.stats()
+        return self.runner.stats()
 
     # -- the queue ---------------------------------------------------------------------------------------------
     def add(self, requests: Sequence[Request] | Request) -> None:
@@ -216,71 +189,58 @@ class SlotBatch:
         if waited:
             occ.steps_waiting += 1
             occ.busy_waiting += A
-        view = self.view()
-        buffers = self.decoder.plan_step(view)
-        longest = max(view.kv_lens)
-        if self.fixed_shapes:
-            run, sizes = slot_bucket(A, self.num_slots), self.decoder.step_sizes(buffers, None)
-            columns = fixed_view(longest, sizes.slots, self.cache.capacity)
-        else:
-            run, sizes = A, self.decoder.step_sizes(buffers, view.states)
-            columns = step_view(longest, sizes.slots, self.cache.capacity)
+        before = self.view()
+        plan = self.decoder.plan_step(before)
+        longest = max(before.kv_lens)
+        run, sizes, columns = self.runner.shape(A, plan, longest, self.num_slots, self.cache.capacity)
         assert longest + sizes.slots <= self.cache.capacity, "admission makes room for every row's longest step"
-        draw = self._drawer()
-        if self._runner is None:
-            packed = self._device_step(run, buffers, sizes, columns, draw)
-        else:
-            packed = self._runner(self, run, buffers, sizes, columns, draw)
-        self.decoder.count_step(run, sizes)
+        draw = self.runner.draw(self, [r.request.sampling for r in self.rows])
+        packed, late_width = self.runner(self, run, plan.buffers, sizes, columns, draw)
         # The step's one read of the device (it waits for the step to finish); the idle slots' rows come along,
         # since slicing first is one more host op.
         host = packed.tolist()[:A]
         D1 = sizes.depth + 1
         keep = self._commit([h[:D1] for h in host], [h[D1] for h in host])
-        self.decoder.after_commit(view, keep)
         for row, h in zip(self.rows, host):
             row.kv_len += h[D1]
             row.state, row.guesses = h[D1 + 1], h[D1 + 2:]
         done = [b for b in range(A) if not keep[b]]
-        for b in done:
-            finished.append((self.rows[b].request, self.rows[b].result))
-            self.decoder.row_finished(self.rows[b].id)
+        gone = [self.rows[b].id for b in done]
+        finished += [(self.rows[b].request, self.rows[b].result) for b in done]
         self._release(done)
-        if self.rows:
-            self.decoder.after_propose(self.view(), self.guesses)
-        self.decoder.after_step()
+        self.decoder.finish_step(plan, StepReport(before, keep, self.view(), self.guesses, run, sizes, late_width))
+        for row_id in gone:
+            self.decoder.row_finished(row_id)
         return finished
 
-    def _device_step(self, A: int, buffers, sizes: StepSizes, view: int, draw) -> torch.Tensor:
+    def _device_step(self, A: int, buffers, sizes: StepSizes, view: int, draw) -> tuple[torch.Tensor, int | None]:
         """The decoder's step over slots 0..A-1 (those past the busy ones idle along) and the slots'
         bookkeeping, all on the device: KV lengths, sampler positions, roots, depth states and guesses advance
         in place. Returns what the host reads, one row per slot [A, D+1 tokens | count | next state | k * top_k
-        next guesses]. Nothing here reads the device from the host: this is the part compiled and captured."""
+        next guesses], and the step's ``late_width`` (decoding/protocol.StepOutput). Nothing here reads the
+        device from the host: this is the part compiled and captured."""
         kv_len, emitted = self.kv_len[:A], self.emitted[:A]
-        tokens, counts, root, prompt_logits, next_state = self.decoder.step(
-            self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], self.state[:A], draw, sizes=sizes,
-            view=view)
-        advance = counts * self.busy_slots[:A]  # an idle slot stays empty
+        out = self.decoder.step(self.cache, buffers, kv_len, self.root[:A], self.guesses[:A], self.state[:A], draw,
+                                sizes=sizes, view=view)
+        advance = out.counts * self.busy_slots[:A]  # an idle slot stays empty
         kv_len += advance
         emitted += advance  # exact for every row still decoding (EOS and limits end a row)
-        self.root[:A] = root
-        self.state[:A] = next_state
+        self.root[:A] = out.root
+        self.state[:A] = out.state
         guesses = self.guesses[:A]
-        guesses.copy_(self.decoder.propose(prompt_logits))
-        return torch.cat([tokens, counts[:, None], next_state[:, None], guesses.flatten(1)], 1)
+        guesses.copy_(out.guesses)
+        packed = torch.cat([out.tokens, out.counts[:, None], out.state[:, None], guesses.flatten(1)], 1)
+        return packed, out.late_width
 
     # -- steps outside the loop: warm-ups and timing ---------------------------------------------------------
     @torch.inference_mode()
-    def trial_step(self, A: int, buffers, view: int) -> torch.Tensor:
-        """One greedy device step over slots 0..A-1 at fixed shapes (the widest of ``buffers``' sizes, ``view``
-        attention columns) through this batch's step mode: the first call of a shape compiles or captures it.
-        It advances the slots like a real step: take a ``slot_snapshot`` before and ``restore_slots`` after.
-        Whatever it wrote to the KV cache lies past each slot's kv_len once restored: scratch."""
-        assert self.fixed_shapes and A <= self.num_slots and view <= self.cache.capacity
-        sizes = self.decoder.step_sizes(buffers, None)
-        if self._runner is None:
-            return self._device_step(A, buffers, sizes, view, None)
-        return self._runner(self, A, buffers, sizes, view, None)
+    def trial_step(self, A: int, plan: StepPlan, view: int) -> torch.Tensor:
+        """One greedy device step over slots 0..A-1 at fixed shapes (the plan's widest sizes, ``view`` attention
+        columns) through this batch's runner: the first call of a shape compiles or captures it. It advances the
+        slots like a real step: take a ``slot_snapshot`` before and ``restore_slots`` after. Whatever it wrote to
+        the KV cache lies past each slot's kv_len once restored: scratch. Returns the packed step output."""
+        assert self.runner.fixed_shapes and A <= self.num_slots and view <= self.cache.capacity
+        return self.runner(self, A, plan.buffers, plan.widest, view, None)[0]
 
     @torch.inference_mode()
     def warm_up(self, rows: int | None = None, columns: int = CAPACITY_BUCKET) -> float:
@@ -288,12 +248,12 @@ class SlotBatch:
         own tree at its widest, over ``columns`` attention columns (a fixed view: a power of two): the shape
         of a full batch of short rows. Other shapes are compiled or captured at their first use. Returns the
         seconds it took (0 when eager)."""
-        if self._runner is None or self.rows or self._admitting:
+        if self.runner.stats() is None or self.rows or self._admitting:
             return 0.0
         started = time.perf_counter()
-        buffers = self.decoder.first_buffers()
+        plan = self.decoder.plan_step(None)
         snapshot = self.slot_snapshot()
-        self.trial_step(slot_bucket(rows or self.num_slots, self.num_slots), buffers,
+        self.trial_step(slot_bucket(rows or self.num_slots, self.num_slots), plan,
                         fixed_view(columns, 0, self.cache.capacity))
         self.restore_slots(snapshot)
         if self.device.type == "cuda":
@@ -327,13 +287,6 @@ class SlotBatch:
             self.decoder.row_finished(row.id)
         return [row.request for row in rows]
 
-    def _drawer(self) -> SlotDraw | None:
-        """This step's draw, or None when every row is greedy: the decoders then take their greedy path."""
-        params = [r.request.sampling for r in self.rows]
-        if all(p.greedy for p in params):
-            return None
-        return SlotDraw(self, Filters.of(params, exhaustive=self.fixed_shapes), self.fixed_shapes)
-
     def _commit(self, tokens: list[list[int]], counts: list[int]) -> list[bool]:
         """Append ``tokens[b, :counts[b]]`` to each row, honouring EOS, stop checks and max_new_tokens exactly.
         Returns, per slot, whether the row is still decoding."""
@@ -364,7 +317,8 @@ class SlotBatch:
     # -- slots in and out --------------------------------------------------------------------------------------
     def _admit(self) -> list[tuple[Request, RowResult]]:
         """Move waiting rows into the free slots and prefill them (one forward for all newcomers)."""
-        finished, newcomers = [], []
+        finished: list[tuple[Request, RowResult]] = []
+        newcomers: list[_Row] = []
         while self.waiting and len(self.rows) + len(newcomers) < self.num_slots:
             req = self.waiting.popleft()
             row = _Row(req, self.admissions, kv_len=len(req.prompt) - 1)
@@ -433,21 +387,6 @@ class SlotBatch:
         self.kv_len[survivors:] = 0
 
 
-@dataclass(frozen=True)
-class SlotDraw:
-    """draw(logits [R, V], depth, rows [R]): the tokens of slots ``rows`` at ``depth`` below their root, each
-    with its own uniform at its stream position (tokens emitted so far, plus depth)."""
-
-    batch: SlotBatch
-    filters: Filters
-    fixed_shapes: bool  # the verifier draws for every row at every depth (decoding/sampling.sample_accept)
-
-    def __call__(self, logits: torch.Tensor, depth: int, rows: torch.Tensor) -> torch.Tensor:
-        b = self.batch
-        u = b.uniforms[rows, b.emitted[rows] + depth]  # [R]
-        return sample_tokens(logits, b.temperature[rows], b.top_k[rows], b.top_p[rows], u, self.filters)
-
-
 PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward takes at most (workers/memory.py budgets it)
 
 
@@ -482,7 +421,7 @@ def prefill_slots(model, cache: SlotCache, first: int, prompts: Sequence[Sequenc
     model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
 
 
-def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
              sampling: Sequence[SamplingParams] | None = None,
              stop: Sequence[StopCheck | None] | None = None) -> list[RowResult]:
     """Decode the prompts together, a slot each (static batching), and return their results in input order."""
@@ -505,10 +444,11 @@ def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Se
     return results  # type: ignore[return-value]
 
 
-def one_step(decoder, cache: SlotCache, buffers, kv_len: torch.Tensor, root: torch.Tensor, guesses: torch.Tensor,
-             state: torch.Tensor, draw=None):
-    """One ``decoder.step`` over slots 0..A-1 outside a SlotBatch (the latency profile, tests): its sizes and
-    attention view come from ``kv_len`` and ``state`` [A], read from the device here."""
-    sizes = decoder.step_sizes(buffers, state.tolist())
+def one_step(decoder: Decoder, cache: SlotCache, buffers: TreeSetBuffers, kv_len: torch.Tensor, root: torch.Tensor,
+             guesses: torch.Tensor, state: torch.Tensor, draw=None):
+    """One ``decoder.step`` of a tree set's ``buffers`` over slots 0..A-1 outside a SlotBatch (the latency profile,
+    tests), sized to the rows: the trees of ``state`` [A], attention over the columns ``kv_len`` [A] needs (both
+    read from the device here). Returns the ``StepOutput``."""
+    sizes = buffers.sizes(state.tolist())
     view = step_view(int(kv_len.max()), sizes.slots, cache.capacity)
     return decoder.step(cache, buffers, kv_len, root, guesses, state, draw, sizes=sizes, view=view)

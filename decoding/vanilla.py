@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from decoding.batch import StopCheck, at_least_fp32
+from decoding.batch import StopCheck
+from decoding.protocol import ActiveView, Decoder, StepOutput, StepPlan
 from decoding.results import RowResult
 from decoding.sampling import SamplingParams
 from decoding.slot_cache import SlotCache, step_mask
@@ -21,14 +23,14 @@ from decoding.slots import generate as generate_in_slots
 from decoding.tree import StepSizes
 
 
-def root_only_step(decoder: nn.Module, lm_head: nn.Module, cache: SlotCache, kv_len: torch.Tensor,
-                   root: torch.Tensor, draw, view: int):
+def root_only_step(decoder: nn.Module, lm_head: nn.Linear, cache: SlotCache, kv_len: torch.Tensor,
+                   root: torch.Tensor, guesses: torch.Tensor, draw, view: int) -> StepOutput:
     """One plain decoding step over slots 0..A-1: each row's root (root [A]) at position and column
     ``kv_len[b]`` (kv_len [A] long), attention reading KV columns [0, ``view``). ``draw``: None for the argmax,
     else draw(logits [R, V], depth, rows [R]).
 
-    Returns (tokens [A, 1], counts [A] (ones), next root [A], prompt logits [A, 0, V] (no guesses), next
-    state [A] (zeros)): the decoders' ``step`` contract (decoding/slots.py)."""
+    Returns tokens [A, 1], counts [A] (ones), the next root [A], ``guesses`` [A, k, top_k] zeroed (no guesses)
+    and the next state [A] (zeros): the decoders' ``step`` contract (decoding/protocol.StepOutput)."""
     A = root.shape[0]
     self_only = torch.ones(A, 1, 1, dtype=torch.bool, device=root.device)  # [A, 1, 1]
     cache.for_step(kv_len, view)
@@ -37,18 +39,18 @@ def root_only_step(decoder: nn.Module, lm_head: nn.Module, cache: SlotCache, kv_
                      cache=cache, use_cache=True).last_hidden_state[:, 0]  # [A, H]
     logits = lm_head(hidden)  # [A, V]
     token = logits.argmax(-1) if draw is None else draw(logits, 0, torch.arange(A, device=root.device))  # [A]
-    ones = torch.ones_like(token)
-    no_guesses = at_least_fp32(logits.new_empty(A, 0, logits.shape[-1]))  # [A, 0, V]
-    return token[:, None], ones, token, no_guesses, torch.zeros_like(token)
+    return StepOutput(token[:, None], torch.ones_like(token), token, torch.zeros_like(guesses), torch.zeros_like(token))
 
 
-class VanillaDecoder:
-    """Plain decoding through the slot protocol of decoding/slots.py (no guesses: k = 0)."""
+ROOT_ONLY = StepSizes(slots=1, nodes=1, depth=0, prompts=0, internal=0)
 
-    k, top_k, max_step_tokens = 0, 1, 1
-    SIZES = StepSizes(slots=1, nodes=1, depth=0, prompts=0, internal=0)
 
-    def __init__(self, model: nn.Module, eos_token_ids: Sequence[int] = ()):
+class VanillaDecoder(Decoder):
+    """Plain decoding through the decoder protocol (decoding/protocol.py; no guesses: k = 0)."""
+
+    PLAN = StepPlan(None, ROOT_ONLY, ROOT_ONLY)
+
+    def __init__(self, model: PreTrainedModel, eos_token_ids: Sequence[int] = ()):
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
         self.decoder = model.get_decoder()
@@ -57,6 +59,18 @@ class VanillaDecoder:
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    @property
+    def k(self) -> int:
+        return 0
+
+    @property
+    def top_k(self) -> int:
+        return 1
+
+    @property
+    def max_step_tokens(self) -> int:
+        return 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,36 +83,10 @@ class VanillaDecoder:
         """``sampling``: per-row parameters (None: all greedy); ``stop``: per-row stop checks (stop strings)."""
         return generate_in_slots(self, prompts, max_new_tokens, sampling, stop)
 
-    # The slot protocol (decoding/slots.py).
-    def begin(self) -> None:
-        pass
+    # The decoder protocol (decoding/protocol.py).
+    def plan_step(self, rows: ActiveView | None) -> StepPlan:
+        return self.PLAN
 
-    def plan_step(self, rows):
-        return None
-
-    def first_buffers(self):
-        return None
-
-    def step_sizes(self, buffers, states) -> StepSizes:
-        return self.SIZES
-
-    def step(self, cache, buffers, kv_len, root, guesses, state, draw=None, *, sizes: StepSizes, view: int):
-        return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, draw, view)
-
-    def after_commit(self, rows, keep) -> None:
-        pass
-
-    def propose(self, prompt_logits: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(prompt_logits.shape[0], 0, 1, dtype=torch.long, device=prompt_logits.device)
-
-    def after_propose(self, rows, guesses) -> None:
-        pass
-
-    def row_finished(self, row_id: int) -> None:
-        pass
-
-    def count_step(self, rows: int, sizes: StepSizes) -> None:
-        pass
-
-    def after_step(self) -> None:
-        pass
+    def step(self, cache: SlotCache, buffers, kv_len: torch.Tensor, root: torch.Tensor, guesses: torch.Tensor,
+             state: torch.Tensor, draw=None, *, sizes: StepSizes, view: int) -> StepOutput:
+        return root_only_step(self.decoder, self.lm_head, cache, kv_len, root, guesses, draw, view)

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoding import PPDDecoder, PromptTokens
-from decoding.captured_step import StepMode
+from decoding.runners import StepMode
 from decoding.slot_cache import SlotCache, fixed_view
 from decoding.slots import SlotBatch, one_step, prefill_slots
 from decoding.tree import tree_set_buffers
@@ -112,7 +112,6 @@ def measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: str, batc
     k, n, top_k = prompt_tokens.k, prompt_tokens.n, PROFILE_TOP_K
     vocab = model.get_input_embeddings().weight.shape[0]
     decoder = PPDDecoder(model, prompt_tokens, synthetic_tree_set(k, top_k, 1, n))
-    decoder.begin()
     g = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     points: list[LatencyPoint] = []
@@ -198,7 +197,8 @@ class FixedStepTimer:
 
     def __init__(self, decoder, batch: int, prompts: list[list[int]], root: torch.Tensor, guesses: torch.Tensor,
                  max_slots: int, step_mode: StepMode):
-        self.slots = slots = SlotBatch(decoder, batch, step_mode=step_mode, fixed_shapes=True)
+        assert step_mode != "eager", "an eager step is timed by _eager_step_timer"
+        self.slots = slots = SlotBatch(decoder, batch, step_mode=step_mode)
         self.batch, self.context = batch, len(prompts[0])
         slots.cache.ensure_capacity(self.context + max_slots)
         prefill_slots(decoder.model, slots.cache, 0, prompts)
@@ -218,7 +218,7 @@ class FixedStepTimer:
         t0 = time.perf_counter()
         if events:
             events[0].record()
-        slots.trial_step(self.batch, buffers, view)
+        slots.trial_step(self.batch, PPDDecoder.plan_for(buffers, None), view)
         if events:
             events[1].record()
         _sync(slots.device)

@@ -130,7 +130,7 @@ def test_a_compiled_step_reads_the_new_tokens_without_compiling_again(model, row
     batch, got = run_with_swap(decoder, same_length, 3, other_tokens(model, 1), no_recompiling, step_mode="compile")
     assert tokens(got) == {0: t0, 1: t1}
     # The compiled step read the new values: it accepted what the eager fixed-shape step does with the same swap.
-    _, eager = run_with_swap(make("ppd", model), same_length, 3, other_tokens(model, 1), fixed_shapes=True)
+    _, eager = run_with_swap(make("ppd", model), same_length, 3, other_tokens(model, 1), step_mode="fixed")
     assert {t: r.accepted_per_step for t, r in got.items()} == {t: r.accepted_per_step for t, r in eager.items()}
 
 

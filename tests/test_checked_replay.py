@@ -1,4 +1,4 @@
-"""Graph-safe state, checked on a CPU (decoding/captured_step.CheckedReplayStep): every step of a recorded shape
+"""Graph-safe state, checked on a CPU (decoding/runners.CheckedReplayStep): every step of a recorded shape
 must read the tensors its first step read, at the same addresses, shapes, strides and dtypes, as a CUDA graph's
 replay would. Continuous batching, sampling, ProPD with its family rebuilt again and again, and prompt tokens
 swapped mid-run all run under it; the graphs a long run holds stay within the cap."""
@@ -10,8 +10,8 @@ import gc
 import pytest
 
 from decoding import VanillaDecoder, default_tree_set
-from decoding.captured_step import StaleReplay
 from decoding.propd import ProPDDecoder
+from decoding.runners import StaleReplay
 from decoding.slots import Request, SlotBatch
 from decoding.tree import tree_set_buffers
 from tests.test_adaptation import other_tokens

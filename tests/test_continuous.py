@@ -38,9 +38,10 @@ class OracleGuesses:
     truth: list[list[int]]
     g: torch.Generator
 
-    def after_propose(self, rows, guesses):
-        """Rewrites the rows' guesses (slots 0..A-1 of [slots, k, top_k]; the model's are filler), on the device
-        and the host."""
+    def finish_step(self, plan, report):
+        """Rewrites the surviving rows' guesses (slots 0..A-1 of [slots, k, top_k]; the model's are filler), on the
+        device and the host, before the decoder learns from them."""
+        rows, guesses = report.after, report.guesses
         top_k = guesses.shape[2]
         for b, (row, result) in enumerate(zip(rows.ids, rows.results)):
             done = len(result.token_ids)
@@ -52,7 +53,7 @@ class OracleGuesses:
                 pad = [t for t in range(VOCAB) if t not in filler]
                 guesses[b, d] = torch.tensor((filler + pad)[:top_k])
                 rows.guesses[b][d * top_k : (d + 1) * top_k] = guesses[b, d].tolist()
-        super().after_propose(rows, guesses)
+        super().finish_step(plan, report)
 
 
 def make_decoder(method: str, model, truth):

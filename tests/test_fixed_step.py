@@ -1,4 +1,4 @@
-"""The fixed-shape step (decoding/slots.py, ``fixed_shapes=True``): the part of a step that is compiled and
+"""The fixed-shape step (decoding/runners.py, every step mode but "eager"): the part of a step that is compiled and
 captured. It must give every row the tokens of that row decoded alone, read nothing back from the device
 inside, and trace as one graph per shape bucket (dynamo ``fullgraph=True``), on tiny float64 models."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from decoding.captured_step import shape_key
+from decoding.runners import shape_key
 from decoding.slots import Request, SlotBatch, slot_bucket
 from tests.test_continuous import make_decoder, model, rows  # noqa: F401 - fixtures
 
@@ -77,7 +77,7 @@ def run_joining(model, rows, method, sampled, offset, **batch_args):
 @pytest.mark.parametrize("sampled", [False, True])
 def test_fixed_shape_steps_equal_each_row_decoded_alone(model, rows, method, sampled):  # noqa: F811
     for offset in (0, 2, 5):
-        got, want = run_joining(model, rows, method, sampled, offset, fixed_shapes=True)
+        got, want = run_joining(model, rows, method, sampled, offset, step_mode="fixed")
         assert got == dict(enumerate(want)), f"offset {offset}"
 
 
@@ -109,7 +109,7 @@ def test_the_device_step_reads_nothing_back_and_the_loop_reads_once_a_step(model
 
     monkeypatch.setattr(SlotBatch, "_device_step", watched)
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    got, want = run_joining(model, rows, method, sampled, 2, fixed_shapes=fixed)
+    got, want = run_joining(model, rows, method, sampled, 2, step_mode="fixed" if fixed else "eager")
     assert got == dict(enumerate(want))
     assert modes and all(m.reads == [] for m in modes), [m.reads for m in modes if m.reads][:1]
     assert len(tolist_calls) == len(modes), set(tolist_calls)
@@ -117,7 +117,7 @@ def test_the_device_step_reads_nothing_back_and_the_loop_reads_once_a_step(model
 
 def test_pruning_is_refused_at_fixed_shapes(model, rows):  # noqa: F811
     with pytest.raises(ValueError, match="pruning"):
-        SlotBatch(make_decoder("pruned", model, []), num_slots=2, fixed_shapes=True)
+        SlotBatch(make_decoder("pruned", model, []), num_slots=2, step_mode="fixed")
 
 
 SLOW = pytest.mark.slow  # ~15 s each: each of ProPD's tree sets is traced anew
@@ -145,7 +145,7 @@ def test_every_buckets_step_traces_as_one_graph(model, rows, method, sampled, mo
 
     monkeypatch.setattr(SlotBatch, "_device_step", device_step)
     with torch._dynamo.config.patch(recompile_limit=64):
-        got, want = run_joining(model, rows, method, sampled, 2, fixed_shapes=True)
+        got, want = run_joining(model, rows, method, sampled, 2, step_mode="fixed")
     assert got == dict(enumerate(want))
     assert {key[0] for key in shapes} >= {2, 4}  # two rows, then three in the bucket of four
     assert len(graphs) == len(shapes)  # one graph per shape: nothing else (a counter, a length) specialises it
@@ -168,7 +168,7 @@ def test_a_compiled_step_of_one_shape_gives_each_row_its_tokens_alone(model, row
     batch.add([Request(p0, 5, tag=0), Request(p1, 5, tag=1)])
     got = {req.tag: res.token_ids for req, res in batch.run()}
     assert got == {0: t0[:5], 1: t1[:5]}
-    assert len(batch._runner.shapes) == 1
+    assert len(batch.runner.shapes) == 1
 
 
 def test_the_compiled_step_writes_the_kv_cache_in_place(model, rows):  # noqa: F811
@@ -242,13 +242,13 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
                          (DecodingConfig(method="vanilla", max_new_tokens=4, compile=True), "compile")):
         engine = DecodeEngine(loaded, config, batch_size=2)
         assert engine.step_mode == engine.batch.step_mode == engine.describe()["step_mode"] == mode
-        assert engine.batch.fixed_shapes == (mode != "eager")
+        assert engine.batch.runner.fixed_shapes == (mode != "eager")
         assert ("step=compile" in engine.numeric_path) == (mode == "compile")
         if mode == "compile":  # the full batch's shape was compiled at start-up, and the rows use it
-            assert len(engine.batch._runner.shapes) == 1 and engine.describe()["startup"]["warmup_s"] > 0
+            assert len(engine.batch.runner.shapes) == 1 and engine.describe()["startup"]["warmup_s"] > 0
         outputs[mode] = [out.output_token_ids for out in engine.run_rows(rows)]
         if mode == "compile":
-            assert len(engine.batch._runner.shapes) == 1
+            assert len(engine.batch.runner.shapes) == 1
     assert outputs["compile"] == outputs["eager"]
 
 
@@ -289,13 +289,18 @@ def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(mod
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 50, (2, 20), generator=g).tolist()
     root, guesses = torch.randint(0, 50, (2,), generator=g), torch.randint(0, 50, (2, K, 10), generator=g)
-    seconds = FixedStepTimer(decoder, 2, prompts, root, guesses, 16, "eager")
+    seconds = FixedStepTimer(decoder, 2, prompts, root, guesses, 16, "fixed")
     batch = seconds.slots
     before = {name: getattr(batch, name).clone() for name in ("kv_len", "root", "state", "guesses")}
     prompt_kv = batch.cache.layers[0].keys[:, :, :20].clone()
     for size in (1, 8, 16):
         buffers = tree_set_buffers(synthetic_tree_set(K, 10, size), 1)
-        assert seconds(buffers) > 0 and seconds(buffers) > 0
+        with torch.inference_mode():
+            batch.cache.layers[0].keys[:, :, 20:].zero_()
+        seconds(buffers)
+        written = batch.cache.layers[0].keys[:, :, 20:].abs().sum((0, 1, 3)) > 0  # [columns]: scratch the step wrote
+        assert written[:size].all()  # the step ran: a tree of ``size`` slots wrote past the prompts
+        seconds(buffers)
         for name, value in before.items():
             assert torch.equal(getattr(batch, name), value), name
         assert torch.equal(batch.cache.layers[0].keys[:, :, :20], prompt_kv)

@@ -86,14 +86,13 @@ def test_surviving_slots_equal_the_unpruned_pass(model):
     outs = []
     for head in (None, random_head(model, keep_top_k=12)):
         dec = PPDDecoder(model, pt, ts, prune_head=head)
-        dec.begin()
         cache, kv_len = prefilled(model, prompts)
         root = torch.tensor([p[-1] for p in prompts])
         with torch.inference_mode():
             buffers = tree_set_buffers(ts)
-            outs.append(dec._forward_tree(cache, buffers, kv_len, root, guesses, torch.full((3,), K),
-                                          buffers.sizes([K]), cache.capacity))
-    (_, full, none), (_, pruned, (kept, c)) = outs
+            outs.append(dec.forward(cache, buffers, kv_len, root, guesses, torch.full((3,), K),
+                                    buffers.sizes([K]), cache.capacity))
+    (_, full, none, _), (_, pruned, kept, c) = outs
     assert none is None
     assert 0 < int(kept.sum()) < kept.numel()  # some nodes pruned, some kept
     survivors = c.order[c.valid]

@@ -433,7 +433,7 @@ class DecodeEngine:
             **self.tree_info,
             "batch_size": self.batch_size,
             "memory": self.memory.as_dict(),  # bytes: budget, weights, KV, slots x capacity, free (workers/memory.py)
-            "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/captured_step.py)
+            "step_mode": self.step_mode,  # eager, compile or cuda_graphs (decoding/runners.py)
             "compile": self.compile_choice.reason,  # why compiled or not (workers/compile_choice.py)
             # seconds spent at start-up planning (latency profile, tree choice) and compiling or capturing
             "startup": self.startup,

@@ -7,7 +7,7 @@ Contract:
   the host's available memory once the model is loaded.
 - What it holds: the peak activation of the widest step (a full batch at the widest tree, over every column) or of
   the widest prefill chunk, whichever is larger; as much again for the CUDA graphs' pool when the step is captured,
-  plus a little for each of the MAX_GRAPHS graphs a worker holds at most (an LRU, decoding/captured_step.py); and
+  plus a little for each of the MAX_GRAPHS graphs a worker holds at most (an LRU, decoding/runners.py); and
   KV for slots x capacity.
 - The capacity (columns per slot) is a function of the configuration alone: the prompt budget plus
   ``max_new_tokens``, capped by the model's context, plus room for the widest step, rounded up to 256 columns. Every

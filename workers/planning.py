@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from decoding import PromptTokens, TreeSet, default_tree_set
-from decoding.captured_step import StepMode
+from decoding.runners import StepMode
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile
 from trees.builder import BudgetChoice, choose_budget, estimate, tree_set_slots
 from trees.paths import fixed_size_tree_set

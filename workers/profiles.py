@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from decoding import PromptTokens
-from decoding.captured_step import StepMode
+from decoding.runners import StepMode
 from profiling.device import DeviceIdentity, identify
 from profiling.latency import DEFAULT_SLOTS, LatencyProfile, attempted_slots, measure_profile
 from trees.builder import choose_budget

@@ -78,8 +78,7 @@ def decode(decoder, batch_size: int, prompts: list[list[int]], new_tokens: int, 
     """(seconds, outputs by row) of one pass."""
     if mode in HF_MODES:
         return hf_generate(decoder.model, batch_size, prompts, new_tokens, static=mode == "hf_static")
-    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=mode != "eager",
-                      step_mode="eager" if mode in ("eager", "fixed") else mode)
+    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], step_mode=mode)
     batch.add([Request(p, new_tokens, tag=i) for i, p in enumerate(prompts)])
     sync(decoder.device)
     t0 = time.perf_counter()
@@ -91,7 +90,7 @@ def decode(decoder, batch_size: int, prompts: list[list[int]], new_tokens: int, 
 def ops_per_step(decoder, batch_size: int, prompts: list[list[int]], fixed: bool) -> tuple[int, int]:
     """(aten calls, host reads) in one eager step of a full batch, admission excluded, counted as the proxy
     counts them (jobs/bench/time_step.py)."""
-    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], fixed_shapes=fixed)
+    batch = SlotBatch(decoder, batch_size, eos_token_ids=[], step_mode="fixed" if fixed else "eager")
     batch.add([Request(p, 8) for p in prompts[:batch_size]])
     batch.step()  # admission and a first step
     calls = top_level_aten_calls(batch.step)

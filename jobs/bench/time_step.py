@@ -3,7 +3,7 @@
 
 Runs against whichever ``decoding`` package comes first on the path: bench_overhead runs it once with this
 tree's and once with the engine of an older revision (extracted with ``git archive``), in separate processes
-that take turns. It uses only the API both share, plus ``fixed_shapes``/``step_mode`` for the new engine.
+that take turns. It uses only the API both share, plus ``step_mode`` for the new engine.
 
     PYTHONPATH=. python -m jobs.bench.time_step --method ppd --mode compile
 
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         inductor_config.fx_graph_cache = False  # generate the code each time: its kernels are counted
 
     decoder, prompts = build(args)
-    kwargs = {} if args.mode == "old" else dict(fixed_shapes=args.mode != "eager",
-                                                step_mode="compile" if args.mode == "compile" else "eager")
+    kwargs = {} if args.mode == "old" else dict(step_mode=args.mode)
     batch = SlotBatch(decoder, args.batch, eos_token_ids=[], **kwargs)
     runner = StepRunner(batch, prompts, args.steps)
     t0 = time.perf_counter()

@@ -1,23 +1,31 @@
-"""How a SlotBatch runs its device step (decoding/slots.py ``SlotBatch._device_step``): eagerly, compiled with
-``torch.compile``, or replayed from CUDA graphs, one graph per shape.
+"""How a SlotBatch runs its device step (decoding/slots.py ``SlotBatch._device_step``): the runner, chosen once
+per batch from its step mode. A runner decides the shapes a step runs at and how a sampled step draws, and runs
+the one step function:
 
-The step at fixed shapes (``fixed_shapes=True``) reads every input from tensors the batch allocates once (the
-slots' KV lengths, roots, states, guesses, sampler positions and parameters, the KV cache, the tree buffers,
-the prompt-token table) and writes its results in place, so a captured graph replays it with no argument
-but its key. A shape is the key (rows of the slot bucket, tree set, step sizes, attention columns, whether
-and how it samples): a handful per worker, from the slot buckets and the tree sets in use.
+- ``EagerStep`` ("eager"): each step sized to its rows: the narrowest tree that fits their depth states, the
+  longest row's columns, sampled verification walking only the rows still in their tree.
+- ``FixedEagerStep`` ("fixed"): eager at fixed shapes (what the three below run, without compiling: tests and
+  benchmarks compare it with eager).
+- ``CompiledStep`` ("compile"): ``torch.compile(fullgraph=True, dynamic=False)``; dynamo keeps one graph per shape.
+  On a CPU it is the ``--compile`` option; on CUDA its ``mode`` may be "reduce-overhead" (inductor's own graphs).
+- ``CudaGraphStep`` ("cuda_graphs"): the eager step captured per shape with ``torch.cuda.CUDAGraph`` on first
+  use, after two warm-up runs whose effects on the slots are undone; every later step of that shape is a
+  replay. Graphs share one memory pool and are held in an LRU of ``max_shapes`` (``ShapeRunner``). A capacity
+  growth of the KV cache or of the uniform streams reallocates tensors the graphs read, so it drops them (they
+  are captured again at the next use); a worker's memory plan fixes both, so it never happens in a job.
+- ``CheckedReplayStep`` ("checked_replay"; tests, any device): records what a shape's first step reads and checks
+  every later step of that shape reads the same tensors at the same addresses, as a captured graph would.
 
-- ``CompiledStep``: ``torch.compile(fullgraph=True, dynamic=False)``; dynamo keeps one graph per shape. On a
-  CPU it is the ``--compile`` option; on CUDA its ``mode`` may be "reduce-overhead" (inductor's own graphs).
-- ``CudaGraphStep``: the eager (or compiled) step captured per shape with ``torch.cuda.CUDAGraph`` on first use,
-  after two warm-up runs whose effects on the slots are undone; every later step of that shape is a replay.
-  Graphs share one memory pool and are held in an LRU of ``max_shapes`` (``ShapeRunner``). A capacity growth of
-  the KV cache or of the uniform streams reallocates tensors the graphs read, so it drops them (they are
-  captured again at the next use); a worker's memory plan fixes both, so it never happens in a job.
-- ``CheckedReplayStep`` (tests, any device): records what a shape's first step reads and checks every later
-  step of that shape reads the same tensors at the same addresses, as a captured graph would.
+At fixed shapes every step runs at one of a few shapes, with no host read inside: slots 0..``slot_bucket(A)``-1
+(the free ones among them idle), the tree set's widest tree for every row, attention over the longest row's
+columns rounded up to a power of two (``slot_cache.fixed_view``), sampling without data-dependent shapes
+(decoding/draws.py). The step reads every input from tensors the batch allocates once (the slots' KV lengths,
+roots, states, guesses, sampler positions and parameters, the KV cache, the tree buffers, the prompt-token
+table) and writes its results in place, so a captured graph replays it with no argument but its key. A shape is
+the key (rows of the slot bucket, tree set, step sizes, attention columns, whether and how it samples): a
+handful per worker, from the slot buckets and the tree sets in use. The tokens are the same in every mode.
 
-Nothing in the step changes Python state (the decoders count their steps on the host, ``count_step``): a
+Nothing in the step changes Python state (the decoders count their steps on the host, in ``finish_step``): a
 compiled step would be specialised on it, and a replay would not run it.
 """
 
@@ -32,10 +40,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-StepMode = Literal["eager", "compile", "cuda_graphs", "checked_replay"]
+from decoding.draws import FixedShapeDraw, SlotDraw
+from decoding.protocol import StepPlan
+from decoding.sampling import SamplingParams
+from decoding.slot_cache import fixed_view, step_view
+from decoding.tree import StepSizes
+
+StepMode = Literal["eager", "fixed", "compile", "cuda_graphs", "checked_replay"]
 
 # The slot tensors a device step advances in place (decoding/slots.py): restored after warm-ups and trials.
 ADVANCED = ("kv_len", "emitted", "root", "state", "guesses")
+
+# step(batch, A, buffers, sizes, view, draw) -> (packed [A, ...], late_width): SlotBatch._device_step, unbound
+DeviceStep = Callable[..., tuple[torch.Tensor, int | None]]
+
+
+def slot_bucket(rows: int, num_slots: int) -> int:
+    """The rows a fixed-shape step runs for ``rows`` busy slots: the next power of two, at most ``num_slots``."""
+    return min(num_slots, 1 << max(rows - 1, 0).bit_length())
 
 
 def shape_key(A: int, buffers, sizes, view: int, draw) -> tuple:
@@ -45,20 +67,61 @@ def shape_key(A: int, buffers, sizes, view: int, draw) -> tuple:
     return A, tree, tuple(sizes), view, None if draw is None else draw.filters
 
 
-class CompiledStep:
+class EagerStep:
+    """The device step run as it is, each step sized to its rows."""
+
+    fixed_shapes = False
+    draw_class: type[SlotDraw] = SlotDraw
+
+    def __init__(self, step: DeviceStep):
+        self.step = step
+
+    def shape(self, rows: int, plan: StepPlan, longest: int, num_slots: int,
+              capacity: int) -> tuple[int, StepSizes, int]:
+        """(slots run, step sizes, attention columns) of a step over ``rows`` busy slots whose longest row holds
+        ``longest`` columns."""
+        if self.fixed_shapes:
+            sizes = plan.widest
+            return slot_bucket(rows, num_slots), sizes, fixed_view(longest, sizes.slots, capacity)
+        return rows, plan.sizes, step_view(longest, plan.sizes.slots, capacity)
+
+    def draw(self, batch, params: list[SamplingParams]) -> SlotDraw | None:
+        """The step's draw for the rows' sampling parameters; None when every row is greedy (the decoders then
+        take their greedy path)."""
+        if all(p.greedy for p in params):
+            return None
+        return self.draw_class.of(batch, params)
+
+    def __call__(self, batch, A: int, buffers, sizes: StepSizes, view: int, draw) -> tuple[torch.Tensor, int | None]:
+        return self.step(batch, A, buffers, sizes, view, draw)
+
+    def stats(self) -> dict[str, Any] | None:
+        """What the runner compiled or captured (a worker's summary reports it); None for an eager step."""
+        return None
+
+
+class FixedEagerStep(EagerStep):
+    """The device step run as it is, at fixed shapes."""
+
+    fixed_shapes = True
+    draw_class = FixedShapeDraw
+
+
+class CompiledStep(FixedEagerStep):
     """The device step through ``torch.compile`` (fullgraph: a graph break is an error, not a slow path)."""
 
-    def __init__(self, step: Callable, mode: str | None = None, recompile_limit: int = 64):
+    def __init__(self, step: DeviceStep, mode: str | None = None, recompile_limit: int = 64):
+        super().__init__(step)
         # Without options, dynamo checks ~1,500 guards before every call (0.3 ms on a 2-core VM, a fifth of a
         # small model's compiled step); most watch the model's modules and module globals, which a batch never
         # changes. The guards kept watch the step's arguments and every tensor's shape, dtype and device.
-        options = None if mode is not None else {"guard_filter_fn": step_guards}
+        options: dict[str, Any] | None = None if mode is not None else {"guard_filter_fn": step_guards}
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, options=options)
         self.recompile_limit = recompile_limit
         self.shapes: set[tuple] = set()
         self.compile_seconds = 0.0  # the first calls of each shape (a compile and one step)
 
-    def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> torch.Tensor:
+    def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> tuple[torch.Tensor, int | None]:
         key = shape_key(A, buffers, sizes, view, draw)
         started = None if key in self.shapes else time.perf_counter()
         self.shapes.add(key)
@@ -82,7 +145,7 @@ def step_guards(entries) -> list[bool]:
     return [a and b for a, b in zip(not_global, not_module)]
 
 
-class ShapeRunner:
+class ShapeRunner(FixedEagerStep):
     """The device step run once per shape to make a record of it (a captured graph, or the reads it made), and
     that record used at every later call of the shape. Records are held in an LRU of ``max_shapes`` (the memory
     plan's cap): the least recently used is dropped past it, and made again at its next use. A record keeps the
@@ -90,8 +153,9 @@ class ShapeRunner:
     A reallocation of the tensors every record reads (the KV cache's or the uniform streams' growth) drops them
     all."""
 
-    def __init__(self, step: Callable, max_shapes: int = 64):
-        self.step, self.max_shapes = step, max_shapes
+    def __init__(self, step: DeviceStep, max_shapes: int = 64):
+        super().__init__(step)
+        self.max_shapes = max_shapes
         self.records: OrderedDict[tuple, Any] = OrderedDict()
         self.allocation: tuple[Any, ...] | None = None
         self.captures, self.capture_seconds, self.evictions = 0, 0.0, 0
@@ -102,7 +166,7 @@ class ShapeRunner:
             self.records.clear()
             self.allocation = now
 
-    def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> torch.Tensor:
+    def __call__(self, batch, A: int, buffers, sizes, view: int, draw) -> tuple[torch.Tensor, int | None]:
         self._check_allocation(batch)
         key = shape_key(A, buffers, sizes, view, draw)
         record = self.records.get(key)
@@ -110,34 +174,34 @@ class ShapeRunner:
             self.records.move_to_end(key)
             return self._replay(record, batch, A, buffers, sizes, view, draw)
         started = time.perf_counter()
-        record, packed = self._record(batch, A, buffers, sizes, view, draw)
+        record, out = self._record(batch, A, buffers, sizes, view, draw)
         self.capture_seconds += time.perf_counter() - started
         self.captures += 1
         self.records[key] = record
         while len(self.records) > self.max_shapes:
             self.records.popitem(last=False)
             self.evictions += 1
-        return packed
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Captures made, their seconds, records held and dropped, and the cap (a worker's summary reports them)."""
         return {"captures": self.captures, "capture_seconds": round(self.capture_seconds, 3),
                 "held": len(self.records), "evicted": self.evictions, "cap": self.max_shapes}
 
-    def _record(self, batch, A, buffers, sizes, view, draw) -> tuple[Any, torch.Tensor]:
+    def _record(self, batch, A, buffers, sizes, view, draw) -> tuple[Any, tuple[torch.Tensor, int | None]]:
         raise NotImplementedError
 
-    def _replay(self, record, batch, A, buffers, sizes, view, draw) -> torch.Tensor:
+    def _replay(self, record, batch, A, buffers, sizes, view, draw) -> tuple[torch.Tensor, int | None]:
         raise NotImplementedError
 
 
 class CudaGraphStep(ShapeRunner):
     """The device step captured as one CUDA graph per shape, replayed after (``torch.cuda.CUDAGraph``)."""
 
-    def __init__(self, step: Callable, max_shapes: int = 64, warmups: int = 2):
+    def __init__(self, step: DeviceStep, max_shapes: int = 64, warmups: int = 2):
         super().__init__(step, max_shapes)
         self.warmups = warmups
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool, made at the first capture
 
     def _record(self, batch, A, buffers, sizes, view, draw):
         saved = batch.slot_snapshot()  # the warm-ups advance the slots; the columns they write lie past kv_len
@@ -154,14 +218,14 @@ class CudaGraphStep(ShapeRunner):
         # thread_local: the worker may train prompt tokens in another thread meanwhile (workers/actor.adapt), whose
         # allocations and syncs the default ("global") mode would turn into a failed capture.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            packed = self.step(batch, A, buffers, sizes, view, draw)
+            out = self.step(batch, A, buffers, sizes, view, draw)
         graph.replay()
-        return (graph, packed, buffers), packed
+        return (graph, out, buffers), out
 
     def _replay(self, record, batch, A, buffers, sizes, view, draw):
-        graph, packed, _ = record
+        graph, out, _ = record
         graph.replay()
-        return packed
+        return out
 
 
 class StaleReplay(AssertionError):
@@ -178,20 +242,20 @@ class CheckedReplayStep(ShapeRunner):
 
     def _record(self, batch, A, buffers, sizes, view, draw):
         with ReadRecorder() as reads:
-            packed = self.step(batch, A, buffers, sizes, view, draw)
-        return (reads.reads, buffers), packed
+            out = self.step(batch, A, buffers, sizes, view, draw)
+        return (reads.reads, buffers), out
 
     def _replay(self, record, batch, A, buffers, sizes, view, draw):
         recorded, _ = record
         with ReadRecorder() as reads:
-            packed = self.step(batch, A, buffers, sizes, view, draw)
+            out = self.step(batch, A, buffers, sizes, view, draw)
         for i, (then, now) in enumerate(zip(recorded, reads.reads)):
             if then != now:
                 raise StaleReplay(f"read {i} of the step at shape {shape_key(A, buffers, sizes, view, draw)}: "
                                   f"recorded {then}, now {now}")
         if len(recorded) != len(reads.reads):
             raise StaleReplay(f"the step made {len(reads.reads)} outside reads, its record {len(recorded)}")
-        return packed
+        return out
 
 
 LIFTED = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
@@ -230,11 +294,14 @@ class ReadRecorder(TorchDispatchMode):
         return out
 
 
-def step_runner(mode: StepMode, step: Callable, compile_mode: str | None = None, max_shapes: int = 64):
-    """The callable that runs ``step`` (the unbound ``SlotBatch._device_step``) in this mode, or None (eager).
-    ``max_shapes``: the graphs (or records) a runner holds at once."""
+def step_runner(mode: StepMode, step: DeviceStep, compile_mode: str | None = None,
+                max_shapes: int = 64) -> EagerStep:
+    """The runner of ``step`` (the unbound ``SlotBatch._device_step``) in this mode. ``max_shapes``: the graphs
+    (or records) a runner holds at once."""
     if mode == "eager":
-        return None
+        return EagerStep(step)
+    if mode == "fixed":
+        return FixedEagerStep(step)
     if mode == "compile":
         return CompiledStep(step, compile_mode, recompile_limit=max_shapes)
     if mode == "cuda_graphs":
