@@ -120,6 +120,10 @@ class PPDDecoder(Decoder):
         return embedding_weight(self.model).dtype
 
     @property
+    def varies_shape(self) -> bool:
+        return self.prune_head is not None
+
+    @property
     def k(self) -> int:
         return self.prompt_tokens.k
 

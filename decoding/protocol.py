@@ -120,7 +120,13 @@ class Decoder(Protocol):
         columns; ``draw`` None is greedy (decoding/draws.py). Reads and writes tensors only."""
         ...
 
-    # Optional hooks: their defaults.
+    # Optional members: their defaults.
+    @property
+    def varies_shape(self) -> bool:
+        """Whether a step's shapes depend on the data (early pruning keeps a data-dependent number of slots):
+        such a decoder steps eager only."""
+        return False
+
     def begin(self) -> None:
         """A new SlotBatch begins (row ids restart at 0)."""
         return None

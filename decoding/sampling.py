@@ -181,44 +181,6 @@ def top_p_cut(values: torch.Tensor, peak: torch.Tensor, threshold: torch.Tensor,
     return cut, reached.any(-1)
 
 
-class RowSampler:
-    """The sampling state of one ``generate`` call: every input row's parameters and uniform stream.
-
-    ``draw(logits, index, position)`` draws the token at new-token ``position`` [B] for the input rows
-    ``index`` [B]. ``lookahead``: uniforms past each row's limit, for the draws of tree nodes below the last
-    token a row may emit (they are drawn with the batch and then thrown away).
-    """
-
-    def __init__(self, params: Sequence[SamplingParams], limits: Sequence[int], lookahead: int,
-                 device: torch.device):
-        if len(params) != len(limits):
-            raise ValueError(f"{len(params)} sampling parameters for {len(limits)} prompts")
-        self.params = list(params)
-        self.temperature = torch.tensor([p.temperature for p in self.params], dtype=torch.float64, device=device)
-        self.top_k = torch.tensor([p.top_k for p in self.params], dtype=torch.long, device=device)
-        self.top_p = torch.tensor([p.top_p for p in self.params], dtype=torch.float64, device=device)
-        length = max(limits, default=0) + lookahead + 1
-        # Greedy rows never read their stream: zeros, no generator.
-        self.uniforms = torch.stack([
-            uniform_stream(p.seed, length) if not p.greedy else torch.zeros(length, dtype=torch.float64)
-            for p in self.params]).to(device) if self.params else torch.zeros(0, length, device=device)  # [R, L]
-
-    @classmethod
-    def for_rows(cls, params: Sequence[SamplingParams] | None, limits: Sequence[int], lookahead: int,
-                 device: torch.device) -> RowSampler | None:
-        """The sampler of a call, or None when no row samples (``params`` None or all greedy): the decoders
-        then take their greedy path, untouched by sampling."""
-        if params is None:
-            return None
-        sampler = cls(params, limits, lookahead, device)  # checks the parameters against the rows
-        return None if all(p.greedy for p in sampler.params) else sampler
-
-    def draw(self, logits: torch.Tensor, index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] of the input rows ``index`` [B] at their new-token ``position`` [B] -> tokens [B]."""
-        u = self.uniforms[index, position]  # [B]
-        return sample_tokens(logits, self.temperature[index], self.top_k[index], self.top_p[index], u)
-
-
 def sample_accept(node_tokens: torch.Tensor, node_parent: torch.Tensor, node_valid: torch.Tensor,
                   logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   draw: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor], max_depth: int,

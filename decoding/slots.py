@@ -108,7 +108,7 @@ class SlotBatch:
         self.decoder, self.num_slots, self.refill = decoder, num_slots, refill
         self.step_mode = step_mode
         self.runner = step_runner(step_mode, SlotBatch._device_step, max_shapes=max_shapes)
-        if self.runner.fixed_shapes and getattr(decoder, "prune_head", None) is not None:
+        if self.runner.fixed_shapes and decoder.varies_shape:
             raise ValueError("early pruning keeps a data-dependent number of slots: its steps run eager, not at "
                              "fixed shapes")
         self.eos = set(int(e) for e in (decoder.eos_token_ids if eos_token_ids is None else eos_token_ids))

@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 RAY_JOB_ENTRYPOINT_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def make_shards(rows: list[dict], shard_size: int) -> list[Shard]:
-    """In-memory rows cut in order every ``shard_size`` rows (a job streams its input: jobs/inputs.iter_shards)."""
-    return [Shard(i, rows[start:start + shard_size]) for i, start in enumerate(range(0, len(rows), shard_size))]
-
-
 class ShardQueue:
     """Shards drawn from an iterator as the pool takes them (a streamed input is never held whole), with the
     shards of dead workers put back in front."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import runpy
 import shlex
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB_SCRIPT = "jobs/run.py"
@@ -35,14 +35,14 @@ def help_text(target: str, capsys, monkeypatch) -> str:
         else:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     assert stop.value.code in (0, None), f"{target} --help exited with {stop.value.code}"
-    assert torch.is_grad_enabled(), f"{target} turned autograd off for the whole process"
     return capsys.readouterr().out
 
 
 def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
-        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.gpu_check", "jobs.bench.inputs",
+        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.draws", "jobs.bench.gpu_check",
+        "jobs.bench.inputs",
         "jobs.bench.job_speed", "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size",
         "jobs.bench.sampling",
         "jobs.bench.time_step", "jobs.bench.tree", "jobs.cost.study", "jobs.export", "jobs.reference",
@@ -53,6 +53,27 @@ def test_the_entry_points_are_the_ones_the_docs_name():
 @pytest.mark.parametrize("target", [JOB_SCRIPT, *entry_points()])
 def test_every_entry_point_answers_help(target, capsys, monkeypatch):
     assert "usage:" in help_text(target, capsys, monkeypatch)
+
+
+def process_wide_autograd_switches(source: str) -> list[int]:
+    """Lines of ``source`` that turn autograd on or off for the whole process: ``torch.set_grad_enabled(...)``
+    called as a statement, not as a ``with`` block or a decorator."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+            and ast.unparse(node.value.func) in ("torch.set_grad_enabled", "set_grad_enabled")]
+
+
+def test_no_code_turns_autograd_off_for_the_whole_process():
+    """Tests and benchmarks call entry points' ``main`` in-process: a process-wide switch would leave autograd off
+    for whatever runs next (training, in the same test session). Scoped ``torch.no_grad()`` or
+    ``inference_mode()`` only."""
+    assert process_wide_autograd_switches("import torch\ntorch.set_grad_enabled(False)\n") == [2]
+    assert process_wide_autograd_switches("with torch.set_grad_enabled(False):\n    pass\n") == []
+    found = {str(path.relative_to(REPO_ROOT)): lines
+             for package in ("jobs", "workers", "decoding", "profiling", "trees")
+             for path in sorted((REPO_ROOT / package).rglob("*.py"))
+             if (lines := process_wide_autograd_switches(path.read_text()))}
+    assert found == {}
 
 
 def readme_commands(pages: tuple[str, ...] = ("README.md",)) -> list[list[str]]:

@@ -245,7 +245,7 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
         assert engine.batch.runner.fixed_shapes == (mode != "eager")
         assert ("step=compile" in engine.numeric_path) == (mode == "compile")
         if mode == "compile":  # the full batch's shape was compiled at start-up, and the rows use it
-            assert len(engine.batch.runner.shapes) == 1 and engine.describe()["startup"]["warmup_s"] > 0
+            assert len(engine.batch.runner.shapes) == 1  # before any row ran: the warm-up compiled it
         outputs[mode] = [out.output_token_ids for out in engine.run_rows(rows)]
         if mode == "compile":
             assert len(engine.batch.runner.shapes) == 1

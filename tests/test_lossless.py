@@ -22,7 +22,7 @@ from decoding import (
     vanilla_tree_set,
 )
 from decoding.batch import new_cache
-from decoding.ppd import greedy_accept
+from decoding.ppd import greedy_accept, top_k_guesses, verify_greedy
 from decoding.slot_cache import SlotCache, step_mask
 from decoding.slots import one_step, prefill_slots
 from decoding.tree import tree_buffers, tree_set_buffers
@@ -394,3 +394,26 @@ def test_greedy_accept_ignores_padded_nodes():
     best = greedy_accept(torch.tensor([[0, 11, 12, 13]]), torch.tensor([[11, 13, 99, 99]]), b.node_parent[None],
                          valid[None], b.ancestor_or_self[None], b.node_depth[None])
     assert best.tolist() == [1]
+
+
+@pytest.mark.parametrize("argmax, emitted", [
+    # nodes: 0 root, 1 (0) holding 11, 2 (1) holding 12, 3 (0,0) holding 13; the row emits the accepted
+    # candidates, then the argmax at the deepest accepted node (what lies past them is not emitted)
+    ([10, 99, 99, 99], [10]),  # nothing accepted: the root's argmax alone
+    ([12, 99, 98, 99], [12, 98]),  # rank-1 child accepted, then its argmax
+    ([11, 13, 99, 42], [11, 13, 42]),  # the chain (0) -> (0,0), then the argmax at (0,0)
+])
+def test_greedy_verification_emits_the_accepted_path_then_the_bonus(argmax, emitted):
+    b = tree_buffers(SMALL, k=2, top_k=4)
+    v = verify_greedy(torch.tensor([[0, 11, 12, 13]]), torch.tensor([argmax]), b.node_parent[None],
+                      b.node_valid[None], b.ancestor_or_self[None], b.node_depth[None], b.node_path[None, :, :3])
+    assert int(v.accepted[0]) + 1 == len(emitted) and v.tokens.shape == (1, 3)
+    assert v.tokens[0, : len(emitted)].tolist() == emitted
+    assert v.path[0].tolist() == b.node_path[int(v.best[0]), :3].tolist()
+
+
+def test_the_next_guesses_are_each_prompt_tokens_top_k_then_zeros():
+    logits = torch.tensor([[[0.1, 0.9, 0.5, 0.0], [0.7, 0.2, 0.3, 0.8]]])  # [1, m=2, V=4]
+    guesses = top_k_guesses(logits, k=3, top_k=2)
+    assert guesses.tolist() == [[[1, 2], [3, 0], [0, 0]]]  # the third prompt token is not attached: zeros
+    assert top_k_guesses(logits[:, :0], k=3, top_k=2).tolist() == [[[0, 0]] * 3]

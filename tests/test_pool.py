@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.pool import AllWorkersFailed, Worker, make_shards, run_shards
+from jobs.inputs import Shard
+from jobs.pool import AllWorkersFailed, Worker, run_shards
 from tests.scripted_worker import ScriptedWorker
+
+
+def make_shards(rows: list[dict], shard_size: int) -> list[Shard]:
+    """In-memory rows cut in order every ``shard_size`` rows (a job streams its input: jobs/inputs.iter_shards)."""
+    return [Shard(i, rows[start:start + shard_size]) for i, start in enumerate(range(0, len(rows), shard_size))]
 
 
 def _pool(ray, tmp_path, n: int, *, max_restarts: int, **behaviour) -> list[Worker]:

@@ -19,7 +19,7 @@ from decoding import (
     reference_greedy,
     reference_sample,
 )
-from decoding.sampling import RowSampler, kept_threshold, sample_accept, sample_tokens, uniform_stream
+from decoding.sampling import Filters, kept_threshold, sample_accept, sample_tokens, uniform_stream
 from tests.helpers_models import make_tiny_llama
 
 VOCAB, K = 64, 3
@@ -244,11 +244,6 @@ def test_all_greedy_sampling_is_greedy_decoding(model):
     assert greedy == zero == [reference_greedy(model, p, 16).token_ids for p in prompts]
 
 
-def test_row_sampler_checks_its_inputs():
-    with pytest.raises(ValueError, match="2 sampling parameters for 3 prompts"):
-        RowSampler([SamplingParams(1.0)] * 2, [4, 4, 4], 0, torch.device("cpu"))
-
-
 def test_stop_checks_cut_the_row_where_they_say(model):
     prompts = prompts_for(2, 5)
     params = [SamplingParams(1.0, seed=1), SamplingParams(1.0, seed=2)]
@@ -435,3 +430,46 @@ def test_completions_of_one_prompt_share_its_prefill_and_stay_exact(method):
     prefill_len = max(len(a), len(b)) - 1
     assert tuple(widths[0]) == (3, prefill_len)
     assert len({tuple(r.token_ids) for r, p in zip(got, prompts) if p == a}) == 3  # distinct completions
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_fixed_shape_walk_draws_what_the_row_sized_walk_draws(seed):
+    """sample_accept's two algorithms (decoding/draws.py picks one per step mode) on random trees and logits,
+    with top_k and top_p filters: the same deepest node, emitted tokens and counts. The fixed-shape walk also
+    finds top_p's cut over the whole sorted vocabulary, the row-sized one among the most probable first."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, V, D = 6, 9, 300, 3
+    parent = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 6])  # depth 1: nodes 1, 2; 2: 3, 4, 5; 3: 6, 7; 4: 8
+    depth_of = [0, 1, 1, 2, 2, 2, 3, 3, 4]
+    logits = torch.randn(B, C, V, generator=g, dtype=torch.float64) * 3  # [B, C, V]
+    probs = logits.softmax(-1)
+    tokens = torch.zeros(B, C, dtype=torch.long)
+    for b in range(B):  # a node holds a likely token at its parent, siblings distinct
+        for parent_node in range(C):
+            children = [c for c in range(1, C) if int(parent[c]) == parent_node]
+            likely = probs[b, parent_node].topk(len(children)).indices.tolist() if children else []
+            for child, token in zip(children, likely):
+                tokens[b, child] = token
+    node_parent, node_valid = parent.expand(B, C).clone(), torch.ones(B, C, dtype=torch.bool)
+    node_valid[0, 8] = False
+    temperature = torch.tensor([0.7, 1.0, 1.3, 0.9, 1.0, 0.0], dtype=torch.float64)
+    top_k, top_p = torch.tensor([0, 5, 0, 40, 0, 0]), torch.tensor([1.0, 1.0, 0.8, 0.95, 0.5, 1.0], dtype=torch.float64)
+    uniforms = torch.rand(B, D + 1, generator=g, dtype=torch.float64)
+    max_depth = min(D, max(depth_of))
+
+    def run(all_rows: bool):
+        filters = Filters(max_top_k=40, top_p=True, exhaustive=all_rows)
+
+        def draw(node_logits, depth, rows):
+            return sample_tokens(node_logits, temperature[rows], top_k[rows], top_p[rows], uniforms[rows, depth],
+                                 filters)
+
+        return sample_accept(tokens, node_parent, node_valid, lambda node, rows: logits[rows, node], draw,
+                             max_depth, all_rows=all_rows)
+
+    (best, drawn, accepted), (best2, drawn2, accepted2) = run(False), run(True)
+    assert torch.equal(best, best2) and torch.equal(accepted, accepted2)
+    assert int(accepted.max()) >= 2  # the trees were walked deep
+    for b in range(B):
+        n = int(accepted[b]) + 1
+        assert drawn[b, :n].tolist() == drawn2[b, :n].tolist()

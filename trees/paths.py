@@ -42,11 +42,6 @@ def best_paths(acceptance: Sequence[Sequence[float]], num_nodes: int, max_depth:
     return taken
 
 
-def expected_tokens_per_step(acceptance: Sequence[Sequence[float]], paths: Sequence[Path]) -> float:
-    """1 (the bonus token) plus, for every candidate, the probability that it and its ancestors are accepted."""
-    return 1.0 + sum(path_probability(acceptance, p) for p in paths)
-
-
 def fixed_size_tree_set(acceptance: Sequence[Sequence[float]], num_nodes: int, k: int,
                         top_k: int | None = None) -> TreeSet:
     """State m gets the ``num_nodes`` most probable paths of depth <= m; every node carries k prompt tokens."""

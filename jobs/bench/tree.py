@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     setups = args.setups or (["cpu:1", "cpu:8"] + (["cuda:1", "cuda:8"] if torch.cuda.is_available() else []))
-    torch.set_grad_enabled(False)
     shared: dict = {}
-    results = [bench_setup(s, args, shared) for s in setups]
+    with torch.no_grad():
+        results = [bench_setup(s, args, shared) for s in setups]
     for res in results:
         print_setup(res)
     print("\ncross-check (same device, each setup's chosen tree):")
