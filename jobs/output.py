@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.storage import Location, resolve
@@ -99,11 +100,21 @@ def error_codes(table: pa.Table) -> list[str | None]:
 
 def part_summary(table: pa.Table) -> dict[str, Any]:
     """What a resume needs of a part: its ids (each once, in order), its rows (completions) and failed rows,
-    and the ids whose rows a rerun retries."""
+    and the ids whose rows a rerun retries; and, when the table has the columns, what the progress line and
+    summary.json count of it (``tally``: the decoded rows' output tokens and steps, and the rows decoded alone
+    after their batch failed), so that they need not see its rows."""
     ids = table.column("id").to_pylist()
     codes = error_codes(table)
-    return {"ids": list(dict.fromkeys(ids)), "rows": len(ids), "failed": sum(c is not None for c in codes),
-            "retry": list(dict.fromkeys(i for i, c in zip(ids, codes) if c in RETRYABLE))}
+    summary: dict[str, Any] = {
+        "ids": list(dict.fromkeys(ids)), "rows": len(ids), "failed": sum(c is not None for c in codes),
+        "retry": list(dict.fromkeys(i for i, c in zip(ids, codes) if c in RETRYABLE))}
+    if {"num_output_tokens", "num_steps", "batch_fallback"} <= set(table.column_names):
+        ok = pc.is_null(table.column("error"))
+        summary["tally"] = {
+            "output_tokens": int(pc.sum(pc.if_else(ok, table.column("num_output_tokens"), 0)).as_py() or 0),
+            "steps": int(pc.sum(pc.if_else(ok, table.column("num_steps"), 0)).as_py() or 0),
+            "batch_fallback": int(pc.sum(pc.cast(table.column("batch_fallback"), pa.int64())).as_py() or 0)}
+    return summary
 
 
 def write_table(out: Location, shard_index: int, table: pa.Table) -> tuple[Location, dict[str, Any]]:
@@ -123,11 +134,17 @@ def shard_of(part_name: str) -> int:
 def write_part(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]],
                index: PartIndex | None = None) -> Location:
     """Write one shard's records as a part (atomically, with its summary in the footer, and in ``index``)."""
+    return write_part_summary(out, shard_index, records, index)[0]
+
+
+def write_part_summary(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]],
+                       index: PartIndex | None = None) -> tuple[Location, dict[str, Any]]:
+    """``write_part``, returning the part and its summary (``part_summary``)."""
     table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
     part, summary = write_table(_location(out), shard_index, table)
     if index is not None:
         index.add(part, summary)
-    return part
+    return part, summary
 
 
 def read_part_summary(part: Location) -> dict[str, Any]:

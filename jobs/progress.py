@@ -24,15 +24,19 @@ class Tally:
     busy_slot_steps: int = 0
     slot_steps: int = 0
 
-    def add(self, records: list[dict], seconds: float, slots: dict[str, int] | None = None) -> None:
-        ok = [r for r in records if r["error"] is None]
-        self.prompts += len({r["id"] for r in records})  # a shard holds each input row's completions together
-        self.rows += len(records)
-        self.rows_failed += len(records) - len(ok)
-        self.output_tokens += sum(r["num_output_tokens"] for r in ok)
-        self.steps += sum(r["num_steps"] for r in ok)
+    def add_part(self, summary: dict[str, Any], seconds: float, slots: dict[str, int] | None = None) -> None:
+        """A written part, from its summary (jobs/output.part_summary, with its ``tally``)."""
+        tally = summary["tally"]
+        self.prompts += len(summary["ids"])
+        self.rows += summary["rows"]
+        self.rows_failed += summary["failed"]
+        self.output_tokens += tally["output_tokens"]
+        self.steps += tally["steps"]
         self.device_seconds += seconds
-        self.batch_fallback_rows += sum(bool(r.get("batch_fallback")) for r in records)
+        self.batch_fallback_rows += tally["batch_fallback"]
+        self._add_slots(slots)
+
+    def _add_slots(self, slots: dict[str, int] | None) -> None:
         if slots:
             self.busy_slot_steps += slots["busy_waiting"]
             self.slot_steps += slots["steps_waiting"] * slots["slots"]
@@ -90,18 +94,16 @@ class Progress:
             self.started = time.perf_counter()
         self.group_started.setdefault(group, time.perf_counter())
 
-    def add(self, records: list[dict], *, group: str | None, device: str | None, seconds: float,
-            slots: dict[str, int] | None = None) -> None:
-        """A finished shard and its worker's slot counters; group and device are None for rows given up on
-        (their workers died)."""
-        self.total.add(records, seconds, slots)
-        if records:
-            self.written.add(records[0]["id"])
-            self.open.pop(records[0]["id"], None)
-        if group is not None:
-            self.groups[group].add(records, seconds, slots)
-        if device is not None:
-            self.devices[device].add(records, seconds, slots)
+    def add_part(self, summary: dict[str, Any], *, group: str | None, device: str | None, seconds: float,
+                 slots: dict[str, int] | None = None) -> None:
+        """A written part, from its summary (jobs/output.part_summary), and its worker's slot counters: the
+        driver need not look at its rows. group and device are None for rows given up on (their workers died)."""
+        for tally in (self.total, *([self.groups[group]] if group is not None else []),
+                      *([self.devices[device]] if device is not None else [])):
+            tally.add_part(summary, seconds, slots)
+        if summary["ids"]:
+            self.written.add(summary["ids"][0])
+            self.open.pop(summary["ids"][0], None)
         self.show()
 
     def in_flight(self, counts: dict[str, tuple[int, int]]) -> None:

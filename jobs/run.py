@@ -29,7 +29,7 @@ from jobs.adapt import Adaptation, load_prompt_files
 from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
 from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
 from jobs.openai_batch import reconcile_results, write_results
-from jobs.output import PartIndex, write_part, write_summary
+from jobs.output import PartIndex, write_part_summary, write_summary
 from jobs.progress import Progress, device_table
 from jobs.resume import (
     ResumeError,
@@ -231,13 +231,13 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
             ):
-                part = write_part(out, shard.index, records, index)
+                part, part_info = write_part_summary(out, shard.index, records, index)
                 if cfg.output_format == "openai-batch":
                     write_results(out, part.name, records)
                 adaptation.add_shard(shard, records, workers)
                 adaptation.poll(workers)
                 run["retries"] += shard.attempts
-                progress.add(records, group=w.group if w else None, device=w.info["device"] if w else None,
+                progress.add_part(part_info, group=w.group if w else None, device=w.info["device"] if w else None,
                              seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
             run["decoded"] = time.perf_counter()
             adaptation.finish(workers)

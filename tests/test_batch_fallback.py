@@ -51,10 +51,12 @@ def test_a_failed_step_is_decoded_row_by_row_marked_counted_and_logged(tiny, mon
 
 def test_fallback_rows_are_counted_per_device_and_in_the_table():
     progress = Progress(4, 0, interval_s=1e9)
-    record = {"id": "a", "error": None, "num_output_tokens": 3, "num_steps": 3}
-    progress.add([{**record, "batch_fallback": True}, {**record, "id": "b", "batch_fallback": True}],
-                 group="g", device="cpu: X", seconds=1.0)
-    progress.add([{**record, "id": "c", "batch_fallback": False}], group="g", device="gpu: Y", seconds=1.0)
+    def part(ids, fallback):  # a part's summary (jobs/output.part_summary): every row decoded, 3 tokens in 3 steps
+        return {"ids": ids, "rows": len(ids), "failed": 0, "retry": [],
+                "tally": {"output_tokens": 3 * len(ids), "steps": 3 * len(ids), "batch_fallback": fallback}}
+
+    progress.add_part(part(["a", "b"], 2), group="g", device="cpu: X", seconds=1.0)
+    progress.add_part(part(["c"], 0), group="g", device="gpu: Y", seconds=1.0)
     assert progress.total.batch_fallback_rows == 2
     by_device = {device: {"workers": 1, **tally.as_dict()} for device, tally in progress.devices.items()}
     assert by_device["cpu: X"]["batch_fallback_rows"] == 2 and by_device["gpu: Y"]["batch_fallback_rows"] == 0

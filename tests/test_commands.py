@@ -41,7 +41,8 @@ def help_text(target: str, capsys, monkeypatch) -> str:
 def test_the_entry_points_are_the_ones_the_docs_name():
     """A script moved or added is a change to the docs too (docs/benchmarks.md, docs/training.md ...)."""
     assert set(entry_points()) == {
-        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.draws", "jobs.bench.gpu_check",
+        "jobs.bench.adapt", "jobs.bench.continuous", "jobs.bench.decode", "jobs.bench.draws", "jobs.bench.driver",
+        "jobs.bench.gpu_check",
         "jobs.bench.inputs",
         "jobs.bench.job_speed", "jobs.bench.overhead", "jobs.bench.propd", "jobs.bench.prune", "jobs.bench.real_size",
         "jobs.bench.sampling",

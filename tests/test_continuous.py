@@ -159,12 +159,15 @@ def test_the_jobs_occupancy_pools_every_shards_slot_counters():
     from jobs.progress import Progress, device_table
 
     progress = Progress(3, 0, interval_s=1e9)
-    record = {"id": "a", "error": None, "num_output_tokens": 3, "num_steps": 3}
-    progress.add([record], group="g", device="cpu: X", seconds=1.0,
-                 slots={"slots": 4, "steps": 10, "busy": 30, "steps_waiting": 5, "busy_waiting": 20})
-    progress.add([{**record, "id": "b"}], group="g", device="cpu: X", seconds=1.0,
-                 slots={"slots": 2, "steps": 8, "busy": 9, "steps_waiting": 5, "busy_waiting": 6})
-    progress.add([{**record, "id": "c"}], group="g", device="gpu: Y", seconds=1.0, slots=None)
+    def part(row_id):  # a part's summary (jobs/output.part_summary): one row, 3 tokens in 3 steps
+        return {"ids": [row_id], "rows": 1, "failed": 0, "retry": [],
+                "tally": {"output_tokens": 3, "steps": 3, "batch_fallback": 0}}
+
+    progress.add_part(part("a"), group="g", device="cpu: X", seconds=1.0,
+                      slots={"slots": 4, "steps": 10, "busy": 30, "steps_waiting": 5, "busy_waiting": 20})
+    progress.add_part(part("b"), group="g", device="cpu: X", seconds=1.0,
+                      slots={"slots": 2, "steps": 8, "busy": 9, "steps_waiting": 5, "busy_waiting": 6})
+    progress.add_part(part("c"), group="g", device="gpu: Y", seconds=1.0, slots=None)
     assert progress.total.occupancy == (20 + 6) / (5 * 4 + 5 * 2)
     by_device = {device: {"workers": 1, **tally.as_dict()} for device, tally in progress.devices.items()}
     assert by_device["cpu: X"]["slot_occupancy"] == progress.total.occupancy
@@ -202,7 +205,10 @@ def test_engine_shards_share_the_slots_and_an_empty_shard_closes_at_once(tiny_mo
 
 def test_the_progress_line_counts_rows_as_they_complete_and_never_twice(tiny_model_dir):
     """A shard's completions count as they finish (the engine's open_progress, the driver's in_flight), and once
-    the shard is written they count from its records alone."""
+    the shard is written they count from its part's summary alone."""
+    import pyarrow as pa
+
+    from jobs.output import OUTPUT_SCHEMA, part_summary
     from jobs.progress import Progress
     from workers.configs import DecodingConfig, ModelConfig
     from workers.engine import DecodeEngine
@@ -223,8 +229,8 @@ def test_the_progress_line_counts_rows_as_they_complete_and_never_twice(tiny_mod
     while not job.done.is_set():
         engine.step()
     assert engine.open_progress() == {}
-    records = [o.to_dict() for o in job.outputs]
-    progress.add(records, group="g", device="cpu", seconds=1.0)
+    records = pa.Table.from_pylist([o.to_dict() for o in job.outputs], schema=OUTPUT_SCHEMA)
+    progress.add_part(part_summary(records), group="g", device="cpu", seconds=1.0)
     progress.in_flight({"a": (1, 5)})  # a late answer about the shard just written
     assert progress.line().startswith("rows 3/3") and progress.open == {}
 

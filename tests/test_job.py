@@ -498,8 +498,11 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     cfg = build_config(None, {"output": out.path})
     assert not open_output(out, cfg, plan).done.any()  # a fresh directory: job.json is written
     died = RowError(ErrorCode.WORKER_DIED, "the shard of this row failed on 3 workers")
-    first = write_part(out, 0, [RowOutput(id="a").to_dict(), RowOutput(id="b", error=died).to_dict()])
-    assert read_part_summary(first) == {"ids": ["a", "b"], "rows": 2, "failed": 1, "retry": ["b"]}
+    decoded = RowOutput(id="a", output_token_ids=[5, 6, 7], num_output_tokens=3, num_steps=2).to_dict()
+    first = write_part(out, 0, [decoded, RowOutput(id="b", num_output_tokens=9, num_steps=9, error=died).to_dict()])
+    # the tally counts the decoded rows only: what the progress line and summary.json read instead of the rows
+    assert read_part_summary(first) == {"ids": ["a", "b"], "rows": 2, "failed": 1, "retry": ["b"],
+                                        "tally": {"output_tokens": 3, "steps": 2, "batch_fallback": 0}}
     write_part(out, 1, [RowOutput(id="c", error=died).to_dict()])
     out.child("part-00002-00000000.parquet").write_bytes_atomically(b"not parquet")  # damaged on disk since
     # A look (--plan-only) changes nothing, and counts neither the died rows nor the damaged part as written.
@@ -511,7 +514,9 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     assert read_output(out).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
     # The rest of the part is a new part (a part never changes under its name); the damaged one is set aside.
     assert not first.exists()
-    assert [read_part_summary(p) for p in parts(out)] == [{"ids": ["a"], "rows": 1, "failed": 0, "retry": []}]
+    assert [read_part_summary(p) for p in parts(out)] == [{"ids": ["a"], "rows": 1, "failed": 0, "retry": [],
+                                                           "tally": {"output_tokens": 3, "steps": 2,
+                                                                     "batch_fallback": 0}}]
     assert out.child("part-00002-00000000.parquet.unreadable").exists()
     # The retried rows are gone from the files, so a second look finds nothing more to retry.
     assert open_output(out, cfg, plan).retried == 0
