@@ -4,7 +4,8 @@ A step of a ``SlotBatch`` goes:
 
 1. ``plan = decoder.plan_step(rows)``: on the host, from the rows now in slots 0..A-1 (an ``ActiveView``): the
    tree buffers of the step and their sizes (for these rows, and at their widest for a fixed-shape step), plus
-   whatever the decoder wants back in step 3. Nothing is set on the decoder for later.
+   whatever the decoder wants back in step 3. Nothing passes from the plan to step 3 but through the plan (a
+   decoder may update the state its choices carry from step to step here, as ProPD's current tree set).
 2. ``decoder.step(...)`` on the device, given the plan's buffers and the sizes the runner chose (eager: the
    rows'; fixed shapes: the widest): it reads tensors only, changes no Python state, and returns a
    ``StepOutput``. This is the part a runner compiles or captures (decoding/runners.py).

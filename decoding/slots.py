@@ -247,7 +247,7 @@ class SlotBatch:
         """Compile or capture the step of a full slot bucket (``rows``: default all slots) with the decoder's
         own tree at its widest, over ``columns`` attention columns (a fixed view: a power of two): the shape
         of a full batch of short rows. Other shapes are compiled or captured at their first use. Returns the
-        seconds it took (0 when eager)."""
+        seconds it took (0 when nothing is compiled or captured)."""
         if self.runner.stats() is None or self.rows or self._admitting:
             return 0.0
         started = time.perf_counter()

@@ -79,16 +79,17 @@ def run_driver_path(out_uri: str, rows: int, part_rows: int, workers: int, secon
     out.fs.create_dir(out.path, recursive=True)
     index = PartIndex(out)
     progress = Progress(rows, 0, interval_s=3600, stream=open(os.devnull, "w"))
-    done = 0
-    cpu0, wall0 = None, None
+    if rows <= part_rows:
+        raise SystemExit("give more rows than --part-rows: the first part is not timed")
+    done = first = 0
+    cpu0 = wall0 = 0.0
     for shard, records, w in run_shards(pool, shards(rows, part_rows), max_attempts=1, config_hash="c",
                                         on_ready=lambda w: None, startup_timeout_s=120, prefetch=1):
-        if cpu0 is None:  # from the first shard back: the workers' start-up is not the driver's cost
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            first = len(records)
         _, summary = write_part_summary(out, shard.index, records, index)
         progress.add_part(summary, group=w.group if w else None, device="synthetic", seconds=0.0)
         done += len(records)
+        if not first:  # timed from the first part on: the workers' start-up is not the driver's cost
+            first, cpu0, wall0 = done, time.process_time(), time.perf_counter()
     index.flush()
     counted = done - first
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
