@@ -79,10 +79,7 @@ class EagerStep:
     def shape(self, rows: int, plan: StepPlan, longest: int, num_slots: int,
               capacity: int) -> tuple[int, StepSizes, int]:
         """(slots run, step sizes, attention columns) of a step over ``rows`` busy slots whose longest row holds
-        ``longest`` columns."""
-        if self.fixed_shapes:
-            sizes = plan.widest
-            return slot_bucket(rows, num_slots), sizes, fixed_view(longest, sizes.slots, capacity)
+        ``longest`` columns: sized to the rows."""
         return rows, plan.sizes, step_view(longest, plan.sizes.slots, capacity)
 
     def draw(self, batch, params: list[SamplingParams]) -> SlotDraw | None:
@@ -105,6 +102,12 @@ class FixedEagerStep(EagerStep):
 
     fixed_shapes = True
     draw_class = FixedShapeDraw
+
+    def shape(self, rows: int, plan: StepPlan, longest: int, num_slots: int,
+              capacity: int) -> tuple[int, StepSizes, int]:
+        """At fixed shapes: the slot bucket, the tree set's widest sizes, a power-of-two view."""
+        sizes = plan.widest
+        return slot_bucket(rows, num_slots), sizes, fixed_view(longest, sizes.slots, capacity)
 
 
 class CompiledStep(FixedEagerStep):
