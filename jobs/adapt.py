@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from jobs.config import JobConfig
-from jobs.inputs import InputPlan, Shard
+from jobs.inputs import InputPlan
 from jobs.output import read_json, write_json
 from jobs.resume import MANIFEST
 from jobs.storage import Location, StorageError, resolve
@@ -202,12 +202,17 @@ class Adaptation:
         log.info("adapt-prompts: %s", reason)
         return f"adapt-prompts ({self.settings.mode}): " + ("on, " if state == "collecting" else "no: ") + reason
 
-    def add_shard(self, shard: Shard, records: list[dict], workers: list) -> None:
-        """A finished shard: keep its rows if adaptation learns from them; start training once all are in."""
-        if self.state != "collecting" or shard.index not in self.wanted:
+    def wants(self, shard_index: int) -> bool:
+        """Whether adaptation learns from this shard's rows (then its worker returns them beside its part)."""
+        return self.state == "collecting" and shard_index in self.wanted
+
+    def add_shard(self, shard_index: int, rows: list[dict], records: list[dict], workers: list) -> None:
+        """A finished shard, its input ``rows`` and their ``records``: kept if adaptation learns from them;
+        training starts once all are in."""
+        if self.state != "collecting" or shard_index not in self.wanted:
             return
-        by_id = {str(row["id"]): row for row in shard.rows}
-        self.collected[shard.index] = [
+        by_id = {str(row["id"]): row for row in rows}
+        self.collected[shard_index] = [
             (by_id[r["id"]], r["output_token_ids"]) for r in records
             if r.get("error") is None and r.get("output_token_ids") and r["id"] in by_id]
         usable = 0

@@ -16,6 +16,12 @@ from collections.abc import Iterable
 import numpy as np
 
 
+def sequence_digest(digests: np.ndarray | bytes) -> bytes:
+    """16 bytes naming a sequence of ids, in order, from their ``id_digests`` (or those arrays' bytes)."""
+    data = digests.tobytes() if isinstance(digests, np.ndarray) else digests
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def id_digests(ids: Iterable[str]) -> np.ndarray:
     """[n, 2] uint64: each id's BLAKE2b-128 digest as (hi, lo)."""
     buf = bytearray()

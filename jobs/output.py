@@ -6,18 +6,25 @@ with a final name is always complete; what a killed run leaves behind is a ``*.t
 deletes. Each part carries in its footer's key-value metadata (``PART_META``) its ids, its row counts and the
 ids of its rows a rerun retries: a resume reads footers, never row data. A footer costs ~250 µs to parse (a
 GET on an object store), so the driver also publishes ``index-*.json`` files, each the summaries of up to
-``INDEX_PARTS`` parts it wrote (``PartIndex``): a resume reads those, and footers only for parts no index
-covers (a killed driver's last few). A part is never changed under its name (every write takes a new
-random name), so an index entry is either right or names a part that is gone (then ignored); one whose size
-no longer matches the part's is ignored too, and that part's footer read.
+``INDEX_PARTS`` parts it accepted (``PartIndex``): a resume reads those, and footers only for parts no index
+covers (a killed driver's last few, a dead worker's unreported one). A part is never changed under its name
+(every write takes a new random name), so an index entry is either right or names a part that is gone (then
+ignored); one whose size no longer matches the part's is ignored too, and that part's footer read.
+
+Who writes a part: a ``PartWriter`` (picklable: the output's URI as given, and its format), in a worker
+(jobs/job_output.py decides which) or in the driver. It returns a ``WrittenPart`` (name, size, summary), which
+is all the driver needs of the part.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import secrets
-from dataclasses import fields
+import socket
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +68,26 @@ def is_index(name: str) -> bool:
     return name.startswith(INDEX_PREFIX) and name.endswith(INDEX_SUFFIX)
 
 
+@dataclass(frozen=True)
+class WrittenPart:
+    """A part as published: its name, its size in bytes (an index entry whose size no longer matches is not
+    trusted), and its summary (``part_summary``)."""
+
+    name: str
+    bytes: int
+    summary: dict[str, Any]
+
+
 class PartIndex:
-    """The summaries of the parts written, published as an index file every ``INDEX_PARTS`` parts and on
+    """The summaries of the parts accepted, published as an index file every ``INDEX_PARTS`` parts and on
     ``flush``."""
 
     def __init__(self, out: Location, every: int = INDEX_PARTS):
-        self.out, self.every, self.pending = out, every, {}
+        self.out, self.every = out, every
+        self.pending: dict[str, dict[str, Any]] = {}
 
-    def add(self, part: Location, summary: dict[str, Any]) -> None:
-        # Its size, to notice a part damaged after it was written (then its footer is read instead).
-        self.pending[part.name] = {**summary, "bytes": part.info().size}
+    def add(self, part: WrittenPart) -> None:
+        self.pending[part.name] = {**part.summary, "bytes": part.bytes}
         if len(self.pending) >= self.every:
             self.flush()
 
@@ -117,34 +134,62 @@ def part_summary(table: pa.Table) -> dict[str, Any]:
     return summary
 
 
-def write_table(out: Location, shard_index: int, table: pa.Table) -> tuple[Location, dict[str, Any]]:
-    """A part of shard ``shard_index``: ``table`` with its ``part_summary`` in the footer, published atomically
-    under a new name (``part_name``); returns it and the summary."""
-    summary = part_summary(table)
+def write_table(out: Location, shard_index: int, table: pa.Table) -> WrittenPart:
+    """A part of shard ``shard_index``: ``table`` with its ``part_summary`` in the footer (and the writing
+    process, ``writer``: which worker or driver published it), published atomically under a new name
+    (``part_name``)."""
+    summary = {**part_summary(table), "writer": f"pid {os.getpid()} on {socket.gethostname()}"}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PART_META: json.dumps(summary).encode()})
     location = out.child(part_name(shard_index))
-    location.write_atomically(lambda tmp: pq.write_table(table, tmp.path, filesystem=tmp.fs))
-    return location, summary
+    size: list[int] = []
+
+    def write(tmp: Location) -> None:
+        pq.write_table(table, tmp.path, filesystem=tmp.fs)
+        size.append(tmp.info().size)
+
+    location.write_atomically(write)
+    return WrittenPart(location.name, size[0], summary)
 
 
 def shard_of(part_name: str) -> int:
     return int(part_name[len(PART_PREFIX):].split("-", 1)[0])
 
 
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes shards' parts into one output: the driver's, or a worker's (it is pickled to the worker, so it
+    holds the output as the user gave it, ``where``, with any query options, and resolves it there; credentials
+    come from the writer's own environment, jobs/storage.py). With ``output_format`` "openai-batch", each part's
+    result lines are published beside it (jobs/openai_batch.py)."""
+
+    where: str
+    output_format: str = "parquet"
+
+    def write(self, shard_index: int, records: list[dict[str, Any]]) -> WrittenPart:
+        """One shard's records as a part (atomically, with its summary in the footer)."""
+        out = _resolved(self.where)
+        part = write_table(out, shard_index, pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA))
+        if self.output_format == "openai-batch":
+            from jobs.openai_batch import write_results
+
+            write_results(out, part.name, records)
+        return part
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved(where: str) -> Location:
+    """A writer's output, resolved once per process (an object store's bucket check is a request)."""
+    return resolve(where)
+
+
 def write_part(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]],
                index: PartIndex | None = None) -> Location:
     """Write one shard's records as a part (atomically, with its summary in the footer, and in ``index``)."""
-    return write_part_summary(out, shard_index, records, index)[0]
-
-
-def write_part_summary(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]],
-                       index: PartIndex | None = None) -> tuple[Location, dict[str, Any]]:
-    """``write_part``, returning the part and its summary (``part_summary``)."""
-    table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
-    part, summary = write_table(_location(out), shard_index, table)
+    out = _location(out)
+    part = write_table(out, shard_index, pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA))
     if index is not None:
-        index.add(part, summary)
-    return part, summary
+        index.add(part)
+    return out.child(part.name)
 
 
 def read_part_summary(part: Location) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class Worker:
     joined: bool = False  # in the pool: started, not known dead
     probing: bool = False  # a ready() probe is waiting on its (re)start
     last_result_at: float = 0.0
+    writer: Any = None  # the jobs.output.PartWriter it publishes its parts with, None: its rows come back
+    reads_input: bool = False  # it reads its shards (jobs.inputs.ShardRead), else the driver sends their rows
 
 
 def _group_cpus(group: WorkerGroup) -> tuple[float, str]:
@@ -130,8 +132,12 @@ class AllWorkersFailed(RuntimeError):
 def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: int, config_hash: str,
                on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
                on_tick: Callable[[], None] = lambda: None, wait_for_all: bool = False,
-               prefetch: int = 0) -> Iterator[tuple[Shard, list[dict], Worker | None]]:
-    """Decode every shard on the pool; yield (shard, records, worker) as shards finish.
+               prefetch: int = 0, submit: Callable[[Worker, Shard], Any] | None = None,
+               ) -> Iterator[tuple[Shard, dict[str, Any], Worker | None]]:
+    """Decode every shard on the pool; yield (shard, result, worker) as shards finish: the worker's result
+    (``DecodeWorker.process``: its part, or its rows as ``records``), or for a shard given up ``{"records": a
+    worker_died error per row}`` and no worker. ``submit(worker, shard)`` sends a shard (default:
+    ``process(shard.rows)``) and returns the call's object ref.
 
     Workers join the pool as their constructors finish (`on_ready` is called for each, also after a
     restart). Each worker holds up to 1 + `prefetch` shards: the one it decodes and those it will take next
@@ -143,6 +149,7 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
     """
     queue = ShardQueue(shards)
     depth = 1 + prefetch
+    send = submit or (lambda w, shard: w.handle.process.remote(shard.rows))
     # In flight: object ref -> (worker, the shard it decodes, or None for a ready() probe, submit time).
     inflight: dict[Any, tuple[Worker, Shard | None, float]] = {}
 
@@ -164,7 +171,7 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
                 break
             w, shard = min(free, key=lambda w: w.in_flight), queue.popleft()
             w.in_flight += 1
-            inflight[w.handle.process.remote(shard.rows)] = (w, shard, time.perf_counter())
+            inflight[send(w, shard)] = (w, shard, time.perf_counter())
         if not inflight:
             raise AllWorkersFailed("every worker has died or failed to start; last errors: "
                                    + " | ".join(failures[-3:]))
@@ -194,7 +201,7 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
             shard.deaths.append(reason)
             log.warning("shard %d failed on %s (attempt %d of %d)", shard.index, reason, shard.attempts, max_attempts)
             if shard.attempts >= max_attempts:
-                yield shard, died_records(shard, config_hash), None
+                yield shard, {"records": died_records(shard, config_hash)}, None
             else:
                 queue.appendleft(shard)  # the next free worker takes it
             if isinstance(exc, RayActorError):
@@ -217,7 +224,7 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
         w.last_slots = result.get("slots") or {}
         if result.get("graphs") is not None:  # the step's captures so far: summary.json's workers show the last
             w.info["graphs"] = result["graphs"]
-        yield shard, result["records"], w
+        yield shard, result, w
 
 
 def worker_niceness() -> int:

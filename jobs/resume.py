@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig
@@ -32,6 +35,7 @@ from jobs.output import (
     error_codes,
     is_index,
     is_part,
+    part_summary,
     parts,
     read_json,
     read_part_summary,
@@ -87,6 +91,7 @@ class Written:
     rows: int  # output rows (completions) in all
     failed: int  # output rows with an error
     retried: int  # rows taken out to be decoded again (their workers died)
+    duplicates: int = 0  # parts that held rows of their shard another part holds (see scan_written)
 
     @property
     def done(self) -> np.ndarray:
@@ -108,16 +113,25 @@ def _index_or_none(index: Location) -> dict[str, dict[str, Any]] | None:
         return None
 
 
-def _drop_retryable_rows(out: Location, part: Location, retry: list[str]) -> tuple[Location, dict] | None:
-    """Take the rows whose workers died out of ``part``, so that this run decodes them again: the old part is
-    deleted, then the rest is written as a new part (its name follows its ids: a part never changes under its
-    name). In that order, a run killed in between has lost nothing but work: the rest is decoded again, never
-    written twice. Returns the new part and its summary (None when nothing else was left)."""
+def _drop_rows(out: Location, part: Location, drop: Callable[[pa.Table], pa.Array], *,
+               write: bool) -> tuple[Location, dict] | None:
+    """``part`` without the rows ``drop`` marks, and its summary (None when nothing else is left). With
+    ``write``, the old part is deleted, then the rest is written as a new part (a part never changes under its
+    name): in that order, a run killed in between has lost nothing but work (the rest is decoded again, never
+    written twice); without, nothing is changed."""
     table = pq.read_table(part.path, filesystem=part.fs)
-    kept = table.filter([code not in RETRYABLE for code in error_codes(table)])
-    log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
+    kept = table.filter(pc.invert(drop(table)))
+    if not write:
+        return (part, part_summary(kept)) if kept.num_rows else None
     part.delete()
-    return write_table(out, shard_of(part.name), kept) if kept.num_rows else None
+    if not kept.num_rows:
+        return None
+    rest = write_table(out, shard_of(part.name), kept)
+    return out.child(rest.name), rest.summary
+
+
+def _retryable(table: pa.Table) -> pa.Array:
+    return pa.array([code in RETRYABLE for code in error_codes(table)])
 
 
 def _chunks(pool: ThreadPoolExecutor, read, items: list, chunk: int):
@@ -129,21 +143,26 @@ def _chunks(pool: ThreadPoolExecutor, read, items: list, chunk: int):
 
 
 def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_are_written: bool = False,
-                 threads: int = 8) -> Written:
+                 settle: bool = False, threads: int = 8) -> Written:
     """Every part's summary, mapped onto the input's rows: from the index files (jobs/output.PartIndex), and
     from the footers (read ``threads`` at a time) of the parts no index covers.
 
     A part that cannot be read was not written by this job (parts are published complete): its rows are
     computed again, and so are rows whose workers died (unless ``died_are_written``: a finished run's rows).
     With ``repair`` (a run's start), such a part is set aside as ``<name>.unreadable`` and those rows are
-    taken out of their parts; without, nothing is changed. Raises ResumeError for an id written in two parts,
-    or one that is not in the input."""
+    taken out of their parts; without, nothing is changed.
+
+    A shard written twice (two parts of one shard holding an id) is settled: the part met first keeps the
+    rows, and they are taken out of the other (with ``repair`` or ``settle``: a finished run's last scan;
+    otherwise only left uncounted). Parts the index files cover are met first (the driver accepted them), then
+    the others by name, so the outcome is the same on every scan. Raises ResumeError for an id written in the
+    parts of two different shards, or one that is not in the input."""
     listing = out.listing()
     files = [f for f, _ in listing]
     found = {f.name: f for f in files if is_part(f.name)}
     size = {f.name: n for f, n in listing}
     names, owner = [], np.full(plan.num_rows, -1, dtype=np.int32)
-    counts = {"rows": 0, "failed": 0, "retried": 0}
+    counts = {"rows": 0, "failed": 0, "retried": 0, "duplicates": 0}
 
     def take(chunk: list[tuple[Location, dict[str, Any] | Exception]]) -> None:
         readable = []
@@ -157,7 +176,8 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
             if retry:
                 counts["retried"] += len(retry)
                 if repair:
-                    rewritten, retry = _drop_retryable_rows(out, part, summary["retry"]), set()
+                    log.info("%s: %d rows whose workers died will be decoded again", part.name, len(retry))
+                    rewritten, retry = _drop_rows(out, part, _retryable, write=True), set()
                     if rewritten is None:
                         continue
                     part, summary = rewritten
@@ -173,9 +193,26 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
                                   f"{part.name}); use a new --output directory, or --overwrite to start it again")
             taken = owner[at] >= 0
             if taken.any():
-                i = int(np.flatnonzero(taken)[0])
-                raise ResumeError(f"id {ids[i]!r} is written twice, in {names[owner[at[i]]]} and {part.name}: "
-                                  "this directory was not written by one job; use a new output directory")
+                shard = shard_of(part.name)
+                foreign = [i for i in np.flatnonzero(taken) if shard_of(names[owner[at[i]]]) != shard]
+                if foreign:
+                    i = int(foreign[0])
+                    raise ResumeError(f"id {ids[i]!r} is written twice, in {names[owner[at[i]]]} and {part.name}: "
+                                      "this directory was not written by one job; use a new output directory")
+                # The same shard written twice (a worker that published its part and died before reporting it,
+                # or one presumed dead that finished after all): the part met first keeps its rows. Parts the
+                # driver accepted (indexed) are met first, then the others by name.
+                twice = {ids[i] for i in np.flatnonzero(taken)}
+                log.info("%s: %d rows another part of shard %d holds are left out", part.name, len(twice), shard)
+                counts["duplicates"] += 1
+                held = pa.array(sorted(twice))
+                settled = _drop_rows(out, part, lambda t, held=held: pc.is_in(t.column("id"), held),
+                                     write=repair or settle)
+                if settled is None:
+                    continue
+                part, summary = settled
+                keep = ~taken
+                ids, at = [i for i, k in zip(ids, keep) if k], at[keep]
             owner[at[[i not in retry for i in ids]] if retry else at] = len(names)
             names.append(part.name)
             counts["rows"] += summary["rows"]
@@ -190,7 +227,7 @@ def scan_written(out: Location, plan: InputPlan, *, repair: bool = False, died_a
                       if name in found and summary.get("bytes") == size[name]])
         for chunk in _chunks(pool, _summary_or_error, list(found.values()), 256):
             take(chunk)
-    return Written(owner, names, counts["rows"], counts["failed"], counts["retried"])
+    return Written(owner, names, counts["rows"], counts["failed"], counts["retried"], counts["duplicates"])
 
 
 def open_output(out: Location, cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False) -> Written:

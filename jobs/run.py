@@ -4,12 +4,12 @@
     python jobs/run.py                                  # the embedded demo -> outputs/demo
     python jobs/run.py --input rows.jsonl --output /abs/out --max-new-tokens 128
 
-The pipeline: read the rows (jobs/inputs.py); see what the output directory already holds and skip those
-ids (jobs/resume.py); cut the rest into shards by id (jobs/pool.py); start every worker group's actors, each
-of which profiles its own device and picks its own tree and batch size (workers/); let them pull shards
-until none is left, writing each finished shard as one Parquet part (jobs/output.py); then summary.json
-and a table per device type. Starts a local Ray when none is running; respects RAY_ADDRESS. See README.md
-for the options and the output schema.
+The pipeline: scan the input's ids and plan its shards (jobs/inputs.py); see what the output directory already
+holds and skip those ids (jobs/job_output.py); start every worker group's actors, each of which profiles its
+own device and picks its own tree and batch size (workers/); let them pull shards until none is left, each
+worker reading its shard's rows and publishing the finished shard as one Parquet part, the driver keeping only
+the parts' summaries; then summary.json and a table per device type. Starts a local Ray when none is running;
+respects RAY_ADDRESS. See README.md for the options and the output schema.
 """
 
 from __future__ import annotations
@@ -27,22 +27,11 @@ from pydantic import ValidationError
 
 from jobs.adapt import Adaptation, load_prompt_files
 from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
-from jobs.inputs import InputError, InputPlan, iter_shards, scan_input
-from jobs.openai_batch import reconcile_results, write_results
-from jobs.output import PartIndex, write_part_summary, write_summary
+from jobs.inputs import InputError, InputPlan, Shard, plan_shards, scan_input
+from jobs.job_output import JobOutput
 from jobs.progress import Progress, device_table
-from jobs.resume import (
-    ResumeError,
-    Written,
-    check_manifest,
-    config_hash,
-    open_output,
-    output_shaping_config,
-    record_worker,
-    recorded_numerics,
-    scan_written,
-)
-from jobs.storage import Location, StorageError, resolve
+from jobs.resume import ResumeError, Written
+from jobs.storage import StorageError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +74,8 @@ def describe_worker(info: dict[str, Any]) -> str:
     if info.get("priority"):
         reason = f" ({info['threads_reason']})" if info.get("threads_reason") else ""
         line += f"; {info['threads']} threads{reason}, {info['priority']}"
+    if info.get("input"):
+        line += f"; {info['input']}, {info['output']}"
     if info.get("memory"):
         m, gib = info["memory"], 2**30
         line += (f"; memory {m['budget'] / gib:.1f} GiB: KV {m['kv'] / gib:.2f} ({m['slots']} slots x {m['capacity']} "
@@ -99,11 +90,12 @@ def describe_worker(info: dict[str, Any]) -> str:
     return line
 
 
-def _summarise(out: Location, plan: InputPlan, cfg: JobConfig, run: dict[str, Any], workers: list,
+def _summarise(output: JobOutput, plan: InputPlan, cfg: JobConfig, run: dict[str, Any], workers: list,
                progress: Progress) -> dict[str, Any]:
     """summary.json: the whole output directory's rows (from the index files and the parts' footers, never the
     rows themselves), this run's throughput, and a table per device type."""
-    final = scan_written(out, plan, died_are_written=True)
+    final = output.final_scan(plan)
+    out = output.location
     if not final.done.all():
         raise RuntimeError(f"internal error: {out.uri} lacks {int((~final.done).sum())} input rows")
     by_device = {
@@ -155,12 +147,11 @@ def plan_report(cfg: JobConfig, plan: InputPlan, started: float) -> dict[str, An
     """What a run would do, read without changing anything: the input's rows and shards, and what the output
     directory already holds (with the seconds each scan took and the process's peak memory)."""
     scanned = time.perf_counter()
-    out = resolve(cfg.output)
-    check_manifest(out, cfg, write=False)
-    written = scan_written(out, plan)
+    output = JobOutput(cfg)
+    written = output.look(plan)
     done = int(written.done.sum())
     return {"input": plan.uri, "files": len(plan.files), "rows": plan.num_rows, "shards": len(plan.shard_bounds()),
-            "output": out.uri, "parts": len(written.parts), "rows_written": done,
+            "output": output.uri, "parts": len(written.parts), "rows_written": done,
             "rows_to_decode": plan.num_rows - done,
             "rows_to_retry": written.retried, "shards_to_decode": todo_shards(plan, written),
             "input_scan_s": round(scanned - started, 2), "output_scan_s": round(time.perf_counter() - scanned, 2),
@@ -178,19 +169,17 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     from workers.board import start_board
 
     run: dict[str, Any] = {"started": time.perf_counter(), "retries": 0, "worker_starts": []}
-    out = resolve(cfg.output)
-    shaping = output_shaping_config(cfg)
-    run["config_hash"] = chash = config_hash(shaping)
-    written = open_output(out, cfg, plan, overwrite=overwrite)
+    output = JobOutput(cfg)
+    run["config_hash"] = chash = output.config_hash
+    written = output.open(plan, overwrite=overwrite)
     skipped = int(written.done.sum())
     run["skipped"], run["retried_from_earlier"] = skipped, written.retried
     run["shards"] = todo_shards(plan, written)
     progress = Progress(plan.num_rows - skipped, skipped, interval_s=progress_interval_s)
-    adaptation = Adaptation(cfg, out, plan, written.done, plan.num_rows - skipped)
+    adaptation = Adaptation(cfg, output.location, plan, written.done, plan.num_rows - skipped)
     progress.status = adaptation.progress
     workers: list[Worker] = []
     board = None
-    index = PartIndex(out)  # the written parts' summaries, for the next resume
     if run["shards"]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         we_started_ray = not ray.is_initialized()
@@ -202,7 +191,9 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
-            board, board_name = start_board(recorded_numerics(out))
+            board, board_name = start_board(output.recorded_numerics())
+            driver_node = ray.get_runtime_context().get_node_id()
+            input_remote = not plan.files[0].location.local  # a local input is read on the driver's node only
             workers = start_workers(cfg, chash, board_name, adaptable=adaptation.adaptable,
                                     prompt_files=adaptation.worker_files or load_prompt_files(cfg),
                                     rows_to_decode=(plan.num_rows - skipped) * cfg.decoding.sampling.n)
@@ -210,8 +201,12 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             def on_ready(w: Worker) -> None:
                 first = "first_ready" not in run
                 run.setdefault("first_ready", time.perf_counter())
+                w.writer, w.info["output"] = output.writer_for(w.info.get("node_id"), driver_node)
+                w.reads_input = input_remote or w.info.get("node_id") == driver_node
+                w.info["input"] = ("reads its own shards" if w.reads_input else "gets its rows from the driver: the "
+                                   "input is a local path on the driver's node")
                 print(describe_worker(w.info), flush=True)
-                record_worker(out, w.info, run["worker_starts"])
+                output.record_worker(w.info, run["worker_starts"])
                 run["worker_starts"].append(w.info)
                 progress.worker_ready(w.group)
                 if first:
@@ -220,29 +215,39 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
 
             asked: dict[Any, Any] = {}  # worker handle -> its open_progress() call in flight
 
+            def submit(w: Worker, shard: Shard) -> Any:
+                # The worker reads its shard and publishes its part where it reaches the input and the output
+                # (else the driver does); its rows come back only for the first shards, which adaptation learns
+                # from.
+                rows = shard.read if w.reads_input and shard.rows is None else shard.load()
+                return w.handle.process.remote(rows, w.writer, shard.index, adaptation.wants(shard.index))
+
             def on_tick() -> None:
                 adaptation.poll(workers)
                 ask_open_progress(workers, asked, progress)
                 progress.show()
 
-            for shard, records, w in run_shards(
-                workers, iter_shards(plan, written.done), max_attempts=cfg.faults.max_shard_attempts,
+            for shard, result, w in run_shards(
+                workers, plan_shards(plan, written.done), max_attempts=cfg.faults.max_shard_attempts,
                 config_hash=chash, on_ready=on_ready, startup_timeout_s=startup_timeout_s, on_tick=on_tick,
                 wait_for_all=cfg.wait_for_workers,
-                prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0,
+                prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0, submit=submit,
             ):
-                part, part_info = write_part_summary(out, shard.index, records, index)
-                if cfg.output_format == "openai-batch":
-                    write_results(out, part.name, records)
-                adaptation.add_shard(shard, records, workers)
+                if result.get("input_error"):  # the input changed since the plan, or cannot be read
+                    raise InputError(result["input_error"])
+                if result.get("output_error"):
+                    raise OSError(result["output_error"])
+                part = output.take(shard.index, result)
+                if result.get("records") is not None:
+                    adaptation.add_shard(shard.index, result.get("rows") or shard.load(), result["records"], workers)
                 adaptation.poll(workers)
                 run["retries"] += shard.attempts
-                progress.add_part(part_info, group=w.group if w else None, device=w.info["device"] if w else None,
-                             seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
+                progress.add_part(part.summary, group=w.group if w else None, device=w.info["device"] if w else None,
+                                  seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
             run["decoded"] = time.perf_counter()
             adaptation.finish(workers)
         finally:
-            index.flush()
+            output.flush()
             for w in workers:
                 ray.kill(w.handle)
             if board is not None:
@@ -250,11 +255,9 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             if we_started_ray:
                 ray.shutdown()
     run.setdefault("decoded", time.perf_counter())
-    if cfg.output_format == "openai-batch":  # a resume's rewritten parts, a killed run's last part
-        reconcile_results(out)
     progress.close()
-    summary = {**_summarise(out, plan, cfg, run, workers, progress), "adaptation": adaptation.summary()}
-    write_summary(out, summary)
+    summary = {**_summarise(output, plan, cfg, run, workers, progress), "adaptation": adaptation.summary()}
+    output.finish(summary)
     if summary["by_device"]:
         print(device_table(summary["by_device"]), flush=True)
     if summary["batch_fallback_rows"]:

@@ -45,18 +45,27 @@ def _with_env_endpoint(uri: str) -> str:
 
 @dataclass(frozen=True)
 class Location:
-    """A file or directory: ``fs`` and ``path`` for pyarrow, ``uri`` as the user gave it (shown in messages)."""
+    """A file or directory: ``fs`` and ``path`` for pyarrow, ``uri`` as the user gave it (shown in messages), and
+    the URI's query options (``query``: never a secret, see ``resolve``)."""
 
     fs: pafs.FileSystem
     path: str
     uri: str
+    query: str = ""
 
     @property
     def local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def source(self) -> str:
+        """What ``resolve`` takes to open this location again in another process (a worker, maybe on another
+        node): a local path made absolute, or the URI with its options (an endpoint from the environment
+        included)."""
+        return self.path if self.local else self.uri + (f"?{self.query}" if self.query else "")
+
     def child(self, name: str) -> Location:
-        return Location(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.uri.rstrip('/')}/{name}")
+        return Location(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.uri.rstrip('/')}/{name}", self.query)
 
     @property
     def name(self) -> str:
@@ -143,7 +152,7 @@ def resolve(where: str | os.PathLike) -> Location:
         fs, path = pafs.FileSystem.from_uri(opened)
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid (a ValueError) or OSError
         raise StorageError(f"{shown}: cannot open this URI ({type(exc).__name__})") from None
-    location = Location(fs, path, shown)
+    location = Location(fs, path, shown, urlsplit(opened).query)
     if parts.scheme in ("s3", "gs", "gcs"):
         bucket = path.split("/", 1)[0]
         try:

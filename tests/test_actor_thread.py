@@ -108,3 +108,51 @@ def test_workers_take_the_drivers_niceness_or_0_under_a_submitted_job(monkeypatc
     assert worker_niceness() == os.nice(0)
     monkeypatch.setenv(RAY_JOB_ENTRYPOINT_ENV, "{}")  # ray job submit's entrypoint runs at Ray's 15
     assert worker_niceness() == 0
+
+
+class FinishedShard:
+    """What DecodeEngine.add_shard returns, already done: one output per row."""
+
+    def __init__(self, rows):
+        from workers.records import RowOutput
+
+        self.done, self.error, self.occupancy = threading.Event(), None, None
+        self.outputs = [RowOutput(id=row["id"], output_text=row["prompt"]) for row in rows]
+        self.done.set()
+
+
+def test_a_worker_reads_its_shard_and_publishes_its_part_or_says_why_it_cannot(monkeypatch, tmp_path):
+    """Given where its shard lies (jobs.inputs.ShardRead) and a writer, the worker reads the rows itself and
+    returns only the part's name, size and summary; an input changed since the plan, or an output it cannot
+    publish to, comes back as the reason (the driver stops the job on it), never as a retryable failure."""
+    from jobs.inputs import plan_shards, scan_input
+    from jobs.output import PartWriter, read_output
+    from tests.test_job import write_jsonl
+
+    engine = FakeEngine()
+    engine.add_shard = FinishedShard
+    engine.batch = type("Batch", (), {"graph_stats": lambda self: None})()
+    monkeypatch.setattr(actor, "ModelConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor, "DecodingConfig", lambda **kw: kw)
+    monkeypatch.setattr(actor.DecodeEngine, "from_config", classmethod(lambda cls, *a, **kw: engine))
+    worker = make_worker()
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"p{i}"} for i in "abcd"])
+    shards = list(plan_shards(scan_input(str(src), shard_size=2)))
+    writer = PartWriter(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    result = worker.process(shards[1].read, writer, shards[1].index)
+    assert result["records"] is None and result["part"].summary["ids"] == ["c", "d"]
+    assert read_output(tmp_path / "out", columns=["id", "output_text"]).to_pylist() == [
+        {"id": "c", "output_text": "pc"}, {"id": "d", "output_text": "pd"}]
+    kept = worker.process(shards[0].read, writer, shards[0].index, keep_records=True)
+    assert [r["id"] for r in kept["rows"]] == ["a", "b"] and [r["id"] for r in kept["records"]] == ["a", "b"]
+
+    write_jsonl(src, [{"id": i, "prompt": f"p{i}"} for i in "abxd"])  # the same bytes but one id
+    changed = worker.process(shards[1].read, writer, 1)["input_error"]
+    assert "changed while the job ran: shard 1's rows are not those planned" in changed
+    write_jsonl(src, [{"id": i, "prompt": "a longer prompt"} for i in "abcd"])  # shard 1's bytes hold other lines
+    assert "shard 1 no longer reads as planned" in worker.process(shards[1].read, writer, 1)["input_error"]
+    write_jsonl(src, [{"id": i, "prompt": f"p{i}"} for i in "abcd"])  # as planned again
+    (tmp_path / "file").write_text("")
+    blocked = worker.process(shards[0].read, PartWriter(str(tmp_path / "file" / "out")), 0)
+    assert blocked["output_error"].startswith("g/0 pid") and "cannot publish its part to" in blocked["output_error"]

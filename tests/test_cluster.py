@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from jobs.output import parts as output_parts
-from jobs.output import read_json, read_output
+from jobs.output import read_json, read_output, read_part_summary
 from jobs.run import main
 from jobs.storage import resolve
 from tests.test_job import BAD_ROWS, write_jsonl
@@ -31,7 +31,9 @@ RESULT_COLUMNS = ["id", "output_token_ids", "output_text", "num_output_tokens", 
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
+    """Two nodes, started after the loopback S3's credentials are in the environment: their workers read and
+    write the bucket themselves, with the store's standard environment, as a real cluster's nodes do."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -108,6 +110,12 @@ def test_every_row_once_and_each_device_its_own_tree(uninterrupted, job_files):
     summary = json.loads((uninterrupted / "summary.json").read_text())
     workers = {w["group"]: w for w in summary["workers"]}
     assert set(workers) == {"fast", "slow"}
+    # A local output: the worker on the driver's node (the head) publishes its own parts; the other node's worker
+    # returns its rows, which the driver writes (a local path there would be another disk).
+    assert workers["fast"]["output"] == "writes its own parts (on the driver's node)"
+    assert workers["slow"]["output"].startswith("returns its rows, which the driver writes")
+    assert workers["fast"]["input"] == "reads its own shards"
+    assert workers["slow"]["input"].startswith("gets its rows from the driver")
     # Cheap slots buy a big tree; slots paid one by one make plain decoding (a 1-slot tree) the fastest.
     assert workers["fast"]["tree_slots"] > 50 and workers["slow"]["tree_slots"] == 1
     assert workers["fast"]["tree_hash"] != workers["slow"]["tree_hash"]
@@ -182,6 +190,10 @@ def test_a_job_in_object_storage_killed_and_run_again_gives_the_local_output(clu
     assert written < 10  # 10 shards in all: the kill came mid-job
     assert main(["--config", str(job_files["config"]), "--input", src, "--output", out]) == 0
     summary = read_json(resolve(out).child("summary.json"))
+    # Both nodes' workers published their own parts to the bucket; neither driver wrote one.
+    assert {(w["input"], w["output"]) for w in summary["workers"]} == {("reads its own shards", "writes its own parts")}
+    writers = {read_part_summary(p)["writer"].split(" on ")[0] for p in output_parts(resolve(out))}
+    assert writers and not writers & {f"pid {os.getpid()}", f"pid {proc.pid}"}
     assert summary["rows_skipped"] >= 2 * written and summary["rows"] == len(job_files["rows"])
     assert (summary["input"], summary["output_dir"]) == (src, out)
     assert _results(out) == _results(uninterrupted)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.config import DEMO_INPUT, build_config
-from jobs.inputs import InputError, iter_shards, read_rows, scan_input
+from jobs.inputs import InputError, iter_shards, plan_shards, read_rows, scan_input
 from jobs.output import OUTPUT_SCHEMA, read_output
 from jobs.run import main
 from tests.conftest import TINY_MAX_CONTEXT
@@ -134,6 +136,23 @@ def test_shards_are_cut_in_input_order_per_file_and_skip_written_rows(tmp_path):
     # A resumed run re-forms the same cut: shard 0 keeps its index less its written row, shard 2 is gone.
     done = np.array([True, False, False, True, True])
     assert [(s.index, s.ids) for s in iter_shards(plan, done)] == [(0, ["a"]), (1, ["c"])]
+
+
+def test_a_parquet_shard_is_read_from_its_row_groups(tmp_path):
+    """A shard is named by its first row group and the row in it (no row read to plan it), and read from there."""
+    ids = [f"r{i}" for i in range(10)]
+    pq.write_table(pa.table({"id": ids, "prompt": ids}), tmp_path / "in.parquet", row_group_size=3)
+    plan = scan_input(str(tmp_path / "in.parquet"), shard_size=4)
+    shards = list(plan_shards(plan))
+    assert all(s.rows is None for s in shards)
+    assert [(s.read.row_group, s.read.group_offset) for s in shards] == [(0, 0), (1, 1), (2, 2)]
+    assert [s.load() for s in shards] == [[{"id": i, "prompt": i} for i in ids[a:a + 4]] for a in (0, 4, 8)]
+    done = np.zeros(10, dtype=bool)
+    done[[4, 6]] = True
+    assert [s.ids for s in plan_shards(plan, done) if s.index == 1] == [["r5", "r7"]]
+    pq.write_table(pa.table({"id": ids + ["r10"], "prompt": ids + ["x"]}), tmp_path / "in.parquet", row_group_size=3)
+    with pytest.raises(InputError, match="changed while the job ran: shard 0: the file holds 11 rows, not the 10"):
+        shards[0].read.read()
 
 
 def test_an_input_changed_mid_job_is_refused(tmp_path):
@@ -382,6 +401,10 @@ def test_one_parquet_file_per_shard_and_an_index_of_them(tiny_runs):
     assert [pq.read_table(out / n).num_rows for n in parts] == [5, 5, 2]
     index = json.loads((out / names[0]).read_text())["parts"]  # one index: the run wrote fewer than 256 parts
     assert sorted(index) == parts and [index[n]["rows"] for n in parts] == [5, 5, 2]
+    # The workers published the parts (the driver, this process, only indexed their summaries).
+    workers = {f"pid {w['pid']} on {socket.gethostname()}" for w in summary["workers"]}
+    assert {index[n]["writer"] for n in parts} <= workers and os.getpid() not in {w["pid"] for w in summary["workers"]}
+    assert {w["output"] for w in summary["workers"]} == {"writes its own parts (on the driver's node)"}
 
 
 def test_ppd_equals_vanilla_row_by_row(tiny_runs):
@@ -501,8 +524,10 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     decoded = RowOutput(id="a", output_token_ids=[5, 6, 7], num_output_tokens=3, num_steps=2).to_dict()
     first = write_part(out, 0, [decoded, RowOutput(id="b", num_output_tokens=9, num_steps=9, error=died).to_dict()])
     # the tally counts the decoded rows only: what the progress line and summary.json read instead of the rows
-    assert read_part_summary(first) == {"ids": ["a", "b"], "rows": 2, "failed": 1, "retry": ["b"],
-                                        "tally": {"output_tokens": 3, "steps": 2, "batch_fallback": 0}}
+    summary = read_part_summary(first)
+    assert summary.pop("writer") == f"pid {os.getpid()} on {socket.gethostname()}"  # who published it
+    assert summary == {"ids": ["a", "b"], "rows": 2, "failed": 1, "retry": ["b"],
+                       "tally": {"output_tokens": 3, "steps": 2, "batch_fallback": 0}}
     write_part(out, 1, [RowOutput(id="c", error=died).to_dict()])
     out.child("part-00002-00000000.parquet").write_bytes_atomically(b"not parquet")  # damaged on disk since
     # A look (--plan-only) changes nothing, and counts neither the died rows nor the damaged part as written.
@@ -514,9 +539,9 @@ def test_resume_retries_rows_whose_workers_died_and_sets_aside_unreadable_parts(
     assert read_output(out).column("id").to_pylist() == ["a"]  # b and c are out, to be decoded again
     # The rest of the part is a new part (a part never changes under its name); the damaged one is set aside.
     assert not first.exists()
-    assert [read_part_summary(p) for p in parts(out)] == [{"ids": ["a"], "rows": 1, "failed": 0, "retry": [],
-                                                           "tally": {"output_tokens": 3, "steps": 2,
-                                                                     "batch_fallback": 0}}]
+    assert [{k: v for k, v in read_part_summary(p).items() if k != "writer"} for p in parts(out)] == [
+        {"ids": ["a"], "rows": 1, "failed": 0, "retry": [], "tally": {"output_tokens": 3, "steps": 2,
+                                                                      "batch_fallback": 0}}]
     assert out.child("part-00002-00000000.parquet.unreadable").exists()
     # The retried rows are gone from the files, so a second look finds nothing more to retry.
     assert open_output(out, cfg, plan).retried == 0

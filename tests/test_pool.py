@@ -21,9 +21,9 @@ def _pool(ray, tmp_path, n: int, *, max_restarts: int, **behaviour) -> list[Work
 
 def _run(workers, rows, shard_size=2, max_attempts=3, startup_timeout_s=600.0, prefetch=0):
     ready = []
-    results = list(run_shards(workers, make_shards(rows, shard_size), max_attempts=max_attempts, config_hash="c",
-                              on_ready=lambda w: ready.append(w.info["worker"]), startup_timeout_s=startup_timeout_s,
-                              prefetch=prefetch))
+    results = [(shard, result["records"], w) for shard, result, w in run_shards(
+        workers, make_shards(rows, shard_size), max_attempts=max_attempts, config_hash="c",
+        on_ready=lambda w: ready.append(w.info["worker"]), startup_timeout_s=startup_timeout_s, prefetch=prefetch)]
     return results, ready
 
 

@@ -122,10 +122,21 @@ class DecodeWorker:
                 "threads_reason": self.threads_reason,
                 "priority": self.priority}
 
-    def process(self, rows: list[dict]) -> dict[str, Any]:
-        """Decode one shard of input rows: {"records": one per completion, in input order; "slots": the slot
-        counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy); "graphs":
-        the step's captures (or compiles) so far, or None when it runs eager}."""
+    def process(self, rows: Any, writer: Any = None, shard_index: int = -1,
+                keep_records: bool = False) -> dict[str, Any]:
+        """Decode one shard: its input rows, or where to read them (a jobs.inputs.ShardRead, read and checked
+        here). With ``writer`` (a jobs.output.PartWriter), publish them as shard ``shard_index``'s part:
+        {"part": its name, size and summary (jobs.output.WrittenPart); "records" and the input "rows" too with
+        ``keep_records``, else None}; without, {"records": one per completion, in input order}. And "slots": the
+        slot counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy);
+        "graphs": the step's captures (or compiles) so far, or None when it runs eager. An input that changed
+        since the plan, or that cannot be read: {"input_error": why}; a part that cannot be published:
+        {"output_error": why} (the job stops on either, naming it: retrying elsewhere would not help)."""
+        if not isinstance(rows, list):
+            try:
+                rows = rows.read()
+            except ValueError as exc:  # jobs.inputs.InputError
+                return {"input_error": f"{self.name}: {exc}"}
         job = self.engine.add_shard(rows)
         with self._work:
             self._work.notify()
@@ -135,8 +146,17 @@ class DecodeWorker:
         records = [out.to_dict() for out in job.outputs]
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
-        return {"records": records, "slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
-
+        result: dict[str, Any] = {"slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
+        if writer is None:
+            return {**result, "records": records}
+        # Published here, in the call's thread: the decode loop steps on meanwhile (pyarrow's writes let go of
+        # the GIL), and the driver receives only the part's summary.
+        try:
+            part = writer.write(shard_index, records)
+        except OSError as exc:
+            return {"output_error": f"{self.name} cannot publish its part to {writer.where}: {exc}"}
+        kept = {"records": records, "rows": rows} if keep_records else {"records": None}
+        return {**result, "part": part, **kept}
 
     def open_progress(self) -> dict[str, tuple[int, int]]:
         """Rows finished (and their tokens) in the shards this worker holds, by each shard's first row id: the

@@ -64,7 +64,7 @@ def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -
     import shutil
 
     from jobs.config import build_config
-    from jobs.output import OUTPUT_SCHEMA, PART_META, PartIndex, part_name, part_summary, shard_of
+    from jobs.output import OUTPUT_SCHEMA, PART_META, PartIndex, WrittenPart, part_name, part_summary, shard_of
     from jobs.resume import check_manifest
     from jobs.storage import resolve
 
@@ -88,11 +88,12 @@ def write_full_output(out: Path, rows: int, shard_size: int, with_index: bool) -
         for f in base.iterdir():
             if f.name != "complete":
                 (out / f.name).symlink_to(f) if f.name.startswith("part-") else shutil.copy(f, out / f.name)
-        index, location = PartIndex(resolve(out)), resolve(out)
+        index = PartIndex(resolve(out))
         for part in sorted(f.name for f in base.iterdir() if f.name.startswith("part-")):
             start = shard_of(part) * shard_size
             ids = row_ids(start, min(rows, start + shard_size))
-            index.add(location.child(part), {"ids": ids, "rows": len(ids), "failed": 0, "retry": []})
+            index.add(WrittenPart(part, (base / part).stat().st_size,
+                                  {"ids": ids, "rows": len(ids), "failed": 0, "retry": []}))
         index.flush()
         (out / "complete").write_text("")
     return out
