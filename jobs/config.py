@@ -96,7 +96,7 @@ class JobConfig(BaseModel):
         "result lines (`results-<part>.jsonl`, one line per request), beside it.")
     shard_size: int = Field(
         default=64, ge=1, description="Rows per unit of work: a worker pulls one shard at a time, decodes it "
-        "in batches of its own batch size, and the driver writes it as one Parquet file.")
+        "in batches of its own batch size, and publishes it as one Parquet file.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to load, and how.")
     decoding: DecodingConfig = Field(default_factory=DecodingConfig, description="How to decode.")
     workers: list[WorkerGroup] = Field(

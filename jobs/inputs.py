@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,11 +33,16 @@ import pyarrow.parquet as pq
 
 from jobs.idset import DigestIndex, id_digests, sequence_digest
 from jobs.openai_batch import is_request, request_to_row
-from jobs.storage import Location, StorageError, resolve
+from jobs.storage import Location, StorageError, resolve, resolve_cached
+
+log = logging.getLogger(__name__)
 
 KEPT_FIELDS = ("id", "messages", "prompt", "sampling_params")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 BATCH_ROWS = 65_536  # rows per Parquet record batch and per digest chunk
+# A Parquet shard is read from its row group's start: beyond this many rows per group, shards late in a group
+# decode much of it again.
+LARGE_ROW_GROUP = 65_536
 READ_BYTES = 8 << 20  # JSONL block size
 
 
@@ -46,6 +52,10 @@ class InputError(ValueError):
 
 class MalformedLine(InputError):
     """A JSONL line that is not a JSON object."""
+
+
+class UnreadableInput(InputError):
+    """A file that cannot be read (the store failed, or the file is gone)."""
 
 
 InputFormat = Literal["auto", "native", "openai-batch"]
@@ -112,7 +122,7 @@ def _jsonl_lines(f: InputFile, start: int = 0, stop: int | None = None,
     try:
         handle = f.location.fs.open_input_file(f.location.path)
     except OSError as exc:
-        raise InputError(f"{uri}: cannot read: {exc}") from None
+        raise UnreadableInput(f"{uri}: cannot read: {exc}") from None
     lineno, tail, at = lines_before, b"", start  # at: the offset of tail's first byte
     with handle:
         if start:
@@ -122,7 +132,7 @@ def _jsonl_lines(f: InputFile, start: int = 0, stop: int | None = None,
             try:
                 block = handle.read(want) if want > 0 else b""
             except OSError as exc:
-                raise InputError(f"{uri}: cannot read: {exc}") from None
+                raise UnreadableInput(f"{uri}: cannot read: {exc}") from None
             lines = (tail + block).split(b"\n")
             tail = lines.pop() if block else b""
             for line in lines:
@@ -286,16 +296,18 @@ class ShardRead:
 
     def read(self) -> list[dict]:
         """The shard's rows to decode, checked against the plan. Raises InputError for an input changed since
-        the plan (naming the shard) or one that cannot be read."""
+        the plan (naming the shard), OSError for one that cannot be read (the store failed, the file is gone)."""
         try:
-            f = InputFile(resolve(self.where), self.format)
-        except (StorageError, OSError) as exc:
-            raise InputError(f"{self.where}: cannot read: {exc}") from None
+            f = InputFile(resolve_cached(self.where), self.format)
+        except StorageError as exc:
+            raise OSError(f"{self.where}: cannot read: {exc}") from None
         changed = f"{f.location.uri} changed while the job ran: shard {self.index}"
         try:
             rows = self._parquet(f, changed) if f.format == "parquet" else self._jsonl(f)
         except MalformedLine as exc:  # every line parsed when the plan was made
             raise InputError(f"{changed} no longer reads as planned ({exc})") from None
+        except UnreadableInput as exc:
+            raise OSError(str(exc)) from None
         if len(rows) > self.rows:
             raise InputError(f"{f.location.uri} changed while the job ran: it has rows past those planned")
         if len(rows) < self.rows or sequence_digest(id_digests(r["id"] for r in rows)) != self.digest:
@@ -321,7 +333,7 @@ class ShardRead:
         try:
             handle = f.location.fs.open_input_file(f.location.path)
         except OSError as exc:
-            raise InputError(f"{f.location.uri}: cannot read: {exc}") from None
+            raise UnreadableInput(f"{f.location.uri}: cannot read: {exc}") from None
         rows: list[dict] = []
         with handle:
             try:
@@ -349,8 +361,8 @@ class ShardRead:
                         break
             except InputError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any read failure is an input error
-                raise InputError(f"{f.location.uri}: cannot read Parquet: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - any other read failure
+                raise UnreadableInput(f"{f.location.uri}: cannot read Parquet: {exc}") from None
         return rows
 
 
@@ -423,6 +435,11 @@ def scan_input(where: str, shard_size: int, input_format: InputFormat = "auto") 
             n += len(ids)
         counts.append(n)
         file_marks.append(_row_groups(f) if f.format == "parquet" else np.array(marks, dtype=np.int64).reshape(-1, 2))
+        if f.format == "parquet" and len(file_marks[-1]) and file_marks[-1].max() > max(LARGE_ROW_GROUP, shard_size):
+            log.warning("%s has row groups of up to %d rows: each worker reads its shard from its row group's start, "
+                        "so shards late in a group cost more to read; rewrite it with smaller row groups, e.g. "
+                        "pyarrow.parquet.write_table(..., row_group_size=%d)", f.location.uri,
+                        int(file_marks[-1].max()), LARGE_ROW_GROUP)
     if not sum(counts):
         raise InputError(f"{where}: the input has no rows")
     index = DigestIndex(np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2))
@@ -447,6 +464,24 @@ def _row_groups(f: InputFile) -> np.ndarray:
             return np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
     except OSError as exc:
         raise InputError(f"{f.location.uri}: cannot read: {exc}") from None
+
+
+def check_unchanged(plan: InputPlan) -> None:
+    """Raise InputError when a file grew or shrank since the plan (a finished run's last check: a shard's own
+    read sees only its range, and a resumed run reads no shard of a file it wrote whole)."""
+    for f, rows, marks in zip(plan.files, plan.file_rows, plan.file_marks):
+        try:
+            if f.format == "parquet":
+                with f.location.fs.open_input_file(f.location.path) as handle:
+                    now = pq.ParquetFile(handle).metadata.num_rows
+                changed = now != rows
+            else:
+                changed = f.location.info().size != int(marks[-1, 0])
+        except OSError as exc:
+            raise OSError(f"{f.location.uri}: cannot read: {exc}") from None
+        if changed:
+            raise InputError(f"{f.location.uri} changed while the job ran: it is not the file planned (rows added "
+                             "or removed); what was written stays, and a rerun decodes the rows it does not hold")
 
 
 def all_rows(plan: InputPlan) -> Iterator[dict]:

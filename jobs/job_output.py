@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jobs.config import JobConfig
@@ -68,7 +69,7 @@ class JobOutput:
         if not self.location.local:
             return self.writer, "writes its own parts"
         if node_id is not None and node_id == driver_node_id:
-            return self.writer, "writes its own parts (on the driver's node)"
+            return dataclasses.replace(self.writer, node_id=node_id), "writes its own parts (on the driver's node)"
         return None, ("returns its rows, which the driver writes: the output is a local directory on the driver's "
                       "node (give a URI, e.g. s3://..., to have workers on other nodes write their own parts)")
 

@@ -18,7 +18,6 @@ is all the driver needs of the part.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.storage import Location, resolve
+from jobs.storage import Location, resolve, resolve_cached
 from workers.records import ErrorCode, RowOutput
 
 ERROR_TYPE = pa.struct([pa.field("code", pa.string(), nullable=False), pa.field("message", pa.string())])
@@ -158,28 +157,24 @@ def shard_of(part_name: str) -> int:
 @dataclass(frozen=True)
 class PartWriter:
     """Writes shards' parts into one output: the driver's, or a worker's (it is pickled to the worker, so it
-    holds the output as the user gave it, ``where``, with any query options, and resolves it there; credentials
-    come from the writer's own environment, jobs/storage.py). With ``output_format`` "openai-batch", each part's
-    result lines are published beside it (jobs/openai_batch.py)."""
+    holds the output as ``where``, jobs/storage.Location.source, and resolves it there; credentials come from the
+    writer's own environment). With ``output_format`` "openai-batch", each part's result lines are published
+    beside it (jobs/openai_batch.py). ``node_id``: the Ray node whose disk a local ``where`` is on (None: any
+    node reaches it), which a worker checks before it writes."""
 
     where: str
     output_format: str = "parquet"
+    node_id: str | None = None
 
     def write(self, shard_index: int, records: list[dict[str, Any]]) -> WrittenPart:
         """One shard's records as a part (atomically, with its summary in the footer)."""
-        out = _resolved(self.where)
+        out = resolve_cached(self.where)
         part = write_table(out, shard_index, pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA))
         if self.output_format == "openai-batch":
             from jobs.openai_batch import write_results
 
             write_results(out, part.name, records)
         return part
-
-
-@functools.lru_cache(maxsize=8)
-def _resolved(where: str) -> Location:
-    """A writer's output, resolved once per process (an object store's bucket check is a request)."""
-    return resolve(where)
 
 
 def write_part(out: Location | str | Path, shard_index: int, records: list[dict[str, Any]],

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from jobs.adapt import Adaptation, load_prompt_files
 from jobs.config import CONFIG_FLAGS, JobConfig, add_config_flags, build_config
-from jobs.inputs import InputError, InputPlan, Shard, plan_shards, scan_input
+from jobs.inputs import InputError, InputPlan, Shard, check_unchanged, plan_shards, scan_input
 from jobs.job_output import JobOutput
 from jobs.progress import Progress, device_table
 from jobs.resume import ResumeError, Written
@@ -233,18 +233,19 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 wait_for_all=cfg.wait_for_workers,
                 prefetch=PREFETCH_SHARDS if cfg.decoding.batching == "continuous" else 0, submit=submit,
             ):
-                if result.get("input_error"):  # the input changed since the plan, or cannot be read
+                if result.get("input_error"):  # the input changed since the plan
                     raise InputError(result["input_error"])
-                if result.get("output_error"):
-                    raise OSError(result["output_error"])
+                if result.get("read_error") or result.get("output_error"):  # the store failed: a rerun resumes
+                    raise OSError(result.get("read_error") or result["output_error"])
                 part = output.take(shard.index, result)
-                if result.get("records") is not None:
+                if adaptation.wants(shard.index) and result.get("records") is not None:
                     adaptation.add_shard(shard.index, result.get("rows") or shard.load(), result["records"], workers)
                 adaptation.poll(workers)
                 run["retries"] += shard.attempts
                 progress.add_part(part.summary, group=w.group if w else None, device=w.info["device"] if w else None,
                                   seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
             run["decoded"] = time.perf_counter()
+            check_unchanged(plan)
             adaptation.finish(workers)
         finally:
             output.flush()

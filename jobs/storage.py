@@ -16,6 +16,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ def _with_env_endpoint(uri: str) -> str:
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "@" in urlsplit(endpoint).netloc:  # it would ride in the URI handed to the workers
+        raise StorageError("AWS_ENDPOINT_URL(_S3) carries credentials; set them in AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY instead")
     if endpoint and "endpoint_override" not in query:
         query["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
@@ -126,6 +130,13 @@ class Location:
         for f in leftovers:
             f.delete()
         return len(leftovers)
+
+
+@functools.lru_cache(maxsize=16)
+def resolve_cached(where: str) -> Location:
+    """``resolve``, once per process for each ``where``: a worker resolves its job's input and output once, not per
+    shard (an object store's client set-up and bucket check are requests)."""
+    return resolve(where)
 
 
 def resolve(where: str | os.PathLike) -> Location:

@@ -4,6 +4,7 @@ between regions, which cost a step 1.2-1.9x (workers/actor.py); the thread is wh
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -146,6 +147,12 @@ def test_a_worker_reads_its_shard_and_publishes_its_part_or_says_why_it_cannot(m
         {"id": "c", "output_text": "pc"}, {"id": "d", "output_text": "pd"}]
     kept = worker.process(shards[0].read, writer, shards[0].index, keep_records=True)
     assert [r["id"] for r in kept["rows"]] == ["a", "b"] and [r["id"] for r in kept["records"]] == ["a", "b"]
+
+    # A writer for another node's disk (this actor restarted elsewhere since the driver looked): rows come back.
+    monkeypatch.setattr(actor.DecodeWorker, "node_id", property(lambda self: "this-node"))
+    elsewhere = worker.process(shards[0].read, dataclasses.replace(writer, node_id="driver-node"), 0)
+    assert "part" not in elsewhere and [r["id"] for r in elsewhere["records"]] == ["a", "b"]
+    assert len(list((tmp_path / "out").iterdir())) == 2  # the two parts above, no third
 
     write_jsonl(src, [{"id": i, "prompt": f"p{i}"} for i in "abxd"])  # the same bytes but one id
     changed = worker.process(shards[1].read, writer, 1)["input_error"]

@@ -123,3 +123,4 @@ def test_a_local_output_is_written_by_the_workers_on_the_drivers_node_only(tmp_p
     assert why.startswith(expected) and (writer is None) == (node == "other-node")
     if writer is not None:
         assert writer.where == str(tmp_path / "out")  # absolute: a worker's working directory is its own
+        assert writer.node_id == "driver-node"  # a worker restarted on another node will not write with it

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.config import DEMO_INPUT, build_config
-from jobs.inputs import InputError, iter_shards, plan_shards, read_rows, scan_input
+from jobs.inputs import InputError, check_unchanged, iter_shards, plan_shards, read_rows, scan_input
 from jobs.output import OUTPUT_SCHEMA, read_output
 from jobs.run import main
 from tests.conftest import TINY_MAX_CONTEXT
@@ -150,9 +150,12 @@ def test_a_parquet_shard_is_read_from_its_row_groups(tmp_path):
     done = np.zeros(10, dtype=bool)
     done[[4, 6]] = True
     assert [s.ids for s in plan_shards(plan, done) if s.index == 1] == [["r5", "r7"]]
+    check_unchanged(plan)
     pq.write_table(pa.table({"id": ids + ["r10"], "prompt": ids + ["x"]}), tmp_path / "in.parquet", row_group_size=3)
     with pytest.raises(InputError, match="changed while the job ran: shard 0: the file holds 11 rows, not the 10"):
         shards[0].read.read()
+    with pytest.raises(InputError, match="in.parquet changed while the job ran: it is not the file planned"):
+        check_unchanged(plan)  # found at the run's end, even when every shard of the file was written before
 
 
 def test_an_input_changed_mid_job_is_refused(tmp_path):
@@ -167,6 +170,8 @@ def test_an_input_changed_mid_job_is_refused(tmp_path):
         write_jsonl(path, [{"id": i, "prompt": "x"} for i in changed])
         with pytest.raises(InputError, match=f"changed while the job ran: .*{message}"):
             list(iter_shards(plan))
+        with pytest.raises(InputError, match="in.jsonl changed while the job ran: it is not the file planned"):
+            check_unchanged(plan)  # the run's last check, which sees a file no shard of this run read
 
 
 def test_an_input_of_one_id_repeated_is_refused_at_once(tmp_path):

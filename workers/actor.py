@@ -115,10 +115,15 @@ class DecodeWorker:
                 log.exception("the decode loop failed")
                 self.engine.fail_open_shards(exc)
 
+    @property
+    def node_id(self) -> str:
+        """The Ray node this process runs on (a restarted actor may be on another)."""
+        return ray.get_runtime_context().get_node_id()
+
     def ready(self) -> dict[str, Any]:
         """What this worker loaded and chose (returns once the model is in memory)."""
         return {**self.engine.describe(), "worker": self.name, "group": self.group, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "threads": self.num_threads,
+                "node_id": self.node_id, "threads": self.num_threads,
                 "threads_reason": self.threads_reason,
                 "priority": self.priority}
 
@@ -130,13 +135,19 @@ class DecodeWorker:
         ``keep_records``, else None}; without, {"records": one per completion, in input order}. And "slots": the
         slot counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy);
         "graphs": the step's captures (or compiles) so far, or None when it runs eager. An input that changed
-        since the plan, or that cannot be read: {"input_error": why}; a part that cannot be published:
-        {"output_error": why} (the job stops on either, naming it: retrying elsewhere would not help)."""
+        since the plan: {"input_error": why}; an input that cannot be read: {"read_error": why}; a part that
+        cannot be published: {"output_error": why} (the job stops on any of them, naming it; a rerun resumes). A
+        writer meant for another node's disk (this actor was restarted elsewhere since the driver looked) is not
+        used: the rows come back instead."""
         if not isinstance(rows, list):
             try:
                 rows = rows.read()
-            except ValueError as exc:  # jobs.inputs.InputError
+            except OSError as exc:
+                return {"read_error": f"{self.name}: {exc}"}
+            except ValueError as exc:  # jobs.inputs.InputError: the input changed since the plan
                 return {"input_error": f"{self.name}: {exc}"}
+        if writer is not None and writer.node_id is not None and writer.node_id != self.node_id:
+            writer = None
         job = self.engine.add_shard(rows)
         with self._work:
             self._work.notify()
@@ -148,12 +159,12 @@ class DecodeWorker:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
         result: dict[str, Any] = {"slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
         if writer is None:
-            return {**result, "records": records}
+            return {**result, "records": records, "rows": rows if keep_records else None}
         # Published here, in the call's thread: the decode loop steps on meanwhile (pyarrow's writes let go of
         # the GIL), and the driver receives only the part's summary.
         try:
             part = writer.write(shard_index, records)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: jobs.storage.StorageError (e.g. the bucket's check)
             return {"output_error": f"{self.name} cannot publish its part to {writer.where}: {exc}"}
         kept = {"records": records, "rows": rows} if keep_records else {"records": None}
         return {**result, "part": part, **kept}
