@@ -117,11 +117,28 @@ def test_an_interleaved_measurement_keeps_its_shape_through_a_busy_moment(tiny, 
     assert calls[:6] == [1, 4, 16, 1, 4, 16]  # a warm-up of each, then rounds
 
 
+@pytest.mark.parametrize("probes, refused", [
+    ([{4: 1.0, 16: 1.2}], False),  # within the tolerance: one probe, kept
+    ([{4: 1.5, 16: 1.0}, {4: 0.6, 16: 1.0}], False),  # the same tree off both times, but the other way
+    ([{4: 1.5, 16: 1.0}, {4: 1.1, 16: 1.5}], False),  # off both times, on different trees
+    ([{4: 1.5, 16: 1.0}, {4: 1.4, 16: 0.9}], True),  # the 4-slot tree priced too dear twice: a real change
+    ([{4: 0.7, 16: 1.0}, {4: 0.5, 16: 1.0}], True),  # too cheap twice
+])
+def test_the_spot_check_measures_again_only_on_a_consistent_change(monkeypatch, probes, refused):
+    """Two probes must find the same tree off, the same way: a busy moment falls anywhere, a changed machine
+    shows the same way every time (measured: with any tree off in both probes as the rule, one job in twelve
+    re-measured a good profile, 56 s)."""
+    answers = iter(probes)
+    monkeypatch.setattr(profiles, "shape_errors", lambda *args: next(answers))
+    assert profiles.consistently_off(None, None, None, "h") == refused
+    assert next(answers, None) is None  # every probe given was taken, and no more
+
+
 def test_profile_is_cached_per_device_and_model(tiny, tmp_path, monkeypatch):
     # The spot check of a cached profile (tested on its own) is passed here, so that a busy machine cannot make a
     # cached profile look stale: its timing of live steps, and its monotone check, which a loaded machine's
     # slowed tiny steps (over SPOT_CHECK_MIN_SECONDS) can fail.
-    monkeypatch.setattr(profiles, "shape_error", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args, **kwargs: False)
     monkeypatch.setattr(profiles, "worst_inversion", lambda profile: profiles.Inversion(1.0))
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 8], budget_s=5)
@@ -150,7 +167,7 @@ def test_a_profile_covering_the_batch_sizes_asked_is_reused(tiny, tmp_path, monk
         measured.append(sorted(batch_sizes))
         return profile_of([(b, s, device[s] * b) for b in batch_sizes for s in slots])
     monkeypatch.setattr(profiles, "measure_profile", measure)
-    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)  # the spot check passes (tested above)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)  # the spot check passes (tested above)
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, slots=[1, 16], budget_s=5)
     wide, _ = load_or_measure_profile(tiny.model, pt, batch_sizes=[1, 2, 8, 32], **kwargs)
@@ -242,7 +259,7 @@ def test_a_profile_not_monotone_in_slots_is_refused_before_any_timing(tiny, tmp_
 
     def no_timing(*args, **kwargs):
         raise AssertionError("the shape alone refuses this profile: nothing is timed")
-    monkeypatch.setattr(profiles, "shape_error", no_timing)
+    monkeypatch.setattr(profiles, "shape_errors", no_timing)
     again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
     assert not cached and again != busy and LatencyProfile.model_validate_json(path.read_text()) == again
 
@@ -257,7 +274,8 @@ def test_a_fresh_profile_inverted_again_is_refused_once_only(tiny, tmp_path, mon
             update={"measured_at": f"t{len(measured)}"}))
         return measured[-1]
     monkeypatch.setattr(profiles, "measure_profile", measure)
-    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)  # fresh steps agree: only the shape is at stake
+    # fresh steps agree: only the shape is at stake
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 4, 16], budget_s=5)
     assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[0], False)  # nothing cached
@@ -266,9 +284,9 @@ def test_a_fresh_profile_inverted_again_is_refused_once_only(tiny, tmp_path, mon
     assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], True)
     assert len(measured) == 2
     # A profile refused for another reason (here: the fresh steps disagree) gets no such pass.
-    monkeypatch.setattr(profiles, "shape_error", lambda *args: 2.0)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args: True)
     assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[2], False)
-    monkeypatch.setattr(profiles, "shape_error", lambda *args: 1.0)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)
     assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], False)  # inverted: refused
     assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], True)
 
@@ -306,7 +324,7 @@ def test_the_probe_times_more_than_one_tree(tiny, tmp_path, monkeypatch):
 def test_engine_builds_its_tree_from_the_profile(tiny, tmp_path, monkeypatch):
     # The second engine must reuse the first one's profile: its spot check (tested on its own) is passed, so
     # that a busy machine cannot make the profile look stale.
-    monkeypatch.setattr(profiles, "shape_error", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args, **kwargs: False)
     monkeypatch.setattr(profiles, "worst_inversion", lambda profile: profiles.Inversion(1.0))
     path = save_trained_artifact(tiny, tmp_path / "pt")
     config = DecodingConfig(prompts=str(path), profile_budget_s=5, tree_sizing="static")

@@ -35,8 +35,11 @@ PROFILE_VERSION = 8
 # up to 1.14x (3 repeats each), the loaded profile above by 1.19x.
 SPOT_CHECK_MONOTONE_TOLERANCE = 1.15
 # Against fresh steps: plain decoding and a few tree sizes are timed at the profile's smallest batch size,
-# and each tree's ratio to the plain step is compared with the profile's. Past this factor for any of them,
-# in two probes running, the profile is measured again. A probe times the sizes in turn, round after round
+# and each tree's ratio to the plain step is compared with the profile's. Past this factor for one of them,
+# in two probes running and the same way in both (the profile too dear for that tree twice, or too cheap
+# twice), the profile is measured again: a change of the machine shows the same way every time, a busy
+# moment wherever it falls (measured: with any size off in both probes as the rule, one job in twelve threw
+# a good profile away on this VM, costing 56 s). A probe times the sizes in turn, round after round
 # (measure_profile's ``interleaved``): a busy moment slows every size of its round alike, so the ratios hold,
 # where timing each size's repeats in one block put the whole moment on one size.
 SPOT_CHECK_TOLERANCE = 1.3
@@ -134,9 +137,9 @@ def load_or_measure_profile(model, prompt_tokens: PromptTokens, *, model_hash: s
                     refused_as_inverted = True
                     log.warning("cached profile %s is not monotone in slots (%s): measuring again", source,
                                 inversion)
-                # Both probes must disagree: one slow probe says more about now than about the profile.
-                elif any(shape_error(cached, model, prompt_tokens, model_hash, step_mode) <= SPOT_CHECK_TOLERANCE
-                         for _ in range(2)):
+                # Both probes must disagree, on the same tree the same way: one slow probe says more about now
+                # than about the profile.
+                elif not consistently_off(cached, model, prompt_tokens, model_hash, step_mode):
                     return cached, True
                 else:
                     log.warning("cached profile %s is off in shape by over %.1fx against fresh steps: measuring "
@@ -226,29 +229,45 @@ def probe_slots(profile: LatencyProfile, prompt_tokens: PromptTokens, batch: int
     return sorted(probes)
 
 
+def consistently_off(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str,
+                     step_mode: StepMode = "eager") -> bool:
+    """Whether two probes (``shape_errors``) both find one tree's ratio off by over SPOT_CHECK_TOLERANCE, the same
+    way (the second probe runs only when the first finds one)."""
+    first = {s: r for s, r in shape_errors(profile, model, prompt_tokens, model_hash, step_mode).items()
+             if max(r, 1 / r) > SPOT_CHECK_TOLERANCE}
+    if not first:
+        return False
+    second = shape_errors(profile, model, prompt_tokens, model_hash, step_mode)
+    return any(s in second and max(second[s], 1 / second[s]) > SPOT_CHECK_TOLERANCE and (second[s] > 1) == (r > 1)
+               for s, r in first.items())
+
+
 def shape_error(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str,
                 step_mode: StepMode = "eager") -> float:
+    """The worst of ``shape_errors`` as a factor >= 1 (1 when none was timed)."""
+    return max([max(r, 1 / r) for r in shape_errors(profile, model, prompt_tokens, model_hash, step_mode).values()],
+               default=1.0)
+
+
+def shape_errors(profile: LatencyProfile, model, prompt_tokens: PromptTokens, model_hash: str,
+                 step_mode: StepMode = "eager") -> dict[int, float]:
     """Time plain decoding and the probe's trees (probe_slots) afresh at the profile's smallest batch size;
-    return how far the profile's ratio of each tree's step to the plain step is from the fresh one, as a
-    factor >= 1, the worst of them (1 when there is no tree point). Profiles of steps under
-    SPOT_CHECK_MIN_SECONDS are not checked. The shape, not the scale: a profile is only ever used for
-    relative costs (the choice of tree and batch size), and ProPD rescales it by the steps it runs."""
+    return, for each tree timed (by slots), the profile's ratio of its step to the plain step over the fresh
+    ratio (above 1: the profile prices the tree too dear). None is timed for profiles of steps under
+    SPOT_CHECK_MIN_SECONDS. The shape, not the scale: a profile is only ever used for relative costs (the choice
+    of tree and batch size), and ProPD rescales it by the steps it runs."""
     batch = profile.batches()[0]
     if 1 not in profile.measured_slots(batch) or profile.step_seconds(batch, 1) < SPOT_CHECK_MIN_SECONDS:
-        return 1.0
+        return {}
     probes = probe_slots(profile, prompt_tokens, batch)
     if not probes:
-        return 1.0
+        return {}
     fresh = measure_profile(model, prompt_tokens, model_hash=model_hash, batch_sizes=[batch], slots=[1, *probes],
                             context_len=profile.context_len, budget_s=1e9, repeats=SPOT_CHECK_REPEATS,
                             step_mode=step_mode, interleaved=True)
     # With ensembles a few slot counts cannot be built and the next one down is timed: compared as timed.
     timed = [s for s in fresh.measured_slots(batch) if s > 1]
-    if 1 not in fresh.measured_slots(batch) or not timed:
-        return 1.0
-    worst = 1.0
-    for slots in timed:
-        ratio = (profile.step_seconds(batch, slots) / profile.step_seconds(batch, 1)) / (
-            fresh.step_seconds(batch, slots) / fresh.step_seconds(batch, 1))
-        worst = max(worst, ratio, 1 / ratio)
-    return worst
+    if 1 not in fresh.measured_slots(batch):
+        return {}
+    return {slots: (profile.step_seconds(batch, slots) / profile.step_seconds(batch, 1))
+            / (fresh.step_seconds(batch, slots) / fresh.step_seconds(batch, 1)) for slots in timed}
