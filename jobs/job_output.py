@@ -43,8 +43,7 @@ class JobOutput:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.location: Location = resolve(cfg.output)
-        self.shaping = output_shaping_config(cfg)
-        self.config_hash = config_hash(self.shaping)
+        self.config_hash = config_hash(output_shaping_config(cfg))
         # Workers resolve the output where they run: a local one by its absolute path (their working directory is
         # not the driver's), a URI with its options.
         self.writer = PartWriter(self.location.source, cfg.output_format)
@@ -66,12 +65,13 @@ class JobOutput:
     def writer_for(self, node_id: str | None, driver_node_id: str | None) -> tuple[PartWriter | None, str]:
         """The writer a worker on ``node_id`` publishes its parts with, or None when it cannot reach the output
         (then the driver writes its rows); and why, for its start line."""
+        if not self.location.reachable_from(node_id, driver_node_id):
+            return None, ("returns its rows, which the driver writes: the output is a local directory on the "
+                          "driver's node (give a URI, e.g. s3://..., to have workers on other nodes write their own "
+                          "parts)")
         if not self.location.local:
             return self.writer, "writes its own parts"
-        if node_id is not None and node_id == driver_node_id:
-            return dataclasses.replace(self.writer, node_id=node_id), "writes its own parts (on the driver's node)"
-        return None, ("returns its rows, which the driver writes: the output is a local directory on the driver's "
-                      "node (give a URI, e.g. s3://..., to have workers on other nodes write their own parts)")
+        return dataclasses.replace(self.writer, node_id=node_id), "writes its own parts (on the driver's node)"
 
     def accept(self, part: WrittenPart) -> WrittenPart:
         """A part a worker published: indexed (the summary is all the driver keeps of it)."""

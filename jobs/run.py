@@ -193,7 +193,6 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
             board, board_name = start_board(output.recorded_numerics())
             driver_node = ray.get_runtime_context().get_node_id()
-            input_remote = not plan.files[0].location.local  # a local input is read on the driver's node only
             workers = start_workers(cfg, chash, board_name, adaptable=adaptation.adaptable,
                                     prompt_files=adaptation.worker_files or load_prompt_files(cfg),
                                     rows_to_decode=(plan.num_rows - skipped) * cfg.decoding.sampling.n)
@@ -202,7 +201,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 first = "first_ready" not in run
                 run.setdefault("first_ready", time.perf_counter())
                 w.writer, w.info["output"] = output.writer_for(w.info.get("node_id"), driver_node)
-                w.reads_input = input_remote or w.info.get("node_id") == driver_node
+                w.reads_input = plan.files[0].location.reachable_from(w.info.get("node_id"), driver_node)
                 w.info["input"] = ("reads its own shards" if w.reads_input else "gets its rows from the driver: the "
                                    "input is a local path on the driver's node")
                 print(describe_worker(w.info), flush=True)

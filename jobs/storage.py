@@ -68,6 +68,11 @@ class Location:
         included)."""
         return self.path if self.local else self.uri + (f"?{self.query}" if self.query else "")
 
+    def reachable_from(self, node_id: str | None, driver_node_id: str | None) -> bool:
+        """Whether a process on Ray node ``node_id`` reaches this location as the driver (on ``driver_node_id``)
+        does: a URI from any node; a local path only on the driver's node (elsewhere it is another disk)."""
+        return not self.local or (node_id is not None and node_id == driver_node_id)
+
     def child(self, name: str) -> Location:
         return Location(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.uri.rstrip('/')}/{name}", self.query)
 
