@@ -63,6 +63,7 @@ class Worker:
     info: dict[str, Any] = field(default_factory=dict)  # from DecodeWorker.ready(); refreshed on restart
     last_busy_seconds: float = 0.0  # its latest shard: from its submission, or the worker's previous result
     last_slots: dict[str, int] = field(default_factory=dict)  # its latest shard's slot counters
+    last_clock: dict[str, float] = field(default_factory=dict)  # its steps' time since its previous shard
     in_flight: int = 0  # shards submitted and not yet returned
     joined: bool = False  # in the pool: started, not known dead
     probing: bool = False  # a ready() probe is waiting on its (re)start
@@ -222,6 +223,7 @@ def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: 
         w.last_busy_seconds = now - max(submitted, w.last_result_at)
         w.last_result_at = now
         w.last_slots = result.get("slots") or {}
+        w.last_clock = result.get("clock") or {}
         if result.get("graphs") is not None:  # the step's captures so far: summary.json's workers show the last
             w.info["graphs"] = result["graphs"]
         yield shard, result, w

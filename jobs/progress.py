@@ -23,8 +23,14 @@ class Tally:
     # slot-steps, and slot-steps offered (steps x slots).
     busy_slot_steps: int = 0
     slot_steps: int = 0
+    # The decode loops' time inside steps (workers/engine.StepClock): wall seconds, and the stepping threads' CPU
+    # seconds in them.
+    loop_steps: int = 0
+    step_seconds: float = 0.0
+    step_thread_cpu_seconds: float = 0.0
 
-    def add_part(self, summary: dict[str, Any], seconds: float, slots: dict[str, int] | None = None) -> None:
+    def add_part(self, summary: dict[str, Any], seconds: float, slots: dict[str, int] | None = None,
+                 clock: dict[str, float] | None = None) -> None:
         """A written part, from its summary (jobs/output.part_summary, with its ``tally``)."""
         tally = summary["tally"]
         self.prompts += len(summary["ids"])
@@ -35,6 +41,10 @@ class Tally:
         self.device_seconds += seconds
         self.batch_fallback_rows += tally["batch_fallback"]
         self._add_slots(slots)
+        if clock:
+            self.loop_steps += int(clock["steps"])
+            self.step_seconds += clock["wall_s"]
+            self.step_thread_cpu_seconds += clock["thread_cpu_s"]
 
     def _add_slots(self, slots: dict[str, int] | None) -> None:
         if slots:
@@ -57,7 +67,13 @@ class Tally:
             "tokens_per_device_s": self.output_tokens / self.device_seconds if self.device_seconds else None,
             "batch_fallback_rows": self.batch_fallback_rows,
             "slot_occupancy": self.occupancy,
+            "decode_loop": self.decode_loop(),
         }
+
+    def decode_loop(self) -> dict[str, Any]:
+        """The decode loops' steps, their wall seconds and their threads' CPU seconds in them."""
+        return {"steps": self.loop_steps, "step_seconds": round(self.step_seconds, 3),
+                "thread_cpu_seconds": round(self.step_thread_cpu_seconds, 3)}
 
 
 def _duration(seconds: float) -> str:
@@ -95,12 +111,12 @@ class Progress:
         self.group_started.setdefault(group, time.perf_counter())
 
     def add_part(self, summary: dict[str, Any], *, group: str | None, device: str | None, seconds: float,
-                 slots: dict[str, int] | None = None) -> None:
-        """A written part, from its summary (jobs/output.part_summary), and its worker's slot counters: the
+                 slots: dict[str, int] | None = None, clock: dict[str, float] | None = None) -> None:
+        """A written part, from its summary (jobs/output.part_summary), its worker's slot counters and step time: the
         driver need not look at its rows. group and device are None for rows given up on (their workers died)."""
         for tally in (self.total, *([self.groups[group]] if group is not None else []),
                       *([self.devices[device]] if device is not None else [])):
-            tally.add_part(summary, seconds, slots)
+            tally.add_part(summary, seconds, slots, clock)
         if summary["ids"]:
             self.written.add(summary["ids"][0])
             self.open.pop(summary["ids"][0], None)

@@ -123,6 +123,10 @@ def _summarise(output: JobOutput, plan: InputPlan, cfg: JobConfig, run: dict[str
         "decode_seconds": decode_seconds,
         "tokens_per_s": total.output_tokens / decode_seconds if decode_seconds > 0 else 0.0,
         "device_seconds": total.device_seconds,
+        # The decode loops' steps, their time inside steps, and their threads' CPU time in them: with one worker,
+        # decode_seconds less step_seconds is time its loop did not step; step_seconds less thread_cpu_seconds,
+        # time its steps waited (on the OpenMP team, a preempted core, the device).
+        "decode_loop": total.decode_loop(),
         "wall_seconds": time.perf_counter() - run["started"],
         "shards": run["shards"],
         "shard_retries": run["retries"],
@@ -242,7 +246,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
                 adaptation.poll(workers)
                 run["retries"] += shard.attempts
                 progress.add_part(part.summary, group=w.group if w else None, device=w.info["device"] if w else None,
-                                  seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None)
+                                  seconds=w.last_busy_seconds if w else 0.0, slots=w.last_slots if w else None,
+                                  clock=w.last_clock if w else None)
             run["decoded"] = time.perf_counter()
             check_unchanged(plan)
             adaptation.finish(workers)

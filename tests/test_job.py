@@ -394,6 +394,11 @@ def test_every_row_once_with_errors_on_bad_rows(tiny_runs):
         assert summary["output_tokens"] == sum(r["num_output_tokens"] for r in ok)
         assert summary["mean_tau"] == pytest.approx(summary["output_tokens"] / sum(r["num_steps"] for r in ok))
         assert summary["tokens_per_s"] == pytest.approx(summary["output_tokens"] / summary["decode_seconds"])
+        # The decode loop's own clock: every step after the warm-up, each advancing one or both of the 2 slots,
+        # inside the decode span; a thread runs on one core at a time, so its CPU time never exceeds the wall's.
+        loop, row_steps = summary["decode_loop"], sum(r["num_steps"] for r in ok)
+        assert row_steps / 2 <= loop["steps"] <= row_steps and loop == device["decode_loop"]
+        assert 0 < loop["thread_cpu_seconds"] <= loop["step_seconds"] * 1.01 < summary["decode_seconds"]
 
 
 def test_one_parquet_file_per_shard_and_an_index_of_them(tiny_runs):

@@ -134,6 +134,7 @@ class DecodeWorker:
         {"part": its name, size and summary (jobs.output.WrittenPart); "records" and the input "rows" too with
         ``keep_records``, else None}; without, {"records": one per completion, in input order}. And "slots": the
         slot counters of the worker's steps since its previous shard finished (decoding/slots.Occupancy);
+        "clock": those steps' time (workers/engine.StepClock);
         "graphs": the step's captures (or compiles) so far, or None when it runs eager. An input that changed
         since the plan: {"input_error": why}; an input that cannot be read: {"read_error": why}; a part that
         cannot be published: {"output_error": why} (the job stops on any of them, naming it; a rerun resumes). A
@@ -157,7 +158,8 @@ class DecodeWorker:
         records = [out.to_dict() for out in job.outputs]
         for record in records:
             record["worker"], record["worker_group"], record["config_hash"] = self.name, self.group, self.config_hash
-        result: dict[str, Any] = {"slots": job.occupancy, "graphs": self.engine.batch.graph_stats()}
+        result: dict[str, Any] = {"slots": job.occupancy, "graphs": self.engine.batch.graph_stats(),
+                                  "clock": job.clock.as_dict() if job.clock else None}
         if writer is None:
             return {**result, "records": records, "rows": rows if keep_records else None}
         # Published here, in the call's thread: the decode loop steps on meanwhile (pyarrow's writes let go of

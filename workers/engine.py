@@ -131,6 +131,12 @@ class DecodeEngine:
         self._pending_prompts: list[PendingPrompts] = []  # adopted between steps, by the decode loop
         self._open: list[ShardJob] = []  # shards added and not yet done
         self._occupancy_reported: dict[str, int] = {}
+        # The decode loop's time inside steps: wall seconds, and the CPU seconds of the thread that steps (on a
+        # CPU, its OpenMP team's master). Against the job's decode time, the first says how much of it the loop
+        # spent stepping; against each other, the second says how much of a step the thread ran rather than
+        # waited (on its team, a preempted core, or the device).
+        self.clock = StepClock()
+        self._clock_reported = StepClock()
 
     @classmethod
     def from_config(cls, model: ModelConfig, decoding: DecodingConfig, batch_size: int | Literal["auto"] = 1,
@@ -542,10 +548,12 @@ class DecodeEngine:
         fill their outputs, finished shards are closed."""
         if self._pending_prompts:
             self.adopt_pending_prompts()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             finished = self.batch.step()
         except Exception as exc:  # noqa: BLE001 - the rows in flight are decoded alone below
             finished = self._fall_back(exc)
+        self.clock.add(time.perf_counter() - started, time.thread_time() - cpu_started)
         for request, result in finished:
             self._complete(request, result)
 
@@ -613,6 +621,7 @@ class DecodeEngine:
             job.occupancy = {key: now[key] - self._occupancy_reported.get(key, 0) if key != "slots" else now[key]
                              for key in now}
             self._occupancy_reported = now
+            job.clock, self._clock_reported = self.clock.since(self._clock_reported), self.clock.copy()
             self._open.remove(job)
         self._record_compile_time()
         job.done.set()
@@ -637,6 +646,30 @@ class DecodeEngine:
 
 
 @dataclass
+class StepClock:
+    """Steps taken, their wall seconds, and the stepping thread's CPU seconds in them."""
+
+    steps: int = 0
+    wall_s: float = 0.0
+    thread_cpu_s: float = 0.0
+
+    def add(self, wall_s: float, thread_cpu_s: float) -> None:
+        self.steps += 1
+        self.wall_s += wall_s
+        self.thread_cpu_s += thread_cpu_s
+
+    def copy(self) -> StepClock:
+        return replace(self)
+
+    def since(self, earlier: StepClock) -> StepClock:
+        return StepClock(self.steps - earlier.steps, self.wall_s - earlier.wall_s,
+                         self.thread_cpu_s - earlier.thread_cpu_s)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"steps": self.steps, "wall_s": round(self.wall_s, 4), "thread_cpu_s": round(self.thread_cpu_s, 4)}
+
+
+@dataclass
 class ShardJob:
     """One shard in the engine: its outputs (filled as its completions finish), the slot counters of the steps
     since the previous shard closed, and ``done``, set once all of its completions are."""
@@ -645,6 +678,7 @@ class ShardJob:
     remaining: int
     occupancy: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # of the completions finished so far (the progress line's, before the shard is done)
+    clock: StepClock | None = None  # the decode loop's steps since the previous shard closed
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 

@@ -68,11 +68,22 @@ def in_process(rows_file: Path, batch: int, method: str, max_new_tokens: int) ->
     engine = DecodeEngine.from_config(ModelConfig(), DecodingConfig(method=method, max_new_tokens=max_new_tokens,
                                                                     compile="off"), batch_size=batch)
     engine.run_rows(rows[:batch])  # warm-up: the first steps' allocations, as a job's warm-up does
+    clock = engine.clock.copy()
     started = time.perf_counter()
     outputs = engine.run_rows(rows)
     seconds = time.perf_counter() - started
+    clock = engine.clock.since(clock)
     tokens = sum(o.num_output_tokens for o in outputs)
-    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, **loop_figures(
+        seconds, clock.steps, clock.wall_s, clock.thread_cpu_s)}
+
+
+def loop_figures(seconds: float, steps: int, step_s: float, thread_cpu_s: float) -> dict:
+    """Where a decode's time went: the share of it spent inside steps, a step's mean wall time, and the share of a
+    step the stepping thread ran (the rest it waited: on its OpenMP team, a preempted core)."""
+    return {"steps": steps, "in_steps": round(step_s / seconds, 4) if seconds else None,
+            "step_ms": round(1000 * step_s / steps, 3) if steps else None,
+            "thread_ran": round(thread_cpu_s / step_s, 4) if step_s else None}
 
 
 def measure_in_process(rows_file: Path, batch: int, method: str, max_new_tokens: int) -> dict:
@@ -92,8 +103,9 @@ def run_job(rows_file: Path, out: Path, batch: int, method: str, max_new_tokens:
     subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
-    worker = summary["workers"][0]
+    worker, loop = summary["workers"][0], summary["decode_loop"]
     return {"tokens_per_s": summary["tokens_per_s"], "tokens": summary["output_tokens"], "command_wall_s": wall,
+            **loop_figures(summary["decode_seconds"], loop["steps"], loop["step_seconds"], loop["thread_cpu_seconds"]),
             "plan": {key: worker.get(key) for key in ("tree_hash", "tree_slots", "batch_size", "profile")},
             "compile": worker.get("compile"), "step_mode": worker.get("step_mode")}
 
@@ -113,12 +125,15 @@ class Load:
 
 def speed_rounds(rows_file: Path, work: Path, batch: int, args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {}
+    methods = {name: METHODS[name] for name in args.methods}
     for r in range(args.rounds):
-        for name, method in METHODS.items():
+        for name, method in methods.items():
             runs.setdefault(f"{name} in-process", []).append(
                 measure_in_process(rows_file, batch, method, args.max_new_tokens))
             runs.setdefault(f"{name} job", []).append(
                 run_job(rows_file, work / f"b{batch}-{name}-quiet-{r}", batch, method, args.max_new_tokens))
+            if args.no_load:
+                continue
             with Load():
                 runs.setdefault(f"{name} job, loaded", []).append(
                     run_job(rows_file, work / f"b{batch}-{name}-load-{r}", batch, method, args.max_new_tokens))
@@ -126,18 +141,27 @@ def speed_rounds(rows_file: Path, work: Path, batch: int, args: argparse.Namespa
             f"{key} {runs[key][-1]['tokens_per_s']:.1f}" for key in runs), flush=True)
     median = {key: statistics.median(x["tokens_per_s"] for x in values) for key, values in runs.items()}
 
-    def paired(a: str, b: str) -> float:
-        return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b]))
+    def paired(a: str, b: str) -> float | None:
+        if a not in runs or b not in runs:
+            return None
+        return round(statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[a], runs[b])), 3)
 
-    plans = [json.dumps(x["plan"], sort_keys=True) for key in ("propd job", "propd job, loaded") for x in runs[key]]
+    def loop(key: str) -> dict:
+        return {figure: statistics.median(x[figure] for x in runs[key]) for figure in ("in_steps", "step_ms",
+                                                                                         "thread_ran")}
+
+    plans = [json.dumps(x["plan"], sort_keys=True) for key in ("propd job", "propd job, loaded") for x in
+             runs.get(key, [])]
     return {
         "tokens_per_s": {key: round(v, 2) for key, v in median.items()},
-        "job_vs_in_process": {name: round(paired(f"{name} job", f"{name} in-process"), 3) for name in METHODS},
-        "loaded_vs_quiet": {name: round(paired(f"{name} job, loaded", f"{name} job"), 3) for name in METHODS},
-        "propd_vs_plain": {"quiet": round(paired("propd job", "plain job"), 3),
-                           "loaded": round(paired("propd job, loaded", "plain job, loaded"), 3),
-                           "in-process": round(paired("propd in-process", "plain in-process"), 3)},
+        "job_vs_in_process": {name: paired(f"{name} job", f"{name} in-process") for name in methods},
+        "loaded_vs_quiet": {name: paired(f"{name} job, loaded", f"{name} job") for name in methods},
+        "propd_vs_plain": {"quiet": paired("propd job", "plain job"),
+                           "loaded": paired("propd job, loaded", "plain job, loaded"),
+                           "in-process": paired("propd in-process", "plain in-process")},
         "propd_plans": {plan: plans.count(plan) for plan in dict.fromkeys(plans)},
+        # medians: the share of the decode spent inside steps, a step's wall ms, the share of a step its thread ran
+        "decode_loop": {key: loop(key) for key in runs},
         "runs": runs,
     }
 
@@ -166,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="plain (vanilla) and/or propd (ppd); default: both")
+    p.add_argument("--no-load", action="store_true", help="skip the jobs beside the busy loop")
     p.add_argument("--compile-rows", type=int, default=0, help="also compare --compile off/on/auto on a job of "
                    "this many rows at batch 8 (the issue's: 500)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
@@ -195,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
-    worst = min(min(results[f"batch {b}"]["job_vs_in_process"].values()) for b in args.batch_sizes)
+    worst = min(min(results[f"batch {b}"]["job_vs_in_process"].values()) for b in args.batch_sizes)  # type: ignore
     print(f"job vs in-process (worst of methods and batch sizes): {worst:.3f}")
     return 0
 
