@@ -27,6 +27,8 @@ from workers.actor import remote_worker
 from workers.records import ErrorCode, RowError, RowOutput
 
 log = logging.getLogger(__name__)
+# The longest the driver waits for a result before its tick (the progress line, adaptation's polls).
+TICK_S = 1.0
 # Set by Ray's job manager in the environment of a submitted job's entrypoint (ray._private.runtime_env.constants).
 RAY_JOB_ENTRYPOINT_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -131,7 +133,7 @@ class AllWorkersFailed(RuntimeError):
 
 
 def run_shards(workers: list[Worker], shards: Iterable[Shard], *, max_attempts: int, config_hash: str,
-               on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = 1.0,
+               on_ready: Callable[[Worker], None], startup_timeout_s: float, tick_s: float = TICK_S,
                on_tick: Callable[[], None] = lambda: None, wait_for_all: bool = False,
                prefetch: int = 0, submit: Callable[[Worker, Shard], Any] | None = None,
                ) -> Iterator[tuple[Shard, dict[str, Any], Worker | None]]:

@@ -147,6 +147,10 @@ class Progress:
             parts.append(status)
         return " | ".join(parts)
 
+    def due(self, ahead_s: float = 0.0) -> bool:
+        """Whether the next line is due within ``ahead_s`` seconds."""
+        return time.perf_counter() - self.last_shown >= self.interval_s - ahead_s
+
     def show(self, force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self.last_shown < self.interval_s:

@@ -168,7 +168,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     """Decode the input rows not yet in the output directory on the worker pool; write parts and summary.json."""
     import ray  # the driver loads Ray, and through the actors' module torch, only to run a pool
 
-    from jobs.pool import Worker, run_shards, start_workers, worker_niceness
+    from jobs.pool import TICK_S, Worker, run_shards, start_workers, worker_niceness
     from workers.actor import PREFETCH_SHARDS
     from workers.board import start_board
 
@@ -191,7 +191,11 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
             # A local Ray this starts runs its workers at the driver's niceness, not Ray's 15 (workers/actor.py
             # take_niceness); a running cluster keeps its own setting.
             os.environ.setdefault("RAY_worker_niceness", str(worker_niceness()))
-            ray.init()  # connects to RAY_ADDRESS / a running cluster, else starts a local one
+            for key, value in QUIET_LOCAL_RAY.items():
+                os.environ.setdefault(key, value)
+            # Connects to RAY_ADDRESS / a running cluster (which keeps its own settings), else starts a local one
+            # for this job alone, without the dashboard (QUIET_LOCAL_RAY says why).
+            ray.init(include_dashboard=False)
         try:
             # The job's numeric decisions, seeded with those job.json records: every worker on one kind of machine,
             # restarted or in a resumed run, computes with the same kernels (workers/numerics.py).
@@ -227,7 +231,7 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
 
             def on_tick() -> None:
                 adaptation.poll(workers)
-                ask_open_progress(workers, asked, progress)
+                ask_open_progress(workers, asked, progress, send=progress.due(ahead_s=2 * TICK_S))
                 progress.show()
 
             for shard, result, w in run_shards(
@@ -271,9 +275,18 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
     return summary
 
 
-def ask_open_progress(workers: list, asked: dict[Any, Any], progress: Progress) -> None:
-    """Keep one ``open_progress()`` call in flight to each live worker, feeding each answer to the progress line
-    (never waits: a tick costs no round trip)."""
+# A local Ray this job starts serves it alone: no dashboard, no metrics export, task events (`ray list tasks`)
+# every 10 s instead of every second. Ray's services wake all through a job, and on a small machine each wake-up
+# takes a core from a decode step's OpenMP team, whose other threads wait at the step's next barrier. Measured on
+# the 2-core VM, the default model at batch 8 in a Ray actor against the same engine bare in a process: 0.95-0.97
+# with Ray's defaults, 0.96-0.99 with these (docs/benchmarks.md). The environment's own RAY_ values win.
+QUIET_LOCAL_RAY = {"RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "10000"}
+
+
+def ask_open_progress(workers: list, asked: dict[Any, Any], progress: Progress, send: bool = True) -> None:
+    """Feed the answers of ``open_progress()`` calls that have come back to the progress line, and with ``send``
+    ask each live worker that has none in flight (never waits: a tick costs no round trip). The caller sends
+    only ahead of a line that will show them: each call takes the worker's CPU (and GIL) from its decode loop."""
     import ray
     from ray.exceptions import RayError
 
@@ -285,11 +298,13 @@ def ask_open_progress(workers: list, asked: dict[Any, Any], progress: Progress) 
             done, _ = ray.wait([ref], timeout=0)
             if not done:
                 continue
+            del asked[w.handle]
             try:
                 progress.in_flight(ray.get(ref))
             except RayError:
                 pass  # a restarted worker: its shards come back and are counted when written
-        asked[w.handle] = w.handle.open_progress.remote()
+        if send:
+            asked[w.handle] = w.handle.open_progress.remote()
 
 
 def main(argv: list[str] | None = None) -> int:
