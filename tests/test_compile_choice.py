@@ -14,6 +14,7 @@ from workers.compile_choice import (
     record_compile,
     record_key,
     record_path,
+    record_step_rate,
 )
 from workers.configs import DecodingConfig
 
@@ -71,6 +72,31 @@ def test_the_estimate_is_the_last_compile_recorded_here(tmp_path):
     record_path(tmp_path, key).write_text("{not json")
     assert estimate_compile(tmp_path, key).compile_s == FIRST_COMPILE_S_GUESS
     assert estimate_compile(None, key).compile_s == FIRST_COMPILE_S_GUESS
+
+
+def test_the_speedup_is_what_jobs_here_measured_and_one_that_gains_nothing_stays_eager(tmp_path):
+    key = record_key("cpu-x", "model", "numerics", "vanilla", 8, 1)
+    record_compile(tmp_path, key, 224.0)
+    record_step_rate(tmp_path, key, "compile", 60.0)
+    assert estimate_compile(tmp_path, key).speedup == SPEEDUP_GUESS  # one rate alone says nothing
+    record_step_rate(tmp_path, key, "eager", 48.0)
+    estimate = estimate_compile(tmp_path, key)
+    assert (estimate.compile_s, estimate.speedup) == (224.0, 1.25)
+    assert "60.0 tok/s compiled, 48.0 eager" in estimate.source
+    record_compile(tmp_path, key, 30.0)  # the compile record and the rates keep each other
+    assert estimate_compile(tmp_path, key).speedup == 1.25 and estimate_compile(tmp_path, key).compile_s == 30.0
+    assert auto(10**7, 100.0, estimate_compile(tmp_path, key)).compile
+
+    record_step_rate(tmp_path, key, "compile", 45.0)  # a later compiled job measured slower steps
+    slower = estimate_compile(tmp_path, key)
+    assert slower.speedup == pytest.approx(45.0 / 48.0)
+
+    def never_timed() -> float:
+        raise AssertionError("no profile is timed where compiling cannot pay")
+
+    choice = choose_compile("auto", device_type="cpu", captured=False, pruning=False, expected_tokens=10**9,
+                            eager_tokens_per_s=never_timed, estimate=slower)
+    assert not choice.compile and "gain nothing here (0.94x" in choice.reason
 
 
 @pytest.mark.parametrize(("given", "mode"), [(True, "on"), (False, "off"), ("auto", "auto"), ("on", "on")])

@@ -246,3 +246,45 @@ def test_the_progress_line_counts_rows_as_they_complete_and_never_twice(tiny_mod
         seen.add(rows_done)
         engine.step()
     assert seen >= {0, 1}  # the first row finished before the second (one slot)
+
+
+def test_the_driver_asks_for_open_progress_only_ahead_of_a_line(monkeypatch):
+    """Each ask runs on the worker beside its decode loop: the driver sends one only when the next line is due
+    within its lead, one at a time per worker, and feeds the answers that have come back to the line."""
+    import ray
+
+    from jobs.pool import Worker
+    from jobs.progress import Progress
+    from jobs.run import ask_open_progress
+
+    now = [100.0]
+    monkeypatch.setattr("jobs.progress.time.perf_counter", lambda: now[0])
+    answered: set[str] = set()
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: ([r for r in refs if r in answered], []))
+    monkeypatch.setattr(ray, "get", lambda ref: {ref.split("#")[0]: (2, 9)})
+
+    class Handle:
+        def __init__(self, name: str):
+            self.name, self.asks = name, 0
+            self.open_progress = self
+
+        def remote(self) -> str:
+            self.asks += 1
+            return f"{self.name}#{self.asks}"
+
+    workers = [Worker(Handle("a"), "g", 0, joined=True), Worker(Handle("b"), "g", 1, joined=False)]
+    progress, asked = Progress(4, 0, interval_s=10.0), {}
+    progress.show(force=True)  # a line at t=100: the next is due at 110
+    now[0] = 105.0
+    assert not progress.due(ahead_s=2.0)
+    ask_open_progress(workers, asked, progress, send=progress.due(ahead_s=2.0))
+    assert workers[0].handle.asks == 0 and asked == {}
+    now[0] = 108.5
+    ask_open_progress(workers, asked, progress, send=progress.due(ahead_s=2.0))
+    ask_open_progress(workers, asked, progress, send=True)  # still in flight: not asked again
+    assert (workers[0].handle.asks, workers[1].handle.asks) == (1, 0)  # a worker not in the pool is not asked
+    answered.add("a#1")
+    ask_open_progress(workers, asked, progress, send=False)  # the answer is taken, no new ask
+    assert progress.open == {"a": (2, 9)} and asked == {} and workers[0].handle.asks == 1
+    now[0] = 110.0
+    assert progress.due() and progress.line().startswith("rows 2/4")

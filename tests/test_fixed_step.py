@@ -5,6 +5,7 @@ inside, and trace as one graph per shape bucket (dynamo ``fullgraph=True``), on 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -252,10 +253,13 @@ def test_the_engine_picks_its_step_mode_from_the_config_and_the_device(tiny_mode
     assert outputs["compile"] == outputs["eager"]
 
 
-def test_compile_auto_weighs_the_workers_share_against_the_recorded_compile_time(tiny_model_dir, tmp_path):
+def test_compile_auto_weighs_the_workers_share_against_the_recorded_compile_time(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
     """compile=auto in the engine: eager without a job size or for a short share; compiled where the record of
-    an earlier compile here says it pays; and its own compile time recorded for the next worker."""
-    from workers.compile_choice import estimate_compile, record_compile
+    an earlier compile here says it pays; its own compile time and step rate recorded for the next worker; and
+    eager again once compiled steps were measured no faster than eager ones."""
+    import workers.engine
+    from workers.compile_choice import estimate_compile, record_compile, record_path
     from workers.configs import DecodingConfig, ModelConfig
     from workers.engine import DecodeEngine
     from workers.models import load_model
@@ -274,6 +278,20 @@ def test_compile_auto_weighs_the_workers_share_against_the_recorded_compile_time
     assert long.step_mode == "compile" and long.describe()["compile"].startswith("compile auto: compiled")
     recorded = estimate_compile(tmp_path, long.compile_key).compile_s  # its own warm-up compile, recorded
     assert recorded > 0.001 and recorded == pytest.approx(long.batch.graph_stats()["capture_seconds"], abs=0.01)
+
+    monkeypatch.setattr(workers.engine, "RATE_MIN_STEPS", 3)
+    rows = [{"id": f"r{i}", "prompt": f"Count to {i}:"} for i in range(4)]
+    for engine in (long, short):  # a compiled worker and an eager one decode; each records its steps' rate
+        engine.run_rows(rows)
+        assert engine.clock.steps >= 3 and engine.tokens_decoded > 0
+    rates = json.loads(record_path(tmp_path, long.compile_key).read_text())["step_tokens_per_s"]
+    assert set(rates) == {"compile", "eager"} and min(rates.values()) > 0
+    assert estimate_compile(tmp_path, long.compile_key).speedup == pytest.approx(rates["compile"] / rates["eager"],
+                                                                                 rel=1e-3)
+    record_path(tmp_path, long.compile_key).write_text(json.dumps(
+        {"last_compile_s": 0.001, "step_tokens_per_s": {"compile": 40.0, "eager": 50.0}}))  # measured slower
+    measured = DecodeEngine(loaded, config, batch_size=2, cache_dir=str(tmp_path), expected_rows=10**6)
+    assert measured.step_mode == "eager" and "gain nothing here (0.80x" in measured.describe()["compile"]
 
 
 def test_a_trial_step_is_undone_and_a_profile_of_fixed_steps_times_each_size(model):  # noqa: F811

@@ -8,9 +8,12 @@ of the job, decoded eagerly, would take long enough that compiling's speed-up wi
 
 ``expected_tokens`` is the worker's share of the job's rows times ``max_new_tokens`` (an upper bound: a workload
 of short answers is credited more decoding than it has). ``eager_tokens_per_s`` comes from the worker's latency
-profile. ``compile_s`` is what the last compile of this step took on this machine (the inductor cache beside the
-model's makes a second one cheaper), else a guess measured on the 2-core VM for plain decoding, times the tree
-sets the decoder may step with (ProPD's family: each is its own graphs); ``speedup`` is a measured guess.
+profile. ``compile_s`` is what the last compile of this step took on this machine, its shapes met mid-job
+included (the inductor cache beside the model's makes a second one cheaper), else a guess measured on the 2-core
+VM for plain decoding, times the tree sets the decoder may step with (ProPD's family: each is its own graphs).
+``speedup`` is what jobs here measured: the tokens per second inside compiled steps (the steps that compiled a
+shape left out) over those inside eager steps, each recorded by a job's worker as it decodes
+(``record_step_rate``); until both are recorded, a guess. A speed-up of 1 or less never pays.
 
 Pure arithmetic on given numbers, plus the record of compile times on disk: tested with fake times.
 """
@@ -63,6 +66,9 @@ def choose_compile(mode: CompileMode, *, device_type: str, captured: bool, pruni
         return CompileChoice(mode == "on", f"compile {mode}")
     if device_type != "cpu":
         return CompileChoice(False, f"eager: compile auto compiles only on a CPU, not on {device_type}")
+    if estimate.speedup <= 1.0:
+        return CompileChoice(False, f"compile auto: eager, compiled steps gain nothing here ({estimate.speedup:.2f}x: "
+                                    f"{estimate.source})")
     rate = eager_tokens_per_s() if expected_tokens else None
     if not expected_tokens or not rate:
         return CompileChoice(False, "eager: no job size or no eager speed to weigh the compile time against")
@@ -89,26 +95,54 @@ def record_path(cache_dir: Path, key: str) -> Path:
 
 def estimate_compile(cache_dir: Path | None, key: str, tree_sets: int = 1) -> CompileEstimate:
     """The compile time this step last took here (record_compile), else FIRST_COMPILE_S_GUESS for each of the
-    ``tree_sets`` the decoder may step with."""
-    if cache_dir is not None:
-        try:
-            record = json.loads(record_path(cache_dir, key).read_text())
-            return CompileEstimate(float(record["last_compile_s"]), SPEEDUP_GUESS,
-                                   f"the last compile here took {float(record['last_compile_s']):.0f} s")
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return CompileEstimate(FIRST_COMPILE_S_GUESS * tree_sets, SPEEDUP_GUESS,
-                           "a first compile, guessed" + (f" for {tree_sets} tree sets" if tree_sets > 1 else ""))
+    ``tree_sets`` the decoder may step with; the speed-up jobs here measured (record_step_rate), else
+    SPEEDUP_GUESS."""
+    record = _read_record(record_path(cache_dir, key)) if cache_dir is not None else {}
+    try:
+        compile_s = float(record["last_compile_s"])
+        source = f"the last compile here took {compile_s:.0f} s"
+    except (KeyError, TypeError, ValueError):
+        compile_s = FIRST_COMPILE_S_GUESS * tree_sets
+        source = "a first compile, guessed" + (f" for {tree_sets} tree sets" if tree_sets > 1 else "")
+    rates = record.get("step_tokens_per_s")
+    try:
+        compiled, eager = float(rates["compile"]), float(rates["eager"])  # type: ignore[index]
+        if compiled > 0 and eager > 0:
+            return CompileEstimate(compile_s, compiled / eager, f"{source}; jobs here stepped at {compiled:.1f} "
+                                   f"tok/s compiled, {eager:.1f} eager")
+    except (KeyError, TypeError, ValueError):
+        pass
+    return CompileEstimate(compile_s, SPEEDUP_GUESS, f"{source}; the speed-up guessed")
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _update_record(cache_dir: Path, key: str, **fields: object) -> None:
+    path = record_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, {**_read_record(path), **fields})
 
 
 def record_compile(cache_dir: Path | None, key: str, compile_s: float) -> None:
     """Remember what this compile took, for the next worker's estimate."""
     if cache_dir is None:
         return
-    path = record_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        first = float(json.loads(path.read_text())["first_compile_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        first = compile_s
-    write_json_atomically(path, {"first_compile_s": round(first, 2), "last_compile_s": round(compile_s, 2)})
+    first = _read_record(record_path(cache_dir, key)).get("first_compile_s", compile_s)
+    _update_record(cache_dir, key, first_compile_s=round(float(first), 2), last_compile_s=round(compile_s, 2))
+
+
+def record_step_rate(cache_dir: Path | None, key: str, step_mode: Literal["compile", "eager"],
+                     tokens_per_s: float) -> None:
+    """Remember the tokens per second this worker decoded inside its steps, compiled or eager (compiling steps
+    left out), for the next worker's estimate of what compiling gives."""
+    if cache_dir is None:
+        return
+    rates = _read_record(record_path(cache_dir, key)).get("step_tokens_per_s")
+    rates = rates if isinstance(rates, dict) else {}
+    _update_record(cache_dir, key, step_tokens_per_s={**rates, step_mode: round(tokens_per_s, 3)})

@@ -40,7 +40,14 @@ from workers.artifacts import (
     prompt_tokens_from_files,
     reference_acceptance_table,
 )
-from workers.compile_choice import CompileChoice, choose_compile, estimate_compile, record_compile, record_key
+from workers.compile_choice import (
+    CompileChoice,
+    choose_compile,
+    estimate_compile,
+    record_compile,
+    record_key,
+    record_step_rate,
+)
 from workers.configs import AdaptationConfig, DecodingConfig, ModelConfig
 from workers.cpu_linear import linear_kind, linear_rows_below
 from workers.memory import PPD_STEP_ROOM, MemoryPlan, ModelShape, device_memory, job_capacity, plan_memory
@@ -53,6 +60,9 @@ from workers.records import ErrorCode, RowError, RowOutput, row_error
 from workers.sampling import StopStrings, resolve_sampling, text_before_stop
 
 log = logging.getLogger(__name__)
+
+# Steps a worker decodes before it records its step rate (compile=auto's speed-up): fewer say little.
+RATE_MIN_STEPS = 50
 
 
 def compile_record_key(lm: LoadedModel, numerics: str, method: str, batch_size: int, step_tokens: int) -> str:
@@ -124,6 +134,7 @@ class DecodeEngine:
         warmup_s = self.batch.warm_up()
         self.startup = {"plan_s": round(plan_s, 2), "warmup_s": round(warmup_s, 2)}
         self._record_compile_time()
+        self._warmup_compile_s = self._compile_seconds()
         if cuda:
             self.startup["warmup_peak_bytes"] = torch.cuda.max_memory_allocated(loaded.device) - held
         self.provenance.append((0, self.prompts_hash, self.tree_hash))
@@ -136,6 +147,7 @@ class DecodeEngine:
         # spent stepping; against each other, the second says how much of a step the thread ran rather than
         # waited (on its team, a preempted core, or the device).
         self.clock = StepClock()
+        self.tokens_decoded = 0  # of every completion finished (the rate the compile record keeps)
         self._clock_reported = StepClock()
 
     @classmethod
@@ -211,6 +223,7 @@ class DecodeEngine:
         self.compile_key = compile_record_key(lm, self.numeric_path, self.config.method, plan.batch_size,
                                               PPD_STEP_ROOM if prompt_tokens is not None else 1)
         self._compile_recorded_s = 0.0  # the compile seconds last written to the record
+        self._rate_recorded_steps = 0  # the decode loop's steps when its rate was last written to the record
         sizes_every_step = prompt_tokens is not None and self._sizes_every_step(prompt_tokens)
         # ProPD may step with a tree set per budget of its family (at most one per DEFAULT_SLOTS entry)
         self.compile_choice = self._choose_compile(plan, prompt_tokens, pruning=prune_head is not None,
@@ -254,6 +267,30 @@ class DecodeEngine:
                 record_compile(self.cache_dir, self.compile_key, self._compile_recorded_s)
             except OSError as exc:  # a read-only cache: the next estimate is a guess again
                 log.warning("could not record the compile time: %s", exc)
+
+    def _compile_seconds(self) -> float:
+        """Seconds compiling took so far: the first calls of each shape (0 for a step that is not compiled)."""
+        stats = self.batch.graph_stats() if self.step_mode == "compile" else None
+        return float(stats.get("capture_seconds", 0.0)) if stats else 0.0
+
+    def _record_step_rate(self) -> None:
+        """The tokens per second decoded inside this worker's steps, compiled or eager (the steps that compiled a
+        shape left out), for the next worker's compile=auto on this machine: written once RATE_MIN_STEPS steps
+        are in, then each time the steps have doubled."""
+        if self.loaded.device.type != "cpu" or self.step_mode not in ("compile", "eager"):
+            return
+        steps = self.clock.steps
+        if steps < max(RATE_MIN_STEPS, 2 * self._rate_recorded_steps):
+            return
+        seconds = self.clock.wall_s - (self._compile_seconds() - self._warmup_compile_s)
+        if seconds <= 0 or not self.tokens_decoded:
+            return
+        self._rate_recorded_steps = steps
+        try:
+            record_step_rate(self.cache_dir, self.compile_key, self.step_mode,  # type: ignore[arg-type]
+                             self.tokens_decoded / seconds)
+        except OSError as exc:
+            log.warning("could not record the step rate: %s", exc)
 
     def _eager_tokens_per_s(self, plan: DecodingPlan, prompt_tokens: PromptTokens | None) -> float:
         """Tokens per second an eager step of the plan decodes: the plan's prediction, or (a plan that needed no
@@ -609,6 +646,7 @@ class DecodeEngine:
             text = self.loaded.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
             out.output_text = text_before_stop(text, result.stop_reason)
         job.tokens += out.num_output_tokens
+        self.tokens_decoded += out.num_output_tokens
         job.remaining -= 1
         if job.remaining == 0:
             self._close(job)
@@ -624,6 +662,7 @@ class DecodeEngine:
             job.clock, self._clock_reported = self.clock.since(self._clock_reported), self.clock.copy()
             self._open.remove(job)
         self._record_compile_time()
+        self._record_step_rate()
         job.done.set()
 
     def open_progress(self) -> dict[str, tuple[int, int]]:
