@@ -277,9 +277,8 @@ def run_job(cfg: JobConfig, plan: InputPlan, *, overwrite: bool = False,
 
 # A local Ray this job starts serves it alone: no dashboard, no metrics export, task events (`ray list tasks`)
 # every 10 s instead of every second. Ray's services wake all through a job, and on a small machine each wake-up
-# takes a core from a decode step's OpenMP team, whose other threads wait at the step's next barrier. Measured on
-# the 2-core VM, the default model at batch 8 in a Ray actor against the same engine bare in a process: 0.95-0.97
-# with Ray's defaults, 0.96-0.99 with these (docs/benchmarks.md). The environment's own RAY_ values win.
+# takes a core from a decode step's OpenMP team, whose other threads wait at the step's next barrier (measured in
+# docs/benchmarks.md, python -m jobs.bench.job_speed). The environment's own RAY_ values win.
 QUIET_LOCAL_RAY = {"RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "10000"}
 
 

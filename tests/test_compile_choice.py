@@ -78,7 +78,8 @@ def test_the_speedup_is_what_jobs_here_measured_and_one_that_gains_nothing_stays
     key = record_key("cpu-x", "model", "numerics", "vanilla", 8, 1)
     record_compile(tmp_path, key, 224.0)
     record_step_rate(tmp_path, key, "compile", 60.0)
-    assert estimate_compile(tmp_path, key).speedup == SPEEDUP_GUESS  # one rate alone says nothing
+    alone = estimate_compile(tmp_path, key)
+    assert alone.speedup == SPEEDUP_GUESS and alone.eager_tokens_per_s is None  # one rate alone says nothing
     record_step_rate(tmp_path, key, "eager", 48.0)
     estimate = estimate_compile(tmp_path, key)
     assert (estimate.compile_s, estimate.speedup) == (224.0, 1.25)
@@ -86,6 +87,8 @@ def test_the_speedup_is_what_jobs_here_measured_and_one_that_gains_nothing_stays
     record_compile(tmp_path, key, 30.0)  # the compile record and the rates keep each other
     assert estimate_compile(tmp_path, key).speedup == 1.25 and estimate_compile(tmp_path, key).compile_s == 30.0
     assert auto(10**7, 100.0, estimate_compile(tmp_path, key)).compile
+    # the decode time is weighed at the eager rate jobs here measured, not the profile's (given here as 100.0)
+    assert "(960000 tokens at 48.0 tok/s)" in auto(960_000, 100.0, estimate_compile(tmp_path, key)).reason
 
     record_step_rate(tmp_path, key, "compile", 45.0)  # a later compiled job measured slower steps
     slower = estimate_compile(tmp_path, key)

@@ -7,10 +7,12 @@ of the job, decoded eagerly, would take long enough that compiling's speed-up wi
     expected_tokens / eager_tokens_per_s * (1 - 1 / speedup) > compile_s
 
 ``expected_tokens`` is the worker's share of the job's rows times ``max_new_tokens`` (an upper bound: a workload
-of short answers is credited more decoding than it has). ``eager_tokens_per_s`` comes from the worker's latency
-profile. ``compile_s`` is what the last compile of this step took on this machine, its shapes met mid-job
-included (the inductor cache beside the model's makes a second one cheaper), else a guess measured on the 2-core
-VM for plain decoding, times the tree sets the decoder may step with (ProPD's family: each is its own graphs).
+of short answers is credited more decoding than it has). ``eager_tokens_per_s`` is what eager jobs here decoded
+inside their steps where recorded (``record_step_rate``), else the worker's latency profile's prediction (timed
+on a quiet machine over short rows: faster than a job). ``compile_s`` is what the last compile of this step took
+on this machine, its shapes met mid-job included (the inductor cache beside the model's makes a second one
+cheaper), else a guess measured on the 2-core VM for plain decoding, times the tree sets the decoder may step
+with (ProPD's family: each is its own graphs).
 ``speedup`` is what jobs here measured: the tokens per second inside compiled steps (the steps that compiled a
 shape left out) over those inside eager steps, each recorded by a job's worker as it decodes
 (``record_step_rate``); until both are recorded, a guess. A speed-up of 1 or less never pays.
@@ -31,11 +33,12 @@ from workers.models import write_json_atomically
 
 CompileMode = Literal["auto", "on", "off"]
 
-# Measured on the 2-core VM, default model, plain decoding at batch 8 (python -m jobs.bench.overhead): the first
-# compile of the step took 116 s, one from a warm inductor cache ~30 s; compiled steps ran 56.9 tok/s against 43.6
-# eager (1.31x). Guesses for a step never compiled on this machine; the record replaces the compile time.
-FIRST_COMPILE_S_GUESS = 120.0
-SPEEDUP_GUESS = 1.3
+# Measured on the 2-core VM, default model, plain decoding at batch 8, in a 500-row job (python -m
+# jobs.bench.job_speed --compile-rows 500): compiling took 272 s, 55 s at start-up and as much again for each of
+# the 4 more attention views its rows grew into; compiled steps then decoded 72.7 tok/s against 69.2 in an eager
+# job (1.05x). Guesses for a step never compiled on this machine, until records replace them.
+FIRST_COMPILE_S_GUESS = 270.0
+SPEEDUP_GUESS = 1.05
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class CompileEstimate:
 
     compile_s: float
     speedup: float
-    source: str  # where compile_s comes from
+    source: str  # where compile_s and speedup come from
+    eager_tokens_per_s: float | None = None  # what eager jobs here decoded inside their steps, where recorded
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def choose_compile(mode: CompileMode, *, device_type: str, captured: bool, pruni
     if estimate.speedup <= 1.0:
         return CompileChoice(False, f"compile auto: eager, compiled steps gain nothing here ({estimate.speedup:.2f}x: "
                                     f"{estimate.source})")
-    rate = eager_tokens_per_s() if expected_tokens else None
+    rate = (estimate.eager_tokens_per_s or eager_tokens_per_s()) if expected_tokens else None
     if not expected_tokens or not rate:
         return CompileChoice(False, "eager: no job size or no eager speed to weigh the compile time against")
     decode_s = expected_tokens / rate
@@ -105,14 +109,20 @@ def estimate_compile(cache_dir: Path | None, key: str, tree_sets: int = 1) -> Co
         compile_s = FIRST_COMPILE_S_GUESS * tree_sets
         source = "a first compile, guessed" + (f" for {tree_sets} tree sets" if tree_sets > 1 else "")
     rates = record.get("step_tokens_per_s")
+    rates = rates if isinstance(rates, dict) else {}
+    compiled, eager = (_positive(rates.get(mode)) for mode in ("compile", "eager"))
+    if compiled and eager:
+        return CompileEstimate(compile_s, compiled / eager, f"{source}; jobs here stepped at {compiled:.1f} tok/s "
+                               f"compiled, {eager:.1f} eager", eager_tokens_per_s=eager)
+    return CompileEstimate(compile_s, SPEEDUP_GUESS, f"{source}; the speed-up guessed", eager_tokens_per_s=eager)
+
+
+def _positive(value: object) -> float | None:
     try:
-        compiled, eager = float(rates["compile"]), float(rates["eager"])  # type: ignore[index]
-        if compiled > 0 and eager > 0:
-            return CompileEstimate(compile_s, compiled / eager, f"{source}; jobs here stepped at {compiled:.1f} "
-                                   f"tok/s compiled, {eager:.1f} eager")
-    except (KeyError, TypeError, ValueError):
-        pass
-    return CompileEstimate(compile_s, SPEEDUP_GUESS, f"{source}; the speed-up guessed")
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
 
 
 def _read_record(path: Path) -> dict:
