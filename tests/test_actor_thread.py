@@ -115,9 +115,11 @@ class FinishedShard:
     """What DecodeEngine.add_shard returns, already done: one output per row."""
 
     def __init__(self, rows):
+        from workers.engine import StepClock
         from workers.records import RowOutput
 
         self.done, self.error, self.occupancy = threading.Event(), None, None
+        self.clock = StepClock(steps=3, wall_s=0.25, thread_cpu_s=0.2)  # its steps since the previous shard
         self.outputs = [RowOutput(id=row["id"], output_text=row["prompt"]) for row in rows]
         self.done.set()
 
@@ -143,6 +145,7 @@ def test_a_worker_reads_its_shard_and_publishes_its_part_or_says_why_it_cannot(m
     (tmp_path / "out").mkdir()
     result = worker.process(shards[1].read, writer, shards[1].index)
     assert result["records"] is None and result["part"].summary["ids"] == ["c", "d"]
+    assert result["clock"] == {"steps": 3, "wall_s": 0.25, "thread_cpu_s": 0.2}  # the driver's decode_loop
     assert read_output(tmp_path / "out", columns=["id", "output_text"]).to_pylist() == [
         {"id": "c", "output_text": "pc"}, {"id": "d", "output_text": "pd"}]
     kept = worker.process(shards[0].read, writer, shards[0].index, keep_records=True)
