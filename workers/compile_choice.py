@@ -143,8 +143,8 @@ def record_compile(cache_dir: Path | None, key: str, compile_s: float) -> None:
     """Remember what this compile took, for the next worker's estimate."""
     if cache_dir is None:
         return
-    first = _read_record(record_path(cache_dir, key)).get("first_compile_s", compile_s)
-    _update_record(cache_dir, key, first_compile_s=round(float(first), 2), last_compile_s=round(compile_s, 2))
+    first = _positive(_read_record(record_path(cache_dir, key)).get("first_compile_s")) or compile_s
+    _update_record(cache_dir, key, first_compile_s=round(first, 2), last_compile_s=round(compile_s, 2))
 
 
 def record_step_rate(cache_dir: Path | None, key: str, step_mode: Literal["compile", "eager"],
