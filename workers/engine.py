@@ -260,9 +260,9 @@ class DecodeEngine:
     def _record_compile_time(self) -> None:
         """The seconds compiling took so far (the warm-up, and shapes compiled at their first use), for the next
         worker's compile=auto; written when they grew."""
-        stats = self.batch.graph_stats() if self.step_mode == "compile" else None
-        if stats and stats.get("capture_seconds", 0.0) > self._compile_recorded_s + 0.5:
-            self._compile_recorded_s = stats["capture_seconds"]
+        compile_s = self._compile_seconds()
+        if compile_s > self._compile_recorded_s + 0.5:
+            self._compile_recorded_s = compile_s
             try:
                 record_compile(self.cache_dir, self.compile_key, self._compile_recorded_s)
             except OSError as exc:  # a read-only cache: the next estimate is a guess again
