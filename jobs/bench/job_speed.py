@@ -6,7 +6,7 @@
 
 The rows: ``--rows`` public prompts (../shared/data: GPTeacher roleplay, Code Alpaca and GSM8K train, each read
 from its end, interleaved), the default model, ``--max-new-tokens`` each, greedy. For each batch size, rounds
-interleave:
+interleave (every other round in reverse order):
 - in-process: ``DecodeEngine`` over the rows (prefill included; one warm-up batch first), in a process of its own,
   plain decoding (vanilla) and ProPD (ppd with the shipped prompt tokens);
 - the same rows as a job, run as a user runs it (``python jobs/run.py``, its own local Ray, adaptation off,
@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from jobs.train.data import DEFAULT_DATA_DIR, instruction_text, read_jsonl
@@ -127,17 +129,24 @@ class Load:
 def speed_rounds(rows_file: Path, work: Path, batch: int, args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {}
     methods = {name: METHODS[name] for name in args.methods}
+
+    def loaded_job(name: str, method: str, r: int) -> dict:
+        with Load():
+            return run_job(rows_file, work / f"b{batch}-{name}-load-{r}", batch, method, args.max_new_tokens)
+
     for r in range(args.rounds):
+        order: list[tuple[str, Callable[[], dict]]] = []
         for name, method in methods.items():
-            runs.setdefault(f"{name} in-process", []).append(
-                measure_in_process(rows_file, batch, method, args.max_new_tokens))
-            runs.setdefault(f"{name} job", []).append(
-                run_job(rows_file, work / f"b{batch}-{name}-quiet-{r}", batch, method, args.max_new_tokens))
-            if args.no_load:
-                continue
-            with Load():
-                runs.setdefault(f"{name} job, loaded", []).append(
-                    run_job(rows_file, work / f"b{batch}-{name}-load-{r}", batch, method, args.max_new_tokens))
+            order.append((f"{name} in-process", partial(measure_in_process, rows_file, batch, method,
+                                                        args.max_new_tokens)))
+            order.append((f"{name} job", partial(run_job, rows_file, work / f"b{batch}-{name}-quiet-{r}", batch,
+                                                 method, args.max_new_tokens)))
+            if not args.no_load:
+                order.append((f"{name} job, loaded", partial(loaded_job, name, method, r)))
+        # Every other round runs backwards: a machine whose speed drifts through a round (a VM's neighbours) then
+        # favours each side of a pair equally often, instead of always the one that runs first.
+        for key, measure in order[::-1] if r % 2 else order:
+            runs.setdefault(key, []).append(measure())
         print(f"batch {batch} round {r + 1}: " + ", ".join(
             f"{key} {runs[key][-1]['tokens_per_s']:.1f}" for key in runs), flush=True)
     median = {key: statistics.median(x["tokens_per_s"] for x in values) for key, values in runs.items()}
