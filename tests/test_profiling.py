@@ -264,31 +264,58 @@ def test_a_profile_not_monotone_in_slots_is_refused_before_any_timing(tiny, tmp_
     assert not cached and again != busy and LatencyProfile.model_validate_json(path.read_text()) == again
 
 
-def test_a_fresh_profile_inverted_again_is_refused_once_only(tiny, tmp_path, monkeypatch):
-    """On a device whose steps hardly depend on their slots (the shipped H100 profile inverts by 2.1x), a
-    fresh measurement inverts too: it is kept, and not refused for its shape at the next start-ups."""
-    measured = []
+def fake_measurements(monkeypatch, full: dict[int, float], device: dict[int, float]) -> list[dict]:
+    """measure_profile replaced, at batch 1: a whole measurement gives ``full`` (seconds by slots), a timing
+    again (interleaved) gives ``device``'s seconds for the slots it asks. Returns the calls: slots, interleaved."""
+    calls: list[dict] = []
 
-    def measure(*args, **kwargs):  # every measurement inverted, each told apart by its date
-        measured.append(profile_of([(1, 1, 0.05), (1, 4, 0.08), (1, 16, 0.06)]).model_copy(
-            update={"measured_at": f"t{len(measured)}"}))
-        return measured[-1]
+    def measure(model, prompt_tokens, *, batch_sizes, slots, interleaved=False, **kwargs):
+        assert batch_sizes == [1]
+        calls.append({"slots": sorted(slots), "interleaved": interleaved})
+        times = device if interleaved else full
+        return profile_of([(1, s, times[s]) for s in sorted(slots)]).model_copy(
+            update={"measured_at": f"t{len(calls)}"})
     monkeypatch.setattr(profiles, "measure_profile", measure)
-    # fresh steps agree: only the shape is at stake
-    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)
+    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)  # only the shape is at stake here
+    return calls
+
+
+def test_a_fresh_profile_inverted_by_a_busy_moment_is_timed_again_where_it_inverts(tiny, tmp_path, monkeypatch):
+    """The whole measurement caught a busy moment on its 4-slot point (80 ms, slower than 16 slots' 60): the
+    slot counts from 4 to 16 are timed again, interleaved, each point keeps its faster timing, and the mended
+    profile is cached and reused, where it used to be refused (and measured whole again) at the next start."""
+    calls = fake_measurements(monkeypatch, full={1: 0.05, 4: 0.08, 8: 0.07, 16: 0.06},
+                              device={1: 0.05, 4: 0.052, 8: 0.058, 16: 0.062})
+    pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
+    kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 4, 8, 16], budget_s=5)
+    profile, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and calls == [{"slots": [1, 4, 8, 16], "interleaved": False},
+                                    {"slots": [4, 8, 16], "interleaved": True}]
+    assert {p.slots: p.seconds for p in profile.points} == {1: 0.05, 4: 0.052, 8: 0.058, 16: 0.06}
+    assert worst_inversion(profile).factor == 1.0
+    assert not list((tmp_path / "profiles").glob("*.inversions-accepted"))
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (profile, True)
+    assert len(calls) == 2
+
+
+def test_a_fresh_profile_inverted_on_the_device_is_kept_after_its_retimes(tiny, tmp_path, monkeypatch):
+    """On a device whose steps hardly depend on their slots (the shipped H100 profile inverts by 2.1x), timing
+    again inverts too: after RETIME_ROUNDS tries the profile is kept, and not refused for its shape later."""
+    inverted = {1: 0.05, 4: 0.08, 16: 0.06}
+    calls = fake_measurements(monkeypatch, full=inverted, device=inverted)
     pt = PromptTokens.from_token_embeddings(tiny.model, k=3, base_model_id="tiny", base_model_hash="tinyhash")
     kwargs = dict(model_hash="tinyhash", cache_dir=tmp_path, batch_sizes=[1], slots=[1, 4, 16], budget_s=5)
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[0], False)  # nothing cached
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], False)  # refused: inverted
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], True)  # inverted again: kept
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[1], True)
-    assert len(measured) == 2
-    # A profile refused for another reason (here: the fresh steps disagree) gets no such pass.
-    monkeypatch.setattr(profiles, "consistently_off", lambda *args: True)
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[2], False)
-    monkeypatch.setattr(profiles, "consistently_off", lambda *args: False)
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], False)  # inverted: refused
-    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (measured[3], True)
+    profile, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and worst_inversion(profile).factor == pytest.approx(0.08 / 0.06)
+    assert [c["interleaved"] for c in calls] == [False] + [True] * profiles.RETIME_ROUNDS
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (profile, True)
+    assert load_or_measure_profile(tiny.model, pt, **kwargs) == (profile, True)
+    assert len(calls) == 1 + profiles.RETIME_ROUNDS
+    # A cached profile inverted beyond the tolerance that was not measured so (an older one) is refused.
+    (path,) = (tmp_path / "profiles").glob("*.json")
+    path.write_text(profile.model_copy(update={"measured_at": "older"}).model_dump_json())
+    again, cached = load_or_measure_profile(tiny.model, pt, **kwargs)
+    assert not cached and again.measured_at != "older" and len(calls) == 2 * (1 + profiles.RETIME_ROUNDS)
 
 
 def test_the_probe_times_more_than_one_tree(tiny, tmp_path, monkeypatch):
