@@ -124,14 +124,19 @@ def test_an_interleaved_measurement_keeps_its_shape_through_a_busy_moment(tiny, 
     ([{4: 1.5, 16: 1.0}, {4: 1.4, 16: 0.9}], True),  # the 4-slot tree priced too dear twice: a real change
     ([{4: 0.7, 16: 1.0}, {4: 0.5, 16: 1.0}], True),  # too cheap twice
 ])
-def test_the_spot_check_measures_again_only_on_a_consistent_change(monkeypatch, probes, refused):
+def test_the_spot_check_measures_again_only_on_a_consistent_change(monkeypatch, caplog, probes, refused):
     """Two probes must find the same tree off, the same way: a busy moment falls anywhere, a changed machine
     shows the same way every time (measured: with any tree off in both probes as the rule, one job in twelve
     re-measured a good profile, 56 s)."""
     answers = iter(probes)
     monkeypatch.setattr(profiles, "shape_errors", lambda *args: next(answers))
-    assert profiles.consistently_off(None, None, None, "h") == refused
+    with caplog.at_level("WARNING", logger="workers.profiles"):
+        assert profiles.consistently_off(None, None, None, "h") == refused
     assert next(answers, None) is None  # every probe given was taken, and no more
+    # A refusal says which trees both probes found off, and by how much.
+    if refused and probes[0] == {4: 0.7, 16: 1.0}:
+        assert "4 slots 0.70x then 0.50x" in caplog.text and "16 slots" not in caplog.text
+    assert ("two probes" in caplog.text) == refused
 
 
 def test_profile_is_cached_per_device_and_model(tiny, tmp_path, monkeypatch):

@@ -262,7 +262,12 @@ def consistently_off(profile: LatencyProfile, model, prompt_tokens: PromptTokens
     if not first:
         return False
     second = shape_errors(profile, model, prompt_tokens, model_hash, step_mode)
-    return any(s in second and _off(second[s]) and (second[s] > 1) == (r > 1) for s, r in first.items())
+    both = {s: (r, second[s]) for s, r in first.items()
+            if s in second and _off(second[s]) and (second[s] > 1) == (r > 1)}
+    if both:  # what the start-up's warning cannot say: which trees, and by how much (above 1: priced too dear)
+        log.warning("the profile's tree / plain step ratios against fresh steps, two probes: %s", ", ".join(
+            f"{s} slots {a:.2f}x then {b:.2f}x" for s, (a, b) in sorted(both.items())))
+    return bool(both)
 
 
 def _off(ratio: float) -> bool:
