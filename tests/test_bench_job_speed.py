@@ -60,3 +60,9 @@ def test_no_load_leaves_out_the_loaded_jobs(monkeypatch):
                    "propd job", "propd in-process", "plain job", "plain in-process"]
     assert result["loaded_vs_quiet"] == {"plain": None, "propd": None}
     assert result["propd_vs_plain"]["loaded"] is None
+
+
+def test_the_host_pulse_times_its_bursts_in_a_process_of_its_own():
+    pulse = job_speed.host_pulse(bursts=3, matmuls=20)
+    assert len(pulse["burst_ms"]) == 3 and all(ms > 0 for ms in pulse["burst_ms"])
+    assert pulse["spread"] == round(max(pulse["burst_ms"]) / min(pulse["burst_ms"]), 3) >= 1.0

@@ -21,7 +21,9 @@ and ``off`` again (the compile cache emptied before ``on``, so it pays a first c
 of both and the warm cache, as a later job would), wall time compile included. ``auto`` should be within 5% of
 the better of ``on`` and the two ``off`` runs' median.
 
-Ratios only, every number measured in this one run; timings on a shared VM drift by +-20% between runs.
+Ratios only, every number measured in this one run; timings on a shared VM drift by +-20% between runs. Before
+and after the rounds a fixed CPU burst is timed 8 times (``host_pulse``): a spread above 1.05 says the host's
+speed swings, and the ratios carry its swings.
 """
 
 from __future__ import annotations
@@ -94,6 +96,34 @@ def measure_in_process(rows_file: Path, batch: int, method: str, max_new_tokens:
                str(batch), "--method", method, "--max-new-tokens", str(max_new_tokens)]
     done = subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# One fixed CPU burst, timed: matmuls of a decode step's shape at batch 8 (the default model's MLP), on the threads
+# a worker uses. Printed: the milliseconds of each burst, one a second.
+PULSE_CODE = """
+import json, sys, time, torch
+bursts, matmuls = int(sys.argv[1]), int(sys.argv[2])
+a, w, ms = torch.randn(8, 576), torch.randn(576, 1536), []
+for i in range(bursts):
+    started = time.perf_counter()
+    for _ in range(matmuls):
+        a @ w
+    ms.append(round(1000 * (time.perf_counter() - started), 1))
+    if i + 1 < bursts:
+        time.sleep(1.0)
+print(json.dumps(ms))
+"""
+
+
+def host_pulse(bursts: int = 8, matmuls: int = 3000) -> dict:
+    """How steady the host is: ``bursts`` timings of one fixed CPU burst, a second apart, in a process of its own,
+    and ``spread``, the slowest over the fastest. A steady host keeps them within a few percent; on 12-08 the
+    VM's spread was 1.28 and runs of one configuration a minute apart differed by up to 1.5x, which no number of
+    interleaved rounds makes into a ratio worth reporting. Measured before and after the rounds."""
+    done = subprocess.run([sys.executable, "-c", PULSE_CODE, str(bursts), str(matmuls)], check=True,
+                          capture_output=True, text=True)
+    ms = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"burst_ms": ms, "spread": round(max(ms) / min(ms), 3)}
 
 
 def run_job(rows_file: Path, out: Path, batch: int, method: str, max_new_tokens: int,
@@ -227,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.rows, Path(args.data_dir))))
     results: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                      "load": " ".join(LOAD_COMMAND[:3]) + " python3 -c 'while True: pass'"}
+    results["host_pulse"] = {"before": host_pulse()}
+    print(f"host pulse before: {results['host_pulse']['before']}", flush=True)
     for batch in args.batch_sizes:
         results[f"batch {batch}"] = result = speed_rounds(rows_file, work, batch, args)
         print(json.dumps({key: value for key, value in result.items() if key != "runs"}, indent=1), flush=True)
@@ -236,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   Path(args.data_dir))))
         results["compile"] = compile_comparison(compile_rows, work, args)
         print(json.dumps(results["compile"], indent=1), flush=True)
+    results["host_pulse"]["after"] = host_pulse()
+    spread = max(pulse["spread"] for pulse in results["host_pulse"].values())
+    print(f"host pulse after: {results['host_pulse']['after']}" + (
+        f"; a spread of {spread:.2f}x: the host's speed swings, and the ratios above carry its swings"
+        if spread > 1.05 else ""), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
